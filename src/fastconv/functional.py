@@ -1,0 +1,992 @@
+"""Public functional API of fastconv, with PyTorch's semantics (``torch.nn.functional``).
+
+Every function validates its arguments and raises ``ValueError`` or ``TypeError`` naming the
+argument and the shapes before anything is allocated or any kernel runs; then it makes its
+inputs C-contiguous arrays of one floating dtype (float32 or float64), allocates the outputs and
+calls a kernel from :mod:`fastconv._kernels`.  Inputs are never modified and outputs never alias
+them.  Layout is NCHW; weights use PyTorch's layouts.
+"""
+import operator
+
+import numpy as np
+
+from . import _kernels
+from ._threading import blas_threads, get_num_threads
+
+__all__ = [
+    "conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
+    "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+    "upsample_nearest2d", "upsample_nearest2d_backward",
+    "cross_entropy", "cross_entropy_backward",
+]
+
+_INT_MAX = 2**31 - 1      # BLAS takes C ints; every size and parameter must fit one
+_MAX_BYTES = 2**62        # a size beyond this is an overflow, not a memory shortage
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# argument normalisation
+# --------------------------------------------------------------------------------------------
+
+def _int(value, name, fn):
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
+        raise TypeError(f"{fn}: {name} must be an int, got {value!r} "
+                        f"({type(value).__name__})")
+    v = operator.index(value)
+    if abs(v) > _INT_MAX:
+        raise ValueError(f"{fn}: {name}={v} is out of range (|{name}| must be < 2**31)")
+    return v
+
+
+def _pair(value, name, fn, minimum):
+    """An int or a pair of ints -> (int, int), each >= minimum."""
+    if isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+        if len(value) != 2:
+            raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
+        out = (_int(value[0], name, fn), _int(value[1], name, fn))
+    else:
+        v = _int(value, name, fn)
+        out = (v, v)
+    if min(out) < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def _array(a, name, fn):
+    if a is None:
+        raise TypeError(f"{fn}: {name} must be an array, got None")
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{fn}: {name} must have a real numeric dtype, got dtype {arr.dtype}")
+    return arr
+
+
+def _float_dtype(fn, named):
+    """The one floating dtype of the operands: float32/float64 kept, float16 -> float32,
+    integers alone -> float64; float32 mixed with float64 is a TypeError."""
+    floats = {}
+    for name, arr in named:
+        if arr.dtype.kind == "f":
+            dt = np.dtype(np.float32) if arr.dtype.itemsize <= 4 else arr.dtype
+            if dt not in _FLOATS:
+                raise TypeError(f"{fn}: {name} has dtype {arr.dtype}; fastconv computes in "
+                                "float32 or float64")
+            floats[name] = dt
+    kinds = set(floats.values())
+    if len(kinds) > 1:
+        desc = ", ".join(f"{n} is {d}" for n, d in floats.items())
+        raise TypeError(f"{fn}: mixed float32/float64 operands ({desc}); cast them to one "
+                        "dtype first")
+    return kinds.pop() if kinds else np.dtype(np.float64)
+
+
+def _c(arr, dtype):
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _check_4d(arr, name, fn, what="(N, C, H, W)", allow_empty_batch=True):
+    if arr.ndim != 4:
+        raise ValueError(f"{fn}: {name} must be 4-D {what}, got shape {arr.shape}")
+    if any(d == 0 for d in arr.shape[1:]) or (not allow_empty_batch and arr.shape[0] == 0):
+        raise ValueError(f"{fn}: {name} must have non-zero sizes except the batch, "
+                         f"got shape {arr.shape}")
+
+
+def _check_size(shape, itemsize, fn, what):
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n * itemsize >= _MAX_BYTES:
+        raise ValueError(f"{fn}: {what} of shape {tuple(shape)} overflows")
+
+
+def _alloc(shape, dtype, fn, what, zero=False):
+    _check_size(shape, np.dtype(dtype).itemsize, fn, what)
+    return (np.zeros if zero else np.empty)(shape, dtype)
+
+
+def _out_size(fn, dim, size, k, s, pad_total, d):
+    out = (size + pad_total - d * (k - 1) - 1) // s + 1
+    if out < 1:
+        raise ValueError(f"{fn}: the output {dim} would be {out} (input {dim} {size}, "
+                         f"padding {pad_total} in all, dilated kernel {d * (k - 1) + 1}, "
+                         f"stride {s}); it must be >= 1")
+    return out
+
+
+def _threads(n_items):
+    """(OpenMP team size, BLAS threads) for a call with n_items parallel work items."""
+    nt = get_num_threads()
+    team = max(1, min(nt, n_items))
+    return team, (1 if team > 1 else nt)
+
+
+# --------------------------------------------------------------------------------------------
+# convolution
+# --------------------------------------------------------------------------------------------
+
+def _conv_padding(padding, k, s, d, fn):
+    """-> (top, bottom, left, right) for int / pair / 'valid' / 'same'."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if s != (1, 1):
+                raise ValueError(f"{fn}: padding='same' needs stride 1, got stride={s}")
+            th, tw = d[0] * (k[0] - 1), d[1] * (k[1] - 1)
+            return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        raise ValueError(f"{fn}: padding must be an int, a pair, 'valid' or 'same', "
+                         f"got {padding!r}")
+    p = _pair(padding, "padding", fn, 0)
+    return (p[0], p[0], p[1], p[1])
+
+
+def _conv_setup(fn, x, weight, stride, padding, dilation, groups, transposed=False,
+                output_padding=0):
+    """Validate a (transposed) convolution; return its normalised geometry."""
+    _check_4d(x, "x", fn)
+    wdesc = "(in_channels, out_channels/groups, kH, kW)" if transposed else \
+        "(out_channels, in_channels/groups, kH, kW)"
+    if weight.ndim != 4:
+        raise ValueError(f"{fn}: weight must be 4-D {wdesc}, got shape {weight.shape}")
+    if any(d == 0 for d in weight.shape):
+        raise ValueError(f"{fn}: weight must have non-zero sizes, got shape {weight.shape}")
+    s = _pair(stride, "stride", fn, 1)
+    d = _pair(dilation, "dilation", fn, 1)
+    g = _int(groups, "groups", fn)
+    if g < 1:
+        raise ValueError(f"{fn}: groups must be >= 1, got {g}")
+    k = weight.shape[2:]
+    C = x.shape[1]
+    if transposed:
+        if isinstance(padding, str):
+            raise ValueError(f"{fn}: padding must be an int or a pair, got {padding!r}")
+        p = _pair(padding, "padding", fn, 0)
+        pad = (p[0], p[0], p[1], p[1])
+        op = _pair(output_padding, "output_padding", fn, 0)
+        for i in range(2):
+            if op[i] >= s[i] and op[i] >= d[i]:
+                raise ValueError(f"{fn}: output_padding must be smaller than stride or "
+                                 f"dilation, got output_padding={op}, stride={s}, "
+                                 f"dilation={d}")
+        if weight.shape[0] != C:
+            raise ValueError(f"{fn}: x has {C} channels but weight of shape {weight.shape} "
+                             f"expects {weight.shape[0]} (x shape {x.shape})")
+        if C % g:
+            raise ValueError(f"{fn}: in_channels={C} is not divisible by groups={g}")
+        L = weight.shape[1] * g
+        size = []
+        for i, dim in enumerate(("height", "width")):
+            o = (x.shape[2 + i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + op[i] + 1
+            if o < 1:
+                raise ValueError(f"{fn}: the output {dim} would be {o} (input shape {x.shape}, "
+                                 f"weight shape {weight.shape}, stride={s}, padding={p}, "
+                                 f"output_padding={op}, dilation={d}); it must be >= 1")
+            size.append(o)
+        OH, OW = size
+    else:
+        pad = _conv_padding(padding, k, s, d, fn)
+        if C % g or weight.shape[1] * g != C:
+            raise ValueError(f"{fn}: x has {C} channels but weight of shape {weight.shape} "
+                             f"with groups={g} expects {weight.shape[1] * g} "
+                             f"(x shape {x.shape})")
+        L = weight.shape[0]
+        if L % g:
+            raise ValueError(f"{fn}: out_channels={L} (weight shape {weight.shape}) is not "
+                             f"divisible by groups={g}")
+        OH = _out_size(fn, "height", x.shape[2], k[0], s[0], pad[0] + pad[1], d[0])
+        OW = _out_size(fn, "width", x.shape[3], k[1], s[1], pad[2] + pad[3], d[1])
+    # every BLAS dimension must fit a C int
+    cin = weight.shape[1] if transposed else C // g
+    for v, what in ((cin * k[0] * k[1], "in_channels/groups * kH * kW"),
+                    (OH * OW, "the output plane"), (x.shape[2] * x.shape[3], "the input plane"),
+                    (L, "out_channels")):
+        if v > _INT_MAX:
+            raise ValueError(f"{fn}: {what} = {v} is too large (must be < 2**31)")
+    for v, what in ((pad, "padding"), (d, "dilation"), (s, "stride")):
+        if max(v) * max(k) > _INT_MAX or max(v) > _INT_MAX:
+            raise ValueError(f"{fn}: {what}={v} is too large for kernel size {k}")
+    return dict(s=s, d=d, g=g, pad=pad, k=k, L=L, OH=OH, OW=OW)
+
+
+def _bias(bias, L, dtype, fn):
+    if bias is None:
+        return None
+    b = _array(bias, "bias", fn)
+    if b.shape != (L,):
+        raise ValueError(f"{fn}: bias must have shape ({L},) (out_channels), got {b.shape}")
+    return b
+
+
+def _grad_out(grad_out, shape, fn):
+    if grad_out.shape != tuple(shape):
+        raise ValueError(f"{fn}: grad_out must have the output's shape {tuple(shape)}, "
+                         f"got {grad_out.shape}")
+
+
+def _scratch(team, cols, dtype, fn):
+    _check_size((team, cols), np.dtype(dtype).itemsize, fn, "im2col workspace")
+    return np.empty((team, cols), dtype)
+
+
+def _dummy(dtype):
+    return np.zeros((1, 1, 1, 1), dtype)
+
+
+def _is_direct(geo):
+    return geo["k"] == (1, 1) and geo["s"] == (1, 1) and geo["pad"] == (0, 0, 0, 0)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation) of a batch of images, as ``torch.nn.functional.conv2d``.
+
+    ``y[n, l, i, j] = bias[l] + sum_{c, a, b} weight[l, c, a, b] *
+    x[n, g*C/groups + c, i*sH - pH + a*dH, j*sW - pW + b*dW]`` where ``g`` is the group of
+    output channel ``l`` and ``x`` is zero outside the image.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+        Input batch, float32 or float64 (integers are converted to float64).
+    weight : ndarray of shape (L, C / groups, kH, kW)
+        Filters, PyTorch's layout.
+    bias : ndarray of shape (L,), optional
+    stride, dilation : int or (int, int)
+    padding : int, (int, int), 'valid' or 'same'
+        Zero padding on each side; ``'same'`` (stride 1 only) pads ``dilation * (k - 1)`` in
+        all, the extra element at the bottom/right, as PyTorch.
+    groups : int
+        C and L must both be divisible by ``groups``.
+
+    Returns
+    -------
+    y : ndarray of shape (N, L, OH, OW)
+        ``OH = (H + 2 pH - dH (kH - 1) - 1) // sH + 1``, likewise OW.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> w = np.ones((1, 1, 2, 2), np.float32)
+    >>> fc.conv2d(x, w, stride=2)
+    array([[[[10., 18.],
+             [42., 50.]]]], dtype=float32)
+    """
+    fn = "conv2d"
+    x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
+    geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
+    b = _bias(bias, geo["L"], None, fn)
+    dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
+                                                           else []))
+    N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
+    out = _alloc((N, L, OH, OW), dt, fn, "output")
+    if N == 0:
+        return out
+    g = geo["g"]
+    team, nblas = _threads(N * g)
+    ncol = 0 if _is_direct(geo) else weight.shape[1] * weight.shape[2] * weight.shape[3] * OH * OW
+    scratch = _scratch(team, ncol, dt, fn)
+    xc, wc = _c(x, dt), _c(weight, dt)
+    bc = _c(b, dt) if b is not None else np.zeros(0, dt)
+    (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
+    with blas_threads(nblas):
+        _kernels.conv2d_forward(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
+                                b is not None, team)
+    return out
+
+
+def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
+                    output_mask=(True, True, True)):
+    """Gradients of :func:`conv2d` with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    grad_out : ndarray of shape (N, L, OH, OW)
+        Gradient of the loss with respect to the output of ``conv2d(x, weight, ...)``.
+    x : ndarray of shape (N, C, H, W)
+    weight : ndarray of shape (L, C / groups, kH, kW)
+    stride, padding, dilation, groups
+        As given to :func:`conv2d`.
+    output_mask : (bool, bool, bool), keyword-only
+        Which of (grad_x, grad_weight, grad_bias) to compute; the others are returned as None
+        (as ``torch.ops.aten.convolution_backward``).
+
+    Returns
+    -------
+    grad_x : ndarray of shape (N, C, H, W)
+    grad_weight : ndarray of shape (L, C / groups, kH, kW)
+    grad_bias : ndarray of shape (L,)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x = np.ones((2, 1, 3, 3)); w = np.ones((1, 1, 2, 2))
+    >>> gx, gw, gb = fc.conv2d_backward(np.ones((2, 1, 2, 2)), x, w)
+    >>> gx[0, 0]
+    array([[1., 2., 1.],
+           [2., 4., 2.],
+           [1., 2., 1.]])
+    >>> gw[0, 0], gb
+    (array([[8., 8.],
+           [8., 8.]]), array([8.]))
+    """
+    fn = "conv2d_backward"
+    grad_out = _array(grad_out, "grad_out", fn)
+    x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
+    geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
+    N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
+    _grad_out(grad_out, (N, L, OH, OW), fn)
+    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x), ("weight", weight)])
+    g = geo["g"]
+    team, nblas = _threads(N * g)
+    K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
+    direct = _is_direct(geo)
+    ncol = 0 if direct or not (need_w or need_x) else K * OH * OW
+    scratch = _scratch(team, ncol, dt, fn)
+    wpart = _alloc((team, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
+    bpart = _alloc((team, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
+    if N > 0 and (need_x or need_w or need_b):
+        gyc, wc = _c(grad_out, dt), _c(weight, dt)
+        xc = _c(x, dt) if need_w or not need_x else _dummy(dt)
+        (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
+        with blas_threads(nblas):
+            _kernels.conv2d_backward(gyc, xc, wc, np.zeros(0, dt),
+                                     gx if need_x else _dummy(dt), wpart, bpart, scratch,
+                                     sH, sW, pad[0], pad[2], dH, dW, g,
+                                     need_x, need_w, need_b, False, team)
+    gw = gb = None
+    if need_w:
+        gw = np.empty(L * K, dt)
+        _kernels.sum_rows(wpart, gw)
+        gw = gw.reshape(weight.shape)
+    if need_b:
+        gb = np.empty(L, dt)
+        _kernels.sum_rows(bpart, gb)
+    return gx, gw, gb
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """2-D transposed convolution, as ``torch.nn.functional.conv_transpose2d``.
+
+    The adjoint of :func:`conv2d` with the same stride, padding, dilation and groups: each
+    input pixel scatters ``x[n, c, i, j] * weight[c, o, a, b]`` to output pixel
+    ``(i*sH - pH + a*dH, j*sW - pW + b*dW)``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C_in, H, W)
+    weight : ndarray of shape (C_in, C_out / groups, kH, kW)
+        PyTorch's layout for transposed convolutions.
+    bias : ndarray of shape (C_out,), optional
+    stride, padding, output_padding, dilation : int or (int, int)
+        ``output_padding`` must be smaller than the stride or the dilation.
+    groups : int
+
+    Returns
+    -------
+    y : ndarray of shape (N, C_out, OH, OW)
+        ``OH = (H - 1) sH - 2 pH + dH (kH - 1) + output_padding + 1``, likewise OW.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x = np.array([[[[1., 2.], [3., 4.]]]])
+    >>> fc.conv_transpose2d(x, np.ones((1, 1, 2, 2)), stride=2)
+    array([[[[1., 1., 2., 2.],
+             [1., 1., 2., 2.],
+             [3., 3., 4., 4.],
+             [3., 3., 4., 4.]]]])
+    """
+    fn = "conv_transpose2d"
+    x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
+    geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups, True, output_padding)
+    b = _bias(bias, geo["L"], None, fn)
+    dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
+                                                           else []))
+    N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
+    out = _alloc((N, L, OH, OW), dt, fn, "output")
+    if N == 0:
+        return out
+    g = geo["g"]
+    team, nblas = _threads(N * g)
+    K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    ncol = 0 if _is_direct(geo) else K * x.shape[2] * x.shape[3]
+    scratch = _scratch(team, ncol, dt, fn)
+    xc, wc = _c(x, dt), _c(weight, dt)
+    bc = _c(b, dt) if b is not None else np.zeros(0, dt)
+    (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
+    empty = np.zeros((team, 0), dt)
+    with blas_threads(nblas):
+        # y = col2im(weight^T @ x): the data gradient of conv2d(y) -> x
+        _kernels.conv2d_backward(xc, _dummy(dt), wc, bc, out, empty, empty, scratch,
+                                 sH, sW, pad[0], pad[2], dH, dW, g,
+                                 True, False, False, b is not None, team)
+    return out
+
+
+def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,
+                              groups=1, dilation=1, *, output_mask=(True, True, True)):
+    """Gradients of :func:`conv_transpose2d` with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    grad_out : ndarray of shape (N, C_out, OH, OW)
+    x : ndarray of shape (N, C_in, H, W)
+    weight : ndarray of shape (C_in, C_out / groups, kH, kW)
+    stride, padding, output_padding, groups, dilation
+        As given to :func:`conv_transpose2d`.
+    output_mask : (bool, bool, bool), keyword-only
+        Which of (grad_x, grad_weight, grad_bias) to compute; the others are None.
+
+    Returns
+    -------
+    grad_x : ndarray of shape (N, C_in, H, W)
+    grad_weight : ndarray of shape (C_in, C_out / groups, kH, kW)
+    grad_bias : ndarray of shape (C_out,)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x = np.ones((1, 1, 2, 2)); w = np.ones((1, 1, 2, 2))
+    >>> gx, gw, gb = fc.conv_transpose2d_backward(np.ones((1, 1, 4, 4)), x, w, stride=2)
+    >>> gx[0, 0], gb
+    (array([[4., 4.],
+           [4., 4.]]), array([16.]))
+    """
+    fn = "conv_transpose2d_backward"
+    grad_out = _array(grad_out, "grad_out", fn)
+    x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
+    geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups, True, output_padding)
+    N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
+    _grad_out(grad_out, (N, L, OH, OW), fn)
+    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x), ("weight", weight)])
+    g = geo["g"]
+    team, nblas = _threads(N * g)
+    K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    Cin = x.shape[1]
+    gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
+    ncol = 0 if _is_direct(geo) or not (need_x or need_w) else K * x.shape[2] * x.shape[3]
+    scratch = _scratch(team, ncol, dt, fn)
+    wpart = _alloc((team, Cin * K if need_w else 0), dt, fn, "weight-gradient partials",
+                   zero=True)
+    gyc = _c(grad_out, dt) if N > 0 else None
+    if N > 0 and (need_x or need_w):
+        (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
+        with blas_threads(nblas):
+            _kernels.conv_transpose2d_backward(gyc, _c(x, dt), _c(weight, dt),
+                                               gx if need_x else _dummy(dt), wpart, scratch,
+                                               sH, sW, pad[0], pad[2], dH, dW, g,
+                                               need_x, need_w, team)
+    gw = gb = None
+    if need_w:
+        gw = np.empty(Cin * K, dt)
+        _kernels.sum_rows(wpart, gw)
+        gw = gw.reshape(weight.shape)
+    if need_b:
+        gb = np.zeros(L, dt)
+        if N > 0:
+            _kernels.channel_sum(gyc.reshape(N, L, OH * OW), gb, get_num_threads())
+    return gx, gw, gb
+
+
+# --------------------------------------------------------------------------------------------
+# pooling
+# --------------------------------------------------------------------------------------------
+
+def _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode):
+    _check_4d(x, "x", fn)
+    k = _pair(kernel_size, "kernel_size", fn, 1)
+    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+        s = k
+    else:
+        s = _pair(stride, "stride", fn, 1)
+    p = _pair(padding, "padding", fn, 0)
+    d = _pair(dilation, "dilation", fn, 1)
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(f"{fn}: ceil_mode must be a bool, got {ceil_mode!r}")
+    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+        raise ValueError(f"{fn}: padding must be at most half of kernel_size, got "
+                         f"padding={p}, kernel_size={k}")
+    out = []
+    for i, dim in enumerate(("height", "width")):
+        size = x.shape[2 + i]
+        if d[i] * (k[i] - 1) > _INT_MAX:
+            raise ValueError(f"{fn}: dilation={d} is too large for kernel_size={k}")
+        num = size + 2 * p[i] - d[i] * (k[i] - 1) - 1 + (s[i] - 1 if ceil_mode else 0)
+        o = num // s[i] + 1
+        if ceil_mode and (o - 1) * s[i] >= size + p[i]:
+            o -= 1
+        if o < 1:
+            raise ValueError(f"{fn}: the output {dim} would be {o} (input shape {x.shape}, "
+                             f"kernel_size={k}, stride={s}, padding={p}, dilation={d}); "
+                             "it must be >= 1")
+        out.append(o)
+    return k, s, p, d, tuple(out)
+
+
+def _as_float(fn, named):
+    dt = _float_dtype(fn, named)
+    return dt, [_c(a, dt) for _, a in named]
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """2-D max pooling, as ``torch.nn.functional.max_pool2d``.
+
+    Padding counts as -inf; on ties the first maximum (row-major in the window) wins, and NaN
+    propagates, as PyTorch's CPU kernel.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Defaults to ``kernel_size``.
+    padding : int or (int, int)
+        At most half the kernel size.
+    dilation : int or (int, int)
+    ceil_mode : bool
+        Use ceil instead of floor for the output size; a window that would start in the right
+        padding is dropped.
+    return_indices : bool
+        Also return the flat index ``h * W + w`` of each maximum within its input plane.
+
+    Returns
+    -------
+    y : ndarray of shape (N, C, OH, OW)
+    indices : ndarray of int64, shape (N, C, OH, OW)
+        Only when ``return_indices``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x = np.arange(16.).reshape(1, 1, 4, 4)
+    >>> fc.max_pool2d(x, 2)
+    array([[[[ 5.,  7.],
+             [13., 15.]]]])
+    >>> fc.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)[1]
+    array([[[[ 5,  7],
+             [13, 15]]]])
+    """
+    fn = "max_pool2d"
+    x = _array(x, "x", fn)
+    k, s, p, d, (OH, OW) = _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
+    dt, (xc,) = _as_float(fn, [("x", x)])
+    N, C = x.shape[:2]
+    out = _alloc((N, C, OH, OW), dt, fn, "output")
+    idx = _alloc((N, C, OH, OW) if return_indices else (1, 1, 1, 1), np.int64, fn, "indices")
+    if N > 0:
+        _kernels.max_pool2d_forward(xc, out, idx, k[0], k[1], s[0], s[1], p[0], p[1],
+                                    d[0], d[1], bool(return_indices), get_num_threads())
+    return (out, idx) if return_indices else out
+
+
+def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, dilation=1,
+                        ceil_mode=False):
+    """Gradient of :func:`max_pool2d` with respect to x.
+
+    Each output gradient goes to its window's maximum (recomputed from ``x`` with the same
+    tie rule); overlapping windows accumulate.
+
+    Parameters
+    ----------
+    grad_out : ndarray of shape (N, C, OH, OW)
+    x : ndarray of shape (N, C, H, W)
+    kernel_size, stride, padding, dilation, ceil_mode
+        As given to :func:`max_pool2d`.
+
+    Returns
+    -------
+    grad_x : ndarray of shape (N, C, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x = np.array([[[[1., 3.], [2., 0.]]]])
+    >>> fc.max_pool2d_backward(np.array([[[[5.]]]]), x, 2)
+    array([[[[0., 5.],
+             [0., 0.]]]])
+    """
+    fn = "max_pool2d_backward"
+    grad_out, x = _array(grad_out, "grad_out", fn), _array(x, "x", fn)
+    k, s, p, d, (OH, OW) = _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
+    N, C = x.shape[:2]
+    _grad_out(grad_out, (N, C, OH, OW), fn)
+    dt, (gyc, xc) = _as_float(fn, [("grad_out", grad_out), ("x", x)])
+    gx = _alloc(x.shape, dt, fn, "grad_x")
+    if N > 0:
+        _kernels.max_pool2d_backward(gyc, xc, gx, k[0], k[1], s[0], s[1], p[0], p[1],
+                                     d[0], d[1], get_num_threads())
+    return gx
+
+
+def _avg_setup(fn, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+               divisor_override):
+    k, s, p, _, out = _pool_setup(fn, x, kernel_size, stride, padding, 1, ceil_mode)
+    if not isinstance(count_include_pad, (bool, np.bool_)):
+        raise TypeError(f"{fn}: count_include_pad must be a bool, got {count_include_pad!r}")
+    div = 0
+    if divisor_override is not None:
+        div = _int(divisor_override, "divisor_override", fn)
+        if div == 0:
+            raise ValueError(f"{fn}: divisor_override must not be zero")
+    return k, s, p, out, div
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """2-D average pooling, as ``torch.nn.functional.avg_pool2d``.
+
+    The divisor is ``divisor_override`` when given; else, with ``count_include_pad``, the
+    window's size clipped to the padded input (so a ceil_mode window hanging past the padding
+    counts only up to it), and without it the number of input pixels in the window.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Defaults to ``kernel_size``.
+    padding : int or (int, int)
+        Zero padding, at most half the kernel size.
+    ceil_mode, count_include_pad : bool
+    divisor_override : int, optional
+        Non-zero.
+
+    Returns
+    -------
+    y : ndarray of shape (N, C, OH, OW)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> x = np.arange(16.).reshape(1, 1, 4, 4)
+    >>> fc.avg_pool2d(x, 2)
+    array([[[[ 2.5,  4.5],
+             [10.5, 12.5]]]])
+    >>> fc.avg_pool2d(np.ones((1, 1, 2, 2)), 2, stride=1, padding=1)[0, 0]
+    array([[0.25, 0.5 , 0.25],
+           [0.5 , 1.  , 0.5 ],
+           [0.25, 0.5 , 0.25]])
+    """
+    fn = "avg_pool2d"
+    x = _array(x, "x", fn)
+    k, s, p, (OH, OW), div = _avg_setup(fn, x, kernel_size, stride, padding, ceil_mode,
+                                        count_include_pad, divisor_override)
+    dt, (xc,) = _as_float(fn, [("x", x)])
+    N, C = x.shape[:2]
+    out = _alloc((N, C, OH, OW), dt, fn, "output")
+    if N > 0:
+        _kernels.avg_pool2d_forward(xc, out, k[0], k[1], s[0], s[1], p[0], p[1],
+                                    bool(count_include_pad), div, get_num_threads())
+    return out
+
+
+def avg_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                        count_include_pad=True, divisor_override=None):
+    """Gradient of :func:`avg_pool2d` with respect to x.
+
+    Parameters
+    ----------
+    grad_out : ndarray of shape (N, C, OH, OW)
+    x : ndarray of shape (N, C, H, W)
+        Only its shape and dtype are used.
+    kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+        As given to :func:`avg_pool2d`.
+
+    Returns
+    -------
+    grad_x : ndarray of shape (N, C, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> fc.avg_pool2d_backward(np.array([[[[4.]]]]), np.zeros((1, 1, 2, 2)), 2)
+    array([[[[1., 1.],
+             [1., 1.]]]])
+    """
+    fn = "avg_pool2d_backward"
+    grad_out, x = _array(grad_out, "grad_out", fn), _array(x, "x", fn)
+    k, s, p, (OH, OW), div = _avg_setup(fn, x, kernel_size, stride, padding, ceil_mode,
+                                        count_include_pad, divisor_override)
+    N, C = x.shape[:2]
+    _grad_out(grad_out, (N, C, OH, OW), fn)
+    dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x)])
+    gx = _alloc(x.shape, dt, fn, "grad_x")
+    if N > 0:
+        _kernels.avg_pool2d_backward(_c(grad_out, dt), gx, k[0], k[1], s[0], s[1], p[0], p[1],
+                                     bool(count_include_pad), div, get_num_threads())
+    return gx
+
+
+# --------------------------------------------------------------------------------------------
+# nearest upsampling
+# --------------------------------------------------------------------------------------------
+
+def _scale(scale_factor, fn):
+    vals = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor,) * 2
+    if len(vals) != 2:
+        raise ValueError(f"{fn}: scale_factor must be an int or a pair of ints, "
+                         f"got {scale_factor!r}")
+    out = []
+    for v in vals:
+        if isinstance(v, (float, np.floating)) and not isinstance(v, bool):
+            if not np.isfinite(v) or v != int(v):
+                raise ValueError(f"{fn}: scale_factor must be integral (nearest upsampling "
+                                 f"repeats pixels), got {scale_factor!r}")
+            v = int(v)
+        out.append(_int(v, "scale_factor", fn))
+    if min(out) < 1:
+        raise ValueError(f"{fn}: scale_factor must be >= 1, got {scale_factor!r}")
+    return tuple(out)
+
+
+def upsample_nearest2d(x, scale_factor):
+    """Nearest-neighbour upsampling by integer factors, as
+    ``torch.nn.functional.interpolate(x, scale_factor=s, mode='nearest')``.
+
+    Every input pixel becomes an ``sH x sW`` block of equal values.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    scale_factor : int or (int, int)
+        Positive integers (an integral float such as 2.0 is accepted).
+
+    Returns
+    -------
+    y : ndarray of shape (N, C, H * sH, W * sW)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> fc.upsample_nearest2d(np.array([[[[1., 2.]]]]), (2, 1))
+    array([[[[1., 2.],
+             [1., 2.]]]])
+    """
+    fn = "upsample_nearest2d"
+    x = _array(x, "x", fn)
+    _check_4d(x, "x", fn)
+    sH, sW = _scale(scale_factor, fn)
+    dt, (xc,) = _as_float(fn, [("x", x)])
+    N, C, H, W = x.shape
+    out = _alloc((N, C, H * sH, W * sW), dt, fn, "output")
+    if N > 0:
+        _kernels.upsample_nearest2d_forward(xc, out, sH, sW, get_num_threads())
+    return out
+
+
+def upsample_nearest2d_backward(grad_out, scale_factor):
+    """Gradient of :func:`upsample_nearest2d`: each block of ``grad_out`` summed.
+
+    Parameters
+    ----------
+    grad_out : ndarray of shape (N, C, H * sH, W * sW)
+    scale_factor : int or (int, int)
+
+    Returns
+    -------
+    grad_x : ndarray of shape (N, C, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> fc.upsample_nearest2d_backward(np.ones((1, 1, 2, 4)), 2)
+    array([[[[4., 4.]]]])
+    """
+    fn = "upsample_nearest2d_backward"
+    grad_out = _array(grad_out, "grad_out", fn)
+    _check_4d(grad_out, "grad_out", fn)
+    sH, sW = _scale(scale_factor, fn)
+    N, C, OH, OW = grad_out.shape
+    if OH % sH or OW % sW:
+        raise ValueError(f"{fn}: grad_out of shape {grad_out.shape} is not an upsampled shape "
+                         f"for scale_factor={(sH, sW)} (height and width must be multiples)")
+    dt, (gyc,) = _as_float(fn, [("grad_out", grad_out)])
+    gx = _alloc((N, C, OH // sH, OW // sW), dt, fn, "grad_x")
+    if N > 0:
+        _kernels.upsample_nearest2d_backward(gyc, gx, sH, sW, get_num_threads())
+    return gx
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy
+# --------------------------------------------------------------------------------------------
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _ce_setup(fn, logits, target, weight, reduction, label_smoothing, ignore_index):
+    logits = _array(logits, "logits", fn)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"{fn}: logits must be 2-D (N, C) with C >= 1, got shape "
+                         f"{logits.shape}")
+    N, C = logits.shape
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(
+            label_smoothing, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: label_smoothing must be a float, got {label_smoothing!r}")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, (bool, np.bool_)) or not hasattr(ignore_index, "__index__"):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = operator.index(ignore_index)
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"{fn}: ignore_index={ignore_index} does not fit in int64")
+    target = _array(target, "target", fn)
+    named = [("logits", logits)]
+    if target.dtype.kind in "iu":
+        if target.shape != (N,):
+            raise ValueError(f"{fn}: integer target must be class labels of shape ({N},), "
+                             f"got shape {target.shape} (logits shape {logits.shape})")
+        bad = (target != ignore_index) & ((target < 0) | (target >= C))
+        if bad.any():
+            raise ValueError(f"{fn}: target labels must be in [0, {C}) or ignore_index="
+                             f"{ignore_index}; got {target[bad][0]} (logits shape "
+                             f"{logits.shape})")
+        probs = False
+    elif target.dtype.kind == "f":
+        if target.shape != (N, C):
+            raise ValueError(f"{fn}: floating target must be class probabilities of the "
+                             f"logits' shape {logits.shape}, got shape {target.shape}")
+        named.append(("target", target))
+        probs = True
+    else:
+        raise TypeError(f"{fn}: target must hold integer labels or float probabilities, got "
+                        f"dtype {target.dtype}")
+    w = None
+    if weight is not None:
+        w = _array(weight, "weight", fn)
+        if w.shape != (C,):
+            raise ValueError(f"{fn}: weight must have shape ({C},) (one per class), got "
+                             f"{w.shape}")
+        named.append(("weight", w))
+    dt = _float_dtype(fn, named)
+    lc = _c(logits, dt)
+    tc = _c(target, dt) if probs else np.ascontiguousarray(target, dtype=np.int64)
+    wc = _c(w, dt) if w is not None else np.zeros(0, dt)
+    return dt, lc, tc, wc, w is not None, probs, eps, ignore_index
+
+
+def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing=0.0,
+                  ignore_index=-100):
+    """Categorical cross-entropy from logits, as ``torch.nn.functional.cross_entropy``.
+
+    ``loss_n = -sum_j w_j t_nj log softmax(logits_n)_j`` with ``t`` the one-hot label (or the
+    given probabilities), smoothed to ``t (1 - eps) + eps / C``.  Computed with log-sum-exp,
+    so large logits do not overflow.
+
+    Parameters
+    ----------
+    logits : ndarray of shape (N, C)
+    target : ndarray of int of shape (N,), or of float of shape (N, C)
+        Class labels in ``[0, C)`` (or ``ignore_index``), or class probabilities.
+    weight : ndarray of shape (C,), optional
+        Per-class weights.
+    reduction : {'mean', 'sum', 'none'}
+        'mean' divides by the summed weights of the (non-ignored) labels, or by N for
+        probability targets, as PyTorch.
+    label_smoothing : float in [0, 1]
+    ignore_index : int
+        Label whose samples contribute nothing (integer targets only).
+
+    Returns
+    -------
+    loss : scalar of the logits' dtype, or ndarray of shape (N,) for reduction='none'
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> logits = np.array([[2.0, 0.0], [0.0, 2.0]])
+    >>> round(float(fc.cross_entropy(logits, np.array([0, 1]))), 6)
+    0.126928
+    >>> fc.cross_entropy(logits, np.array([0, 0]), reduction='none').round(6)
+    array([0.126928, 2.126928])
+    """
+    fn = "cross_entropy"
+    dt, lc, tc, wc, has_w, probs, eps, ign = _ce_setup(fn, logits, target, weight, reduction,
+                                                       label_smoothing, ignore_index)
+    N = lc.shape[0]
+    loss = np.zeros(N, dt)
+    denom = None
+    if N > 0:
+        if probs:
+            _kernels.cross_entropy_probs(lc, tc, wc, has_w, eps, loss, get_num_threads())
+        else:
+            denom = np.zeros(N, dt)
+            _kernels.cross_entropy_labels(lc, tc, wc, has_w, eps, ign, loss, denom,
+                                          get_num_threads())
+    if reduction == "none":
+        return loss
+    total = loss.sum(dtype=np.float64)
+    if reduction == "sum":
+        return dt.type(total)
+    count = float(N) if probs or N == 0 else denom.sum(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return dt.type(np.float64(total) / np.float64(count))
+
+
+def cross_entropy_backward(logits, target, weight=None, reduction="mean", label_smoothing=0.0,
+                           ignore_index=-100, grad_output=None):
+    """Gradient of :func:`cross_entropy` with respect to the logits.
+
+    Parameters
+    ----------
+    logits, target, weight, reduction, label_smoothing, ignore_index
+        As given to :func:`cross_entropy`.
+    grad_output : float or ndarray of shape (N,), optional
+        Gradient of the final objective with respect to the loss: a scalar for 'mean'/'sum'
+        (default 1), an (N,) array for 'none' (default ones).
+
+    Returns
+    -------
+    grad_logits : ndarray of shape (N, C)
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv as fc
+    >>> fc.cross_entropy_backward(np.zeros((2, 2)), np.array([0, 1]))
+    array([[-0.25,  0.25],
+           [ 0.25, -0.25]])
+    """
+    fn = "cross_entropy_backward"
+    dt, lc, tc, wc, has_w, probs, eps, ign = _ce_setup(fn, logits, target, weight, reduction,
+                                                       label_smoothing, ignore_index)
+    N = lc.shape[0]
+    if reduction == "none":
+        go = np.ones(N) if grad_output is None else _array(grad_output, "grad_output", fn)
+        if go.shape != (N,):
+            raise ValueError(f"{fn}: grad_output must have shape ({N},) for reduction='none', "
+                             f"got {go.shape}")
+        scale = np.ascontiguousarray(go, dtype=np.float64)
+    else:
+        go = 1.0 if grad_output is None else _array(grad_output, "grad_output", fn)
+        if np.ndim(go) != 0:
+            raise ValueError(f"{fn}: grad_output must be a scalar for reduction={reduction!r}, "
+                             f"got shape {np.shape(go)}")
+        s = float(go)
+        if reduction == "mean":
+            if probs:
+                s /= max(N, 1)
+            elif N > 0:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ys = tc[tc != ign]
+                    den = (wc[ys].astype(np.float64).sum() if has_w else float(ys.size))
+                    s = np.float64(s) / np.float64(den)
+        scale = np.full(N, s, dtype=np.float64)
+    grad = np.zeros((N, lc.shape[1]), dt)
+    if N > 0:
+        if probs:
+            _kernels.cross_entropy_probs_backward(lc, tc, wc, has_w, eps, scale, grad,
+                                                  get_num_threads())
+        else:
+            _kernels.cross_entropy_labels_backward(lc, tc, wc, has_w, eps, ign, scale, grad,
+                                                   get_num_threads())
+    return grad

@@ -1,0 +1,22 @@
+"""Hypothesis profiles: 'ci' (default, fast) and 'soak' (long: HYPOTHESIS_PROFILE=soak)."""
+import os
+import sys
+
+from hypothesis import HealthCheck, settings
+
+# reference.py lives next to the tests (pytest runs with --import-mode=importlib)
+sys.path.insert(0, os.path.dirname(__file__))
+
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev", max_examples=100, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "soak", max_examples=5000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
