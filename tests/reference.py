@@ -286,12 +286,16 @@ def _max_pool_argmax(plane, oh, ow, H, W, k, s, p, d):
     while iw0 < 0:
         iw0 += dw
     maxval, maxindex = -math.inf, ih0 * W + iw0
+    found = False
     for ih in range(ih0, ih1, dh):
         for iw in range(iw0, iw1, dw):
+            found = True
             val = float(plane[ih, iw])
             if val > maxval or math.isnan(val):
                 maxval, maxindex = val, ih * W + iw
-    return maxval, maxindex
+    # a window wholly in the padding (dilation makes it possible) is the constant -inf:
+    # PyTorch still reports the index computed above; it has no input to send a gradient to
+    return maxval, maxindex, found
 
 
 def _max_pool_params(kernel_size, stride, padding, dilation):
@@ -314,7 +318,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
         for c in range(C):
             for oh in range(Ho):
                 for ow in range(Wo):
-                    val, index = _max_pool_argmax(x[n, c], oh, ow, H, W, k, s, p, d)
+                    val, index, _ = _max_pool_argmax(x[n, c], oh, ow, H, W, k, s, p, d)
                     out[n, c, oh, ow] = val
                     idx[n, c, oh, ow] = index
     return (out, idx) if return_indices else out
@@ -332,8 +336,9 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, dilati
         for c in range(C):
             for oh in range(Ho):
                 for ow in range(Wo):
-                    _, index = _max_pool_argmax(x[n, c], oh, ow, H, W, k, s, p, d)
-                    grad_x[n, c, index // W, index % W] += go[n, c, oh, ow]
+                    _, index, found = _max_pool_argmax(x[n, c], oh, ow, H, W, k, s, p, d)
+                    if found:
+                        grad_x[n, c, index // W, index % W] += go[n, c, oh, ow]
     return grad_x
 
 

@@ -374,8 +374,13 @@ def channel_sum(const floating[:, :, ::1] x, floating[::1] out, int num_threads)
 
 cdef inline Py_ssize_t max_window(const floating* xp, Py_ssize_t H, Py_ssize_t W,
                                   Py_ssize_t hs, Py_ssize_t ws, Py_ssize_t kH, Py_ssize_t kW,
-                                  Py_ssize_t dH, Py_ssize_t dW, floating* maxval) noexcept nogil:
-    """PyTorch's CPU rule: scan row-major, take val > max or NaN; -1 for an empty window."""
+                                  Py_ssize_t dH, Py_ssize_t dW, floating* maxval,
+                                  bint* empty) noexcept nogil:
+    """PyTorch's CPU rule: scan row-major, take val > max or NaN.
+
+    A window wholly in the padding (possible with dilation) gives -inf and, as PyTorch, the
+    index of its first in-padding position clipped forward; ``empty`` flags it.
+    """
     cdef Py_ssize_t he = hs + (kH - 1) * dH + 1, we = ws + (kW - 1) * dW + 1
     cdef Py_ssize_t ih, iw, idx
     cdef floating val, m = -INFINITY
@@ -388,8 +393,7 @@ cdef inline Py_ssize_t max_window(const floating* xp, Py_ssize_t H, Py_ssize_t W
     while ws < 0:
         ws = ws + dW
     idx = hs * W + ws
-    if hs >= he or ws >= we:
-        idx = -1
+    empty[0] = hs >= he or ws >= we
     ih = hs
     while ih < he:
         iw = ws
@@ -416,13 +420,15 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     cdef long long* ip = &indices_out[0, 0, 0, 0]
     cdef const floating* xpl
     cdef floating m
+    cdef bint empty
     cdef Py_ssize_t plane, oh, ow, idx, o
     with nogil:
         for plane in prange(N * C, schedule='static', num_threads=num_threads):
             xpl = xp + plane * H * W
             for oh in range(OH):
                 for ow in range(OW):
-                    idx = max_window(xpl, H, W, oh * sH - pH, ow * sW - pW, kH, kW, dH, dW, &m)
+                    idx = max_window(xpl, H, W, oh * sH - pH, ow * sW - pW, kH, kW, dH, dW,
+                                     &m, &empty)
                     o = plane * OH * OW + oh * OW + ow
                     op[o] = m
                     if with_indices:
@@ -441,6 +447,7 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:,
     cdef const floating* gyp = &grad_out[0, 0, 0, 0]
     cdef floating* gxp = &grad_x_out[0, 0, 0, 0]
     cdef floating m
+    cdef bint empty
     cdef Py_ssize_t plane, oh, ow, idx
     with nogil:
         for plane in prange(N * C, schedule='static', num_threads=num_threads):
@@ -448,8 +455,8 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:,
             for oh in range(OH):
                 for ow in range(OW):
                     idx = max_window(xp + plane * H * W, H, W, oh * sH - pH, ow * sW - pW,
-                                     kH, kW, dH, dW, &m)
-                    if idx >= 0:
+                                     kH, kW, dH, dW, &m, &empty)
+                    if not empty:
                         gxp[plane * H * W + idx] += gyp[(plane * OH + oh) * OW + ow]
 
 

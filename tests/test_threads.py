@@ -1,0 +1,123 @@
+"""Thread counts and concurrent calls give the same results; BLAS settings are restored."""
+import threading
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+import reference as ref
+
+
+@pytest.fixture
+def restore_threads():
+    old = fc.get_num_threads()
+    yield
+    fc.set_num_threads(old)
+
+
+def _workload(dtype, seed=0):
+    """Every function once, on inputs big enough to split across threads."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((5, 4, 9, 8)).astype(dtype)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    wt = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    logits = rng.standard_normal((7, 5)).astype(dtype)
+    labels = rng.integers(0, 5, 7)
+    out = {}
+    y = fc.conv2d(x, w, b, stride=2, padding=1, groups=2)
+    out["conv2d"] = y
+    out["conv2d_backward"] = fc.conv2d_backward(np.ones_like(y), x, w, stride=2, padding=1,
+                                                groups=2)
+    yt = fc.conv_transpose2d(x, wt, b, stride=2, padding=1, output_padding=1, groups=2)
+    out["conv_transpose2d"] = yt
+    out["conv_transpose2d_backward"] = fc.conv_transpose2d_backward(
+        yt, x, wt, stride=2, padding=1, output_padding=1, groups=2)
+    out["max_pool2d"] = fc.max_pool2d(x, 3, 2, 1, return_indices=True)
+    out["max_pool2d_backward"] = fc.max_pool2d_backward(out["max_pool2d"][0], x, 3, 2, 1)
+    out["avg_pool2d"] = fc.avg_pool2d(x, 3, 2, 1, ceil_mode=True)
+    out["avg_pool2d_backward"] = fc.avg_pool2d_backward(out["avg_pool2d"], x, 3, 2, 1,
+                                                        ceil_mode=True)
+    out["upsample_nearest2d"] = fc.upsample_nearest2d(x, 2)
+    out["upsample_nearest2d_backward"] = fc.upsample_nearest2d_backward(
+        out["upsample_nearest2d"], 2)
+    out["cross_entropy"] = fc.cross_entropy(logits, labels, label_smoothing=0.1)
+    out["cross_entropy_backward"] = fc.cross_entropy_backward(logits, labels,
+                                                              label_smoothing=0.1)
+    return out
+
+
+def _flat(result):
+    return [np.asarray(a) for a in (result if isinstance(result, tuple) else (result,))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_and_two_threads_agree(dtype, restore_threads):
+    fc.set_num_threads(1)
+    one = _workload(dtype)
+    fc.set_num_threads(2)
+    two = _workload(dtype)
+    for name in one:
+        for a, b in zip(_flat(one[name]), _flat(two[name])):
+            if "backward" in name and "conv" in name:
+                # weight/bias gradients sum per-thread partials: only the order of the sum
+                # may differ
+                tol = 1e-5 if dtype == np.float32 else 1e-12
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_more_threads_than_work(restore_threads):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 2, 6, 6))
+    w = rng.standard_normal((3, 2, 3, 3))
+    fc.set_num_threads(7)
+    np.testing.assert_allclose(fc.conv2d(x, w), ref.conv2d(x, w), rtol=1e-12)
+    gy = rng.standard_normal((1, 3, 4, 4))
+    for a, e in zip(fc.conv2d_backward(gy, x, w), ref.conv2d_backward(gy, x, w)):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_concurrent_python_threads_match_serial():
+    serial = [_workload(np.float32, seed) for seed in range(8)]
+    results = [None] * 8
+    errors = []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                results[i] = _workload(np.float32, i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(8):
+        for name in serial[i]:
+            for a, b in zip(_flat(serial[i][name]), _flat(results[i][name])):
+                tol = 1e-5 if "backward" in name and "conv" in name else 0
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
+
+
+def test_blas_thread_setting_is_restored():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+              if lib["user_api"] == "blas"]
+    _workload(np.float64)
+    after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+             if lib["user_api"] == "blas"]
+    assert before == after
+
+
+def test_set_num_threads_round_trip(restore_threads):
+    fc.set_num_threads(3)
+    assert fc.get_num_threads() == (3 if fc._kernels.openmp_enabled() else 1)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        fc.set_num_threads(0)
+    with pytest.raises(TypeError, match="n must be an int"):
+        fc.set_num_threads(2.0)
