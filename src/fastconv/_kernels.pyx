@@ -183,7 +183,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, P = OH * OW
     cdef Py_ssize_t ncol = scratch.shape[1]
-    cdef bint direct = kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
+    cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
+                        and OH == H and OW == W)
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &weight[0, 0, 0, 0]
     cdef const floating* bp = NULL
@@ -195,6 +196,10 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef Py_ssize_t item, n, g
     if has_bias:
         bp = &bias[0]
+    if not direct and ncol < K * P:
+        raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
+    if scratch.shape[0] < num_threads:
+        raise ValueError("conv2d_forward: scratch needs one row per thread")
     with nogil, parallel(num_threads=num_threads):
         col = sp + threadid() * ncol
         for item in prange(N * groups, schedule='static'):
@@ -239,7 +244,8 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef Py_ssize_t Cg = weight.shape[1], kH = weight.shape[2], kW = weight.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, P = OH * OW
     cdef Py_ssize_t ncol = scratch.shape[1], nw = grad_w_part.shape[1], nb = grad_b_part.shape[1]
-    cdef bint direct = kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
+    cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
+                        and OH == H and OW == W)
     cdef const floating* gyp = &grad_out[0, 0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &weight[0, 0, 0, 0]
@@ -258,6 +264,11 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef Py_ssize_t item, n, g, l, i, tid
     if has_init:
         ip = &init[0]
+    if (need_w or need_x) and not direct and ncol < K * P:
+        raise ValueError("conv2d_backward: scratch is smaller than one im2col matrix")
+    if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < L * K)) \
+            or (need_b and (grad_b_part.shape[0] < num_threads or nb < L)):
+        raise ValueError("conv2d_backward: workspaces need one row per thread")
     with nogil, parallel(num_threads=num_threads):
         tid = threadid()
         col = sp + tid * ncol
@@ -315,7 +326,8 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t Cog = weight.shape[1], kH = weight.shape[2], kW = weight.shape[3]
     cdef Py_ssize_t Cig = Cin // groups, K = Cog * kH * kW, P = H * W
     cdef Py_ssize_t ncol = scratch.shape[1], nw = grad_w_part.shape[1]
-    cdef bint direct = kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
+    cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
+                        and OH == H and OW == W)
     cdef const floating* gyp = &grad_out[0, 0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &weight[0, 0, 0, 0]
@@ -326,6 +338,10 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef floating* gw
     cdef const floating* src
     cdef Py_ssize_t item, n, g
+    if not direct and ncol < K * P:
+        raise ValueError("conv_transpose2d_backward: scratch is smaller than one im2col matrix")
+    if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < Cin * K)):
+        raise ValueError("conv_transpose2d_backward: workspaces need one row per thread")
     with nogil, parallel(num_threads=num_threads):
         col = sp + threadid() * ncol
         gw = gwp + threadid() * nw

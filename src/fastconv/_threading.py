@@ -26,7 +26,10 @@ _controllers = None
 def _default_threads():
     if "OMP_NUM_THREADS" in os.environ or not _kernels.openmp_enabled():
         return max(1, _kernels.omp_max_threads())
-    return max(1, os.cpu_count() or 1)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def get_num_threads():

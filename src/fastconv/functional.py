@@ -234,8 +234,11 @@ def _dummy(dtype):
     return np.zeros((1, 1, 1, 1), dtype)
 
 
-def _is_direct(geo):
-    return geo["k"] == (1, 1) and geo["s"] == (1, 1) and geo["pad"] == (0, 0, 0, 0)
+def _is_direct(geo, x):
+    """1x1, stride 1, unpadded, same plane in and out (no output_padding): no im2col needed;
+    the kernels make the same decision."""
+    return (geo["k"] == (1, 1) and geo["s"] == (1, 1) and geo["pad"] == (0, 0, 0, 0)
+            and (geo["OH"], geo["OW"]) == x.shape[2:])
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -285,7 +288,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return out
     g = geo["g"]
     team, nblas = _threads(N * g)
-    ncol = 0 if _is_direct(geo) else weight.shape[1] * weight.shape[2] * weight.shape[3] * OH * OW
+    ncol = 0 if _is_direct(geo, x) else weight.shape[1] * weight.shape[2] * weight.shape[3] * OH * OW
     scratch = _scratch(team, ncol, dt, fn)
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(b, dt) if b is not None else np.zeros(0, dt)
@@ -343,7 +346,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     team, nblas = _threads(N * g)
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
-    direct = _is_direct(geo)
+    direct = _is_direct(geo, x)
     ncol = 0 if direct or not (need_w or need_x) else K * OH * OW
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
@@ -414,7 +417,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     g = geo["g"]
     team, nblas = _threads(N * g)
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    ncol = 0 if _is_direct(geo) else K * x.shape[2] * x.shape[3]
+    ncol = 0 if _is_direct(geo, x) else K * x.shape[2] * x.shape[3]
     scratch = _scratch(team, ncol, dt, fn)
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(b, dt) if b is not None else np.zeros(0, dt)
@@ -470,7 +473,7 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     Cin = x.shape[1]
     gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
-    ncol = 0 if _is_direct(geo) or not (need_x or need_w) else K * x.shape[2] * x.shape[3]
+    ncol = 0 if _is_direct(geo, x) or not (need_x or need_w) else K * x.shape[2] * x.shape[3]
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, Cin * K if need_w else 0), dt, fn, "weight-gradient partials",
                    zero=True)
@@ -856,6 +859,9 @@ def _ce_setup(fn, logits, target, weight, reduction, label_smoothing, ignore_ind
         if target.shape != (N, C):
             raise ValueError(f"{fn}: floating target must be class probabilities of the "
                              f"logits' shape {logits.shape}, got shape {target.shape}")
+        if ignore_index != -100:
+            raise ValueError(f"{fn}: ignore_index={ignore_index} is not supported with "
+                             "probability targets (as PyTorch)")
         named.append(("target", target))
         probs = True
     else:
