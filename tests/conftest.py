@@ -20,3 +20,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_grain(monkeypatch):
+    """Let every call use all threads, however small, so that tests on small shapes still run
+    the parallel code paths (fastconv normally runs small calls on one thread)."""
+    import fastconv.functional
+
+    monkeypatch.setattr(fastconv.functional, "_GRAIN", 1)

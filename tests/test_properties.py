@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 import fastconv as fc
 import reference as ref
 
+# small shapes must still exercise the multi-threaded paths
+pytestmark = pytest.mark.usefixtures("tiny_grain")
+
 DTYPES = st.sampled_from([np.float32, np.float64])
 
 

@@ -8,6 +8,9 @@ import fastconv as fc
 import reference as ref
 
 
+pytestmark = pytest.mark.usefixtures("tiny_grain")
+
+
 @pytest.fixture
 def restore_threads():
     old = fc.get_num_threads()

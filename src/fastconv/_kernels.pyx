@@ -404,10 +404,10 @@ cdef inline Py_ssize_t max_window(const floating* xp, Py_ssize_t H, Py_ssize_t W
         he = H
     if we > W:
         we = W
-    while hs < 0:
-        hs = hs + dH
-    while ws < 0:
-        ws = ws + dW
+    if hs < 0:
+        hs = hs + ceil_div_pos(-hs, dH) * dH     # first tap inside the image
+    if ws < 0:
+        ws = ws + ceil_div_pos(-ws, dW) * dW
     idx = hs * W + ws
     empty[0] = hs >= he or ws >= we
     ih = hs

@@ -12,7 +12,6 @@ the last one out restores it.
 """
 import os
 import threading
-from contextlib import contextmanager
 
 from . import _kernels
 
@@ -82,37 +81,61 @@ def set_num_threads(n):
 
 
 def _blas_controllers():
+    """(get, set) ctypes functions of every pthreads OpenBLAS loaded in the process.
+
+    threadpoolctl finds the libraries once; the functions are then called directly, because
+    threadpoolctl's own setter costs tens of microseconds and lets only one Python thread
+    control OpenBLAS.  OpenBLAS built on OpenMP and MKL already run single-threaded inside an
+    OpenMP parallel region, so they are left alone.
+    """
     global _controllers
     if _controllers is None:
+        found = []
         try:
             from threadpoolctl import ThreadpoolController
 
-            _controllers = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+            for lib in ThreadpoolController().select(internal_api="openblas").lib_controllers:
+                if getattr(lib, "threading_layer", "pthreads") == "openmp":
+                    continue
+                pre, suf = getattr(lib, "_symbol_prefix", ""), getattr(lib, "_symbol_suffix", "")
+                get = getattr(lib.dynlib, f"{pre}openblas_get_num_threads{suf}", None)
+                set_ = getattr(lib.dynlib, f"{pre}openblas_set_num_threads{suf}", None)
+                if get is not None and set_ is not None:
+                    found.append((get, set_))
         except Exception:  # noqa: BLE001 - no threadpoolctl or an unknown BLAS: leave BLAS alone
-            _controllers = []
+            found = []
+        _controllers = found
     return _controllers
 
 
-@contextmanager
-def blas_threads(n):
-    """Run the body with every loaded BLAS set to ``n`` threads."""
-    global _depth, _saved
-    ctls = _blas_controllers()
-    if not ctls:
-        yield
-        return
-    with _lock:
-        if _depth == 0:
-            _saved = [c.num_threads for c in ctls]
-        _depth += 1
-        for c in ctls:
-            if c.num_threads != n:
-                c.set_num_threads(n)
-    try:
-        yield
-    finally:
-        with _lock:
-            _depth -= 1
-            if _depth == 0:
-                for c, k in zip(ctls, _saved):
-                    c.set_num_threads(k)
+class blas_threads:
+    """Context manager: every loaded (pthreads) OpenBLAS runs ``n`` threads inside the block."""
+
+    __slots__ = ("n", "ctls")
+
+    def __init__(self, n):
+        self.n = n
+        self.ctls = _blas_controllers()
+
+    def __enter__(self):
+        global _depth, _saved
+        if self.ctls:
+            with _lock:
+                if _depth == 0:
+                    _saved = [get() for get, _ in self.ctls]
+                _depth += 1
+                for get, set_ in self.ctls:
+                    if get() != self.n:
+                        set_(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        global _depth
+        if self.ctls:
+            with _lock:
+                _depth -= 1
+                if _depth == 0:
+                    for (get, set_), k in zip(self.ctls, _saved):
+                        if get() != k:
+                            set_(k)
+        return False

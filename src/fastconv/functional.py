@@ -30,6 +30,9 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # --------------------------------------------------------------------------------------------
 
 def _int(value, name, fn):
+    if isinstance(value, np.ndarray) and (value.ndim != 0 or value.dtype.kind not in "iu"):
+        raise TypeError(f"{fn}: {name} must be an int, got an array of dtype {value.dtype} "
+                        f"and shape {value.shape}")
     if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
         raise TypeError(f"{fn}: {name} must be an int, got {value!r} "
                         f"({type(value).__name__})")
@@ -115,11 +118,35 @@ def _out_size(fn, dim, size, k, s, pad_total, d):
     return out
 
 
-def _threads(n_items):
-    """(OpenMP team size, BLAS threads) for a call with n_items parallel work items."""
+_GRAIN = 1 << 15   # below this many inner operations per thread, threads cost more than they save
+
+
+def _threads(n_items, work=None):
+    """(OpenMP team size, BLAS threads) for a call with ``n_items`` parallel work items and
+    about ``work`` inner operations in all: small calls run on one thread, since waking a team
+    costs more than it saves (and far more on a loaded machine)."""
     nt = get_num_threads()
+    if work is not None:
+        nt = min(nt, max(1, int(work) // _GRAIN))
     team = max(1, min(nt, n_items))
     return team, (1 if team > 1 else nt)
+
+
+def _team(n_items, work):
+    return _threads(n_items, work)[0]
+
+
+def _mask(output_mask, fn):
+    if not isinstance(output_mask, (tuple, list)):
+        raise TypeError(f"{fn}: output_mask must be a sequence of 3 bools "
+                        f"(grad_x, grad_weight, grad_bias), got {output_mask!r}")
+    if len(output_mask) != 3:
+        raise ValueError(f"{fn}: output_mask must be a sequence of 3 bools "
+                         f"(grad_x, grad_weight, grad_bias), got {output_mask!r}")
+    for m in output_mask:
+        if not isinstance(m, (bool, np.bool_, int, np.integer)):
+            raise TypeError(f"{fn}: output_mask must hold bools, got {output_mask!r}")
+    return tuple(bool(m) for m in output_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +314,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if N == 0:
         return out
     g = geo["g"]
-    team, nblas = _threads(N * g)
-    ncol = 0 if _is_direct(geo, x) else weight.shape[1] * weight.shape[2] * weight.shape[3] * OH * OW
+    K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    team, nblas = _threads(N * g, N * L * OH * OW * K)
+    ncol = 0 if _is_direct(geo, x) else K * OH * OW
     scratch = _scratch(team, ncol, dt, fn)
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(b, dt) if b is not None else np.zeros(0, dt)
@@ -340,11 +368,11 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
     N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
     _grad_out(grad_out, (N, L, OH, OW), fn)
-    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    need_x, need_w, need_b = _mask(output_mask, fn)
     dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x), ("weight", weight)])
     g = geo["g"]
-    team, nblas = _threads(N * g)
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    team, nblas = _threads(N * g, N * L * OH * OW * K)
     gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
     direct = _is_direct(geo, x)
     ncol = 0 if direct or not (need_w or need_x) else K * OH * OW
@@ -415,8 +443,8 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     if N == 0:
         return out
     g = geo["g"]
-    team, nblas = _threads(N * g)
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    team, nblas = _threads(N * g, N * x.shape[1] * x.shape[2] * x.shape[3] * K)
     ncol = 0 if _is_direct(geo, x) else K * x.shape[2] * x.shape[3]
     scratch = _scratch(team, ncol, dt, fn)
     xc, wc = _c(x, dt), _c(weight, dt)
@@ -466,11 +494,11 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups, True, output_padding)
     N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
     _grad_out(grad_out, (N, L, OH, OW), fn)
-    need_x, need_w, need_b = (bool(m) for m in output_mask)
+    need_x, need_w, need_b = _mask(output_mask, fn)
     dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x), ("weight", weight)])
     g = geo["g"]
-    team, nblas = _threads(N * g)
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    team, nblas = _threads(N * g, N * x.shape[1] * x.shape[2] * x.shape[3] * K)
     Cin = x.shape[1]
     gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
     ncol = 0 if _is_direct(geo, x) or not (need_x or need_w) else K * x.shape[2] * x.shape[3]
@@ -493,7 +521,8 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     if need_b:
         gb = np.zeros(L, dt)
         if N > 0:
-            _kernels.channel_sum(gyc.reshape(N, L, OH * OW), gb, get_num_threads())
+            _kernels.channel_sum(gyc.reshape(N, L, OH * OW), gb,
+                                 _team(L, N * L * OH * OW))
     return gx, gw, gb
 
 
@@ -530,11 +559,6 @@ def _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode):
                              "it must be >= 1")
         out.append(o)
     return k, s, p, d, tuple(out)
-
-
-def _as_float(fn, named):
-    dt = _float_dtype(fn, named)
-    return dt, [_c(a, dt) for _, a in named]
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -579,13 +603,14 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     fn = "max_pool2d"
     x = _array(x, "x", fn)
     k, s, p, d, (OH, OW) = _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
-    dt, (xc,) = _as_float(fn, [("x", x)])
+    dt = _float_dtype(fn, [("x", x)])
     N, C = x.shape[:2]
     out = _alloc((N, C, OH, OW), dt, fn, "output")
     idx = _alloc((N, C, OH, OW) if return_indices else (1, 1, 1, 1), np.int64, fn, "indices")
     if N > 0:
-        _kernels.max_pool2d_forward(xc, out, idx, k[0], k[1], s[0], s[1], p[0], p[1],
-                                    d[0], d[1], bool(return_indices), get_num_threads())
+        _kernels.max_pool2d_forward(_c(x, dt), out, idx, k[0], k[1], s[0], s[1], p[0], p[1],
+                                    d[0], d[1], bool(return_indices),
+                                    _team(N * C, out.size * k[0] * k[1]))
     return (out, idx) if return_indices else out
 
 
@@ -620,11 +645,12 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, dilati
     k, s, p, d, (OH, OW) = _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
     N, C = x.shape[:2]
     _grad_out(grad_out, (N, C, OH, OW), fn)
-    dt, (gyc, xc) = _as_float(fn, [("grad_out", grad_out), ("x", x)])
+    dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x)])
     gx = _alloc(x.shape, dt, fn, "grad_x")
     if N > 0:
-        _kernels.max_pool2d_backward(gyc, xc, gx, k[0], k[1], s[0], s[1], p[0], p[1],
-                                     d[0], d[1], get_num_threads())
+        _kernels.max_pool2d_backward(_c(grad_out, dt), _c(x, dt), gx, k[0], k[1], s[0], s[1],
+                                     p[0], p[1], d[0], d[1],
+                                     _team(N * C, grad_out.size * k[0] * k[1]))
     return gx
 
 
@@ -681,12 +707,13 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     x = _array(x, "x", fn)
     k, s, p, (OH, OW), div = _avg_setup(fn, x, kernel_size, stride, padding, ceil_mode,
                                         count_include_pad, divisor_override)
-    dt, (xc,) = _as_float(fn, [("x", x)])
+    dt = _float_dtype(fn, [("x", x)])
     N, C = x.shape[:2]
     out = _alloc((N, C, OH, OW), dt, fn, "output")
     if N > 0:
-        _kernels.avg_pool2d_forward(xc, out, k[0], k[1], s[0], s[1], p[0], p[1],
-                                    bool(count_include_pad), div, get_num_threads())
+        _kernels.avg_pool2d_forward(_c(x, dt), out, k[0], k[1], s[0], s[1], p[0], p[1],
+                                    bool(count_include_pad), div,
+                                    _team(N * C, out.size * k[0] * k[1]))
     return out
 
 
@@ -723,7 +750,8 @@ def avg_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, ceil_m
     gx = _alloc(x.shape, dt, fn, "grad_x")
     if N > 0:
         _kernels.avg_pool2d_backward(_c(grad_out, dt), gx, k[0], k[1], s[0], s[1], p[0], p[1],
-                                     bool(count_include_pad), div, get_num_threads())
+                                     bool(count_include_pad), div,
+                                     _team(N * C, grad_out.size * k[0] * k[1]))
     return gx
 
 
@@ -776,11 +804,11 @@ def upsample_nearest2d(x, scale_factor):
     x = _array(x, "x", fn)
     _check_4d(x, "x", fn)
     sH, sW = _scale(scale_factor, fn)
-    dt, (xc,) = _as_float(fn, [("x", x)])
+    dt = _float_dtype(fn, [("x", x)])
     N, C, H, W = x.shape
     out = _alloc((N, C, H * sH, W * sW), dt, fn, "output")
     if N > 0:
-        _kernels.upsample_nearest2d_forward(xc, out, sH, sW, get_num_threads())
+        _kernels.upsample_nearest2d_forward(_c(x, dt), out, sH, sW, _team(N * C * H, out.size))
     return out
 
 
@@ -810,10 +838,11 @@ def upsample_nearest2d_backward(grad_out, scale_factor):
     if OH % sH or OW % sW:
         raise ValueError(f"{fn}: grad_out of shape {grad_out.shape} is not an upsampled shape "
                          f"for scale_factor={(sH, sW)} (height and width must be multiples)")
-    dt, (gyc,) = _as_float(fn, [("grad_out", grad_out)])
+    dt = _float_dtype(fn, [("grad_out", grad_out)])
     gx = _alloc((N, C, OH // sH, OW // sW), dt, fn, "grad_x")
     if N > 0:
-        _kernels.upsample_nearest2d_backward(gyc, gx, sH, sW, get_num_threads())
+        _kernels.upsample_nearest2d_backward(_c(grad_out, dt), gx, sH, sW,
+                                             _team(N * C * OH // sH, grad_out.size))
     return gx
 
 
@@ -924,11 +953,11 @@ def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing
     denom = None
     if N > 0:
         if probs:
-            _kernels.cross_entropy_probs(lc, tc, wc, has_w, eps, loss, get_num_threads())
+            _kernels.cross_entropy_probs(lc, tc, wc, has_w, eps, loss, _team(N, 8 * lc.size))
         else:
             denom = np.zeros(N, dt)
             _kernels.cross_entropy_labels(lc, tc, wc, has_w, eps, ign, loss, denom,
-                                          get_num_threads())
+                                          _team(N, 8 * lc.size))
     if reduction == "none":
         return loss
     total = loss.sum(dtype=np.float64)
@@ -991,8 +1020,8 @@ def cross_entropy_backward(logits, target, weight=None, reduction="mean", label_
     if N > 0:
         if probs:
             _kernels.cross_entropy_probs_backward(lc, tc, wc, has_w, eps, scale, grad,
-                                                  get_num_threads())
+                                                  _team(N, 8 * lc.size))
         else:
             _kernels.cross_entropy_labels_backward(lc, tc, wc, has_w, eps, ign, scale, grad,
-                                                   get_num_threads())
+                                                   _team(N, 8 * lc.size))
     return grad
