@@ -1,0 +1,838 @@
+"""Layers over the functional API: modules that drop into plain NumPy code.
+
+A module is called on an array (``y = layer(x)``), caches what its backward needs, and
+``grad_x = layer.backward(grad_y)`` returns the gradient with respect to its input while
+*accumulating* the gradients of its parameters into ``param.grad`` (as PyTorch's autograd does;
+clear them with ``zero_grad()`` or the optimizer's).  Parameter names, layouts and default
+initialisation follow PyTorch, so ``state_dict()`` keys (``'0.weight'``, ``'3.bias'``) and arrays
+move between the two libraries unchanged.
+"""
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from . import functional as F
+
+__all__ = [
+    "Parameter", "Module", "Sequential", "Conv2d", "ConvTranspose2d", "MaxPool2d", "AvgPool2d",
+    "Upsample", "Linear", "ReLU", "Flatten", "Dropout", "CrossEntropyLoss", "manual_seed",
+]
+
+_default_rng = np.random.default_rng()
+
+
+def manual_seed(seed):
+    """Seed the generator that layers use for initialisation and dropout when given no ``rng``.
+
+    Examples
+    --------
+    >>> import fastconv.nn as nn
+    >>> nn.manual_seed(0); a = nn.Linear(2, 2).weight.data
+    >>> nn.manual_seed(0); b = nn.Linear(2, 2).weight.data
+    >>> bool((a == b).all())
+    True
+    """
+    global _default_rng
+    _default_rng = np.random.default_rng(seed)
+
+
+def _rng(rng):
+    if rng is None:
+        return _default_rng
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+def _float_dtype(dtype, who):
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"{who}: dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def _positive_int(value, name, who):
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{who}: {name} must be an int, got {value!r}")
+    if int(value) < 1:
+        raise ValueError(f"{who}: {name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class Parameter:
+    """A trainable array: ``data`` (updated in place by optimizers) and its ``grad``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv.nn import Parameter
+    >>> p = Parameter(np.zeros(3, np.float32))
+    >>> p.shape, p.grad is None
+    ((3,), True)
+    """
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = np.ascontiguousarray(data)
+        self.grad = None
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def accumulate(self, g):
+        """Add ``g`` to ``grad`` (creating it on first use)."""
+        if self.grad is None:
+            self.grad = np.array(g, dtype=self.data.dtype, copy=True)
+        else:
+            self.grad += g
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class: ``__call__`` runs ``forward``; ``backward`` returns the input gradient.
+
+    Sub-modules and parameters assigned as attributes are registered in assignment order,
+    which fixes the names of ``named_parameters()`` and ``state_dict()``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> class Scale(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.s = nn.Parameter(np.ones(1))
+    ...     def forward(self, x):
+    ...         self._x = x
+    ...         return x * self.s.data
+    ...     def backward(self, g):
+    ...         self.s.accumulate(np.sum(g * self._x, keepdims=True).reshape(1))
+    ...         return g * self.s.data
+    >>> m = Scale(); y = m(np.arange(3.)); m.backward(np.ones(3))
+    array([1., 1., 1.])
+    >>> m.s.grad
+    array([3.])
+    """
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
+                                 "before assigning attributes")
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    # ---- running
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def backward(self, grad_out):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward()")
+
+    def _cached(self, attr):
+        value = self.__dict__.get(attr)
+        if value is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): "
+                               "run the module on an input first")
+        return value
+
+    # ---- parameters
+    def named_parameters(self, prefix=""):
+        """Yield ``(name, Parameter)`` pairs, PyTorch's dotted names."""
+        for name, p in self._parameters.items():
+            yield prefix + name, p
+        for mname, m in self._modules.items():
+            yield from m.named_parameters(prefix + mname + ".")
+
+    def parameters(self):
+        """List of all parameters (this module's, then its sub-modules', in order)."""
+        return [p for _, p in self.named_parameters()]
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, m in self._modules.items():
+            yield from m.named_modules(prefix + ("." if prefix else "") + name)
+
+    def children(self):
+        return list(self._modules.values())
+
+    def zero_grad(self, set_to_none=True):
+        """Clear parameter gradients (to None, as PyTorch 2, or to zeros)."""
+        for p in self.parameters():
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad.fill(0)
+
+    def train(self, mode=True):
+        """Set training mode (affects Dropout) here and in every sub-module; returns self."""
+        for _, m in self.named_modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        """Evaluation mode: ``train(False)``."""
+        return self.train(False)
+
+    def to(self, dtype):
+        """Convert every parameter to ``dtype`` (float32 or float64) in place; returns self."""
+        dt = _float_dtype(dtype, f"{type(self).__name__}.to")
+        for p in self.parameters():
+            p.data = np.ascontiguousarray(p.data, dtype=dt)
+            p.grad = None if p.grad is None else p.grad.astype(dt)
+        return self
+
+    def float(self):
+        return self.to(np.float32)
+
+    def double(self):
+        return self.to(np.float64)
+
+    # ---- state
+    def state_dict(self):
+        """``OrderedDict`` of name -> copy of each parameter array (PyTorch's keys)."""
+        return OrderedDict((name, p.data.copy()) for name, p in self.named_parameters())
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays into the parameters (cast to their dtype).
+
+        Values may be NumPy arrays or anything ``np.asarray`` takes, including PyTorch tensors
+        (detached and moved to the CPU first).  With ``strict``, missing or unexpected keys are a
+        ``KeyError``; a shape mismatch is always a ``ValueError``.
+        """
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in params]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys "
+                           f"{unexpected}")
+        arrays = {}
+        for name, p in params.items():
+            if name not in state_dict:
+                continue
+            value = state_dict[name]
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            value = np.asarray(value)
+            if value.shape != p.data.shape:
+                raise ValueError(f"load_state_dict: {name} has shape {value.shape}, the model "
+                                 f"expects {p.data.shape}")
+            arrays[name] = value
+        for name, value in arrays.items():       # all checked: now copy
+            np.copyto(params[name].data, value, casting="unsafe")
+        return self
+
+    def save(self, path):
+        """Save the parameters to an ``.npz`` file (keys as ``state_dict()``)."""
+        np.savez(path, **self.state_dict())
+
+    def load(self, path, strict=True):
+        """Load parameters saved by :meth:`save`; returns self."""
+        with np.load(path) as f:
+            return self.load_state_dict({k: f[k] for k in f.files}, strict=strict)
+
+    # ---- printing
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        if not self._modules:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for name, m in self._modules.items():
+            sub = repr(m).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {sub}")
+        return "\n".join(lines) + "\n)"
+
+
+class Sequential(Module):
+    """Modules applied in order; sub-modules are named ``'0'``, ``'1'``, ... as PyTorch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 3, rng=0), nn.ReLU(), nn.Linear(3, 2, rng=1))
+    >>> list(model.state_dict())
+    ['0.weight', '0.bias', '2.weight', '2.bias']
+    >>> model(np.ones((5, 4), np.float32)).shape
+    (5, 2)
+    """
+
+    def __init__(self, *modules):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], OrderedDict):
+            items = modules[0].items()
+        else:
+            items = ((str(i), m) for i, m in enumerate(modules))
+        for name, m in items:
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential: item {name} is a {type(m).__name__}, not a Module")
+            setattr(self, name, m)
+
+    def append(self, module):
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential.append: expected a Module, got {type(module).__name__}")
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __getitem__(self, i):
+        mods = list(self._modules.values())
+        if isinstance(i, slice):
+            return Sequential(*mods[i])
+        return mods[i]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+    def backward(self, grad_out):
+        for m in reversed(self._modules.values()):
+            grad_out = m.backward(grad_out)
+        return grad_out
+
+
+def _check_channels(who, x, expected, what="channels"):
+    x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+    if x.ndim != 4:
+        raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got shape {x.shape}")
+    if x.shape[1] != expected:
+        raise ValueError(f"{who}: expected input with {expected} {what}, got shape {x.shape}")
+    return x
+
+
+def _check_dtype(who, x, dtype):
+    if x.dtype.kind == "f" and x.dtype != dtype:
+        raise TypeError(f"{who}: input dtype {x.dtype} differs from the parameters' {dtype}; "
+                        "convert one of them (e.g. model.to(np.float64))")
+
+
+class _ConvNd(Module):
+    def _init_params(self, wshape, fan_in, bias, dtype, rng):
+        bound = 1.0 / math.sqrt(fan_in)   # kaiming_uniform_(a=sqrt(5)) as in PyTorch
+        self.weight = Parameter(rng.uniform(-bound, bound, wshape).astype(dtype))
+        self.bias = Parameter(rng.uniform(-bound, bound, wshape[0] if not self._transposed
+                                          else self.out_channels).astype(dtype)) \
+            if bias else None
+
+    def _common(self, in_channels, out_channels, kernel_size, groups, dtype):
+        who = type(self).__name__
+        self.in_channels = _positive_int(in_channels, "in_channels", who)
+        self.out_channels = _positive_int(out_channels, "out_channels", who)
+        self.groups = _positive_int(groups, "groups", who)
+        k = _pair(kernel_size)
+        self.kernel_size = (_positive_int(k[0], "kernel_size", who),
+                            _positive_int(k[1], "kernel_size", who))
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"{who}: in_channels={in_channels} and out_channels={out_channels} "
+                             f"must be divisible by groups={groups}")
+        return _float_dtype(dtype, who)
+
+    def extra_repr(self):
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, " \
+            f"stride={_pair(self.stride)}"
+        if self.padding not in (0, (0, 0)):
+            s += f", padding={self.padding if isinstance(self.padding, str) else _pair(self.padding)}"
+        if getattr(self, "output_padding", 0) not in (0, (0, 0)):
+            s += f", output_padding={_pair(self.output_padding)}"
+        if self.dilation not in (1, (1, 1)):
+            s += f", dilation={_pair(self.dilation)}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
+
+
+class Conv2d(_ConvNd):
+    """2-D convolution layer, as ``torch.nn.Conv2d`` (see :func:`fastconv.conv2d`).
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, dilation : int or (int, int)
+    padding : int, (int, int), 'valid' or 'same'
+    groups : int
+    bias : bool
+    dtype : float32 or float64
+    rng : numpy.random.Generator or int, optional
+        Source of the initial weights (Kaiming-uniform with a=sqrt(5), bias uniform in
+        +-1/sqrt(fan_in), as PyTorch); the generator of :func:`manual_seed` by default.
+
+    Attributes
+    ----------
+    weight : Parameter of shape (out_channels, in_channels / groups, kH, kW)
+    bias : Parameter of shape (out_channels,) or None
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> conv = nn.Conv2d(3, 8, 3, padding=1, rng=0)
+    >>> y = conv(np.zeros((2, 3, 5, 5), np.float32)); y.shape
+    (2, 8, 5, 5)
+    >>> conv.backward(np.ones_like(y)).shape, conv.weight.grad.shape
+    ((2, 3, 5, 5), (8, 3, 3, 3))
+    """
+
+    _transposed = False
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        dt = self._common(in_channels, out_channels, kernel_size, groups, dtype)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        kH, kW = self.kernel_size
+        cin_g = self.in_channels // self.groups
+        _check_conv_args("Conv2d", (self.out_channels, cin_g, kH, kW), stride, padding,
+                         dilation, self.groups)
+        self._init_params((self.out_channels, cin_g, kH, kW), cin_g * kH * kW, bias, dt,
+                          _rng(rng))
+        self._x = None
+
+    def _kw(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups)
+
+    def forward(self, x):
+        x = _check_channels(f"Conv2d({self.in_channels}, {self.out_channels})", x,
+                            self.in_channels)
+        _check_dtype("Conv2d", x, self.weight.dtype)
+        self._x = x
+        return F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
+                        **self._kw())
+
+    def backward(self, grad_out):
+        x = self._cached("_x")
+        gx, gw, gb = F.conv2d_backward(grad_out, x, self.weight.data, **self._kw(),
+                                       output_mask=(True, True, self.bias is not None))
+        self.weight.accumulate(gw)
+        if self.bias is not None:
+            self.bias.accumulate(gb)
+        return gx
+
+
+class ConvTranspose2d(_ConvNd):
+    """2-D transposed convolution layer, as ``torch.nn.ConvTranspose2d``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+    kernel_size, stride, padding, output_padding, dilation : int or (int, int)
+    groups : int
+    bias : bool
+    dtype : float32 or float64
+    rng : numpy.random.Generator or int, optional
+
+    Attributes
+    ----------
+    weight : Parameter of shape (in_channels, out_channels / groups, kH, kW)
+    bias : Parameter of shape (out_channels,) or None
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> up = nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1, rng=0)
+    >>> up(np.zeros((1, 4, 8, 8), np.float32)).shape
+    (1, 2, 16, 16)
+    """
+
+    _transposed = True
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, dtype=np.float32, rng=None):
+        super().__init__()
+        dt = self._common(in_channels, out_channels, kernel_size, groups, dtype)
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation = dilation
+        kH, kW = self.kernel_size
+        cout_g = self.out_channels // self.groups
+        _check_conv_args("ConvTranspose2d", (self.in_channels, cout_g, kH, kW), stride,
+                         padding, dilation, self.groups, True, output_padding)
+        # PyTorch's fan_in for a transposed weight (in, out/groups, kH, kW) is out/groups*kH*kW
+        self._init_params((self.in_channels, cout_g, kH, kW), cout_g * kH * kW, bias, dt,
+                          _rng(rng))
+        self._x = None
+
+    def _kw(self):
+        return dict(stride=self.stride, padding=self.padding,
+                    output_padding=self.output_padding, groups=self.groups,
+                    dilation=self.dilation)
+
+    def forward(self, x):
+        x = _check_channels(f"ConvTranspose2d({self.in_channels}, {self.out_channels})", x,
+                            self.in_channels)
+        _check_dtype("ConvTranspose2d", x, self.weight.dtype)
+        self._x = x
+        return F.conv_transpose2d(x, self.weight.data,
+                                  None if self.bias is None else self.bias.data, **self._kw())
+
+    def backward(self, grad_out):
+        x = self._cached("_x")
+        gx, gw, gb = F.conv_transpose2d_backward(grad_out, x, self.weight.data, **self._kw(),
+                                                 output_mask=(True, True,
+                                                              self.bias is not None))
+        self.weight.accumulate(gw)
+        if self.bias is not None:
+            self.bias.accumulate(gb)
+        return gx
+
+
+class _Shape:
+    """Stand-in for an array when only ``shape``/``ndim`` are needed (argument checks)."""
+
+    def __init__(self, shape):
+        self.shape, self.ndim = tuple(shape), len(shape)
+
+
+def _check_conv_args(who, wshape, stride, padding, dilation, groups, transposed=False,
+                     output_padding=0):
+    """Validate a layer's stride/padding/dilation/output_padding at construction, on the
+    smallest input they accept, so that a bad argument fails here and not at the first call."""
+    d = F._pair(dilation, "dilation", who, 1)
+    p = (0, 0) if isinstance(padding, str) else F._pair(padding, "padding", who, 0)
+    size = tuple(d[i] * (wshape[2 + i] - 1) + 1 + 2 * p[i] for i in range(2))
+    cin = wshape[0] if transposed else wshape[1] * groups
+    F._conv_setup(who, _Shape((1, cin) + size), _Shape(wshape), stride, padding, dilation,
+                  groups, transposed, output_padding)
+
+
+class MaxPool2d(Module):
+    """Max pooling layer, as ``torch.nn.MaxPool2d`` (see :func:`fastconv.max_pool2d`).
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> nn.MaxPool2d(2)(np.arange(16.).reshape(1, 1, 4, 4))[0, 0]
+    array([[ 5.,  7.],
+           [13., 15.]])
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.ceil_mode = dilation, ceil_mode
+        self._x = None
+
+    def _kw(self):
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, ceil_mode=self.ceil_mode)
+
+    def forward(self, x):
+        self._x = x
+        return F.max_pool2d(x, **self._kw())
+
+    def backward(self, grad_out):
+        return F.max_pool2d_backward(grad_out, self._cached("_x"), **self._kw())
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride or self.kernel_size}, " \
+               f"padding={self.padding}, dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+
+
+class AvgPool2d(Module):
+    """Average pooling layer, as ``torch.nn.AvgPool2d`` (see :func:`fastconv.avg_pool2d`).
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> nn.AvgPool2d(2)(np.arange(16.).reshape(1, 1, 4, 4))[0, 0]
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+        self.divisor_override = divisor_override
+        self._x = None
+
+    def _kw(self):
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                    ceil_mode=self.ceil_mode, count_include_pad=self.count_include_pad,
+                    divisor_override=self.divisor_override)
+
+    def forward(self, x):
+        self._x = x
+        return F.avg_pool2d(x, **self._kw())
+
+    def backward(self, grad_out):
+        return F.avg_pool2d_backward(grad_out, self._cached("_x"), **self._kw())
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride or self.kernel_size}, " \
+               f"padding={self.padding}"
+
+
+class Upsample(Module):
+    """Nearest upsampling by integer factors, as ``torch.nn.Upsample(mode='nearest')``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> nn.Upsample(scale_factor=2)(np.ones((1, 1, 2, 3))).shape
+    (1, 1, 4, 6)
+    """
+
+    def __init__(self, scale_factor, mode="nearest"):
+        super().__init__()
+        if mode != "nearest":
+            raise ValueError(f"Upsample: only mode='nearest' is supported, got {mode!r}")
+        F._scale(scale_factor, "Upsample")
+        self.scale_factor, self.mode = scale_factor, mode
+        self._ran = False
+
+    def forward(self, x):
+        self._ran = True
+        return F.upsample_nearest2d(x, self.scale_factor)
+
+    def backward(self, grad_out):
+        if not self._ran:
+            self._cached("_never")
+        return F.upsample_nearest2d_backward(grad_out, self.scale_factor)
+
+    def extra_repr(self):
+        return f"scale_factor={self.scale_factor}, mode={self.mode!r}"
+
+
+class Linear(Module):
+    """Fully connected layer ``y = x @ weight.T + bias``, as ``torch.nn.Linear``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+    dtype : float32 or float64
+    rng : numpy.random.Generator or int, optional
+
+    Attributes
+    ----------
+    weight : Parameter of shape (out_features, in_features)
+    bias : Parameter of shape (out_features,) or None
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> fc1 = nn.Linear(4, 2, rng=0)
+    >>> fc1(np.ones((3, 4), np.float32)).shape
+    (3, 2)
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features", "Linear")
+        self.out_features = _positive_int(out_features, "out_features", "Linear")
+        dt = _float_dtype(dtype, "Linear")
+        g = _rng(rng)
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.weight = Parameter(g.uniform(-bound, bound, (self.out_features,
+                                                          self.in_features)).astype(dt))
+        self.bias = Parameter(g.uniform(-bound, bound, self.out_features).astype(dt)) \
+            if bias else None
+        self._x = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear({self.in_features}, {self.out_features}): expected input "
+                             f"with {self.in_features} features in the last dimension, got "
+                             f"shape {x.shape}")
+        if x.dtype.kind not in "fiub":
+            raise TypeError(f"Linear: input must be a real array, got dtype {x.dtype}")
+        _check_dtype("Linear", x, self.weight.dtype)
+        x = x.astype(self.weight.dtype, copy=False)
+        self._x = x
+        y = x @ self.weight.data.T
+        if self.bias is not None:
+            y += self.bias.data
+        return y
+
+    def backward(self, grad_out):
+        x = self._cached("_x")
+        g = np.asarray(grad_out, dtype=self.weight.dtype)
+        if g.shape != x.shape[:-1] + (self.out_features,):
+            raise ValueError(f"Linear.backward: grad_out must have shape "
+                             f"{x.shape[:-1] + (self.out_features,)}, got {g.shape}")
+        g2, x2 = g.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
+        self.weight.accumulate(g2.T @ x2)
+        if self.bias is not None:
+            self.bias.accumulate(g2.sum(axis=0))
+        return g @ self.weight.data
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
+
+
+class ReLU(Module):
+    """``max(x, 0)`` elementwise (NaN propagates), as ``torch.nn.ReLU``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> r = nn.ReLU(); r(np.array([-1., 2.])), r.backward(np.array([5., 5.]))
+    (array([0., 2.]), array([0., 5.]))
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._mask = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        self._mask = x > 0
+        return np.maximum(x, 0, dtype=x.dtype if x.dtype.kind == "f" else None)
+
+    def backward(self, grad_out):
+        mask = self._cached("_mask")
+        return np.where(mask, grad_out, 0).astype(np.result_type(grad_out), copy=False)
+
+
+class Flatten(Module):
+    """Flatten dimensions ``start_dim..end_dim`` (default: all but the batch), as PyTorch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> nn.Flatten()(np.zeros((2, 3, 4, 5))).shape
+    (2, 60)
+    """
+
+    def __init__(self, start_dim=1, end_dim=-1):
+        super().__init__()
+        self.start_dim, self.end_dim = start_dim, end_dim
+        self._shape = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        self._shape = x.shape
+        s, e = self.start_dim % max(x.ndim, 1), self.end_dim % max(x.ndim, 1)
+        new = x.shape[:s] + (int(np.prod(x.shape[s:e + 1])),) + x.shape[e + 1:]
+        return x.reshape(new)
+
+    def backward(self, grad_out):
+        return np.asarray(grad_out).reshape(self._cached("_shape"))
+
+
+class Dropout(Module):
+    """Zero each element with probability ``p`` in training, scaling the rest by 1/(1-p).
+
+    Identity in evaluation mode, as ``torch.nn.Dropout``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> d = nn.Dropout(0.5, rng=0).eval()
+    >>> d(np.ones(3))
+    array([1., 1., 1.])
+    """
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+        self.p = float(p)
+        self._rng = _rng(rng) if rng is not None else None
+        self._mask = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if not self.training or self.p == 0.0:
+            self._mask = 1.0
+            return x
+        rng = self._rng if self._rng is not None else _default_rng
+        keep = rng.random(x.shape) >= self.p
+        scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
+        dt = x.dtype if x.dtype.kind == "f" else np.float64
+        self._mask = keep.astype(dt) * dt.type(scale)
+        return x * self._mask
+
+    def backward(self, grad_out):
+        return grad_out * self._cached("_mask")
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class CrossEntropyLoss:
+    """Cross-entropy from logits, as ``torch.nn.CrossEntropyLoss``.
+
+    ``loss = loss_fn(logits, target)``, then ``grad_logits = loss_fn.backward()``.
+
+    Parameters
+    ----------
+    weight : ndarray of shape (C,), optional
+    reduction : {'mean', 'sum', 'none'}
+    label_smoothing : float
+    ignore_index : int
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> loss_fn = nn.CrossEntropyLoss()
+    >>> float(loss_fn(np.zeros((2, 4)), np.array([1, 3]))) == float(np.log(4))
+    True
+    >>> loss_fn.backward()
+    array([[ 0.125, -0.375,  0.125,  0.125],
+           [ 0.125,  0.125,  0.125, -0.375]])
+    """
+
+    def __init__(self, weight=None, reduction="mean", label_smoothing=0.0, ignore_index=-100):
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"CrossEntropyLoss: reduction must be 'mean', 'sum' or 'none', "
+                             f"got {reduction!r}")
+        self.weight = None if weight is None else np.asarray(weight)
+        self.reduction, self.label_smoothing = reduction, label_smoothing
+        self.ignore_index = ignore_index
+        self._saved = None
+
+    def _kw(self):
+        return dict(weight=self.weight, reduction=self.reduction,
+                    label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
+
+    def __call__(self, logits, target):
+        loss = F.cross_entropy(logits, target, **self._kw())
+        self._saved = (logits, target)
+        return loss
+
+    forward = __call__
+
+    def backward(self, grad_output=None):
+        if self._saved is None:
+            raise RuntimeError("CrossEntropyLoss.backward() called before computing a loss")
+        logits, target = self._saved
+        return F.cross_entropy_backward(logits, target, grad_output=grad_output, **self._kw())
+
+    def __repr__(self):
+        return f"CrossEntropyLoss(reduction={self.reduction!r})"
