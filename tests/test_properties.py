@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 import fastconv as fc
 import reference as ref
 
-# small shapes must still exercise the multi-threaded paths
-pytestmark = pytest.mark.usefixtures("tiny_grain")
+# small shapes must still exercise the multi-threaded paths (the finite-difference tests,
+# which make thousands of tiny calls, keep the default: one thread for tiny calls)
+parallel = pytest.mark.usefixtures("tiny_grain")
 
 DTYPES = st.sampled_from([np.float32, np.float64])
 
@@ -98,6 +99,7 @@ def conv_case(draw, transposed=False):
                 size=tuple(size), op=op, dtype=dtype, bias=bias)
 
 
+@parallel
 @given(case=conv_case(), data=st.data())
 def test_conv2d_matches_reference(case, data):
     c = case
@@ -116,6 +118,7 @@ def test_conv2d_matches_reference(case, data):
         assert_close(a, e, c["dtype"])
 
 
+@parallel
 @given(case=conv_case(transposed=True), data=st.data())
 def test_conv_transpose2d_matches_reference(case, data):
     c = case
@@ -158,6 +161,7 @@ def pool_case(draw, with_dilation):
                 dtype=draw(DTYPES, label="dtype"))
 
 
+@parallel
 @given(case=pool_case(with_dilation=True), data=st.data(), ties=st.booleans())
 def test_max_pool2d_matches_reference(case, data, ties):
     c = dict(case)
@@ -175,6 +179,7 @@ def test_max_pool2d_matches_reference(case, data, ties):
     assert_close(fc.max_pool2d_backward(gy, x, **c), ref.max_pool2d_backward(gy, x, **c), dtype)
 
 
+@parallel
 @given(case=pool_case(with_dilation=False), data=st.data(), count_include_pad=st.booleans(),
        divisor_override=st.one_of(st.none(), st.integers(-3, 7).filter(bool)))
 def test_avg_pool2d_matches_reference(case, data, count_include_pad, divisor_override):
@@ -189,6 +194,7 @@ def test_avg_pool2d_matches_reference(case, data, count_include_pad, divisor_ove
     assert_close(fc.avg_pool2d_backward(gy, x, **c), ref.avg_pool2d_backward(gy, x, **c), dtype)
 
 
+@parallel
 @given(data=st.data(), dtype=DTYPES,
        scale=st.one_of(st.integers(1, 4), st.tuples(st.integers(1, 4), st.integers(1, 4))),
        shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 6),
@@ -222,6 +228,7 @@ def ce_case(draw):
                 weighted=weighted, ignore_index=ignore_index)
 
 
+@parallel
 @given(case=ce_case(), data=st.data())
 def test_cross_entropy_matches_reference(case, data):
     c = case
@@ -385,6 +392,7 @@ def test_cross_entropy_backward_finite_differences(case, data):
 # explicit regressions and corner cases worth keeping as fixed examples
 # --------------------------------------------------------------------------------------------
 
+@parallel
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_conv2d_pointwise_and_depthwise(dtype):
     rng = np.random.default_rng(1)
@@ -399,6 +407,7 @@ def test_conv2d_pointwise_and_depthwise(dtype):
             assert_close(a, e, dtype)
 
 
+@parallel
 def test_conv_transpose2d_pointwise_direct_path():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 4, 3, 5))

@@ -25,6 +25,7 @@ def _workload(dtype, seed=0):
     w = rng.standard_normal((6, 2, 3, 3)).astype(dtype)
     b = rng.standard_normal(6).astype(dtype)
     wt = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    wd = rng.standard_normal((8, 1, 3, 3)).astype(dtype)
     logits = rng.standard_normal((7, 5)).astype(dtype)
     labels = rng.integers(0, 5, 7)
     out = {}
@@ -32,6 +33,9 @@ def _workload(dtype, seed=0):
     out["conv2d"] = y
     out["conv2d_backward"] = fc.conv2d_backward(np.ones_like(y), x, w, stride=2, padding=1,
                                                 groups=2)
+    yd = fc.conv2d(x, wd, b[:1].repeat(8), padding=1, groups=4)
+    out["depthwise"] = yd
+    out["depthwise_backward"] = fc.conv2d_backward(yd, x, wd, padding=1, groups=4)
     yt = fc.conv_transpose2d(x, wt, b, stride=2, padding=1, output_padding=1, groups=2)
     out["conv_transpose2d"] = yt
     out["conv_transpose2d_backward"] = fc.conv_transpose2d_backward(
@@ -124,3 +128,19 @@ def test_set_num_threads_round_trip(restore_threads):
         fc.set_num_threads(0)
     with pytest.raises(TypeError, match="n must be an int"):
         fc.set_num_threads(2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_repeated_parallel_calls_are_stable(dtype, restore_threads):
+    """A data race shows up as a result that changes from one call to the next."""
+    fc.set_num_threads(2)
+    first = _workload(dtype)
+    for _ in range(25):
+        again = _workload(dtype)
+        for name in first:
+            for a, b in zip(_flat(first[name]), _flat(again[name])):
+                tol = 1e-12 if dtype == np.float64 else 1e-5
+                if "backward" in name and "conv" in name:
+                    np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
+                else:
+                    np.testing.assert_array_equal(a, b, err_msg=name)

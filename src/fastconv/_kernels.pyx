@@ -360,6 +360,147 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
                         1, gw + g * Cig * K, K)
 
 
+# Every prange body below only computes pointers and calls a per-plane cdef function: the
+# locals of that function are private to the thread.  (A variable that a prange body assigns
+# only through a pointer, such as valid_range(..., &lo, &hi), would be shared between threads.)
+
+cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
+                          const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating b,
+                          floating* out, Py_ssize_t OH, Py_ssize_t OW,
+                          Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                          Py_ssize_t dH, Py_ssize_t dW) noexcept nogil:
+    """out = b + sum over taps of w[kh, kw] * (shifted input rows): vectorised row axpys."""
+    cdef Py_ssize_t oh, ow, kh, kw, ih, off, lo, hi
+    cdef const floating* xrow
+    cdef floating* orow
+    cdef floating wv
+    for ow in range(OH * OW):
+        out[ow] = b
+    for oh in range(OH):
+        orow = out + oh * OW
+        for kh in range(kH):
+            ih = oh * sH - pH + kh * dH
+            if ih < 0 or ih >= H:
+                continue
+            xrow = x + ih * W
+            for kw in range(kW):
+                off = kw * dW - pW
+                valid_range(off, sW, W, OW, &lo, &hi)
+                wv = w[kh * kW + kw]
+                if sW == 1:
+                    for ow in range(lo, hi):
+                        orow[ow] = orow[ow] + wv * xrow[ow + off]
+                else:
+                    for ow in range(lo, hi):
+                        orow[ow] = orow[ow] + wv * xrow[ow * sW + off]
+
+
+cdef void depthwise_plane_backward(const floating* gy, const floating* x, const floating* w,
+                                   floating* gx, floating* gw, floating* gb,
+                                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
+                                   Py_ssize_t OH, Py_ssize_t OW,
+                                   Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                                   Py_ssize_t dH, Py_ssize_t dW,
+                                   bint need_x, bint need_w, bint need_b) noexcept nogil:
+    """Adds one (image, output channel) plane's share to gx (its input plane), gw (its
+    kH*kW taps) and gb (one value)."""
+    cdef Py_ssize_t oh, ow, kh, kw, ih, off, lo, hi, i
+    cdef const floating* gyrow
+    cdef const floating* xrow
+    cdef floating* gxrow
+    cdef floating wv
+    cdef double acc
+    if need_b:
+        acc = 0
+        for i in range(OH * OW):
+            acc += gy[i]
+        gb[0] += <floating>acc
+    if not (need_w or need_x):
+        return
+    for oh in range(OH):
+        gyrow = gy + oh * OW
+        for kh in range(kH):
+            ih = oh * sH - pH + kh * dH
+            if ih < 0 or ih >= H:
+                continue
+            xrow = x + ih * W
+            gxrow = gx + ih * W
+            for kw in range(kW):
+                off = kw * dW - pW
+                valid_range(off, sW, W, OW, &lo, &hi)
+                if need_w:
+                    acc = 0
+                    for ow in range(lo, hi):
+                        acc += gyrow[ow] * xrow[ow * sW + off]
+                    gw[kh * kW + kw] += <floating>acc
+                if need_x:
+                    wv = w[kh * kW + kw]
+                    if sW == 1:
+                        for ow in range(lo, hi):
+                            gxrow[ow + off] = gxrow[ow + off] + wv * gyrow[ow]
+                    else:
+                        for ow in range(lo, hi):
+                            gxrow[ow * sW + off] += wv * gyrow[ow]
+
+
+def depthwise_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
+                      const floating[::1] bias, floating[:, :, :, ::1] out,
+                      Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                      Py_ssize_t dH, Py_ssize_t dW, bint has_bias, int num_threads):
+    """Direct convolution for one input channel per group (depthwise, channel multiplier
+    M = L / C): output channel l reads input channel l // M.  No im2col, no GEMM."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t L = weight.shape[0], kH = weight.shape[2], kW = weight.shape[3]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], M = L // C
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef const floating* wp = &weight[0, 0, 0, 0]
+    cdef const floating* bp = &bias[0] if has_bias else NULL
+    cdef floating* op = &out[0, 0, 0, 0]
+    cdef Py_ssize_t plane
+    with nogil:
+        for plane in prange(N * L, schedule='static', num_threads=num_threads):
+            depthwise_plane(xp + ((plane // L) * C + (plane % L) // M) * H * W, H, W,
+                            wp + (plane % L) * kH * kW, kH, kW,
+                            bp[plane % L] if has_bias else 0,
+                            op + plane * OH * OW, OH, OW, sH, sW, pH, pW, dH, dW)
+
+
+def depthwise_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,
+                       const floating[:, :, :, ::1] weight, floating[:, :, :, ::1] grad_x_out,
+                       floating[::1] grad_w_out, floating[::1] grad_b_out,
+                       Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                       Py_ssize_t dH, Py_ssize_t dW, bint need_x, bint need_w, bint need_b,
+                       int num_threads):
+    """Gradients of :func:`depthwise_forward`, parallel over input channels.
+
+    A thread owns input channel c and its M output channels for the whole batch, so grad_x,
+    grad_weight (L*kH*kW, zeroed) and grad_bias (L, zeroed) need no partial sums.  The
+    geometry comes from x (always a real array here).
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t L = weight.shape[0], kH = weight.shape[2], kW = weight.shape[3]
+    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3], M = L // C
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef const floating* wp = &weight[0, 0, 0, 0]
+    cdef const floating* gyp = &grad_out[0, 0, 0, 0]
+    cdef floating* gxp = &grad_x_out[0, 0, 0, 0]
+    cdef floating* gwp = &grad_w_out[0] if need_w else NULL
+    cdef floating* gbp = &grad_b_out[0] if need_b else NULL
+    cdef Py_ssize_t c, n, m
+    with nogil:
+        for c in prange(C, schedule='static', num_threads=num_threads):
+            for n in range(N):
+                if need_x:
+                    memset(gxp + (n * C + c) * H * W, 0, H * W * sizeof(floating))
+                for m in range(M):
+                    depthwise_plane_backward(
+                        gyp + (n * L + c * M + m) * OH * OW, xp + (n * C + c) * H * W,
+                        wp + (c * M + m) * kH * kW, gxp + (n * C + c) * H * W,
+                        gwp + (c * M + m) * kH * kW if need_w else NULL,
+                        gbp + c * M + m if need_b else NULL,
+                        H, W, kH, kW, OH, OW, sH, sW, pH, pW, dH, dW, need_x, need_w, need_b)
+
+
 def sum_rows(const floating[:, ::1] part, floating[::1] out):
     """out[j] = sum_t part[t, j] (reduces per-thread partial sums)."""
     cdef Py_ssize_t T = part.shape[0], M = part.shape[1], t, j
@@ -388,40 +529,124 @@ def channel_sum(const floating[:, :, ::1] x, floating[::1] out, int num_threads)
 # pooling
 # --------------------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t max_window(const floating* xp, Py_ssize_t H, Py_ssize_t W,
-                                  Py_ssize_t hs, Py_ssize_t ws, Py_ssize_t kH, Py_ssize_t kW,
-                                  Py_ssize_t dH, Py_ssize_t dW, floating* maxval,
-                                  bint* empty) noexcept nogil:
-    """PyTorch's CPU rule: scan row-major, take val > max or NaN.
+cdef inline Py_ssize_t first_tap(Py_ssize_t start, Py_ssize_t d) noexcept nogil:
+    """The first of start, start + d, start + 2d, ... that is >= 0."""
+    if start < 0:
+        return start + ceil_div_pos(-start, d) * d
+    return start
 
-    A window wholly in the padding (possible with dilation) gives -inf and, as PyTorch, the
-    index of its first in-padding position clipped forward; ``empty`` flags it.
+
+cdef inline void tap_range(Py_ssize_t k, Py_ssize_t d, Py_ssize_t p, Py_ssize_t s,
+                           Py_ssize_t size, Py_ssize_t n_out, Py_ssize_t* k0,
+                           Py_ssize_t* k1) noexcept nogil:
+    """Taps [k0, k1) of a kernel that touch the image for at least one output position:
+    0 <= o*s + kk*d - p < size for some o < n_out.  Keeps huge legal kernels (kernel 2**31 with
+    padding 2**30) from looping over taps that only ever see padding."""
+    cdef Py_ssize_t lo = p - (n_out - 1) * s, hi = p + size - 1
+    cdef Py_ssize_t a = 0, b
+    if lo > 0:
+        a = ceil_div_pos(lo, d)
+    b = hi // d + 1 if hi >= 0 else 0
+    if b > k:
+        b = k
+    if a > b:
+        a = b
+    k0[0] = a
+    k1[0] = b
+
+
+cdef void max_pool_row(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t oh,
+                       floating* orow, long long* irow, Py_ssize_t OW,
+                       Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                       Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                       bint track, bint mark_empty) noexcept nogil:
+    """One output row of max pooling, PyTorch's CPU rule: each window scanned row-major,
+    taking ``val > max or isnan(val)`` (first maximum wins; NaN propagates).
+
+    The scan runs tap by tap over the whole row, so the inner loop over ``ow`` is a
+    compare-and-select the compiler vectorises.  With ``track`` the argmax goes to ``irow``,
+    starting, as PyTorch, at the window's first in-image position; with ``mark_empty`` a window
+    wholly in the padding gets -1 instead (it has no input to send a gradient to).
     """
-    cdef Py_ssize_t he = hs + (kH - 1) * dH + 1, we = ws + (kW - 1) * dW + 1
-    cdef Py_ssize_t ih, iw, idx
-    cdef floating val, m = -INFINITY
-    if he > H:
-        he = H
-    if we > W:
-        we = W
-    if hs < 0:
-        hs = hs + ceil_div_pos(-hs, dH) * dH     # first tap inside the image
-    if ws < 0:
-        ws = ws + ceil_div_pos(-ws, dW) * dW
-    idx = hs * W + ws
-    empty[0] = hs >= he or ws >= we
-    ih = hs
-    while ih < he:
-        iw = ws
-        while iw < we:
-            val = xp[ih * W + iw]
-            if val > m or isnan(val):
-                m = val
-                idx = ih * W + iw
-            iw = iw + dW
+    cdef Py_ssize_t hs = oh * sH - pH, h0, hend, ih, kw, off, lo, hi, ow, ws, w0, wend, base
+    cdef Py_ssize_t kw0, kw1
+    cdef const floating* xrow
+    cdef floating v, m
+    cdef bint take, row_empty
+    h0 = first_tap(hs, dH)
+    hend = hs + (kH - 1) * dH + 1
+    if hend > H:
+        hend = H
+    row_empty = h0 >= hend
+    for ow in range(OW):
+        orow[ow] = -INFINITY
+    if track:
+        for ow in range(OW):
+            ws = ow * sW - pW
+            w0 = first_tap(ws, dW)
+            wend = ws + (kW - 1) * dW + 1
+            if wend > W:
+                wend = W
+            if mark_empty and (row_empty or w0 >= wend):
+                irow[ow] = -1
+            else:
+                irow[ow] = h0 * W + w0
+    if row_empty:
+        return
+    tap_range(kW, dW, pW, sW, W, OW, &kw0, &kw1)
+    ih = h0
+    while ih < hend:
+        xrow = x + ih * W
+        for kw in range(kw0, kw1):
+            off = kw * dW - pW
+            valid_range(off, sW, W, OW, &lo, &hi)
+            if track:
+                base = ih * W + off
+                for ow in range(lo, hi):
+                    v = xrow[ow * sW + off]
+                    m = orow[ow]
+                    take = (v > m) | (v != v)
+                    orow[ow] = v if take else m
+                    irow[ow] = (base + ow * sW) if take else irow[ow]
+            elif sW == 1:
+                for ow in range(lo, hi):
+                    v = xrow[ow + off]
+                    m = orow[ow]
+                    orow[ow] = v if ((v > m) | (v != v)) else m
+            else:
+                for ow in range(lo, hi):
+                    v = xrow[ow * sW + off]
+                    m = orow[ow]
+                    orow[ow] = v if ((v > m) | (v != v)) else m
         ih = ih + dH
-    maxval[0] = m
-    return idx
+
+
+cdef void max_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating* out,
+                         long long* ind, Py_ssize_t OH, Py_ssize_t OW,
+                         Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                         Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                         bint track) noexcept nogil:
+    cdef Py_ssize_t oh
+    for oh in range(OH):
+        max_pool_row(x, H, W, oh, out + oh * OW, ind + oh * OW if track else NULL, OW,
+                     kH, kW, sH, sW, pH, pW, dH, dW, track, False)
+
+
+cdef void max_pool_plane_backward(const floating* gy, const floating* x, floating* gx,
+                                  Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
+                                  Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                                  Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                                  floating* vals, long long* idx) noexcept nogil:
+    """gx (the whole plane) = grad_out scattered to each window's argmax."""
+    cdef Py_ssize_t oh, ow
+    cdef long long j
+    memset(gx, 0, H * W * sizeof(floating))
+    for oh in range(OH):
+        max_pool_row(x, H, W, oh, vals, idx, OW, kH, kW, sH, sW, pH, pW, dH, dW, True, True)
+        for ow in range(OW):
+            j = idx[ow]
+            if j >= 0:
+                gx[j] += gy[oh * OW + ow]
 
 
 def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
@@ -430,81 +655,135 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
                        Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
                        bint with_indices, int num_threads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], plane
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
     cdef long long* ip = &indices_out[0, 0, 0, 0]
-    cdef const floating* xpl
-    cdef floating m
-    cdef bint empty
-    cdef Py_ssize_t plane, oh, ow, idx, o
     with nogil:
         for plane in prange(N * C, schedule='static', num_threads=num_threads):
-            xpl = xp + plane * H * W
-            for oh in range(OH):
-                for ow in range(OW):
-                    idx = max_window(xpl, H, W, oh * sH - pH, ow * sW - pW, kH, kW, dH, dW,
-                                     &m, &empty)
-                    o = plane * OH * OW + oh * OW + ow
-                    op[o] = m
-                    if with_indices:
-                        ip[o] = idx
+            max_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW,
+                           ip + plane * OH * OW if with_indices else NULL, OH, OW,
+                           kH, kW, sH, sW, pH, pW, dH, dW, with_indices)
 
 
 def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,
-                        floating[:, :, :, ::1] grad_x_out,
+                        floating[:, :, :, ::1] grad_x_out, floating[:, ::1] vals_scratch,
+                        long long[:, ::1] idx_scratch,
                         Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                         Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
                         int num_threads):
-    """grad_x (fully written) = scatter of grad_out to each window's argmax."""
+    """grad_x (fully written); the scratch rows are (threads, OW) each."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
+    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3], plane
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* gyp = &grad_out[0, 0, 0, 0]
     cdef floating* gxp = &grad_x_out[0, 0, 0, 0]
-    cdef floating m
-    cdef bint empty
-    cdef Py_ssize_t plane, oh, ow, idx
-    with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
-            memset(gxp + plane * H * W, 0, H * W * sizeof(floating))
-            for oh in range(OH):
-                for ow in range(OW):
-                    idx = max_window(xp + plane * H * W, H, W, oh * sH - pH, ow * sW - pW,
-                                     kH, kW, dH, dW, &m, &empty)
-                    if not empty:
-                        gxp[plane * H * W + idx] += gyp[(plane * OH + oh) * OW + ow]
+    cdef floating* vp = &vals_scratch[0, 0]
+    cdef long long* jp = &idx_scratch[0, 0]
+    cdef floating* vals
+    cdef long long* idx
+    if vals_scratch.shape[0] < num_threads or idx_scratch.shape[0] < num_threads or \
+            vals_scratch.shape[1] < OW or idx_scratch.shape[1] < OW:
+        raise ValueError("max_pool2d_backward: scratch needs (threads, OW)")
+    with nogil, parallel(num_threads=num_threads):
+        vals = vp + threadid() * vals_scratch.shape[1]
+        idx = jp + threadid() * idx_scratch.shape[1]
+        for plane in prange(N * C, schedule='static'):
+            max_pool_plane_backward(gyp + plane * OH * OW, xp + plane * H * W,
+                                    gxp + plane * H * W, H, W, OH, OW,
+                                    kH, kW, sH, sW, pH, pW, dH, dW, vals, idx)
 
 
-cdef inline void avg_window(Py_ssize_t hs, Py_ssize_t ws, Py_ssize_t kH, Py_ssize_t kW,
-                            Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH, Py_ssize_t pW,
-                            bint count_include_pad, Py_ssize_t divisor_override,
-                            Py_ssize_t* bounds, double* divisor) noexcept nogil:
-    """PyTorch's average-pool window: clamped bounds and the divisor."""
-    cdef Py_ssize_t he = hs + kH, we = ws + kW, pool_size
-    if he > H + pH:
-        he = H + pH
+cdef inline double avg_divisor(Py_ssize_t hs, Py_ssize_t he, Py_ssize_t hs_c, Py_ssize_t he_c,
+                                 Py_ssize_t ow, Py_ssize_t kW, Py_ssize_t sW, Py_ssize_t pW,
+                                 Py_ssize_t W, bint count_include_pad,
+                                 Py_ssize_t divisor_override, bint* empty) noexcept nogil:
+    """PyTorch's average-pool divisor for window (row range [hs, he) before clipping to the
+    image, [hs_c, he_c) after; column window of output column ow)."""
+    cdef Py_ssize_t ws = ow * sW - pW, we = ws + kW, ws_c, we_c
     if we > W + pW:
         we = W + pW
-    pool_size = (he - hs) * (we - ws)
-    if hs < 0:
-        hs = 0
-    if ws < 0:
-        ws = 0
-    if he > H:
-        he = H
-    if we > W:
-        we = W
-    bounds[0] = hs
-    bounds[1] = he
-    bounds[2] = ws
-    bounds[3] = we
+    ws_c = ws if ws > 0 else 0
+    we_c = we if we < W else W
+    empty[0] = he_c <= hs_c or we_c <= ws_c
     if divisor_override != 0:
-        divisor[0] = <double>divisor_override
-    elif count_include_pad:
-        divisor[0] = <double>pool_size
-    else:
-        divisor[0] = <double>((he - hs) * (we - ws))
+        return <double>divisor_override
+    if count_include_pad:
+        return <double>((he - hs) * (we - ws))
+    return <double>((he_c - hs_c) * (we_c - ws_c))
+
+
+cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating* out,
+                         Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW,
+                         Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                         bint count_include_pad, Py_ssize_t divisor_override) noexcept nogil:
+    """Window sums tap by tap over whole rows (vectorised), then one division per output."""
+    cdef Py_ssize_t oh, ow, ih, kw, off, lo, hi, hs, he, hs_c, he_c, kw0, kw1
+    cdef floating* orow
+    cdef const floating* xrow
+    cdef floating div
+    cdef bint empty
+    tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
+    for oh in range(OH):
+        orow = out + oh * OW
+        hs = oh * sH - pH
+        he = hs + kH
+        if he > H + pH:
+            he = H + pH
+        hs_c = hs if hs > 0 else 0
+        he_c = he if he < H else H
+        for ow in range(OW):
+            orow[ow] = 0
+        for ih in range(hs_c, he_c):
+            xrow = x + ih * W
+            for kw in range(kw0, kw1):
+                off = kw - pW
+                valid_range(off, sW, W, OW, &lo, &hi)
+                if sW == 1:
+                    for ow in range(lo, hi):
+                        orow[ow] = orow[ow] + xrow[ow + off]
+                else:
+                    for ow in range(lo, hi):
+                        orow[ow] = orow[ow] + xrow[ow * sW + off]
+        for ow in range(OW):
+            div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
+                                        count_include_pad, divisor_override, &empty)
+            orow[ow] = 0 if empty else orow[ow] / div
+
+
+cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H, Py_ssize_t W,
+                                  Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW,
+                                  Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                                  bint count_include_pad, Py_ssize_t divisor_override,
+                                  floating* g) noexcept nogil:
+    cdef Py_ssize_t oh, ow, ih, kw, off, lo, hi, hs, he, hs_c, he_c, kw0, kw1
+    cdef floating* gxrow
+    cdef floating div
+    cdef bint empty
+    memset(gx, 0, H * W * sizeof(floating))
+    tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
+    for oh in range(OH):
+        hs = oh * sH - pH
+        he = hs + kH
+        if he > H + pH:
+            he = H + pH
+        hs_c = hs if hs > 0 else 0
+        he_c = he if he < H else H
+        for ow in range(OW):
+            div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
+                                        count_include_pad, divisor_override, &empty)
+            g[ow] = 0 if empty else gy[oh * OW + ow] / div
+        for ih in range(hs_c, he_c):
+            gxrow = gx + ih * W
+            for kw in range(kw0, kw1):
+                off = kw - pW
+                valid_range(off, sW, W, OW, &lo, &hi)
+                if sW == 1:
+                    for ow in range(lo, hi):
+                        gxrow[ow + off] = gxrow[ow + off] + g[ow]
+                else:
+                    for ow in range(lo, hi):
+                        gxrow[ow * sW + off] += g[ow]
 
 
 def avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
@@ -512,56 +791,36 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
                        Py_ssize_t pH, Py_ssize_t pW, bint count_include_pad,
                        Py_ssize_t divisor_override, int num_threads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], plane
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
-    cdef const floating* xpl
-    cdef Py_ssize_t plane, oh, ow, ih, iw
-    cdef Py_ssize_t b[4]
-    cdef double div
-    cdef floating acc
     with nogil:
         for plane in prange(N * C, schedule='static', num_threads=num_threads):
-            xpl = xp + plane * H * W
-            for oh in range(OH):
-                for ow in range(OW):
-                    avg_window(oh * sH - pH, ow * sW - pW, kH, kW, H, W, pH, pW,
-                               count_include_pad, divisor_override, b, &div)
-                    acc = 0
-                    if b[0] < b[1] and b[2] < b[3]:
-                        for ih in range(b[0], b[1]):
-                            for iw in range(b[2], b[3]):
-                                acc = acc + xpl[ih * W + iw]
-                        acc = <floating>(acc / div)
-                    op[(plane * OH + oh) * OW + ow] = acc
+            avg_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW, OH, OW, kH, kW,
+                           sH, sW, pH, pW, count_include_pad, divisor_override)
 
 
 def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad_x_out,
+                        floating[:, ::1] scratch,
                         Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                         Py_ssize_t pH, Py_ssize_t pW, bint count_include_pad,
                         Py_ssize_t divisor_override, int num_threads):
+    """grad_x (fully written); scratch is (threads, OW)."""
     cdef Py_ssize_t N = grad_x_out.shape[0], C = grad_x_out.shape[1]
     cdef Py_ssize_t H = grad_x_out.shape[2], W = grad_x_out.shape[3]
-    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
+    cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3], plane
     cdef const floating* gyp = &grad_out[0, 0, 0, 0]
     cdef floating* gxp = &grad_x_out[0, 0, 0, 0]
-    cdef floating* gxl
-    cdef Py_ssize_t plane, oh, ow, ih, iw
-    cdef Py_ssize_t b[4]
-    cdef double div
-    cdef floating g
-    with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
-            gxl = gxp + plane * H * W
-            memset(gxl, 0, H * W * sizeof(floating))
-            for oh in range(OH):
-                for ow in range(OW):
-                    avg_window(oh * sH - pH, ow * sW - pW, kH, kW, H, W, pH, pW,
-                               count_include_pad, divisor_override, b, &div)
-                    g = <floating>(gyp[(plane * OH + oh) * OW + ow] / div)
-                    for ih in range(b[0], b[1]):
-                        for iw in range(b[2], b[3]):
-                            gxl[ih * W + iw] += g
+    cdef floating* sp = &scratch[0, 0]
+    cdef floating* g
+    if scratch.shape[0] < num_threads or scratch.shape[1] < OW:
+        raise ValueError("avg_pool2d_backward: scratch needs (threads, OW)")
+    with nogil, parallel(num_threads=num_threads):
+        g = sp + threadid() * scratch.shape[1]
+        for plane in prange(N * C, schedule='static'):
+            avg_pool_plane_backward(gyp + plane * OH * OW, gxp + plane * H * W, H, W, OH, OW,
+                                    kH, kW, sH, sW, pH, pW, count_include_pad,
+                                    divisor_override, g)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ calls a kernel from :mod:`fastconv._kernels`.  Inputs are never modified and out
 them.  Layout is NCHW; weights use PyTorch's layouts.
 """
 import operator
+import threading
 
 import numpy as np
 
@@ -252,9 +253,37 @@ def _grad_out(grad_out, shape, fn):
                          f"got {grad_out.shape}")
 
 
+_workspaces = threading.local()
+_WORKSPACE_KEEP = 256 << 20   # bytes of im2col workspace kept alive per Python thread and dtype
+
+
 def _scratch(team, cols, dtype, fn):
-    _check_size((team, cols), np.dtype(dtype).itemsize, fn, "im2col workspace")
-    return np.empty((team, cols), dtype)
+    """A (team, cols) im2col workspace: one row per OpenMP thread.
+
+    Kept alive between calls (one per Python thread and dtype, grown when a call needs more,
+    up to _WORKSPACE_KEEP bytes), so that repeated calls do not pay page faults on a fresh
+    multi-megabyte buffer every time.  The kernels never read it before writing it.
+    """
+    dt = np.dtype(dtype)
+    _check_size((team, cols), dt.itemsize, fn, "im2col workspace")
+    need = team * cols
+    if need * dt.itemsize > _WORKSPACE_KEEP:
+        return np.empty((team, cols), dt)
+    key = "ws_" + dt.char
+    buf = getattr(_workspaces, key, None)
+    if buf is None or buf.size < need:
+        buf = np.empty(max(need, 1), dt)
+        setattr(_workspaces, key, buf)
+    return buf[:need].reshape(team, cols)
+
+
+def _is_depthwise(geo, weight):
+    """One input channel per group and several groups: the direct kernel beats im2col+GEMM
+    (a GEMM with one row per group is all overhead)."""
+    return _DEPTHWISE and weight.shape[1] == 1 and geo["g"] > 1
+
+
+_DEPTHWISE = True
 
 
 def _dummy(dtype):
@@ -315,12 +344,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return out
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    team, nblas = _threads(N * g, N * L * OH * OW * K)
-    ncol = 0 if _is_direct(geo, x) else K * OH * OW
-    scratch = _scratch(team, ncol, dt, fn)
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(b, dt) if b is not None else np.zeros(0, dt)
     (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
+    if _is_depthwise(geo, weight):
+        _kernels.depthwise_forward(xc, wc, bc, out, sH, sW, pad[0], pad[2], dH, dW,
+                                   b is not None, _team(N * L, N * L * OH * OW * K))
+        return out
+    team, nblas = _threads(N * g, N * L * OH * OW * K)
+    ncol = 0 if _is_direct(geo, x) else K * OH * OW
+    scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):
         _kernels.conv2d_forward(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
                                 b is not None, team)
@@ -372,8 +405,21 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x), ("weight", weight)])
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    team, nblas = _threads(N * g, N * L * OH * OW * K)
     gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
+    if _is_depthwise(geo, weight):
+        gw = np.zeros(weight.shape, dt) if need_w else None
+        gb = np.zeros(L, dt) if need_b else None
+        if N > 0 and (need_x or need_w or need_b):
+            (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
+            empty = np.zeros(0, dt)
+            _kernels.depthwise_backward(_c(grad_out, dt), _c(x, dt), _c(weight, dt),
+                                        gx if need_x else _dummy(dt),
+                                        gw.reshape(-1) if need_w else empty,
+                                        gb if need_b else empty,
+                                        sH, sW, pad[0], pad[2], dH, dW, need_x, need_w, need_b,
+                                        _team(g, N * L * OH * OW * K))
+        return gx, gw, gb
+    team, nblas = _threads(N * g, N * L * OH * OW * K)
     direct = _is_direct(geo, x)
     ncol = 0 if direct or not (need_w or need_x) else K * OH * OW
     scratch = _scratch(team, ncol, dt, fn)
@@ -648,9 +694,10 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, dilati
     dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x)])
     gx = _alloc(x.shape, dt, fn, "grad_x")
     if N > 0:
-        _kernels.max_pool2d_backward(_c(grad_out, dt), _c(x, dt), gx, k[0], k[1], s[0], s[1],
-                                     p[0], p[1], d[0], d[1],
-                                     _team(N * C, grad_out.size * k[0] * k[1]))
+        team = _team(N * C, grad_out.size * k[0] * k[1])
+        _kernels.max_pool2d_backward(_c(grad_out, dt), _c(x, dt), gx,
+                                     np.empty((team, OW), dt), np.empty((team, OW), np.int64),
+                                     k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], team)
     return gx
 
 
@@ -749,9 +796,9 @@ def avg_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, ceil_m
     dt = _float_dtype(fn, [("grad_out", grad_out), ("x", x)])
     gx = _alloc(x.shape, dt, fn, "grad_x")
     if N > 0:
-        _kernels.avg_pool2d_backward(_c(grad_out, dt), gx, k[0], k[1], s[0], s[1], p[0], p[1],
-                                     bool(count_include_pad), div,
-                                     _team(N * C, grad_out.size * k[0] * k[1]))
+        team = _team(N * C, grad_out.size * k[0] * k[1])
+        _kernels.avg_pool2d_backward(_c(grad_out, dt), gx, np.empty((team, OW), dt), k[0], k[1],
+                                     s[0], s[1], p[0], p[1], bool(count_include_pad), div, team)
     return gx
 
 

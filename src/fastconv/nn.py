@@ -241,14 +241,19 @@ class Module:
             if value.shape != p.data.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {value.shape}, the model "
                                  f"expects {p.data.shape}")
-            arrays[name] = value
-        for name, value in arrays.items():       # all checked: now copy
-            np.copyto(params[name].data, value, casting="unsafe")
+            try:
+                arrays[name] = value.astype(p.data.dtype)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"load_state_dict: {name} (dtype {value.dtype}) cannot be "
+                                 f"converted to {p.data.dtype}: {e}") from None
+        for name, value in arrays.items():       # all checked and converted: now copy
+            np.copyto(params[name].data, value)
         return self
 
     def save(self, path):
         """Save the parameters to an ``.npz`` file (keys as ``state_dict()``)."""
-        np.savez(path, **self.state_dict())
+        with open(path, "wb") as f:        # exactly this path (np.savez would add .npz)
+            np.savez(f, **self.state_dict())
 
     def load(self, path, strict=True):
         """Load parameters saved by :meth:`save`; returns self."""
@@ -301,8 +306,8 @@ class Sequential(Module):
 
     def __getitem__(self, i):
         mods = list(self._modules.values())
-        if isinstance(i, slice):
-            return Sequential(*mods[i])
+        if isinstance(i, slice):   # keeps the original names, as PyTorch
+            return Sequential(OrderedDict(list(self._modules.items())[i]))
         return mods[i]
 
     def __len__(self):

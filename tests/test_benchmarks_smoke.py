@@ -1,0 +1,93 @@
+"""Smoke test of the benchmark suite (benchmarks/run.py): a --quick run of the LeNet cases
+writes a JSON file with fastconv's times and the machine description.  Passes with or without
+PyTorch / ONNX Runtime installed; skipped where the benchmarks folder is absent (tests run
+from an installed wheel)."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   "benchmarks", "run.py")
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(RUN),
+                                reason="benchmarks/ is not here (tests run from a wheel?)")
+
+
+@pytest.fixture
+def bench():
+    import fastconv as fc
+
+    threads = fc.get_num_threads()
+    spec = importlib.util.spec_from_file_location("fastconv_benchmarks_run", RUN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod
+    assert fc.get_num_threads() == threads, "main() must restore fastconv's thread count"
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_common(doc):
+    m = doc["machine"]
+    assert m["cpu_model"] and m["cpu_count"] >= 1
+    assert m["versions"]["numpy"] and m["versions"]["fastconv"]
+    assert doc["results"], "no results"
+    for r in doc["results"]:
+        assert r["threads"] == 1 and r["dtype"] == "float32"
+        fc = r["libs"]["fastconv"]
+        assert fc["median_ms"] > 0 and math.isfinite(fc["median_ms"]) and fc["n"] >= 3
+        assert r["env"]["versions"]["fastconv"] == m["versions"]["fastconv"]
+        for lib, v in r["libs"].items():
+            assert v.get("check") != "MISMATCH", (r["case"], r["mode"], lib, v)
+
+
+def test_quick_lenet(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--quick", "--cases", "lenet", "--threads", "1", "--dtypes", "float32",
+                     "--json", str(out)])
+    assert rc == 0
+    doc = _load(out)
+    _check_common(doc)
+    assert {(r["case"], r["mode"]) for r in doc["results"]} == {
+        ("conv.lenet", "fwd"), ("conv.lenet", "fwdbwd"),
+        ("model.lenet", "fwd"), ("model.lenet", "fwdbwd")}
+    conv = next(r for r in doc["results"] if r["case"] == "conv.lenet" and r["mode"] == "fwd")
+    assert conv["flops"] == 2 * 64 * 32 * 28 * 28 * 1 * 5 * 5
+    assert conv["libs"]["fastconv"]["gflops"] > 0
+    for peer in doc["peers"]:                 # whatever baselines are installed ran too
+        assert "median_ms" in conv["libs"][peer]
+        assert conv["ratios"][peer] > 0
+    printed = capsys.readouterr().out
+    assert "conv.lenet" in printed and "fc ms" in printed
+
+
+def test_missing_baselines_leave_out_their_columns(bench, tmp_path, monkeypatch, capsys):
+    for name in ("torch", "onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)       # "import torch" now fails
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--quick", "--cases", "conv.lenet", "--modes", "fwd", "--threads", "1",
+                     "--dtypes", "float32", "--json", str(out), "--no-roofline"])
+    assert rc == 0
+    doc = _load(out)
+    _check_common(doc)
+    assert doc["peers"] == ["numpy"]
+    assert set(doc["peers_missing"]) == {"torch", "onnxruntime"}
+    (r,) = doc["results"]
+    assert set(r["libs"]) == {"fastconv", "numpy"}
+    assert r["ratios"]["best_peer"] is None
+    printed = capsys.readouterr().out
+    assert "torch ms" not in printed and "ort ms" not in printed and "numpy ms" in printed
+
+
+def test_bad_arguments(bench, capsys):
+    assert bench.main(["--cases", "no-such-case"]) == 2
+    assert bench.main(["--threads", "0"]) == 2
+    assert bench.main(["--list"]) == 0
+    assert "conv.resnet" in capsys.readouterr().out
