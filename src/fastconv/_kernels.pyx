@@ -33,6 +33,119 @@ cdef extern from *:
     int fc_have_openmp() nogil
 
 
+cdef extern from *:
+    """
+    /* exp(x) for x <= 0 (or NaN), written as straight-line arithmetic so that gcc/clang
+       vectorise loops that call it: Cephes' range reduction x = n ln2 + r with a polynomial
+       (float, ~1 ulp) or a Pade approximant (double, ~1 ulp) for e^r, and 2^n built in the
+       exponent bits.  Inputs below the underflow limit give 0, NaN gives NaN.  Only the
+       log-sum-exp code calls these, where the argument is z - max(z) <= 0. */
+    #include <stdint.h>
+    #include <string.h>
+    static inline float fc_expf_nonpos(float x) {
+        float xs = (x == x) ? (x < -87.33654f ? -87.33654f : x) : 0.0f;
+        float t = xs * 1.44269504088896341f - 0.5f;
+        int32_t ni = (int32_t)t;                   /* t <= -0.5: truncation rounds to nearest */
+        float n = (float)ni;
+        float r = xs - n * 0.693359375f + n * 2.12194440e-4f;
+        float p = 1.9875691500E-4f;
+        p = p * r + 1.3981999507E-3f;
+        p = p * r + 8.3334519073E-3f;
+        p = p * r + 4.1665795894E-2f;
+        p = p * r + 1.6666665459E-1f;
+        p = p * r + 5.0000001201E-1f;
+        p = p * r * r + r + 1.0f;
+        int32_t bits = (ni + 127) << 23;
+        float scale;
+        memcpy(&scale, &bits, sizeof scale);
+        float y = p * scale;
+        y = (x < -87.33654f) ? 0.0f : y;       /* below FLT_MIN: flushed to zero */
+        return (x == x) ? y : x;
+    }
+    static inline double fc_exp_nonpos(double x) {
+        double xs = (x == x) ? (x < -708.3964 ? -708.3964 : x) : 0.0;
+        double t = xs * 1.4426950408889634074 - 0.5;
+        int32_t ni = (int32_t)t;
+        double n = (double)ni;
+        double r = xs - n * 6.93145751953125E-1 - n * 1.42860682030941723212E-6;
+        double rr = r * r;
+        double px = r * ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr
+                         + 9.99999999999999999910E-1);
+        double qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr
+                     + 2.27265548208155028766E-1) * rr + 2.00000000000000000009E0;
+        double e = 1.0 + 2.0 * (px / (qx - px));
+        int64_t bits = ((int64_t)ni + 1023) << 52;
+        double scale;
+        memcpy(&scale, &bits, sizeof scale);
+        double y = e * scale;
+        y = (x < -708.3964) ? 0.0 : y;         /* below DBL_MIN: flushed to zero */
+        return (x == x) ? y : x;
+    }
+
+    /* Row loops of the log-sum-exp and softmax gradient, in plain C that gcc vectorises at
+       the portable baseline (SSE2 on x86-64).  (An AVX2 clone via target_clones was tried:
+       gcc 12 then refuses to if-convert the NaN selects, so it ran scalar and slower.) */
+    #define FC_CLONES
+    /* sum(exp(z - m)): exp into a stack buffer (a plain loop, vectorised), then 8 partial
+       sums (fixed lanes, no reassociation needed), accumulated in double per block. */
+    #define FC_BLOCK 256
+    FC_CLONES static float fc_sumexp_f(const float* z, ptrdiff_t n, float m) {
+        float buf[FC_BLOCK];
+        double total = 0;
+        for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+            ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
+            for (j = 0; j < k; j++) buf[j] = fc_expf_nonpos(z[c0 + j] - m);
+            for (; j % 8; j++) buf[j] = 0.0f;
+            float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (ptrdiff_t i = 0; i < j; i += 8)
+                for (int l = 0; l < 8; l++) p[l] += buf[i + l];
+            total += (double)(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));
+        }
+        return (float)total;
+    }
+    FC_CLONES static double fc_sumexp_d(const double* z, ptrdiff_t n, double m) {
+        double buf[FC_BLOCK];
+        double total = 0;
+        for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+            ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
+            for (j = 0; j < k; j++) buf[j] = fc_exp_nonpos(z[c0 + j] - m);
+            for (; j % 8; j++) buf[j] = 0.0;
+            double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (ptrdiff_t i = 0; i < j; i += 8)
+                for (int l = 0; l < 8; l++) p[l] += buf[i + l];
+            total += ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+        }
+        return total;
+    }
+    /* g[c] = a * exp((z[c] - m) - ls) - b * w[c] */
+    FC_CLONES static void fc_softmax_grad_f(const float* restrict z, ptrdiff_t n, float m,
+                                            float ls, float a, float b,
+                                            const float* restrict w, float* restrict g) {
+        for (ptrdiff_t c = 0; c < n; c++) g[c] = a * fc_expf_nonpos((z[c] - m) - ls) - b * w[c];
+    }
+    FC_CLONES static void fc_softmax_grad_d(const double* restrict z, ptrdiff_t n, double m,
+                                            double ls, double a, double b,
+                                            const double* restrict w, double* restrict g) {
+        for (ptrdiff_t c = 0; c < n; c++) g[c] = a * fc_exp_nonpos((z[c] - m) - ls) - b * w[c];
+    }
+    """
+    float fc_expf_nonpos(float x) nogil
+    double fc_exp_nonpos(double x) nogil
+    float fc_sumexp_f(const float* z, Py_ssize_t n, float m) nogil
+    double fc_sumexp_d(const double* z, Py_ssize_t n, double m) nogil
+    void fc_softmax_grad_f(const float* z, Py_ssize_t n, float m, float ls, float a, float b,
+                           const float* w, float* g) nogil
+    void fc_softmax_grad_d(const double* z, Py_ssize_t n, double m, double ls, double a,
+                           double b, const double* w, double* g) nogil
+
+
+cdef inline floating exp_nonpos(floating x) noexcept nogil:
+    if floating is float:
+        return fc_expf_nonpos(x)
+    else:
+        return fc_exp_nonpos(x)
+
+
 def openmp_enabled():
     """True when the extension was compiled with OpenMP."""
     return bool(fc_have_openmp())
@@ -880,113 +993,209 @@ def upsample_nearest2d_backward(const floating[:, :, :, ::1] grad_out,
 # cross-entropy from logits
 # --------------------------------------------------------------------------------------------
 
-cdef inline double row_logsumexp(const floating* z, Py_ssize_t C) noexcept nogil:
-    cdef double m = -INFINITY, s = 0
+cdef enum:
+    LANES = 8        # independent partial sums: lets the compiler vectorise the reductions
+
+
+cdef inline double row_max(const floating* z, Py_ssize_t C) noexcept nogil:
+    """max(z), NaN if any element is NaN."""
+    cdef floating part[LANES]
+    cdef floating v, m
+    cdef Py_ssize_t c, j, C8 = C - C % LANES
+    for j in range(LANES):
+        part[j] = -INFINITY
+    c = 0
+    while c < C8:
+        for j in range(LANES):
+            v = z[c + j]
+            part[j] = v if ((v > part[j]) | (v != v)) else part[j]
+        c = c + LANES
+    m = -INFINITY
+    for j in range(LANES):
+        v = part[j]
+        if v > m or v != v:
+            m = v
+        if m != m:
+            return m
+    for c in range(C8, C):
+        v = z[c]
+        if v > m or v != v:
+            m = v
+        if m != m:
+            return m
+    return m
+
+
+cdef inline void row_logsumexp(const floating* z, Py_ssize_t C, floating* m_out,
+                               floating* log_sum_out) noexcept nogil:
+    """log(sum(exp(z))) = m + log_sum with m = max(z): kept apart so that callers form
+    (z - m) - log_sum, accurate even for huge logits.  NaN/inf propagate as in PyTorch."""
+    cdef floating m = <floating>row_max(z, C)
+    m_out[0] = m
+    log_sum_out[0] = 0
+    if m != m or m == INFINITY or m == -INFINITY:
+        return
+    if floating is float:
+        log_sum_out[0] = <floating>log(fc_sumexp_f(z, C, m))
+    else:
+        log_sum_out[0] = log(fc_sumexp_d(z, C, m))
+
+
+cdef inline double row_dot(const floating* a, const floating* b, Py_ssize_t C) noexcept nogil:
+    """sum(a * b), or sum(a) when b is NULL; LANES partial sums (vectorisable)."""
+    cdef floating part[LANES]
+    cdef Py_ssize_t c, j, C8 = C - C % LANES
+    cdef double total = 0
+    for j in range(LANES):
+        part[j] = 0
+    c = 0
+    if b == NULL:
+        while c < C8:
+            for j in range(LANES):
+                part[j] = part[j] + a[c + j]
+            c = c + LANES
+    else:
+        while c < C8:
+            for j in range(LANES):
+                part[j] = part[j] + a[c + j] * b[c + j]
+            c = c + LANES
+    for j in range(LANES):
+        total += part[j]
+    for c in range(C8, C):
+        total += a[c] if b == NULL else a[c] * b[c]
+    return total
+
+
+cdef void ce_label_row(const floating* z, long long y, const floating* w, Py_ssize_t C,
+                       double wsum, double smoothing, floating* loss, floating* denom) noexcept nogil:
+    cdef floating m, ls
+    cdef double wy = w[y], nll, smooth = 0
+    row_logsumexp(z, C, &m, &ls)
+    nll = -wy * ((z[y] - m) - ls)
+    if smoothing != 0:       # -sum_c w_c ((z_c - m) - ls)
+        smooth = -(row_dot(z, w, C) - (<double>m + ls) * wsum)
+    loss[0] = <floating>((1 - smoothing) * nll + smoothing / C * smooth)
+    denom[0] = <floating>wy
+
+
+cdef void ce_label_row_backward(const floating* z, long long y, const floating* w,
+                                Py_ssize_t C, double wsum, double smoothing, double scale,
+                                floating* g) noexcept nogil:
+    cdef floating m, ls
+    cdef floating a = <floating>(scale * ((1 - smoothing) * w[y] + smoothing / C * wsum))
+    cdef floating b = <floating>(scale * smoothing / C)
     cdef Py_ssize_t c
-    for c in range(C):
-        if z[c] > m or isnan(z[c]):
-            m = z[c]
-    if isnan(m) or m == INFINITY or m == -INFINITY:
-        return m
-    for c in range(C):
-        s += exp(z[c] - m)
-    return m + log(s)
+    row_logsumexp(z, C, &m, &ls)
+    # g = scale * ((1-eps) w_y (p - onehot) + eps/C (p sum(w) - w)), p = exp((z - m) - ls)
+    if floating is float:
+        fc_softmax_grad_f(z, C, m, ls, a, b, w, g)
+    else:
+        fc_softmax_grad_d(z, C, m, ls, a, b, w, g)
+    g[y] = <floating>(g[y] - scale * (1 - smoothing) * w[y])
 
 
 def cross_entropy_labels(const floating[:, ::1] logits, const long long[::1] target,
-                         const floating[::1] weight, bint has_weight, double smoothing,
+                         const floating[::1] weight, double smoothing,
                          long long ignore_index, floating[::1] loss_out,
                          floating[::1] denom_out, int num_threads):
-    """Per-sample loss and mean-denominator (weight of the label, 0 when ignored)."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n, c
-    cdef const floating* z
-    cdef double lse, wy, nll, smooth, wc
-    cdef long long y
+    """Per-sample loss and mean-denominator (weight of the label, 0 when ignored).
+
+    ``weight`` always has C entries (ones when the user gave none)."""
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef const floating* zp = &logits[0, 0]
+    cdef const floating* wp = &weight[0]
+    cdef floating* lp = &loss_out[0]
+    cdef floating* dp = &denom_out[0]
+    cdef double wsum = row_dot(wp, NULL, C)
     with nogil:
         for n in prange(N, schedule='static', num_threads=num_threads):
-            y = target[n]
-            if y == ignore_index:
-                loss_out[n] = 0
-                denom_out[n] = 0
-                continue
-            z = &logits[n, 0]
-            lse = row_logsumexp(z, C)
-            wy = weight[y] if has_weight else 1.0
-            nll = -wy * (z[y] - lse)
-            smooth = 0
-            if smoothing != 0:
-                for c in range(C):
-                    wc = weight[c] if has_weight else 1.0
-                    smooth = smooth - wc * (z[c] - lse)
-            loss_out[n] = <floating>((1 - smoothing) * nll + smoothing / C * smooth)
-            denom_out[n] = <floating>wy
+            if target[n] == ignore_index:
+                lp[n] = 0
+                dp[n] = 0
+            else:
+                ce_label_row(zp + n * C, target[n], wp, C, wsum, smoothing, lp + n, dp + n)
 
 
 def cross_entropy_labels_backward(const floating[:, ::1] logits, const long long[::1] target,
-                                  const floating[::1] weight, bint has_weight, double smoothing,
+                                  const floating[::1] weight, double smoothing,
                                   long long ignore_index, const double[::1] scale,
                                   floating[:, ::1] grad_out, int num_threads):
     """grad[n, c] = scale[n] * ((1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum(w) - w_c))."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n, c
-    cdef const floating* z
-    cdef floating* g
-    cdef double lse, wy, wsum, p, wc, s
-    cdef long long y
-    wsum = C
-    if has_weight:
-        wsum = 0
-        for c in range(C):
-            wsum += weight[c]
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef const floating* zp = &logits[0, 0]
+    cdef const floating* wp = &weight[0]
+    cdef floating* gp = &grad_out[0, 0]
+    cdef double wsum = row_dot(wp, NULL, C)
     with nogil:
         for n in prange(N, schedule='static', num_threads=num_threads):
-            y = target[n]
-            g = &grad_out[n, 0]
-            if y == ignore_index:
-                memset(g, 0, C * sizeof(floating))
-                continue
-            z = &logits[n, 0]
-            s = scale[n]
-            lse = row_logsumexp(z, C)
-            wy = weight[y] if has_weight else 1.0
-            for c in range(C):
-                p = exp(z[c] - lse)
-                wc = weight[c] if has_weight else 1.0
-                g[c] = <floating>(s * ((1 - smoothing) * wy * p + smoothing / C * (p * wsum - wc)))
-            g[y] = <floating>(g[y] - s * (1 - smoothing) * wy)
+            if target[n] == ignore_index:
+                memset(gp + n * C, 0, C * sizeof(floating))
+            else:
+                ce_label_row_backward(zp + n * C, target[n], wp, C, wsum, smoothing, scale[n],
+                                      gp + n * C)
+
+
+cdef floating ce_prob_row(const floating* z, const floating* t, const floating* w,
+                          Py_ssize_t C, double smoothing) noexcept nogil:
+    """-sum_c w_c t'_c log p_c, t' = t (1 - eps) + eps / C, log p = (z - m) - ls."""
+    cdef floating m, ls
+    cdef floating keep = <floating>(1 - smoothing), add = <floating>(smoothing / C)
+    cdef floating part[LANES]
+    cdef Py_ssize_t c, j, C8 = C - C % LANES
+    cdef double total = 0
+    row_logsumexp(z, C, &m, &ls)
+    for j in range(LANES):
+        part[j] = 0
+    c = 0
+    while c < C8:
+        for j in range(LANES):
+            part[j] = part[j] + w[c + j] * (t[c + j] * keep + add) * ((z[c + j] - m) - ls)
+        c = c + LANES
+    for j in range(LANES):
+        total += part[j]
+    for c in range(C8, C):
+        total += w[c] * (t[c] * keep + add) * ((z[c] - m) - ls)
+    return <floating>(-total)
+
+
+cdef void ce_prob_row_backward(const floating* z, const floating* t, const floating* w,
+                               Py_ssize_t C, double smoothing, double scale,
+                               floating* g) noexcept nogil:
+    """g = scale * (p_c * sum_k w_k t'_k - w_c t'_c)."""
+    cdef floating m, ls
+    cdef floating keep = <floating>(1 - smoothing), add = <floating>(smoothing / C)
+    cdef floating tw = <floating>((1 - smoothing) * row_dot(w, t, C)
+                                  + smoothing / C * row_dot(w, NULL, C))
+    cdef floating sc = <floating>scale
+    cdef Py_ssize_t c
+    row_logsumexp(z, C, &m, &ls)
+    for c in range(C):
+        g[c] = sc * (exp_nonpos((z[c] - m) - ls) * tw - w[c] * (t[c] * keep + add))
 
 
 def cross_entropy_probs(const floating[:, ::1] logits, const floating[:, ::1] target,
-                        const floating[::1] weight, bint has_weight, double smoothing,
+                        const floating[::1] weight, double smoothing,
                         floating[::1] loss_out, int num_threads):
     """loss[n] = -sum_c w_c t'_c log p_c, with t' = t (1 - eps) + eps / C."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n, c
-    cdef double lse, acc, t, wc
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef const floating* zp = &logits[0, 0]
+    cdef const floating* tp = &target[0, 0]
+    cdef const floating* wp = &weight[0]
+    cdef floating* lp = &loss_out[0]
     with nogil:
         for n in prange(N, schedule='static', num_threads=num_threads):
-            lse = row_logsumexp(&logits[n, 0], C)
-            acc = 0
-            for c in range(C):
-                t = target[n, c] * (1 - smoothing) + smoothing / C
-                wc = weight[c] if has_weight else 1.0
-                acc = acc - wc * t * (logits[n, c] - lse)
-            loss_out[n] = <floating>acc
+            lp[n] = ce_prob_row(zp + n * C, tp + n * C, wp, C, smoothing)
 
 
 def cross_entropy_probs_backward(const floating[:, ::1] logits, const floating[:, ::1] target,
-                                 const floating[::1] weight, bint has_weight, double smoothing,
+                                 const floating[::1] weight, double smoothing,
                                  const double[::1] scale, floating[:, ::1] grad_out,
                                  int num_threads):
-    """grad[n, c] = scale[n] * (p_c * sum_k w_k t'_k - w_c t'_c)."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n, c
-    cdef double lse, tw, t, wc
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef const floating* zp = &logits[0, 0]
+    cdef const floating* tp = &target[0, 0]
+    cdef const floating* wp = &weight[0]
+    cdef floating* gp = &grad_out[0, 0]
     with nogil:
         for n in prange(N, schedule='static', num_threads=num_threads):
-            lse = row_logsumexp(&logits[n, 0], C)
-            tw = 0
-            for c in range(C):
-                t = target[n, c] * (1 - smoothing) + smoothing / C
-                tw = tw + (weight[c] if has_weight else 1.0) * t
-            for c in range(C):
-                t = target[n, c] * (1 - smoothing) + smoothing / C
-                wc = weight[c] if has_weight else 1.0
-                grad_out[n, c] = <floating>(scale[n] * (exp(logits[n, c] - lse) * tw - wc * t))
+            ce_prob_row_backward(zp + n * C, tp + n * C, wp, C, smoothing, scale[n], gp + n * C)

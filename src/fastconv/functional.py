@@ -953,7 +953,7 @@ def _ce_setup(fn, logits, target, weight, reduction, label_smoothing, ignore_ind
     dt = _float_dtype(fn, named)
     lc = _c(logits, dt)
     tc = _c(target, dt) if probs else np.ascontiguousarray(target, dtype=np.int64)
-    wc = _c(w, dt) if w is not None else np.zeros(0, dt)
+    wc = _c(w, dt) if w is not None else np.ones(logits.shape[1], dt)
     return dt, lc, tc, wc, w is not None, probs, eps, ignore_index
 
 
@@ -1000,10 +1000,10 @@ def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing
     denom = None
     if N > 0:
         if probs:
-            _kernels.cross_entropy_probs(lc, tc, wc, has_w, eps, loss, _team(N, 8 * lc.size))
+            _kernels.cross_entropy_probs(lc, tc, wc, eps, loss, _team(N, 8 * lc.size))
         else:
             denom = np.zeros(N, dt)
-            _kernels.cross_entropy_labels(lc, tc, wc, has_w, eps, ign, loss, denom,
+            _kernels.cross_entropy_labels(lc, tc, wc, eps, ign, loss, denom,
                                           _team(N, 8 * lc.size))
     if reduction == "none":
         return loss
@@ -1066,9 +1066,9 @@ def cross_entropy_backward(logits, target, weight=None, reduction="mean", label_
     grad = np.zeros((N, lc.shape[1]), dt)
     if N > 0:
         if probs:
-            _kernels.cross_entropy_probs_backward(lc, tc, wc, has_w, eps, scale, grad,
+            _kernels.cross_entropy_probs_backward(lc, tc, wc, eps, scale, grad,
                                                   _team(N, 8 * lc.size))
         else:
-            _kernels.cross_entropy_labels_backward(lc, tc, wc, has_w, eps, ign, scale, grad,
+            _kernels.cross_entropy_labels_backward(lc, tc, wc, eps, ign, scale, grad,
                                                    _team(N, 8 * lc.size))
     return grad

@@ -779,7 +779,7 @@ class Dropout(Module):
         rng = self._rng if self._rng is not None else _default_rng
         keep = rng.random(x.shape) >= self.p
         scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
-        dt = x.dtype if x.dtype.kind == "f" else np.float64
+        dt = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
         self._mask = keep.astype(dt) * dt.type(scale)
         return x * self._mask
 
