@@ -1,7 +1,6 @@
-"""Smoke test of the benchmark suite (benchmarks/run.py): a --quick run of the LeNet cases
-writes a JSON file with fastconv's times and the machine description.  Passes with or without
-PyTorch / ONNX Runtime installed; skipped where the benchmarks folder is absent (tests run
-from an installed wheel)."""
+"""Smoke test of the benchmark suite (fastconv.bench, also benchmarks/run.py and
+`fastconv bench`): a --quick run of the LeNet cases writes a JSON file with fastconv's times
+and the machine description.  Passes with or without PyTorch / ONNX Runtime installed."""
 import importlib.util
 import json
 import math
@@ -10,22 +9,13 @@ import sys
 
 import pytest
 
-RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   "benchmarks", "run.py")
-
-pytestmark = pytest.mark.skipif(not os.path.isfile(RUN),
-                                reason="benchmarks/ is not here (tests run from a wheel?)")
-
-
 @pytest.fixture
 def bench():
     import fastconv as fc
+    from fastconv.bench import run
 
     threads = fc.get_num_threads()
-    spec = importlib.util.spec_from_file_location("fastconv_benchmarks_run", RUN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
+    yield run
     assert fc.get_num_threads() == threads, "main() must restore fastconv's thread count"
 
 
@@ -91,3 +81,10 @@ def test_bad_arguments(bench, capsys):
     assert bench.main(["--threads", "0"]) == 2
     assert bench.main(["--list"]) == 0
     assert "conv.resnet" in capsys.readouterr().out
+
+
+def test_fastconv_bench_command(capsys):
+    from fastconv.__main__ import main
+
+    assert main(["bench", "--list"]) == 0
+    assert "conv.lenet" in capsys.readouterr().out

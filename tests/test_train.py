@@ -186,4 +186,5 @@ def test_cli_errors(tmp_path):
 
 def test_cli_info(capsys):
     assert main(["info"]) == 0
-    assert "OpenMP" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OpenMP" in out and "BLAS" in out and "CPU" in out

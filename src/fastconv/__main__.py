@@ -174,12 +174,9 @@ def _predict(args):
 
 
 def _info(args):
-    import fastconv as fc
-    from fastconv import _kernels
+    from . import show_config
 
-    print(f"fastconv {fc.__version__}")
-    print(f"OpenMP: {'on' if _kernels.openmp_enabled() else 'off'}; threads: "
-          f"{fc.get_num_threads()}")
+    show_config()
     return 0
 
 
@@ -207,6 +204,13 @@ def main(argv=None):
     p.set_defaults(func=_predict)
     i = sub.add_parser("info", help="show the build configuration")
     i.set_defaults(func=_info)
+    sub.add_parser("bench", help="benchmark against PyTorch / ONNX Runtime / NumPy "
+                   "('fastconv bench --help' for options)", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:

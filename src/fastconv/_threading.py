@@ -139,3 +139,13 @@ class blas_threads:
                         if get() != k:
                             set_(k)
         return False
+
+
+def blas_info():
+    """Loaded BLAS libraries as threadpoolctl reports them (list of dicts)."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    except Exception:  # noqa: BLE001
+        return []
