@@ -741,8 +741,18 @@ class Flatten(Module):
 
     def forward(self, x):
         x = np.asarray(x)
+        nd = max(x.ndim, 1)
+        s, e = self.start_dim, self.end_dim
+        if not (-nd <= s < nd and -nd <= e < nd):
+            raise ValueError(f"Flatten(start_dim={s}, end_dim={e}): dimension out of range "
+                             f"for an input of shape {x.shape}")
+        s, e = s % nd, e % nd
+        if s > e:
+            raise ValueError(f"Flatten: start_dim={self.start_dim} comes after "
+                             f"end_dim={self.end_dim} for an input of shape {x.shape}")
         self._shape = x.shape
-        s, e = self.start_dim % max(x.ndim, 1), self.end_dim % max(x.ndim, 1)
+        if x.ndim == 0:
+            return x.reshape(1)
         new = x.shape[:s] + (int(np.prod(x.shape[s:e + 1])),) + x.shape[e + 1:]
         return x.reshape(new)
 
