@@ -728,3 +728,18 @@ def test_sgd_reduces_the_loss():
         opt.step()
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_sequential_backward_can_skip_the_input_gradient():
+    from fastconv.models import small_cnn
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 1, 8, 8))
+    full, lean = small_cnn(dtype=np.float64, rng=1), small_cnn(dtype=np.float64, rng=1)
+    g = rng.standard_normal((3, 10))
+    gx = full.backward(g) if full(x) is not None else None
+    lean(x)
+    assert lean.backward(g, need_input_grad=False) is None
+    assert gx.shape == x.shape
+    for (name, a), (_, b) in zip(full.named_parameters(), lean.named_parameters()):
+        np.testing.assert_array_equal(a.grad, b.grad, err_msg=name)

@@ -321,10 +321,22 @@ class Sequential(Module):
             x = m(x)
         return x
 
-    def backward(self, grad_out):
-        for m in reversed(self._modules.values()):
+    def backward(self, grad_out, *, need_input_grad=True):
+        """Backward through every module in reverse order.
+
+        With ``need_input_grad=False`` (a trainer that has no use for the gradient of the
+        model's input) the first module is asked not to compute it, when it supports that;
+        None is then returned.
+        """
+        mods = list(self._modules.values())
+        for i in range(len(mods) - 1, -1, -1):
+            m = mods[i]
+            if i == 0 and not need_input_grad and getattr(m, "_skips_input_grad", False):
+                return m.backward(grad_out, need_input_grad=False)
             grad_out = m.backward(grad_out)
         return grad_out
+
+    _skips_input_grad = True
 
 
 def _check_channels(who, x, expected, what="channels"):
@@ -436,10 +448,13 @@ class Conv2d(_ConvNd):
         return F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
                         **self._kw())
 
-    def backward(self, grad_out):
+    _skips_input_grad = True
+
+    def backward(self, grad_out, *, need_input_grad=True):
         x = self._cached("_x")
         gx, gw, gb = F.conv2d_backward(grad_out, x, self.weight.data, **self._kw(),
-                                       output_mask=(True, True, self.bias is not None))
+                                       output_mask=(bool(need_input_grad), True,
+                                                    self.bias is not None))
         self.weight.accumulate(gw)
         if self.bias is not None:
             self.bias.accumulate(gb)
@@ -501,10 +516,12 @@ class ConvTranspose2d(_ConvNd):
         return F.conv_transpose2d(x, self.weight.data,
                                   None if self.bias is None else self.bias.data, **self._kw())
 
-    def backward(self, grad_out):
+    _skips_input_grad = True
+
+    def backward(self, grad_out, *, need_input_grad=True):
         x = self._cached("_x")
         gx, gw, gb = F.conv_transpose2d_backward(grad_out, x, self.weight.data, **self._kw(),
-                                                 output_mask=(True, True,
+                                                 output_mask=(bool(need_input_grad), True,
                                                               self.bias is not None))
         self.weight.accumulate(gw)
         if self.bias is not None:
@@ -683,7 +700,9 @@ class Linear(Module):
             y += self.bias.data
         return y
 
-    def backward(self, grad_out):
+    _skips_input_grad = True
+
+    def backward(self, grad_out, *, need_input_grad=True):
         x = self._cached("_x")
         g = np.asarray(grad_out, dtype=self.weight.dtype)
         if g.shape != x.shape[:-1] + (self.out_features,):
@@ -693,7 +712,7 @@ class Linear(Module):
         self.weight.accumulate(g2.T @ x2)
         if self.bias is not None:
             self.bias.accumulate(g2.sum(axis=0))
-        return g @ self.weight.data
+        return g @ self.weight.data if need_input_grad else None
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
@@ -712,16 +731,17 @@ class ReLU(Module):
 
     def __init__(self):
         super().__init__()
-        self._mask = None
+        self._y = None
 
     def forward(self, x):
         x = np.asarray(x)
-        self._mask = x > 0
-        return np.maximum(x, 0, dtype=x.dtype if x.dtype.kind == "f" else None)
+        self._y = np.maximum(x, 0, dtype=x.dtype if x.dtype.kind == "f" else None)
+        return self._y
 
     def backward(self, grad_out):
-        mask = self._cached("_mask")
-        return np.where(mask, grad_out, 0).astype(np.result_type(grad_out), copy=False)
+        y = self._cached("_y")
+        g = np.asarray(grad_out)
+        return np.where(y <= 0, g.dtype.type(0), g)   # as threshold_backward: NaN passes
 
 
 class Flatten(Module):

@@ -106,7 +106,11 @@ class Trainer:
                 f"the loss became {loss} at epoch {self.epoch + 1}: training stopped. Lower the "
                 "learning rate, check the inputs for NaN/inf, or normalise them.")
         self.optimizer.zero_grad()
-        self.model.backward(self.loss_fn.backward())
+        g = self.loss_fn.backward()
+        if getattr(self.model, "_skips_input_grad", False):
+            self.model.backward(g, need_input_grad=False)   # nobody needs d loss / d input
+        else:
+            self.model.backward(g)
         self.optimizer.step()
         return loss, int(np.sum(np.argmax(logits, axis=1) == yb))
 
