@@ -474,7 +474,7 @@ def test_bad_input_raises(fn, args, kwargs, exc, fragments):
 
 def test_table_covers_every_public_function():
     covered = {p.values[0] for p in CASES}
-    public = set(fastconv.__all__) - {"set_num_threads", "get_num_threads"}
+    public = set(fastconv.__all__) - {"set_num_threads", "get_num_threads", "show_config"}
     assert covered == public
 
 

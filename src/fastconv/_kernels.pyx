@@ -10,6 +10,10 @@ state between calls.
 Layout is NCHW.  Convolutions use im2col + GEMM per (image, group) work item: OpenMP spreads the
 work items over threads, each thread owns one row of ``scratch`` (one item's im2col matrix), and
 weight/bias gradients are accumulated in per-thread partial buffers that the caller reduces.
+Forward convolutions hand out work items dynamically (a thread descheduled on a busy machine
+does not hold the others up); the gradient kernels keep a static split, so that the per-thread
+partial sums, and so the results, are the same from run to run.  Other kernels give each
+thread whole planes or rows (guided schedule): their results never depend on the split.
 BLAS calls are row-major wrappers over ``scipy.linalg.cython_blas`` (C^T = B^T A^T).
 """
 from cython cimport floating
@@ -315,7 +319,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         raise ValueError("conv2d_forward: scratch needs one row per thread")
     with nogil, parallel(num_threads=num_threads):
         col = sp + threadid() * ncol
-        for item in prange(N * groups, schedule='static'):
+        for item in prange(N * groups, schedule='dynamic', chunksize=1):
             n = item // groups
             g = item % groups
             src = xp + (n * C + g * Cg) * H * W
@@ -571,7 +575,7 @@ def depthwise_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::
     cdef floating* op = &out[0, 0, 0, 0]
     cdef Py_ssize_t plane
     with nogil:
-        for plane in prange(N * L, schedule='static', num_threads=num_threads):
+        for plane in prange(N * L, schedule='guided', num_threads=num_threads):
             depthwise_plane(xp + ((plane // L) * C + (plane % L) // M) * H * W, H, W,
                             wp + (plane % L) * kH * kW, kH, kW,
                             bp[plane % L] if has_bias else 0,
@@ -601,7 +605,7 @@ def depthwise_backward(const floating[:, :, :, ::1] grad_out, const floating[:, 
     cdef floating* gbp = &grad_b_out[0] if need_b else NULL
     cdef Py_ssize_t c, n, m
     with nogil:
-        for c in prange(C, schedule='static', num_threads=num_threads):
+        for c in prange(C, schedule='guided', num_threads=num_threads):
             for n in range(N):
                 if need_x:
                     memset(gxp + (n * C + c) * H * W, 0, H * W * sizeof(floating))
@@ -630,7 +634,7 @@ def channel_sum(const floating[:, :, ::1] x, floating[::1] out, int num_threads)
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n, i
     cdef double acc
     with nogil:
-        for c in prange(C, schedule='static', num_threads=num_threads):
+        for c in prange(C, schedule='guided', num_threads=num_threads):
             acc = 0
             for n in range(N):
                 for i in range(P):
@@ -773,7 +777,7 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     cdef floating* op = &out[0, 0, 0, 0]
     cdef long long* ip = &indices_out[0, 0, 0, 0]
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='guided', num_threads=num_threads):
             max_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW,
                            ip + plane * OH * OW if with_indices else NULL, OH, OW,
                            kH, kW, sH, sW, pH, pW, dH, dW, with_indices)
@@ -801,7 +805,7 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:,
     with nogil, parallel(num_threads=num_threads):
         vals = vp + threadid() * vals_scratch.shape[1]
         idx = jp + threadid() * idx_scratch.shape[1]
-        for plane in prange(N * C, schedule='static'):
+        for plane in prange(N * C, schedule='guided'):
             max_pool_plane_backward(gyp + plane * OH * OW, xp + plane * H * W,
                                     gxp + plane * H * W, H, W, OH, OW,
                                     kH, kW, sH, sW, pH, pW, dH, dW, vals, idx)
@@ -908,7 +912,7 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
     with nogil:
-        for plane in prange(N * C, schedule='static', num_threads=num_threads):
+        for plane in prange(N * C, schedule='guided', num_threads=num_threads):
             avg_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW, OH, OW, kH, kW,
                            sH, sW, pH, pW, count_include_pad, divisor_override)
 
@@ -930,7 +934,7 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :,
         raise ValueError("avg_pool2d_backward: scratch needs (threads, OW)")
     with nogil, parallel(num_threads=num_threads):
         g = sp + threadid() * scratch.shape[1]
-        for plane in prange(N * C, schedule='static'):
+        for plane in prange(N * C, schedule='guided'):
             avg_pool_plane_backward(gyp + plane * OH * OW, gxp + plane * H * W, H, W, OH, OW,
                                     kH, kW, sH, sW, pH, pW, count_include_pad,
                                     divisor_override, g)
@@ -952,7 +956,7 @@ def upsample_nearest2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :,
     cdef Py_ssize_t row, iw, j, r
     with nogil:
         # one input row -> sH identical output rows
-        for row in prange(N * C * H, schedule='static', num_threads=num_threads):
+        for row in prange(N * C * H, schedule='guided', num_threads=num_threads):
             src = xp + row * W
             dst = op + row * sH * OW
             if sW == 1:
@@ -978,7 +982,7 @@ def upsample_nearest2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef floating acc
     cdef Py_ssize_t row, iw, j, r
     with nogil:
-        for row in prange(N * C * H, schedule='static', num_threads=num_threads):
+        for row in prange(N * C * H, schedule='guided', num_threads=num_threads):
             src = gyp + row * sH * OW
             dst = gxp + row * W
             for iw in range(W):
@@ -1108,7 +1112,7 @@ def cross_entropy_labels(const floating[:, ::1] logits, const long long[::1] tar
     cdef floating* dp = &denom_out[0]
     cdef double wsum = row_dot(wp, NULL, C)
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='guided', num_threads=num_threads):
             if target[n] == ignore_index:
                 lp[n] = 0
                 dp[n] = 0
@@ -1127,7 +1131,7 @@ def cross_entropy_labels_backward(const floating[:, ::1] logits, const long long
     cdef floating* gp = &grad_out[0, 0]
     cdef double wsum = row_dot(wp, NULL, C)
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='guided', num_threads=num_threads):
             if target[n] == ignore_index:
                 memset(gp + n * C, 0, C * sizeof(floating))
             else:
@@ -1183,7 +1187,7 @@ def cross_entropy_probs(const floating[:, ::1] logits, const floating[:, ::1] ta
     cdef const floating* wp = &weight[0]
     cdef floating* lp = &loss_out[0]
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='guided', num_threads=num_threads):
             lp[n] = ce_prob_row(zp + n * C, tp + n * C, wp, C, smoothing)
 
 
@@ -1197,5 +1201,5 @@ def cross_entropy_probs_backward(const floating[:, ::1] logits, const floating[:
     cdef const floating* wp = &weight[0]
     cdef floating* gp = &grad_out[0, 0]
     with nogil:
-        for n in prange(N, schedule='static', num_threads=num_threads):
+        for n in prange(N, schedule='guided', num_threads=num_threads):
             ce_prob_row_backward(zp + n * C, tp + n * C, wp, C, smoothing, scale[n], gp + n * C)
