@@ -375,6 +375,27 @@ class _ConvNd(Module):
                              f"must be divisible by groups={groups}")
         return _float_dtype(dtype, who)
 
+    _skips_input_grad = True
+
+    def forward(self, x):
+        name = type(self).__name__
+        x = _check_channels(f"{name}({self.in_channels}, {self.out_channels})", x,
+                            self.in_channels)
+        _check_dtype(name, x, self.weight.dtype)
+        self._x = x
+        return self._forward_fn(x, self.weight.data,
+                                None if self.bias is None else self.bias.data, **self._kw())
+
+    def backward(self, grad_out, *, need_input_grad=True):
+        x = self._cached("_x")
+        gx, gw, gb = self._backward_fn(grad_out, x, self.weight.data, **self._kw(),
+                                       output_mask=(bool(need_input_grad), True,
+                                                    self.bias is not None))
+        self.weight.accumulate(gw)
+        if self.bias is not None:
+            self.bias.accumulate(gb)
+        return gx
+
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, " \
             f"stride={_pair(self.stride)}"
@@ -422,6 +443,8 @@ class Conv2d(_ConvNd):
     """
 
     _transposed = False
+    _forward_fn = staticmethod(F.conv2d)
+    _backward_fn = staticmethod(F.conv2d_backward)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, bias=True, dtype=np.float32, rng=None):
@@ -440,25 +463,6 @@ class Conv2d(_ConvNd):
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups)
 
-    def forward(self, x):
-        x = _check_channels(f"Conv2d({self.in_channels}, {self.out_channels})", x,
-                            self.in_channels)
-        _check_dtype("Conv2d", x, self.weight.dtype)
-        self._x = x
-        return F.conv2d(x, self.weight.data, None if self.bias is None else self.bias.data,
-                        **self._kw())
-
-    _skips_input_grad = True
-
-    def backward(self, grad_out, *, need_input_grad=True):
-        x = self._cached("_x")
-        gx, gw, gb = F.conv2d_backward(grad_out, x, self.weight.data, **self._kw(),
-                                       output_mask=(bool(need_input_grad), True,
-                                                    self.bias is not None))
-        self.weight.accumulate(gw)
-        if self.bias is not None:
-            self.bias.accumulate(gb)
-        return gx
 
 
 class ConvTranspose2d(_ConvNd):
@@ -487,6 +491,8 @@ class ConvTranspose2d(_ConvNd):
     """
 
     _transposed = True
+    _forward_fn = staticmethod(F.conv_transpose2d)
+    _backward_fn = staticmethod(F.conv_transpose2d_backward)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  output_padding=0, groups=1, bias=True, dilation=1, dtype=np.float32, rng=None):
@@ -508,25 +514,6 @@ class ConvTranspose2d(_ConvNd):
                     output_padding=self.output_padding, groups=self.groups,
                     dilation=self.dilation)
 
-    def forward(self, x):
-        x = _check_channels(f"ConvTranspose2d({self.in_channels}, {self.out_channels})", x,
-                            self.in_channels)
-        _check_dtype("ConvTranspose2d", x, self.weight.dtype)
-        self._x = x
-        return F.conv_transpose2d(x, self.weight.data,
-                                  None if self.bias is None else self.bias.data, **self._kw())
-
-    _skips_input_grad = True
-
-    def backward(self, grad_out, *, need_input_grad=True):
-        x = self._cached("_x")
-        gx, gw, gb = F.conv_transpose2d_backward(grad_out, x, self.weight.data, **self._kw(),
-                                                 output_mask=(bool(need_input_grad), True,
-                                                              self.bias is not None))
-        self.weight.accumulate(gw)
-        if self.bias is not None:
-            self.bias.accumulate(gb)
-        return gx
 
 
 class _Shape:
