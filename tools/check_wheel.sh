@@ -81,7 +81,9 @@ echo "wheel: $(basename "$WHEEL")"
 step "sdist contents"
 tar -tzf "$SDIST" > "$WORK/sdist.txt"
 if grep -E '\.(c|cpp|so|pyd|html)$' "$WORK/sdist.txt"; then
-    fail "the sdist ships generated/binary files (listed above): it must hold sources only"
+    fail "the sdist ships generated/binary files (listed above): it must hold sources only
+(setup.py's cythonize() makes src/fastconv/_kernels.c a source of the extension, so setuptools
+packs it: 'exclude src/fastconv/_kernels.c' in MANIFEST.in keeps it out)"
 fi
 for f in pyproject.toml setup.py README.md src/fastconv/_kernels.pyx src/fastconv/functional.py \
          src/fastconv/datasets/; do
