@@ -743,3 +743,12 @@ def test_sequential_backward_can_skip_the_input_gradient():
     assert gx.shape == x.shape
     for (name, a), (_, b) in zip(full.named_parameters(), lean.named_parameters()):
         np.testing.assert_array_equal(a.grad, b.grad, err_msg=name)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d, nn.ConvTranspose2d])
+@pytest.mark.parametrize("kernel_size, exc", [((), ValueError), ((1, 2, 3), ValueError),
+                                              (0, ValueError), (2.5, TypeError)])
+def test_conv_layers_validate_kernel_size(layer, kernel_size, exc):
+    # found by the fuzz soak: () raised IndexError, (1, 2, 3) silently dropped the 3
+    with pytest.raises(exc, match="kernel_size"):
+        layer(1, 1, kernel_size)

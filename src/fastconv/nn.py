@@ -367,9 +367,7 @@ class _ConvNd(Module):
         self.in_channels = _positive_int(in_channels, "in_channels", who)
         self.out_channels = _positive_int(out_channels, "out_channels", who)
         self.groups = _positive_int(groups, "groups", who)
-        k = _pair(kernel_size)
-        self.kernel_size = (_positive_int(k[0], "kernel_size", who),
-                            _positive_int(k[1], "kernel_size", who))
+        self.kernel_size = F._pair(kernel_size, "kernel_size", who, 1)
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"{who}: in_channels={in_channels} and out_channels={out_channels} "
                              f"must be divisible by groups={groups}")
