@@ -238,7 +238,7 @@ def _conv_setup(fn, x, weight, stride, padding, dilation, groups, transposed=Fal
     return dict(s=s, d=d, g=g, pad=pad, k=k, L=L, OH=OH, OW=OW)
 
 
-def _bias(bias, L, dtype, fn):
+def _bias(bias, L, fn):
     if bias is None:
         return None
     b = _array(bias, "bias", fn)
@@ -284,6 +284,13 @@ def _is_depthwise(geo, weight):
 
 
 _DEPTHWISE = True
+
+
+def _sum_partials(part, shape, dtype):
+    """Sum the per-thread partial rows of a weight or bias gradient into an array of shape."""
+    out = np.empty(part.shape[1], dtype)
+    _kernels.sum_rows(part, out)
+    return out.reshape(shape)
 
 
 def _dummy(dtype):
@@ -335,7 +342,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     fn = "conv2d"
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
-    b = _bias(bias, geo["L"], None, fn)
+    b = _bias(bias, geo["L"], fn)
     dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
                                                            else []))
     N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
@@ -434,14 +441,8 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
                                      gx if need_x else _dummy(dt), wpart, bpart, scratch,
                                      sH, sW, pad[0], pad[2], dH, dW, g,
                                      need_x, need_w, need_b, False, team)
-    gw = gb = None
-    if need_w:
-        gw = np.empty(L * K, dt)
-        _kernels.sum_rows(wpart, gw)
-        gw = gw.reshape(weight.shape)
-    if need_b:
-        gb = np.empty(L, dt)
-        _kernels.sum_rows(bpart, gb)
+    gw = _sum_partials(wpart, weight.shape, dt) if need_w else None
+    gb = _sum_partials(bpart, (L,), dt) if need_b else None
     return gx, gw, gb
 
 
@@ -481,7 +482,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     fn = "conv_transpose2d"
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups, True, output_padding)
-    b = _bias(bias, geo["L"], None, fn)
+    b = _bias(bias, geo["L"], fn)
     dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
                                                            else []))
     N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
@@ -561,9 +562,7 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
                                                need_x, need_w, team)
     gw = gb = None
     if need_w:
-        gw = np.empty(Cin * K, dt)
-        _kernels.sum_rows(wpart, gw)
-        gw = gw.reshape(weight.shape)
+        gw = _sum_partials(wpart, weight.shape, dt)
     if need_b:
         gb = np.zeros(L, dt)
         if N > 0:
