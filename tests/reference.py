@@ -497,9 +497,11 @@ def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing
         smooth = 0.0
         for c in range(C):
             smooth -= w[c] * logp[c]
-        losses[n] = (1.0 - eps) * nll + (eps / C) * smooth
+        # as PyTorch, the smoothing term is only formed when eps > 0 (else a -inf logit in
+        # another class, a zero probability, would make 0 * inf = NaN)
+        losses[n] = (1.0 - eps) * nll + ((eps / C) * smooth if eps else 0.0)
         nll_sum += nll
-        smooth_sum += smooth
+        smooth_sum += smooth if eps else 0.0
         wsum += w[y]  # == count of non-ignored samples when weight is None
     if reduction == "none":
         return losses

@@ -19,7 +19,7 @@ BLAS calls are row-major wrappers over ``scipy.linalg.cython_blas`` (C^T = B^T A
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.string cimport memset, memcpy
-from libc.math cimport exp, log, isnan, INFINITY
+from libc.math cimport exp, log, isnan, INFINITY, NAN
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 cdef extern from *:
@@ -37,102 +37,9 @@ cdef extern from *:
     int fc_have_openmp() nogil
 
 
-cdef extern from *:
-    """
-    /* exp(x) for x <= 0 (or NaN), written as straight-line arithmetic so that gcc/clang
-       vectorise loops that call it: Cephes' range reduction x = n ln2 + r with a polynomial
-       (float, ~1 ulp) or a Pade approximant (double, ~1 ulp) for e^r, and 2^n built in the
-       exponent bits.  Inputs below the underflow limit give 0, NaN gives NaN.  Only the
-       log-sum-exp code calls these, where the argument is z - max(z) <= 0. */
-    #include <stdint.h>
-    #include <string.h>
-    static inline float fc_expf_nonpos(float x) {
-        float xs = (x == x) ? (x < -87.33654f ? -87.33654f : x) : 0.0f;
-        float t = xs * 1.44269504088896341f - 0.5f;
-        int32_t ni = (int32_t)t;                   /* t <= -0.5: truncation rounds to nearest */
-        float n = (float)ni;
-        float r = xs - n * 0.693359375f + n * 2.12194440e-4f;
-        float p = 1.9875691500E-4f;
-        p = p * r + 1.3981999507E-3f;
-        p = p * r + 8.3334519073E-3f;
-        p = p * r + 4.1665795894E-2f;
-        p = p * r + 1.6666665459E-1f;
-        p = p * r + 5.0000001201E-1f;
-        p = p * r * r + r + 1.0f;
-        int32_t bits = (ni + 127) << 23;
-        float scale;
-        memcpy(&scale, &bits, sizeof scale);
-        float y = p * scale;
-        y = (x < -87.33654f) ? 0.0f : y;       /* below FLT_MIN: flushed to zero */
-        return (x == x) ? y : x;
-    }
-    static inline double fc_exp_nonpos(double x) {
-        double xs = (x == x) ? (x < -708.3964 ? -708.3964 : x) : 0.0;
-        double t = xs * 1.4426950408889634074 - 0.5;
-        int32_t ni = (int32_t)t;
-        double n = (double)ni;
-        double r = xs - n * 6.93145751953125E-1 - n * 1.42860682030941723212E-6;
-        double rr = r * r;
-        double px = r * ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr
-                         + 9.99999999999999999910E-1);
-        double qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr
-                     + 2.27265548208155028766E-1) * rr + 2.00000000000000000009E0;
-        double e = 1.0 + 2.0 * (px / (qx - px));
-        int64_t bits = ((int64_t)ni + 1023) << 52;
-        double scale;
-        memcpy(&scale, &bits, sizeof scale);
-        double y = e * scale;
-        y = (x < -708.3964) ? 0.0 : y;         /* below DBL_MIN: flushed to zero */
-        return (x == x) ? y : x;
-    }
-
-    /* Row loops of the log-sum-exp and softmax gradient, in plain C that gcc vectorises at
-       the portable baseline (SSE2 on x86-64).  (An AVX2 clone via target_clones was tried:
-       gcc 12 then refuses to if-convert the NaN selects, so it ran scalar and slower.) */
-    #define FC_CLONES
-    /* sum(exp(z - m)): exp into a stack buffer (a plain loop, vectorised), then 8 partial
-       sums (fixed lanes, no reassociation needed), accumulated in double per block. */
-    #define FC_BLOCK 256
-    FC_CLONES static float fc_sumexp_f(const float* z, ptrdiff_t n, float m) {
-        float buf[FC_BLOCK];
-        double total = 0;
-        for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
-            ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
-            for (j = 0; j < k; j++) buf[j] = fc_expf_nonpos(z[c0 + j] - m);
-            for (; j % 8; j++) buf[j] = 0.0f;
-            float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (ptrdiff_t i = 0; i < j; i += 8)
-                for (int l = 0; l < 8; l++) p[l] += buf[i + l];
-            total += (double)(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));
-        }
-        return (float)total;
-    }
-    FC_CLONES static double fc_sumexp_d(const double* z, ptrdiff_t n, double m) {
-        double buf[FC_BLOCK];
-        double total = 0;
-        for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
-            ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
-            for (j = 0; j < k; j++) buf[j] = fc_exp_nonpos(z[c0 + j] - m);
-            for (; j % 8; j++) buf[j] = 0.0;
-            double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (ptrdiff_t i = 0; i < j; i += 8)
-                for (int l = 0; l < 8; l++) p[l] += buf[i + l];
-            total += ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
-        }
-        return total;
-    }
-    /* g[c] = a * exp((z[c] - m) - ls) - b * w[c] */
-    FC_CLONES static void fc_softmax_grad_f(const float* restrict z, ptrdiff_t n, float m,
-                                            float ls, float a, float b,
-                                            const float* restrict w, float* restrict g) {
-        for (ptrdiff_t c = 0; c < n; c++) g[c] = a * fc_expf_nonpos((z[c] - m) - ls) - b * w[c];
-    }
-    FC_CLONES static void fc_softmax_grad_d(const double* restrict z, ptrdiff_t n, double m,
-                                            double ls, double a, double b,
-                                            const double* restrict w, double* restrict g) {
-        for (ptrdiff_t c = 0; c < n; c++) g[c] = a * fc_exp_nonpos((z[c] - m) - ls) - b * w[c];
-    }
-    """
+cdef extern from "_simd.h":
+    # hand-vectorised rows of the log-sum-exp and softmax gradient: portable code plus an
+    # AVX2+FMA version chosen at import (see the header)
     float fc_expf_nonpos(float x) nogil
     double fc_exp_nonpos(double x) nogil
     float fc_sumexp_f(const float* z, Py_ssize_t n, float m) nogil
@@ -141,6 +48,30 @@ cdef extern from *:
                            const float* w, float* g) nogil
     void fc_softmax_grad_d(const double* z, Py_ssize_t n, double m, double ls, double a,
                            double b, const double* w, double* g) nogil
+    bint fc_max_f(const float* z, Py_ssize_t n, float* out) nogil
+    bint fc_max_d(const double* z, Py_ssize_t n, double* out) nogil
+    void fc_softmax_grad2_f(const float* z, Py_ssize_t n, float m, float a, float b,
+                            const float* w, float* g) nogil
+    void fc_softmax_grad2_d(const double* z, Py_ssize_t n, double m, double a, double b,
+                            const double* w, double* g) nogil
+    int fc_simd_init() nogil
+    int fc_simd_set(int on) nogil
+    int fc_simd_level() nogil
+
+
+fc_simd_init()
+
+
+def simd_level():
+    """'avx2' when the AVX2+FMA loops are in use, else 'baseline'."""
+    return "avx2" if fc_simd_level() else "baseline"
+
+
+def set_simd(bint on):
+    """Use the AVX2+FMA loops when the CPU has them (on=True) or the portable ones; returns
+    the level now in use.  For tests and benchmarks: call it while no kernel is running."""
+    fc_simd_set(on)
+    return simd_level()
 
 
 cdef inline floating exp_nonpos(floating x) noexcept nogil:
@@ -1006,6 +937,12 @@ cdef inline double row_max(const floating* z, Py_ssize_t C) noexcept nogil:
     cdef floating part[LANES]
     cdef floating v, m
     cdef Py_ssize_t c, j, C8 = C - C % LANES
+    if floating is float:
+        if fc_max_f(z, C, &m):
+            return m
+    else:
+        if fc_max_d(z, C, &m):
+            return m
     for j in range(LANES):
         part[j] = -INFINITY
     c = 0
@@ -1037,7 +974,10 @@ cdef inline void row_logsumexp(const floating* z, Py_ssize_t C, floating* m_out,
     cdef floating m = <floating>row_max(z, C)
     m_out[0] = m
     log_sum_out[0] = 0
-    if m != m or m == INFINITY or m == -INFINITY:
+    if m == INFINITY:        # as PyTorch: z - max is NaN at the +inf logit, so the row is NaN
+        log_sum_out[0] = <floating>NAN
+        return
+    if m != m or m == -INFINITY:
         return
     if floating is float:
         log_sum_out[0] = <floating>log(fc_sumexp_f(z, C, m))
@@ -1089,12 +1029,19 @@ cdef void ce_label_row_backward(const floating* z, long long y, const floating* 
     cdef floating a = <floating>(scale * ((1 - smoothing) * w[y] + smoothing / C * wsum))
     cdef floating b = <floating>(scale * smoothing / C)
     cdef Py_ssize_t c
-    row_logsumexp(z, C, &m, &ls)
     # g = scale * ((1-eps) w_y (p - onehot) + eps/C (p sum(w) - w)), p = exp((z - m) - ls)
-    if floating is float:
-        fc_softmax_grad_f(z, C, m, ls, a, b, w, g)
-    else:
-        fc_softmax_grad_d(z, C, m, ls, a, b, w, g)
+    m = <floating>row_max(z, C)
+    if m == m and m != INFINITY and m != -INFINITY:     # one exp per element
+        if floating is float:
+            fc_softmax_grad2_f(z, C, m, a, b, w, g)
+        else:
+            fc_softmax_grad2_d(z, C, m, a, b, w, g)
+    else:                                                 # NaN/inf propagate as in PyTorch
+        row_logsumexp(z, C, &m, &ls)
+        if floating is float:
+            fc_softmax_grad_f(z, C, m, ls, a, b, w, g)
+        else:
+            fc_softmax_grad_d(z, C, m, ls, a, b, w, g)
     g[y] = <floating>(g[y] - scale * (1 - smoothing) * w[y])
 
 

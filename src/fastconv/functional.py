@@ -1062,7 +1062,7 @@ def cross_entropy_backward(logits, target, weight=None, reduction="mean", label_
                     den = (wc[ys].astype(np.float64).sum() if has_w else float(ys.size))
                     s = np.float64(s) / np.float64(den)
         scale = np.full(N, s, dtype=np.float64)
-    grad = np.zeros((N, lc.shape[1]), dt)
+    grad = np.empty((N, lc.shape[1]), dt)      # the kernels write every element
     if N > 0:
         if probs:
             _kernels.cross_entropy_probs_backward(lc, tc, wc, eps, scale, grad,

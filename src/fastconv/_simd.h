@@ -1,0 +1,498 @@
+/* Hand-vectorised inner loops of fastconv's kernels, with a portable fallback.
+ *
+ * The extension is built for the portable baseline (SSE2 on x86-64: no -march=native).  The
+ * loops that are limited by arithmetic rather than memory (exp in the log-sum-exp and
+ * softmax-gradient rows) also have an AVX2+FMA version, compiled with a per-function target
+ * attribute and chosen once at import from the CPU's feature bits (fc_simd_init).  An AVX2
+ * clone made by target_clones was tried first: gcc 12 then refused to if-convert the NaN
+ * selects and ran the loop scalar, so the AVX2 code is written with intrinsics instead.
+ *
+ * Both versions compute the same formulas; they differ only in the order of the partial sums
+ * (8 float lanes vs 16), so results agree to rounding.  fc_simd_set(0) forces the portable
+ * code, which is how the tests cover both on one machine.
+ */
+#ifndef FASTCONV_SIMD_H
+#define FASTCONV_SIMD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+/* ---- portable versions ------------------------------------------------------------------ */
+
+/* exp(x) for x <= 0 (or NaN), written as straight-line arithmetic so that gcc/clang vectorise
+   loops that call it: Cephes' range reduction x = n ln2 + r with a polynomial (float, ~1 ulp)
+   or a Pade approximant (double, ~1 ulp) for e^r, and 2^n built in the exponent bits.  Inputs
+   below the underflow limit give 0, NaN gives NaN.  Only the log-sum-exp code calls these,
+   where the argument is z - max(z) <= 0. */
+static inline float fc_expf_nonpos(float x) {
+    float xs = (x == x) ? (x < -87.33654f ? -87.33654f : x) : 0.0f;
+    float t = xs * 1.44269504088896341f - 0.5f;
+    int32_t ni = (int32_t)t;                   /* t <= -0.5: truncation rounds to nearest */
+    float n = (float)ni;
+    float r = xs - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = (ni + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float y = p * scale;
+    y = (x < -87.33654f) ? 0.0f : y;       /* below FLT_MIN: flushed to zero */
+    return (x == x) ? y : x;
+}
+
+static inline double fc_exp_nonpos(double x) {
+    double xs = (x == x) ? (x < -708.3964 ? -708.3964 : x) : 0.0;
+    double t = xs * 1.4426950408889634074 - 0.5;
+    int32_t ni = (int32_t)t;
+    double n = (double)ni;
+    double r = xs - n * 6.93145751953125E-1 - n * 1.42860682030941723212E-6;
+    double rr = r * r;
+    double px = r * ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr
+                     + 9.99999999999999999910E-1);
+    double qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr
+                 + 2.27265548208155028766E-1) * rr + 2.00000000000000000009E0;
+    double e = 1.0 + 2.0 * (px / (qx - px));
+    int64_t bits = ((int64_t)ni + 1023) << 52;
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    double y = e * scale;
+    y = (x < -708.3964) ? 0.0 : y;         /* below DBL_MIN: flushed to zero */
+    return (x == x) ? y : x;
+}
+
+/* sum(exp(z - m)): exp into a stack buffer (a plain loop, vectorised), then 8 partial sums
+   (fixed lanes, no reassociation needed), accumulated in double per block. */
+#define FC_BLOCK 256
+static float fc_sumexp_f_base(const float* z, ptrdiff_t n, float m) {
+    float buf[FC_BLOCK];
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
+        for (j = 0; j < k; j++) buf[j] = fc_expf_nonpos(z[c0 + j] - m);
+        for (; j % 8; j++) buf[j] = 0.0f;
+        float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (ptrdiff_t i = 0; i < j; i += 8)
+            for (int l = 0; l < 8; l++) p[l] += buf[i + l];
+        total += (double)(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));
+    }
+    return (float)total;
+}
+
+static double fc_sumexp_d_base(const double* z, ptrdiff_t n, double m) {
+    double buf[FC_BLOCK];
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
+        for (j = 0; j < k; j++) buf[j] = fc_exp_nonpos(z[c0 + j] - m);
+        for (; j % 8; j++) buf[j] = 0.0;
+        double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (ptrdiff_t i = 0; i < j; i += 8)
+            for (int l = 0; l < 8; l++) p[l] += buf[i + l];
+        total += ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+    }
+    return total;
+}
+
+/* g[c] = a * exp((z[c] - m) - ls) - b * w[c] */
+static void fc_softmax_grad_f_base(const float* restrict z, ptrdiff_t n, float m, float ls,
+                                   float a, float b, const float* restrict w,
+                                   float* restrict g) {
+    for (ptrdiff_t c = 0; c < n; c++) g[c] = a * fc_expf_nonpos((z[c] - m) - ls) - b * w[c];
+}
+
+static void fc_softmax_grad_d_base(const double* restrict z, ptrdiff_t n, double m, double ls,
+                                   double a, double b, const double* restrict w,
+                                   double* restrict g) {
+    for (ptrdiff_t c = 0; c < n; c++) g[c] = a * fc_exp_nonpos((z[c] - m) - ls) - b * w[c];
+}
+
+/* Softmax gradient in two passes for finite m: e = exp(z - m) into g while summing, then
+   g = (a / sum) * e - b * w.  One exp per element instead of two (sum, then p). */
+static void fc_softmax_grad2_f_base(const float* restrict z, ptrdiff_t n, float m, float a,
+                                    float b, const float* restrict w, float* restrict g) {
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
+        float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (j = 0; j < k; j++) g[c0 + j] = fc_expf_nonpos(z[c0 + j] - m);
+        for (j = 0; j + 8 <= k; j += 8)
+            for (int l = 0; l < 8; l++) p[l] += g[c0 + j + l];
+        for (; j < k; j++) p[0] += g[c0 + j];
+        total += (double)(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));
+    }
+    float s = (float)(a / total);
+    for (ptrdiff_t c = 0; c < n; c++) g[c] = s * g[c] - b * w[c];
+}
+
+static void fc_softmax_grad2_d_base(const double* restrict z, ptrdiff_t n, double m, double a,
+                                    double b, const double* restrict w, double* restrict g) {
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t k = n - c0 < FC_BLOCK ? n - c0 : FC_BLOCK, j;
+        double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (j = 0; j < k; j++) g[c0 + j] = fc_exp_nonpos(z[c0 + j] - m);
+        for (j = 0; j + 8 <= k; j += 8)
+            for (int l = 0; l < 8; l++) p[l] += g[c0 + j + l];
+        for (; j < k; j++) p[0] += g[c0 + j];
+        total += ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+    }
+    double s = a / total;
+    for (ptrdiff_t c = 0; c < n; c++) g[c] = s * g[c] - b * w[c];
+}
+
+/* ---- AVX2 + FMA versions (x86-64 with gcc or clang) -------------------------------------- */
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define FC_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#define FC_AVX2 __attribute__((target("avx2,fma")))
+
+/* The same Cephes formulas, 8 floats / 4 doubles at a time; x <= 0 or NaN. */
+FC_AVX2 static inline __m256 fc_exp8_nonpos(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    __m256 xs = _mm256_max_ps(x, lo);                 /* NaN -> lo (max returns operand 2) */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(xs, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xs);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                   _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    y = _mm256_andnot_ps(under, y);                   /* below FLT_MIN: flushed to zero */
+    return _mm256_blendv_ps(y, x, nan);
+}
+
+FC_AVX2 static inline __m256d fc_exp4_nonpos(__m256d x) {
+    const __m256d lo = _mm256_set1_pd(-708.3964);
+    __m256d nan = _mm256_cmp_pd(x, x, _CMP_UNORD_Q);
+    __m256d under = _mm256_cmp_pd(x, lo, _CMP_LT_OQ);
+    __m256d xs = _mm256_max_pd(x, lo);
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(xs, _mm256_set1_pd(1.4426950408889634074)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93145751953125E-1), xs);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.42860682030941723212E-6), r);
+    __m256d rr = _mm256_mul_pd(r, r);
+    __m256d px = _mm256_fmadd_pd(_mm256_set1_pd(1.26177193074810590878E-4), rr,
+                                 _mm256_set1_pd(3.02994407707441961300E-2));
+    px = _mm256_mul_pd(r, _mm256_fmadd_pd(px, rr, _mm256_set1_pd(9.99999999999999999910E-1)));
+    __m256d qx = _mm256_fmadd_pd(_mm256_set1_pd(3.00198505138664455042E-6), rr,
+                                 _mm256_set1_pd(2.52448340349684104192E-3));
+    qx = _mm256_fmadd_pd(qx, rr, _mm256_set1_pd(2.27265548208155028766E-1));
+    qx = _mm256_fmadd_pd(qx, rr, _mm256_set1_pd(2.00000000000000000009E0));
+    __m256d e = _mm256_div_pd(px, _mm256_sub_pd(qx, px));
+    e = _mm256_fmadd_pd(_mm256_set1_pd(2.0), e, _mm256_set1_pd(1.0));
+    __m256i ni = _mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n));
+    __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52);
+    __m256d y = _mm256_mul_pd(e, _mm256_castsi256_pd(bits));
+    y = _mm256_andnot_pd(under, y);
+    return _mm256_blendv_pd(y, x, nan);
+}
+
+/* lanes [0, k) on, the rest off (0 <= k <= 8 / 4) */
+FC_AVX2 static inline __m256i fc_mask8(ptrdiff_t k) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+FC_AVX2 static inline __m256i fc_mask4(ptrdiff_t k) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(k), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+
+FC_AVX2 static inline double fc_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return (double)_mm_cvtss_f32(s);
+}
+FC_AVX2 static inline double fc_hsum4(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* two float accumulators, flushed to double every FC_BLOCK elements */
+FC_AVX2 static float fc_sumexp_f_avx2(const float* z, ptrdiff_t n, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t end = n - c0 < FC_BLOCK ? n : c0 + FC_BLOCK, i = c0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; i + 16 <= end; i += 16) {
+            a0 = _mm256_add_ps(a0, fc_exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm)));
+            a1 = _mm256_add_ps(a1, fc_exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i + 8), vm)));
+        }
+        for (; i < end; i += 8) {
+            __m256i mk = fc_mask8(end - i);
+            __m256 v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(z + i, mk),
+                                        _mm256_castsi256_ps(mk));
+            a1 = _mm256_add_ps(a1, fc_exp8_nonpos(_mm256_sub_ps(v, vm)));
+        }
+        total += fc_hsum8(_mm256_add_ps(a0, a1));
+    }
+    return (float)total;
+}
+
+FC_AVX2 static double fc_sumexp_d_avx2(const double* z, ptrdiff_t n, double m) {
+    const __m256d vm = _mm256_set1_pd(m);
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        a0 = _mm256_add_pd(a0, fc_exp4_nonpos(_mm256_sub_pd(_mm256_loadu_pd(z + i), vm)));
+        a1 = _mm256_add_pd(a1, fc_exp4_nonpos(_mm256_sub_pd(_mm256_loadu_pd(z + i + 4), vm)));
+    }
+    for (; i < n; i += 4) {
+        __m256i mk = fc_mask4(n - i);
+        __m256d v = _mm256_blendv_pd(_mm256_set1_pd(-INFINITY), _mm256_maskload_pd(z + i, mk),
+                                     _mm256_castsi256_pd(mk));
+        a1 = _mm256_add_pd(a1, fc_exp4_nonpos(_mm256_sub_pd(v, vm)));
+    }
+    return fc_hsum4(_mm256_add_pd(a0, a1));
+}
+
+FC_AVX2 static void fc_softmax_grad_f_avx2(const float* z, ptrdiff_t n, float m, float ls,
+                                           float a, float b, const float* w, float* g) {
+    const __m256 vm = _mm256_set1_ps(m), vls = _mm256_set1_ps(ls);
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    ptrdiff_t i = 0;
+    for (; i < n; i += 8) {
+        __m256i mk = fc_mask8(n - i);
+        int full = n - i >= 8;
+        __m256 vz = full ? _mm256_loadu_ps(z + i) : _mm256_maskload_ps(z + i, mk);
+        __m256 vw = full ? _mm256_loadu_ps(w + i) : _mm256_maskload_ps(w + i, mk);
+        __m256 e = fc_exp8_nonpos(_mm256_sub_ps(_mm256_sub_ps(vz, vm), vls));
+        __m256 r = _mm256_fmsub_ps(va, e, _mm256_mul_ps(vb, vw));
+        if (full) _mm256_storeu_ps(g + i, r);
+        else _mm256_maskstore_ps(g + i, mk, r);
+    }
+}
+
+FC_AVX2 static void fc_softmax_grad_d_avx2(const double* z, ptrdiff_t n, double m, double ls,
+                                           double a, double b, const double* w, double* g) {
+    const __m256d vm = _mm256_set1_pd(m), vls = _mm256_set1_pd(ls);
+    const __m256d va = _mm256_set1_pd(a), vb = _mm256_set1_pd(b);
+    ptrdiff_t i = 0;
+    for (; i < n; i += 4) {
+        __m256i mk = fc_mask4(n - i);
+        int full = n - i >= 4;
+        __m256d vz = full ? _mm256_loadu_pd(z + i) : _mm256_maskload_pd(z + i, mk);
+        __m256d vw = full ? _mm256_loadu_pd(w + i) : _mm256_maskload_pd(w + i, mk);
+        __m256d e = fc_exp4_nonpos(_mm256_sub_pd(_mm256_sub_pd(vz, vm), vls));
+        __m256d r = _mm256_fmsub_pd(va, e, _mm256_mul_pd(vb, vw));
+        if (full) _mm256_storeu_pd(g + i, r);
+        else _mm256_maskstore_pd(g + i, mk, r);
+    }
+}
+
+FC_AVX2 static void fc_softmax_grad2_f_avx2(const float* z, ptrdiff_t n, float m, float a,
+                                            float b, const float* w, float* g) {
+    const __m256 vm = _mm256_set1_ps(m);
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t end = n - c0 < FC_BLOCK ? n : c0 + FC_BLOCK, i = c0;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; i + 16 <= end; i += 16) {
+            __m256 e0 = fc_exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm));
+            __m256 e1 = fc_exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(z + i + 8), vm));
+            _mm256_storeu_ps(g + i, e0);
+            _mm256_storeu_ps(g + i + 8, e1);
+            a0 = _mm256_add_ps(a0, e0);
+            a1 = _mm256_add_ps(a1, e1);
+        }
+        for (; i < end; i += 8) {
+            __m256i mk = fc_mask8(end - i);
+            __m256 v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(z + i, mk),
+                                        _mm256_castsi256_ps(mk));
+            __m256 e = fc_exp8_nonpos(_mm256_sub_ps(v, vm));
+            _mm256_maskstore_ps(g + i, mk, e);
+            a1 = _mm256_add_ps(a1, e);
+        }
+        total += fc_hsum8(_mm256_add_ps(a0, a1));
+    }
+    const __m256 vs = _mm256_set1_ps((float)(a / total)), vb = _mm256_set1_ps(b);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(g + i, _mm256_fmsub_ps(vs, _mm256_loadu_ps(g + i),
+                                                _mm256_mul_ps(vb, _mm256_loadu_ps(w + i))));
+    float s = (float)(a / total);
+    for (; i < n; i++) g[i] = s * g[i] - b * w[i];
+}
+
+FC_AVX2 static void fc_softmax_grad2_d_avx2(const double* z, ptrdiff_t n, double m, double a,
+                                            double b, const double* w, double* g) {
+    const __m256d vm = _mm256_set1_pd(m);
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256d e0 = fc_exp4_nonpos(_mm256_sub_pd(_mm256_loadu_pd(z + i), vm));
+        __m256d e1 = fc_exp4_nonpos(_mm256_sub_pd(_mm256_loadu_pd(z + i + 4), vm));
+        _mm256_storeu_pd(g + i, e0);
+        _mm256_storeu_pd(g + i + 4, e1);
+        a0 = _mm256_add_pd(a0, e0);
+        a1 = _mm256_add_pd(a1, e1);
+    }
+    for (; i < n; i += 4) {
+        __m256i mk = fc_mask4(n - i);
+        __m256d v = _mm256_blendv_pd(_mm256_set1_pd(-INFINITY), _mm256_maskload_pd(z + i, mk),
+                                     _mm256_castsi256_pd(mk));
+        __m256d e = fc_exp4_nonpos(_mm256_sub_pd(v, vm));
+        _mm256_maskstore_pd(g + i, mk, e);
+        a1 = _mm256_add_pd(a1, e);
+    }
+    double s = a / fc_hsum4(_mm256_add_pd(a0, a1));
+    const __m256d vs = _mm256_set1_pd(s), vb = _mm256_set1_pd(b);
+    for (i = 0; i + 4 <= n; i += 4)
+        _mm256_storeu_pd(g + i, _mm256_fmsub_pd(vs, _mm256_loadu_pd(g + i),
+                                                _mm256_mul_pd(vb, _mm256_loadu_pd(w + i))));
+    for (; i < n; i++) g[i] = s * g[i] - b * w[i];
+}
+
+/* max(z) with NaN propagation (any NaN -> NaN); n >= 1 */
+FC_AVX2 static float fc_max_f_avx2(const float* z, ptrdiff_t n) {
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, bad = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_loadu_ps(z + i), b = _mm256_loadu_ps(z + i + 8);
+        m0 = _mm256_max_ps(a, m0);
+        m1 = _mm256_max_ps(b, m1);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    float m = _mm_cvtss_f32(s);
+    if (_mm256_movemask_ps(bad)) return NAN;
+    for (; i < n; i++) {
+        float v = z[i];
+        if (v != v) return v;
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+FC_AVX2 static double fc_max_d_avx2(const double* z, ptrdiff_t n) {
+    __m256d m0 = _mm256_set1_pd(-INFINITY), m1 = m0, bad = _mm256_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256d a = _mm256_loadu_pd(z + i), b = _mm256_loadu_pd(z + i + 4);
+        m0 = _mm256_max_pd(a, m0);
+        m1 = _mm256_max_pd(b, m1);
+        bad = _mm256_or_pd(bad, _mm256_cmp_pd(a, b, _CMP_UNORD_Q));
+    }
+    m0 = _mm256_max_pd(m0, m1);
+    __m128d s = _mm_max_pd(_mm256_castpd256_pd128(m0), _mm256_extractf128_pd(m0, 1));
+    s = _mm_max_sd(s, _mm_unpackhi_pd(s, s));
+    double m = _mm_cvtsd_f64(s);
+    if (_mm256_movemask_pd(bad)) return NAN;
+    for (; i < n; i++) {
+        double v = z[i];
+        if (v != v) return v;
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+static int fc_avx2_ok = 0;      /* set once at import by fc_simd_init, before any kernel runs */
+static int fc_avx2_on = 0;
+
+static int fc_simd_init(void) {
+    __builtin_cpu_init();
+    fc_avx2_ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    fc_avx2_on = fc_avx2_ok;
+    return fc_avx2_on;
+}
+#define FC_USE_AVX2 (fc_avx2_on)
+#else
+static int fc_avx2_ok = 0;
+static int fc_avx2_on = 0;
+static int fc_simd_init(void) { return 0; }
+#define FC_USE_AVX2 0
+#endif
+
+/* 1: use AVX2 where the CPU has it; 0: portable code.  Returns the level in use. */
+static int fc_simd_set(int on) {
+    fc_avx2_on = on && fc_avx2_ok;
+    return fc_avx2_on;
+}
+static int fc_simd_level(void) { return fc_avx2_on; }
+
+/* ---- dispatchers called by the kernels --------------------------------------------------- */
+
+static float fc_sumexp_f(const float* z, ptrdiff_t n, float m) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) return fc_sumexp_f_avx2(z, n, m);
+#endif
+    return fc_sumexp_f_base(z, n, m);
+}
+
+static double fc_sumexp_d(const double* z, ptrdiff_t n, double m) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) return fc_sumexp_d_avx2(z, n, m);
+#endif
+    return fc_sumexp_d_base(z, n, m);
+}
+
+static void fc_softmax_grad_f(const float* z, ptrdiff_t n, float m, float ls, float a, float b,
+                              const float* w, float* g) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_softmax_grad_f_avx2(z, n, m, ls, a, b, w, g); return; }
+#endif
+    fc_softmax_grad_f_base(z, n, m, ls, a, b, w, g);
+}
+
+static void fc_softmax_grad_d(const double* z, ptrdiff_t n, double m, double ls, double a,
+                              double b, const double* w, double* g) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_softmax_grad_d_avx2(z, n, m, ls, a, b, w, g); return; }
+#endif
+    fc_softmax_grad_d_base(z, n, m, ls, a, b, w, g);
+}
+
+static void fc_softmax_grad2_f(const float* z, ptrdiff_t n, float m, float a, float b,
+                               const float* w, float* g) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_softmax_grad2_f_avx2(z, n, m, a, b, w, g); return; }
+#endif
+    fc_softmax_grad2_f_base(z, n, m, a, b, w, g);
+}
+
+static void fc_softmax_grad2_d(const double* z, ptrdiff_t n, double m, double a, double b,
+                               const double* w, double* g) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_softmax_grad2_d_avx2(z, n, m, a, b, w, g); return; }
+#endif
+    fc_softmax_grad2_d_base(z, n, m, a, b, w, g);
+}
+
+/* max(z[0:n]) (NaN if any is NaN) into *out and 1 when the AVX2 path ran; 0 otherwise, and
+   the caller runs its portable loop */
+static inline int fc_max_f(const float* z, ptrdiff_t n, float* out) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { *out = fc_max_f_avx2(z, n); return 1; }
+#endif
+    (void)z; (void)n; (void)out;
+    return 0;
+}
+
+static inline int fc_max_d(const double* z, ptrdiff_t n, double* out) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { *out = fc_max_d_avx2(z, n); return 1; }
+#endif
+    (void)z; (void)n; (void)out;
+    return 0;
+}
+
+#endif /* FASTCONV_SIMD_H */

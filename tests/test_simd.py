@@ -1,0 +1,136 @@
+"""The hand-vectorised loops (src/fastconv/_simd.h) against the naive reference, at both SIMD
+levels this machine offers (AVX2+FMA where the CPU has it, and the portable code), on row
+lengths that cover the full vectors, the masked tails and the blocked partial sums, and on the
+values that take special paths: NaN, +-inf, huge logits, and arguments near exp's underflow."""
+import contextlib
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+from fastconv import _kernels
+import reference as ref
+
+LEVELS = ["baseline"] + (["avx2"] if _kernels.set_simd(True) == "avx2" else [])
+SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 255, 256, 257, 300, 1000]
+
+
+@contextlib.contextmanager
+def simd(level):
+    before = _kernels.simd_level()
+    try:
+        assert _kernels.set_simd(level == "avx2") == level
+        yield
+    finally:
+        _kernels.set_simd(before == "avx2")
+
+
+def close(actual, expected, dtype):
+    expected = np.asarray(expected, dtype=np.float64)
+    actual = np.asarray(actual)
+    assert actual.dtype == np.dtype(dtype)
+    scale = 1.0 + (np.nanmax(np.abs(np.where(np.isinf(expected), 0, expected)))
+                   if expected.size else 0.0)
+    if np.dtype(dtype) == np.float64:
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-11 * scale)
+    else:
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_levels_reported():
+    assert _kernels.simd_level() in ("avx2", "baseline")
+    assert LEVELS[0] == "baseline"
+    with simd("baseline"):
+        assert _kernels.simd_level() == "baseline"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", SIZES)
+def test_cross_entropy_rows(level, dtype, C):
+    rng = np.random.default_rng(C)
+    N = 5
+    logits = rng.uniform(-8, 8, (N, C)).astype(dtype)
+    logits[1] *= 20                        # far spread: many exp arguments underflow
+    logits[2] += 1e4                       # huge, shifted logits
+    labels = rng.integers(0, C, N)
+    probs = rng.uniform(0, 1, (N, C))
+    probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
+    w = rng.uniform(0.1, 2, C).astype(dtype)
+    with simd(level):
+        for target in (labels, probs):
+            for kw in (dict(), dict(weight=w, label_smoothing=0.1, reduction="none")):
+                close(fc.cross_entropy(logits, target, **kw),
+                      ref.cross_entropy(logits, target, **kw), dtype)
+                close(fc.cross_entropy_backward(logits, target, **kw),
+                      ref.cross_entropy_backward(logits, target, **kw), dtype)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [8, 9, 16, 17, 33, 300])
+def test_cross_entropy_special_values(level, dtype, C):
+    """NaN anywhere in a row (vector body or tail) makes that row NaN, as in PyTorch; +inf
+    too; -inf in another class is a zero probability; exp arguments around the float/double
+    underflow limit (-87.3 / -708.4) give the reference's values."""
+    rng = np.random.default_rng(100 + C)
+    logits = rng.standard_normal((8, C)).astype(dtype)
+    logits[0, 0] = np.nan
+    logits[1, C - 1] = np.nan                 # in the masked tail for most C
+    logits[2, C // 2] = np.inf
+    logits[3, 1:] = -np.inf                   # only class 0 is possible
+    logits[4, ::2] = -np.inf
+    lim = -87.33654 if dtype == np.float32 else -708.3964
+    logits[5] = np.linspace(lim - 2, lim + 2, C)
+    logits[5, 0] = 0.0
+    logits[6] = -np.inf                       # every class impossible: NaN, as in PyTorch
+    labels = np.array([1, 0, 0, 0, 1, 3 % C, 0, 2], dtype=np.int64)
+    labels[4] = 1                             # a possible class (odd columns are finite)
+    with simd(level):
+        for red in ("none", "sum"):
+            got = fc.cross_entropy(logits, labels, reduction=red)
+            want = ref.cross_entropy(logits, labels, reduction=red)
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+            ok = ~np.isnan(np.asarray(want))
+            close(np.asarray(got)[ok], np.asarray(want)[ok], dtype)
+            g = fc.cross_entropy_backward(logits, labels, reduction=red)
+            gw = ref.cross_entropy_backward(logits, labels, reduction=red)
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(gw))
+            ok = ~np.isnan(gw)
+            close(g[ok], gw[ok], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_levels_agree(dtype):
+    """Both levels compute the same formulas; only the order of partial sums differs."""
+    if len(LEVELS) < 2:
+        pytest.skip("this CPU has no AVX2+FMA")
+    rng = np.random.default_rng(7)
+    logits = rng.uniform(-30, 30, (64, 1000)).astype(dtype)
+    labels = rng.integers(0, 1000, 64)
+    res = {}
+    for level in LEVELS:
+        with simd(level):
+            res[level] = (fc.cross_entropy(logits, labels, reduction="none"),
+                          fc.cross_entropy_backward(logits, labels))
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    for a, b in zip(res["baseline"], res["avx2"]):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_special_values_match_torch(level, dtype):
+    """The NaN/inf conventions above are PyTorch's (optional: needs torch)."""
+    torch = pytest.importorskip("torch")
+    logits = np.array([[0.5, np.inf, 1.0] + [0.0] * 14, [0.5] + [-np.inf] * 16,
+                       [-np.inf] * 17, [np.nan] + [1.0] * 16, [1.0] * 16 + [np.nan]], dtype)
+    labels = np.zeros(5, dtype=np.int64)
+    t = torch.from_numpy(logits).requires_grad_()
+    want = torch.nn.functional.cross_entropy(t, torch.from_numpy(labels), reduction="none")
+    want.sum().backward()
+    with simd(level):
+        got = fc.cross_entropy(logits, labels, reduction="none")
+        g = fc.cross_entropy_backward(logits, labels, reduction="none")
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-6, atol=1e-7)
