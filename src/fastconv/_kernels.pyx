@@ -875,53 +875,79 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :,
 # nearest upsampling
 # --------------------------------------------------------------------------------------------
 
+cdef void upsample_row(const floating* src, Py_ssize_t W, Py_ssize_t sH, Py_ssize_t sW,
+                       floating* dst) noexcept nogil:
+    """One input row -> sH identical output rows of W * sW values (x2 and x1 vectorise)."""
+    cdef Py_ssize_t iw, j, r, OW = W * sW
+    cdef floating v
+    if sW == 1:
+        memcpy(dst, src, W * sizeof(floating))
+    elif sW == 2:
+        for iw in range(W):
+            v = src[iw]
+            dst[2 * iw] = v
+            dst[2 * iw + 1] = v
+    else:
+        for iw in range(W):
+            v = src[iw]
+            for j in range(sW):
+                dst[iw * sW + j] = v
+    for r in range(1, sH):
+        memcpy(dst + r * OW, dst, OW * sizeof(floating))
+
+
+cdef void upsample_row_backward(const floating* src, Py_ssize_t W, Py_ssize_t sH,
+                                Py_ssize_t sW, floating* dst) noexcept nogil:
+    """dst[iw] = sum of the sH x sW output values copied from input value iw (row by row,
+    so that each pass streams a contiguous output row; x2 vectorises)."""
+    cdef Py_ssize_t iw, j, r, OW = W * sW
+    cdef const floating* s
+    cdef floating acc
+    for r in range(sH):
+        s = src + r * OW
+        if sW == 1:
+            if r == 0:
+                memcpy(dst, s, W * sizeof(floating))
+            else:
+                for iw in range(W):
+                    dst[iw] = dst[iw] + s[iw]
+        elif sW == 2:
+            if r == 0:
+                for iw in range(W):
+                    dst[iw] = s[2 * iw] + s[2 * iw + 1]
+            else:
+                for iw in range(W):
+                    dst[iw] = dst[iw] + (s[2 * iw] + s[2 * iw + 1])
+        else:
+            for iw in range(W):
+                acc = s[iw * sW]
+                for j in range(1, sW):
+                    acc = acc + s[iw * sW + j]
+                dst[iw] = acc if r == 0 else dst[iw] + acc
+
+
 def upsample_nearest2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                                Py_ssize_t sH, Py_ssize_t sW, int num_threads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t OW = W * sW
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
-    cdef const floating* src
-    cdef floating* dst
-    cdef floating v
-    cdef Py_ssize_t row, iw, j, r
+    cdef Py_ssize_t row
     with nogil:
-        # one input row -> sH identical output rows
         for row in prange(N * C * H, schedule='guided', num_threads=num_threads):
-            src = xp + row * W
-            dst = op + row * sH * OW
-            if sW == 1:
-                memcpy(dst, src, W * sizeof(floating))
-            else:
-                for iw in range(W):
-                    v = src[iw]
-                    for j in range(sW):
-                        dst[iw * sW + j] = v
-            for r in range(1, sH):
-                memcpy(dst + r * OW, dst, OW * sizeof(floating))
+            upsample_row(xp + row * W, W, sH, sW, op + row * sH * W * sW)
 
 
 def upsample_nearest2d_backward(const floating[:, :, :, ::1] grad_out,
                                 floating[:, :, :, ::1] grad_x_out,
                                 Py_ssize_t sH, Py_ssize_t sW, int num_threads):
     cdef Py_ssize_t N = grad_x_out.shape[0], C = grad_x_out.shape[1]
-    cdef Py_ssize_t H = grad_x_out.shape[2], W = grad_x_out.shape[3], OW = W * sW
+    cdef Py_ssize_t H = grad_x_out.shape[2], W = grad_x_out.shape[3]
     cdef const floating* gyp = &grad_out[0, 0, 0, 0]
     cdef floating* gxp = &grad_x_out[0, 0, 0, 0]
-    cdef const floating* src
-    cdef floating* dst
-    cdef floating acc
-    cdef Py_ssize_t row, iw, j, r
+    cdef Py_ssize_t row
     with nogil:
         for row in prange(N * C * H, schedule='guided', num_threads=num_threads):
-            src = gyp + row * sH * OW
-            dst = gxp + row * W
-            for iw in range(W):
-                acc = 0
-                for r in range(sH):
-                    for j in range(sW):
-                        acc = acc + src[r * OW + iw * sW + j]
-                dst[iw] = acc
+            upsample_row_backward(gyp + row * sH * W * sW, W, sH, sW, gxp + row * W)
 
 
 # --------------------------------------------------------------------------------------------
