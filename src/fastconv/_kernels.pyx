@@ -603,18 +603,252 @@ cdef inline void tap_range(Py_ssize_t k, Py_ssize_t d, Py_ssize_t p, Py_ssize_t 
     k1[0] = b
 
 
+cdef enum:
+    MAX_TAPS = 64    # column taps whose valid output ranges a pooling plane precomputes
+
+
+cdef bint tap_table(Py_ssize_t kw0, Py_ssize_t kw1, Py_ssize_t dW, Py_ssize_t pW,
+                    Py_ssize_t sW, Py_ssize_t W, Py_ssize_t OW, Py_ssize_t* tab) noexcept nogil:
+    """(off, lo, hi) of column taps kw0 <= kw < kw1 into tab (3 entries each): the same for
+    every row of a plane, so the divisions in valid_range run once per plane, not once per
+    tap and row.  False (tab untouched) when there are more than MAX_TAPS taps."""
+    cdef Py_ssize_t kw, off
+    if kw1 - kw0 > MAX_TAPS:
+        return False
+    for kw in range(kw0, kw1):
+        off = kw * dW - pW
+        tab[3 * (kw - kw0)] = off
+        valid_range(off, sW, W, OW, &tab[3 * (kw - kw0) + 1], &tab[3 * (kw - kw0) + 2])
+    return True
+
+
+cdef enum:
+    ROW_BUF = 1024   # widest input row the separable pooling paths handle (else: tap by tap)
+
+
+cdef void combine_taps(const floating* v, Py_ssize_t W, Py_ssize_t sW, const Py_ssize_t* tab,
+                       Py_ssize_t ntab, floating* orow, bint is_max,
+                       floating* ev) noexcept nogil:
+    """orow[ow] (op)= v[ow * sW + off] for each tap (off, lo, hi) of tab, op = NaN-aware max
+    (PyTorch's ``val > m or isnan(val)``) or +.  For sW == 2 the row is split into its even
+    and odd elements first (into ev, W entries), so that every tap reads contiguously."""
+    cdef Py_ssize_t t, ow, off, lo, hi, nod = W // 2, nev = (W + 1) // 2, i
+    cdef const floating* src
+    cdef floating a, m
+    if sW == 2:
+        for i in range(nod):
+            ev[i] = v[2 * i]
+            ev[nev + i] = v[2 * i + 1]
+        if nev > nod:
+            ev[nod] = v[W - 1]
+    for t in range(ntab):
+        off = tab[3 * t]
+        lo = tab[3 * t + 1]
+        hi = tab[3 * t + 2]
+        if sW == 1 or sW == 2:
+            if sW == 1:
+                src = v + off
+            elif off & 1:
+                src = ev + nev + (off - 1) // 2
+            else:
+                src = ev + off // 2
+            if is_max:
+                for ow in range(lo, hi):
+                    a = src[ow]
+                    m = orow[ow]
+                    orow[ow] = a if ((a > m) | (a != a)) else m
+            else:
+                for ow in range(lo, hi):
+                    orow[ow] = orow[ow] + src[ow]
+        else:
+            if is_max:
+                for ow in range(lo, hi):
+                    a = v[ow * sW + off]
+                    m = orow[ow]
+                    orow[ow] = a if ((a > m) | (a != a)) else m
+            else:
+                for ow in range(lo, hi):
+                    orow[ow] = orow[ow] + v[ow * sW + off]
+
+
+cdef bint fold_rows(const floating* x, Py_ssize_t W, Py_ssize_t h0, Py_ssize_t hend,
+                    Py_ssize_t dH, floating* vm, bint is_max) noexcept nogil:
+    """vm[w] = NaN-aware max (or sum) of x[ih, w] over rows ih = h0, h0 + dH, ... < hend;
+    False when there are no such rows."""
+    cdef Py_ssize_t ih, w
+    cdef const floating* r
+    cdef floating a, m
+    if h0 >= hend:
+        return False
+    memcpy(vm, x + h0 * W, W * sizeof(floating))
+    ih = h0 + dH
+    while ih < hend:
+        r = x + ih * W
+        if is_max:
+            for w in range(W):
+                a = r[w]
+                m = vm[w]
+                vm[w] = a if ((a > m) | (a != a)) else m
+        else:
+            for w in range(W):
+                vm[w] = vm[w] + r[w]
+        ih = ih + dH
+    return True
+
+
+cdef void max_pool_argmax(const floating* x, Py_ssize_t W, Py_ssize_t h0, Py_ssize_t hend,
+                          Py_ssize_t dH, Py_ssize_t ws, Py_ssize_t wend, Py_ssize_t dW,
+                          floating* m_io, long long* idx, bint mark_empty) noexcept nogil:
+    """The index PyTorch's scan rule picks for a window whose maximum is *m_io: the first
+    position (row-major) equal to it, or the last NaN when it is NaN; *m_io becomes that
+    element (so that even the sign of a zero maximum is PyTorch's)."""
+    cdef Py_ssize_t ih, iw, w0 = first_tap(ws, dW), best = -1
+    cdef floating m = m_io[0], v
+    if h0 >= hend or w0 >= wend:
+        idx[0] = -1 if mark_empty else h0 * W + w0
+        return
+    ih = h0
+    while ih < hend:
+        iw = w0
+        while iw < wend:
+            v = x[ih * W + iw]
+            if m != m:
+                if v != v:
+                    best = ih * W + iw
+            elif v == m:
+                idx[0] = ih * W + iw
+                m_io[0] = v
+                return
+            iw = iw + dW
+        ih = ih + dH
+    idx[0] = best if best >= 0 else h0 * W + w0
+    if best >= 0:
+        m_io[0] = x[best]
+
+
+cdef enum:
+    MAX_WIN = 256    # window taps (rows x column taps) max_pool_row_win handles
+
+
+cdef Py_ssize_t max_pool_row_win(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t oh,
+                                 floating* vals, floating* win, Py_ssize_t OW, Py_ssize_t kH,
+                                 Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t dH,
+                                 const Py_ssize_t* tab, Py_ssize_t ntab,
+                                 Py_ssize_t* tapoff) noexcept nogil:
+    """Each window's maximum into vals and the ordinal of the tap PyTorch's scan picks (the
+    first, row-major, equal to the maximum) into win, -1 when none (a window in the padding,
+    or a NaN maximum: the caller rescans those).  The taps are visited in reverse order,
+    keeping the last match: selects on floats the compiler vectorises, unlike the scan's
+    running (value, int64 index) pair.  Tap ordinal k sits at
+    x[first_row * W + ow * sW + tapoff[k]]; returns first_row, or -1 when the window has more
+    than MAX_WIN taps (tapoff untouched: the caller falls back)."""
+    cdef Py_ssize_t hs = oh * sH - pH, h0, hend, nr, r, t, off, lo, hi, ow
+    cdef const floating* xrow
+    cdef floating v, tn
+    h0 = first_tap(hs, dH)
+    hend = hs + (kH - 1) * dH + 1
+    if hend > H:
+        hend = H
+    nr = (hend - h0 + dH - 1) // dH if hend > h0 else 0
+    if nr * ntab > MAX_WIN:
+        return -1
+    max_pool_row_fast(x, H, W, oh, vals, OW, kH, sH, sW, pH, dH, tab, ntab)
+    for ow in range(OW):
+        win[ow] = -1
+    r = nr - 1
+    while r >= 0:
+        xrow = x + (h0 + r * dH) * W
+        t = ntab - 1
+        while t >= 0:
+            off = tab[3 * t]
+            lo = tab[3 * t + 1]
+            hi = tab[3 * t + 2]
+            tn = <floating>(r * ntab + t)
+            tapoff[r * ntab + t] = r * dH * W + off
+            if sW == 2:
+                for ow in range(lo, hi):
+                    v = xrow[2 * ow + off]
+                    win[ow] = tn if v == vals[ow] else win[ow]
+            elif sW == 1:
+                for ow in range(lo, hi):
+                    v = xrow[ow + off]
+                    win[ow] = tn if v == vals[ow] else win[ow]
+            else:
+                for ow in range(lo, hi):
+                    v = xrow[ow * sW + off]
+                    win[ow] = tn if v == vals[ow] else win[ow]
+            t = t - 1
+        r = r - 1
+    return h0 if h0 < H else 0
+
+
+cdef bint max_pool_row_indexed(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t oh,
+                               floating* vals, long long* irow, floating* win,
+                               Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
+                               Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
+                               Py_ssize_t dW, const Py_ssize_t* tab, Py_ssize_t ntab,
+                               bint mark_empty) noexcept nogil:
+    """max_pool_row with the argmax (same values and indices) through max_pool_row_win;
+    False when the window is too large for it (nothing written)."""
+    cdef Py_ssize_t tapoff[MAX_WIN]
+    cdef Py_ssize_t ow, h0, hs, hend, ws, wend, k
+    cdef long long j
+    h0 = max_pool_row_win(x, H, W, oh, vals, win, OW, kH, sH, sW, pH, dH, tab, ntab, tapoff)
+    if h0 < 0:
+        return False
+    for ow in range(OW):
+        k = <Py_ssize_t>win[ow]
+        if k >= 0:
+            j = h0 * W + ow * sW + tapoff[k]
+            irow[ow] = j
+            vals[ow] = x[j]                 # PyTorch's element: even a zero's sign matches
+        else:                               # NaN maximum, or a window in the padding
+            hs = oh * sH - pH
+            hend = hs + (kH - 1) * dH + 1
+            if hend > H:
+                hend = H
+            ws = ow * sW - pW
+            wend = ws + (kW - 1) * dW + 1
+            if wend > W:
+                wend = W
+            max_pool_argmax(x, W, first_tap(hs, dH), hend, dH, ws, wend, dW, &vals[ow],
+                            &irow[ow], mark_empty)
+    return True
+
+
+cdef void max_pool_row_fast(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t oh,
+                            floating* orow, Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t sH,
+                            Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t dH, const Py_ssize_t* tab,
+                            Py_ssize_t ntab) noexcept nogil:
+    """The values of max_pool_row (no argmax), for rows of at most ROW_BUF values with a tap
+    table: the window's rows are folded first (contiguous loads), then the taps combined.
+    Max is exact, so only the sign of a zero maximum can differ from the tap-by-tap scan."""
+    cdef floating vm[ROW_BUF]
+    cdef floating ev[ROW_BUF]
+    cdef Py_ssize_t hs = oh * sH - pH, h0, hend, ow
+    h0 = first_tap(hs, dH)
+    hend = hs + (kH - 1) * dH + 1
+    if hend > H:
+        hend = H
+    for ow in range(OW):
+        orow[ow] = -INFINITY
+    if fold_rows(x, W, h0, hend, dH, vm, True):
+        combine_taps(vm, W, sW, tab, ntab, orow, True, ev)
+
+
 cdef void max_pool_row(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t oh,
                        floating* orow, long long* irow, Py_ssize_t OW,
                        Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                        Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
-                       bint track, bint mark_empty) noexcept nogil:
+                       bint track, bint mark_empty, const Py_ssize_t* tab) noexcept nogil:
     """One output row of max pooling, PyTorch's CPU rule: each window scanned row-major,
     taking ``val > max or isnan(val)`` (first maximum wins; NaN propagates).
 
     The scan runs tap by tap over the whole row, so the inner loop over ``ow`` is a
     compare-and-select the compiler vectorises.  With ``track`` the argmax goes to ``irow``,
     starting, as PyTorch, at the window's first in-image position; with ``mark_empty`` a window
-    wholly in the padding gets -1 instead (it has no input to send a gradient to).
+    wholly in the padding gets -1 instead (it has no input to send a gradient to).  ``tab``:
+    the plane's tap table (tap_table), or NULL to compute the taps' ranges here.
     """
     cdef Py_ssize_t hs = oh * sH - pH, h0, hend, ih, kw, off, lo, hi, ow, ws, w0, wend, base
     cdef Py_ssize_t kw0, kw1
@@ -646,8 +880,13 @@ cdef void max_pool_row(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     while ih < hend:
         xrow = x + ih * W
         for kw in range(kw0, kw1):
-            off = kw * dW - pW
-            valid_range(off, sW, W, OW, &lo, &hi)
+            if tab != NULL:
+                off = tab[3 * (kw - kw0)]
+                lo = tab[3 * (kw - kw0) + 1]
+                hi = tab[3 * (kw - kw0) + 2]
+            else:
+                off = kw * dW - pW
+                valid_range(off, sW, W, OW, &lo, &hi)
             if track:
                 base = ih * W + off
                 for ow in range(lo, hi):
@@ -674,10 +913,23 @@ cdef void max_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
                          Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
                          bint track) noexcept nogil:
-    cdef Py_ssize_t oh
+    cdef Py_ssize_t oh, kw0, kw1
+    cdef Py_ssize_t tab[3 * MAX_TAPS]
+    cdef floating winbuf[ROW_BUF]
+    cdef floating* win = winbuf if OW <= ROW_BUF else NULL
+    tap_range(kW, dW, pW, sW, W, OW, &kw0, &kw1)
+    cdef bint have = tap_table(kw0, kw1, dW, pW, sW, W, OW, tab)
     for oh in range(OH):
-        max_pool_row(x, H, W, oh, out + oh * OW, ind + oh * OW if track else NULL, OW,
-                     kH, kW, sH, sW, pH, pW, dH, dW, track, False)
+        if have and W <= ROW_BUF and not track:
+            max_pool_row_fast(x, H, W, oh, out + oh * OW, OW, kH, sH, sW, pH, dH, tab,
+                              kw1 - kw0)
+        elif have and W <= ROW_BUF and win != NULL and max_pool_row_indexed(
+                x, H, W, oh, out + oh * OW, ind + oh * OW, win, OW, kH, kW, sH, sW, pH, pW,
+                dH, dW, tab, kw1 - kw0, False):
+            pass
+        else:
+            max_pool_row(x, H, W, oh, out + oh * OW, ind + oh * OW if track else NULL, OW,
+                         kH, kW, sH, sW, pH, pW, dH, dW, track, False, tab if have else NULL)
 
 
 cdef void max_pool_plane_backward(const floating* gy, const floating* x, floating* gx,
@@ -686,11 +938,18 @@ cdef void max_pool_plane_backward(const floating* gy, const floating* x, floatin
                                   Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
                                   floating* vals, long long* idx) noexcept nogil:
     """gx (the whole plane) = grad_out scattered to each window's argmax."""
-    cdef Py_ssize_t oh, ow
+    cdef Py_ssize_t oh, ow, kw0, kw1
     cdef long long j
+    cdef Py_ssize_t tab[3 * MAX_TAPS]
+    tap_range(kW, dW, pW, sW, W, OW, &kw0, &kw1)
+    cdef bint have = tap_table(kw0, kw1, dW, pW, sW, W, OW, tab)
     memset(gx, 0, H * W * sizeof(floating))
     for oh in range(OH):
-        max_pool_row(x, H, W, oh, vals, idx, OW, kH, kW, sH, sW, pH, pW, dH, dW, True, True)
+        if not (have and W <= ROW_BUF and max_pool_row_indexed(
+                x, H, W, oh, vals, idx, vals + OW, OW, kH, kW, sH, sW, pH, pW, dH, dW, tab,
+                kw1 - kw0, True)):
+            max_pool_row(x, H, W, oh, vals, idx, OW, kH, kW, sH, sW, pH, pW, dH, dW, True,
+                         True, tab if have else NULL)
         for ow in range(OW):
             j = idx[ow]
             if j >= 0:
@@ -720,7 +979,8 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:,
                         Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                         Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
                         int num_threads):
-    """grad_x (fully written); the scratch rows are (threads, OW) each."""
+    """grad_x (fully written); per-thread scratch rows: vals (threads, 2 OW), idx (threads,
+    OW)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3], plane
     cdef const floating* xp = &x[0, 0, 0, 0]
@@ -731,8 +991,8 @@ def max_pool2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:,
     cdef floating* vals
     cdef long long* idx
     if vals_scratch.shape[0] < num_threads or idx_scratch.shape[0] < num_threads or \
-            vals_scratch.shape[1] < OW or idx_scratch.shape[1] < OW:
-        raise ValueError("max_pool2d_backward: scratch needs (threads, OW)")
+            vals_scratch.shape[1] < 2 * OW or idx_scratch.shape[1] < OW:
+        raise ValueError("max_pool2d_backward: scratch needs (threads, 2 OW) and (threads, OW)")
     with nogil, parallel(num_threads=num_threads):
         vals = vp + threadid() * vals_scratch.shape[1]
         idx = jp + threadid() * idx_scratch.shape[1]
@@ -771,7 +1031,9 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
     cdef const floating* xrow
     cdef floating div
     cdef bint empty
+    cdef Py_ssize_t tab[3 * MAX_TAPS]
     tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
+    cdef bint have = tap_table(kw0, kw1, 1, pW, sW, W, OW, tab)
     for oh in range(OH):
         orow = out + oh * OW
         hs = oh * sH - pH
@@ -785,8 +1047,13 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
         for ih in range(hs_c, he_c):
             xrow = x + ih * W
             for kw in range(kw0, kw1):
-                off = kw - pW
-                valid_range(off, sW, W, OW, &lo, &hi)
+                if have:
+                    off = tab[3 * (kw - kw0)]
+                    lo = tab[3 * (kw - kw0) + 1]
+                    hi = tab[3 * (kw - kw0) + 2]
+                else:
+                    off = kw - pW
+                    valid_range(off, sW, W, OW, &lo, &hi)
                 if sW == 1:
                     for ow in range(lo, hi):
                         orow[ow] = orow[ow] + xrow[ow + off]
@@ -808,8 +1075,10 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
     cdef floating* gxrow
     cdef floating div
     cdef bint empty
+    cdef Py_ssize_t tab[3 * MAX_TAPS]
     memset(gx, 0, H * W * sizeof(floating))
     tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
+    cdef bint have = tap_table(kw0, kw1, 1, pW, sW, W, OW, tab)
     for oh in range(OH):
         hs = oh * sH - pH
         he = hs + kH
@@ -824,8 +1093,13 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
         for ih in range(hs_c, he_c):
             gxrow = gx + ih * W
             for kw in range(kw0, kw1):
-                off = kw - pW
-                valid_range(off, sW, W, OW, &lo, &hi)
+                if have:
+                    off = tab[3 * (kw - kw0)]
+                    lo = tab[3 * (kw - kw0) + 1]
+                    hi = tab[3 * (kw - kw0) + 2]
+                else:
+                    off = kw - pW
+                    valid_range(off, sW, W, OW, &lo, &hi)
                 if sW == 1:
                     for ow in range(lo, hi):
                         gxrow[ow + off] = gxrow[ow + off] + g[ow]

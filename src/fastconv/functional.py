@@ -695,7 +695,8 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, dilati
     if N > 0:
         team = _team(N * C, grad_out.size * k[0] * k[1])
         _kernels.max_pool2d_backward(_c(grad_out, dt), _c(x, dt), gx,
-                                     np.empty((team, OW), dt), np.empty((team, OW), np.int64),
+                                     np.empty((team, 2 * OW), dt),
+                                     np.empty((team, OW), np.int64),
                                      k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], team)
     return gx
 
