@@ -13,7 +13,10 @@ often, with valid and with barely-invalid geometry.
 The only acceptable outcomes are a normal return or a ``ValueError`` / ``TypeError`` (and
 ``MemoryError`` where the call involves a huge size).  A normal return must also leave the
 input arrays unchanged and return new arrays (no memory shared with an input) of a floating
-dtype (int64 for max-pool indices) whose gradient shapes match the inputs'.
+dtype (int64 for max-pool indices) whose gradient shapes match the inputs'.  Forward calls now
+and then get an ``out=``: shaped like the result, or made wrong (dtype, shape, layout,
+read-only, a list, a NumPy scalar, a lone array for max-pool's two results) or junk; a normal
+return must then be ``out`` itself, holding bitwise what the same call without ``out`` returns.
 
 Each call runs in a long-lived child process (this file run as a script), so that a segfault or
 an abort is reported as a failure naming the call that killed the child, with the child's
@@ -60,7 +63,8 @@ LAYERS = ["Conv2d", "ConvTranspose2d", "MaxPool2d", "AvgPool2d", "Upsample", "Li
 #   ("tuple", [nodes]) / ("list", [nodes]) / ("np", dtype, value) numpy scalar /
 #   ("arr", kind, shape, dtype, extra) an array (kinds below) /
 #   ("grad", fwd_name, fwd_args, fwd_kwargs, dtype, perturb, fallback_shape) an array shaped
-#   like the output of the forward call (if that call succeeds), perturbed in one axis.
+#   like the output of the forward call (if that call succeeds), perturbed in one axis /
+#   ("out", fwd_name, fwd_args, fwd_kwargs, how) an out= for that forward call (_make_out).
 
 _SMALL = 1 << 16      # arrays with more elements than this are zero-strided broadcasts
 
@@ -172,7 +176,49 @@ def _build(node, inputs):
             ax %= len(shape)
             shape[ax] = max(0, shape[ax] + delta)
         return _build(("arr", "rand", tuple(shape), dt, (("seed", 7),)), inputs)
+    if tag == "out":
+        return _make_out(*node[1:])
     raise _HarnessError(f"unknown recipe node {node!r}")
+
+
+def _make_out(fwd, fargs, fkwargs, how):
+    """An out= for fwd(*fargs, **fkwargs): NaN-filled (-3 for indices) arrays shaped like its
+    result (if that call succeeds), left right ('exact') or made wrong as ``how`` says."""
+    import fastconv
+    fargs = [_build(a, []) for a in fargs]
+    fkwargs = {k: _build(v, []) for k, v in fkwargs.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = getattr(fastconv, fwd)(*fargs, **fkwargs)
+    except (ValueError, TypeError, MemoryError):
+        result = np.zeros((2, 3))           # the call is invalid anyway
+    except BaseException as e:  # noqa: BLE001 - fastconv itself failed: report it
+        raise _ForwardFailed(e) from e
+    outs = []
+    for r in result if isinstance(result, tuple) else (result,):
+        r = np.asarray(r)
+        dt, shape = r.dtype, r.shape
+        if how == "dtype":
+            dt = np.dtype(np.float32 if dt == np.float64 else np.float64)
+        elif how == "shape":
+            shape = shape[:-1] + (shape[-1] + 1,) if shape else (1,)
+        a = np.empty(shape[:-1] + (2 * shape[-1],) if how == "strided" and shape else shape, dt)
+        a.fill(np.nan if dt.kind == "f" else -3)
+        if how == "strided" and shape:
+            a = a[..., ::2]
+        elif how == "fortran":
+            a = np.asfortranarray(a)
+        elif how == "ro":
+            a.setflags(write=False)
+        elif how == "list":
+            a = a.tolist()
+        elif how == "scalar":
+            a = a.reshape(-1)[0] if a.size else dt.type(0)
+        outs.append(a)
+    if how == "half" and len(outs) == 2:
+        return (outs[0], None)
+    return tuple(outs) if len(outs) > 1 and how != "first" else outs[0]
 
 
 def _arrays_in(value):
@@ -200,6 +246,23 @@ def _check_return(name, result, inputs):
     for a, before in inputs:
         if isinstance(a, np.ndarray) and a.dtype.kind != "O" and a.tobytes() != before.tobytes():
             return "an input array was modified"
+    return None
+
+
+def _check_out(name, args, kwargs, result):
+    """A call given out=: the result is out itself (a None in out's tuple allocated), holding
+    bitwise what the same call without out returns."""
+    import fastconv
+    out = kwargs["out"]
+    outs = out if isinstance(out, tuple) else (out,)
+    got = result if isinstance(result, tuple) else (result,)
+    if len(got) != len(outs) or any(o is not None and g is not o for g, o in zip(got, outs)):
+        return "the result is not out"
+    plain = getattr(fastconv, name)(*args, **{k: v for k, v in kwargs.items() if k != "out"})
+    for g, p in zip(got, plain if isinstance(plain, tuple) else (plain,)):
+        g, p = np.asarray(g), np.asarray(p)
+        if g.dtype != p.dtype or g.shape != p.shape or g.tobytes() != p.tobytes():
+            return "out holds something else than the result of the call without out"
     return None
 
 
@@ -239,10 +302,14 @@ def _execute(recipe):
         if kind == "call":
             _, name, args, kwargs = recipe[:4]
             args = [_build(a, inputs) for a in args]
-            kwargs = {k: _build(v, inputs) for k, v in kwargs.items()}
+            # out= is no input: it may be written, and the result is it
+            kwargs = {k: _build(v, inputs if k != "out" else []) for k, v in kwargs.items()}
             stage = "the call"
             result = getattr(fastconv, name)(*args, **kwargs)
             bad = _check_return(name, result, inputs) or _grad_shapes(name, args, kwargs, result)
+            if not bad and kwargs.get("out") is not None:
+                stage = "the call without out (after the call with out succeeded)"
+                bad = _check_out(name, args, kwargs, result)
             if bad:
                 return ("invariant", bad)
             return ("ok", type(result).__name__)
@@ -498,6 +565,10 @@ def _show(node):
         call = f"{fwd}({', '.join([_show(a) for a in fargs] + [f'{k}={_show(v)}' for k, v in fkwargs.items()])})"
         return f"<{dt!r} array shaped like {call}" + \
             (f", axis {perturb[0]} changed by {perturb[1]}" if perturb else "") + ">"
+    if tag == "out":
+        _, fwd, fargs, fkwargs, how = node
+        parts = [_show(a) for a in fargs] + [f"{k}={_show(v)}" for k, v in fkwargs.items()]
+        return f"<out for {fwd}({', '.join(parts)}), {how}>"
     return repr(node)
 
 
@@ -711,6 +782,20 @@ perturbs = _weighted((6, st.none()), (1, st.tuples(st.integers(0, 3),
 run_modes = st.tuples(st.sampled_from([1, 2, 3]), st.sampled_from([None, None, 1]))
 
 
+OUT_WRONGS = ["dtype", "shape", "fortran", "strided", "ro", "list", "scalar", "first", "half"]
+
+
+@st.composite
+def with_out(draw, h, fwd, args, kwargs):
+    """kwargs, one time in three with an out= for fwd(*args, **kwargs): mostly the right one,
+    else a wrong one (OUT_WRONGS, see _make_out) or junk."""
+    if draw(st.integers(0, 2)):
+        return kwargs
+    how = draw(_weighted((3, st.just("exact")), (1 + h, st.sampled_from(OUT_WRONGS))))
+    node = ("out", fwd, list(args), dict(kwargs), how)
+    return dict(kwargs, out=draw(mj(h, st.just(node))))
+
+
 def grad_node(h, fwd, fargs, fkwargs, dtype, fallback):
     return st.builds(lambda d, p: ("grad", fwd, fargs, fkwargs, d, p, fallback),
                      _weighted((8, st.just(dtype)), (h, dtypes(2))),
@@ -785,6 +870,7 @@ def conv_call(draw, transposed, backward):
     L = wshape[1] * g if transposed else wshape[0]
     bias = draw(_weighted((3, st.none()), (3, operand(h, (L,), dt))))
     args, kwargs, _ = draw(pass_kwargs([x, wt], dict({"bias": bias}, **geo)))
+    kwargs = draw(with_out(h, fwd, args, kwargs))
     return ("call", fwd, args, kwargs) + draw(run_modes)
 
 
@@ -823,6 +909,7 @@ def pool_call(draw, op, backward):
         return ("call", op + "_backward", args, kwargs) + draw(run_modes)
     ks = kw.pop("kernel_size")
     args, kwargs, _ = draw(pass_kwargs([x, ks], kw))
+    kwargs = draw(with_out(h, op, args, kwargs))
     return ("call", op, args, kwargs) + draw(run_modes)
 
 
@@ -843,7 +930,8 @@ def upsample_call(draw, backward):
         gy = draw(_weighted((12, grad_node(h, "upsample_nearest2d", [x], {"scale_factor": s},
                                            dt, (n, c, hh, ww))), (h, junk)))
         return ("call", "upsample_nearest2d_backward", [gy, s], {}) + draw(run_modes)
-    return ("call", "upsample_nearest2d", [x, s], {}) + draw(run_modes)
+    kwargs = draw(with_out(h, "upsample_nearest2d", [x, s], {}))
+    return ("call", "upsample_nearest2d", [x, s], kwargs) + draw(run_modes)
 
 
 @st.composite
@@ -878,6 +966,8 @@ def ce_call(draw, backward):
             st.sampled_from([None, 2.0, -1, 0.5, ("np", "float32", 2)])
         kw["grad_output"] = draw(_weighted((2, st.none()), (4, right), (h, junk)))
     args, kwargs, _ = draw(pass_kwargs([logits, target], kw))
+    if not backward:
+        kwargs = draw(with_out(h, "cross_entropy", args, kwargs))
     return ("call", "cross_entropy_backward" if backward else "cross_entropy", args,
             kwargs) + draw(run_modes)
 

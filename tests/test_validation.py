@@ -458,6 +458,87 @@ case(CEB, (LG, TG), dict(grad_output="1"), TypeError, "grad_output")
 case(CEB, (LG, TG), dict(reduction="none", grad_output=np.ones(3, complex)), TypeError,
      "grad_output", "complex")
 
+# out= of the forward functions ---------------------------------------------------------------
+
+OUT_CALLS = [   # (function, args, kwargs, shape of the float64 result)
+    ("conv2d", (X, W, B), {}, (2, 4, 3, 3)),
+    ("conv_transpose2d", (XT, WT, BT), {}, (2, 3, 4, 4)),
+    ("max_pool2d", (XP, 2), {}, (2, 3, 3, 3)),
+    ("avg_pool2d", (XP, 2), {}, (2, 3, 3, 3)),
+    ("upsample_nearest2d", (XU, 2), {}, (2, 3, 4, 6)),
+    ("cross_entropy", (LG, TG), dict(reduction="none"), (3,)),
+    ("cross_entropy", (LG, PR), dict(reduction="none"), (3,)),
+]
+
+
+def _readonly(a):
+    a.setflags(write=False)
+    return a
+
+
+for fn, args, kw, shape in OUT_CALLS:
+    wide = shape[:-1] + (shape[-1] + 1,)
+    for bad, exc, frag in [
+        (_z(*shape).tolist(), TypeError, ("out", "numpy.ndarray", "list")),
+        (np.float64(0.0), TypeError, ("out", "numpy.ndarray", "float64")),
+        ((_z(*shape),), TypeError, ("out", "tuple")),
+        ("out", TypeError, ("out", "str")),
+        (_z(*shape, dtype=F32), TypeError, ("out", "float32", "float64")),
+        (_z(*shape, dtype=np.int64), TypeError, ("out", "int64", "float64")),
+        (_z(*shape, dtype=LONGDOUBLE), TypeError, ("out", str(LONGDOUBLE), "float64")),
+        (_z(*shape, dtype=">f8"), TypeError, ("out", ">f8", "float64")),
+        (_z(*wide), ValueError, ("out", str(wide), str(shape))),
+        (_z(*shape[::-1]) if len(shape) > 1 else _z(1, *shape), ValueError,
+         ("out", str(shape[::-1] if len(shape) > 1 else (1,) + shape), str(shape))),
+        (_z(), ValueError, ("out", "()", str(shape))),
+        (_z(*shape[:-1], 2 * shape[-1])[..., ::2], ValueError, ("out", "C-contiguous")),
+        (_readonly(_z(*shape)), ValueError, ("out", "read-only")),
+    ] + ([(_z(*wide)[..., 1:], ValueError, ("out", "C-contiguous"))] if len(shape) > 1 else []):
+        case(fn, args, dict(kw, out=bad), exc, *frag)
+    f32 = tuple(a.astype(F32) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
+                for a in args)
+    case(fn, f32, dict(kw, out=_z(*shape)), TypeError, "out", "float64", "float32")
+
+for fn in ("conv2d", "conv_transpose2d"):
+    case(fn, (X, W, B) if fn == "conv2d" else (XT, WT, BT), dict(out=np.asfortranarray(
+        _z(2, 4, 3, 3) if fn == "conv2d" else _z(2, 3, 4, 4))), ValueError, "out",
+        "C-contiguous")
+
+CE = "cross_entropy"
+for red in ("mean", "sum"):             # a reduction's result is 0-d: out must be a 0-d array
+    case(CE, (LG, TG), dict(reduction=red, out=_z(1)), ValueError, "out", "(1,)", "()")
+    case(CE, (LG, TG), dict(reduction=red, out=_z(3)), ValueError, "out", "(3,)", "()")
+    case(CE, (LG, TG), dict(reduction=red, out=_z(1, 1)), ValueError, "out", "(1, 1)", "()")
+    case(CE, (LG, TG), dict(reduction=red, out=np.float64(0.0)), TypeError, "out",
+         "numpy.ndarray")
+    case(CE, (LG, TG), dict(reduction=red, out=0.0), TypeError, "out", "float")
+    case(CE, (LG, TG), dict(reduction=red, out=_z(dtype=F32)), TypeError, "out", "float32")
+    case(CE, (LG, TG), dict(reduction=red, out=_readonly(_z())), ValueError, "out",
+         "read-only")
+case(CE, (LG, TG), dict(reduction="none", out=_z()), ValueError, "out", "()", "(3,)")
+case(CE, (_z(0, 4), np.zeros(0, int)), dict(reduction="none", out=_z(1)), ValueError, "out",
+     "(1,)", "(0,)")
+
+MP = "max_pool2d"     # return_indices=True: out is a tuple (values, indices)
+_V, _I = _z(2, 3, 3, 3), _z(2, 3, 3, 3, dtype=np.int64)
+for bad, exc, frag in [
+    (_V, TypeError, ("out", "tuple", "return_indices")),
+    ([_V, _I], TypeError, ("out", "tuple", "list")),
+    ((_V,), TypeError, ("out", "tuple")),
+    ((_V, _I, _I), TypeError, ("out", "tuple")),
+    ((_V, _V.copy()), TypeError, ("out[1]", "float64", "int64")),
+    ((_I.copy(), _I), TypeError, ("out[0]", "int64", "float64")),
+    ((_V, _I.astype(np.int32)), TypeError, ("out[1]", "int32", "int64")),
+    ((_V, _z(2, 3, 3, 2, dtype=np.int64)), ValueError, ("out[1]", "(2, 3, 3, 2)",
+                                                       "(2, 3, 3, 3)")),
+    ((_z(2, 3, 2, 3), _I), ValueError, ("out[0]", "(2, 3, 2, 3)", "(2, 3, 3, 3)")),
+    ((_V, np.asfortranarray(_I)), ValueError, ("out[1]", "C-contiguous")),
+    ((_readonly(_z(2, 3, 3, 3)), _I), ValueError, ("out[0]", "read-only")),
+    ((_V, _V.view(np.int64)), ValueError, ("out[0]", "out[1]", "share memory")),
+    ((_V.tolist(), _I), TypeError, ("out[0]", "list")),
+]:
+    case(MP, (XP, 2), dict(return_indices=True, out=bad), exc, *frag)
+case(MP, (XP, 2), dict(out=(_V, _I)), TypeError, "out", "tuple")   # no indices: one array
 
 # --------------------------------------------------------------------------------------------
 # the tests
@@ -497,6 +578,12 @@ def test_legal_rows_of_the_table_are_legal():
         fastconv.cross_entropy_backward(LG, t, weight=CW)
     fastconv.cross_entropy(LG, np.array([0, -100, 2]))
     fastconv.cross_entropy(LG, np.array([0, -1, 2]), ignore_index=-1)
+    for fn, args, kw, shape in OUT_CALLS:
+        out = _z(*shape)
+        assert getattr(fastconv, fn)(*args, **kw, out=out) is out
+    for red in ("mean", "sum"):
+        fastconv.cross_entropy(LG, TG, reduction=red, out=_z())
+    fastconv.max_pool2d(XP, 2, return_indices=True, out=(_V.copy(), _I.copy()))
 
 
 @pytest.mark.parametrize("n, exc", [

@@ -5,6 +5,10 @@ argument and the shapes before anything is allocated or any kernel runs; then it
 inputs C-contiguous arrays of one floating dtype (float32 or float64), allocates the outputs and
 calls a kernel from :mod:`fastconv._kernels`.  Inputs are never modified and outputs never alias
 them.  Layout is NCHW; weights use PyTorch's layouts.
+
+The forward functions also take a keyword-only ``out=`` array to write the result into, as
+NumPy's ufuncs (see ``_out``): checked with the other arguments, returned itself, and right even
+when it overlaps an input.
 """
 import operator
 import threading
@@ -108,6 +112,48 @@ def _check_size(shape, itemsize, fn, what):
 def _alloc(shape, dtype, fn, what, zero=False):
     _check_size(shape, np.dtype(dtype).itemsize, fn, what)
     return (np.zeros if zero else np.empty)(shape, dtype)
+
+
+def _out(out, shape, dtype, fn, *inputs, name="out", what="output", zero=False):
+    """The ``out=`` argument of a forward function -> (buf, done).
+
+    ``buf`` is the array the kernel writes the result (of ``shape`` and ``dtype``) into, set up
+    as ``_alloc(..., zero=zero)`` would (zero-filled when ``zero``): a new array when ``out`` is
+    None, ``out`` itself, or a temporary when ``out`` may share memory with one of ``inputs``
+    (None entries skipped), since the kernels read their inputs while they write.
+    ``done(result)`` gives what the function returns: ``result`` when ``out`` is None, else
+    ``out``, with ``result`` copied into it unless it already is ``out``.  Raises, naming
+    ``name``: TypeError unless ``out`` is an ndarray of exactly ``dtype`` (no casting),
+    ValueError unless it has exactly ``shape``, is C-contiguous and writeable.
+    """
+    if out is None:
+        return _alloc(shape, dtype, fn, what, zero), lambda result: result
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    if not isinstance(out, np.ndarray):
+        t = type(out)
+        raise TypeError(f"{fn}: {name} must be a numpy.ndarray, got " + (
+            t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"))
+    if out.dtype != dtype:
+        raise TypeError(f"{fn}: {name} has dtype {out.dtype} but the result has dtype {dtype}; "
+                        f"{name} must have exactly the result's dtype (no casting)")
+    if out.shape != shape:
+        raise ValueError(f"{fn}: {name} has shape {out.shape} but the result has shape {shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{fn}: {name} must be C-contiguous, got strides {out.strides} for "
+                         f"shape {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{fn}: {name} is read-only; it must be writeable")
+
+    def done(result):
+        if result is not out:
+            np.copyto(out, result)
+        return out
+
+    if any(a is not None and np.may_share_memory(out, a) for a in inputs):
+        return _alloc(shape, dtype, fn, what, zero), done
+    if zero:
+        out.fill(0)
+    return out, done
 
 
 def _out_size(fn, dim, size, k, s, pad_total, d):
@@ -304,7 +350,7 @@ def _is_direct(geo, x):
             and (geo["OH"], geo["OW"]) == x.shape[2:])
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, out=None):
     """2-D convolution (cross-correlation) of a batch of images, as ``torch.nn.functional.conv2d``.
 
     ``y[n, l, i, j] = bias[l] + sum_{c, a, b} weight[l, c, a, b] *
@@ -324,11 +370,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         all, the extra element at the bottom/right, as PyTorch.
     groups : int
         C and L must both be divisible by ``groups``.
+    out : ndarray of shape (N, L, OH, OW), optional, keyword-only
+        Array to write the result into, as NumPy's ufuncs: exactly the result's dtype and
+        shape (no casting), C-contiguous and writeable, else TypeError/ValueError.  It may
+        overlap the inputs (the result is then computed into a temporary and copied, so the
+        answer is the same).  The function returns ``out`` itself.
 
     Returns
     -------
     y : ndarray of shape (N, L, OH, OW)
-        ``OH = (H + 2 pH - dH (kH - 1) - 1) // sH + 1``, likewise OW.
+        ``OH = (H + 2 pH - dH (kH - 1) - 1) // sH + 1``, likewise OW; ``out`` when given.
 
     Examples
     --------
@@ -338,6 +389,12 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     >>> fc.conv2d(x, w, stride=2)
     array([[[[10., 18.],
              [42., 50.]]]], dtype=float32)
+    >>> y = np.empty((1, 1, 2, 2), np.float32)      # e.g. allocated once, outside a loop
+    >>> fc.conv2d(x, w, stride=2, out=y) is y
+    True
+    >>> y[0, 0]
+    array([[10., 18.],
+           [42., 50.]], dtype=float32)
     """
     fn = "conv2d"
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
@@ -346,9 +403,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
                                                            else []))
     N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
-    out = _alloc((N, L, OH, OW), dt, fn, "output")
+    out, done = _out(out, (N, L, OH, OW), dt, fn, x, weight, b)
     if N == 0:
-        return out
+        return done(out)
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     xc, wc = _c(x, dt), _c(weight, dt)
@@ -357,14 +414,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if _is_depthwise(geo, weight):
         _kernels.depthwise_forward(xc, wc, bc, out, sH, sW, pad[0], pad[2], dH, dW,
                                    b is not None, _team(N * L, N * L * OH * OW * K))
-        return out
+        return done(out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     ncol = 0 if _is_direct(geo, x) else K * OH * OW
     scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):
         _kernels.conv2d_forward(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
                                 b is not None, team)
-    return out
+    return done(out)
 
 
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1, *,
@@ -447,7 +504,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
 
 
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
-                     dilation=1):
+                     dilation=1, *, out=None):
     """2-D transposed convolution, as ``torch.nn.functional.conv_transpose2d``.
 
     The adjoint of :func:`conv2d` with the same stride, padding, dilation and groups: each
@@ -463,11 +520,17 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     stride, padding, output_padding, dilation : int or (int, int)
         ``output_padding`` must be smaller than the stride or the dilation.
     groups : int
+    out : ndarray of shape (N, C_out, OH, OW), optional, keyword-only
+        Array to write the result into, as NumPy's ufuncs: exactly the result's dtype and
+        shape (no casting), C-contiguous and writeable, else TypeError/ValueError.  It may
+        overlap the inputs (the result is then computed into a temporary and copied, so the
+        answer is the same).  The function returns ``out`` itself.
 
     Returns
     -------
     y : ndarray of shape (N, C_out, OH, OW)
-        ``OH = (H - 1) sH - 2 pH + dH (kH - 1) + output_padding + 1``, likewise OW.
+        ``OH = (H - 1) sH - 2 pH + dH (kH - 1) + output_padding + 1``, likewise OW; ``out``
+        when given.
 
     Examples
     --------
@@ -486,9 +549,9 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
                                                            else []))
     N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
-    out = _alloc((N, L, OH, OW), dt, fn, "output")
+    out, done = _out(out, (N, L, OH, OW), dt, fn, x, weight, b)
     if N == 0:
-        return out
+        return done(out)
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     team, nblas = _threads(N * g, N * x.shape[1] * x.shape[2] * x.shape[3] * K)
@@ -503,7 +566,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         _kernels.conv2d_backward(xc, _dummy(dt), wc, bc, out, empty, empty, scratch,
                                  sH, sW, pad[0], pad[2], dH, dW, g,
                                  True, False, False, b is not None, team)
-    return out
+    return done(out)
 
 
 def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_padding=0,
@@ -607,7 +670,7 @@ def _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+               return_indices=False, *, out=None):
     """2-D max pooling, as ``torch.nn.functional.max_pool2d``.
 
     Padding counts as -inf; on ties the first maximum (row-major in the window) wins, and NaN
@@ -627,12 +690,22 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
         padding is dropped.
     return_indices : bool
         Also return the flat index ``h * W + w`` of each maximum within its input plane.
+    out : ndarray of shape (N, C, OH, OW), optional, keyword-only
+        Array to write the result into, as NumPy's ufuncs: exactly the result's dtype and
+        shape (no casting), C-contiguous and writeable, else TypeError/ValueError.  It may
+        overlap the inputs (the result is then computed into a temporary and copied, so the
+        answer is the same).  The function returns ``out`` itself.
+        With ``return_indices``, ``out`` must be a tuple ``(values, indices)`` (values of
+        the result's dtype, indices int64, both of shape (N, C, OH, OW), not sharing memory
+        with each other); either may be None to have that one allocated, as for a ufunc with
+        two outputs; the function then returns ``(values, indices)`` made of those arrays.
 
     Returns
     -------
     y : ndarray of shape (N, C, OH, OW)
+        ``out`` (or ``out[0]``) when given.
     indices : ndarray of int64, shape (N, C, OH, OW)
-        Only when ``return_indices``.
+        Only when ``return_indices``; ``out[1]`` when given.
 
     Examples
     --------
@@ -644,19 +717,34 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     >>> fc.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)[1]
     array([[[[ 5,  7],
              [13, 15]]]])
+    >>> y, i = np.empty((1, 1, 2, 2)), np.empty((1, 1, 2, 2), np.int64)
+    >>> r = fc.max_pool2d(x, 2, return_indices=True, out=(y, i))
+    >>> r[0] is y and r[1] is i, i.ravel()
+    (True, array([ 5,  7, 13, 15]))
     """
     fn = "max_pool2d"
     x = _array(x, "x", fn)
     k, s, p, d, (OH, OW) = _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
     dt = _float_dtype(fn, [("x", x)])
     N, C = x.shape[:2]
-    out = _alloc((N, C, OH, OW), dt, fn, "output")
-    idx = _alloc((N, C, OH, OW) if return_indices else (1, 1, 1, 1), np.int64, fn, "indices")
+    oi = None
+    if return_indices and out is not None:
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise TypeError(f"{fn}: with return_indices=True, out must be a tuple (values, "
+                            f"indices) of two arrays, got {type(out).__name__}")
+        out, oi = out
+        if isinstance(out, np.ndarray) and isinstance(oi, np.ndarray) and \
+                np.may_share_memory(out, oi):
+            raise ValueError(f"{fn}: out[0] (values) and out[1] (indices) share memory")
+    names = ("out[0]", "out[1]") if return_indices else ("out", "out")
+    out, done = _out(out, (N, C, OH, OW), dt, fn, x, name=names[0])
+    idx, done_idx = _out(oi, (N, C, OH, OW) if return_indices else (1, 1, 1, 1), np.int64, fn,
+                         x, name=names[1], what="indices")
     if N > 0:
         _kernels.max_pool2d_forward(_c(x, dt), out, idx, k[0], k[1], s[0], s[1], p[0], p[1],
                                     d[0], d[1], bool(return_indices),
                                     _team(N * C, out.size * k[0] * k[1]))
-    return (out, idx) if return_indices else out
+    return (done(out), done_idx(idx)) if return_indices else done(out)
 
 
 def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, dilation=1,
@@ -715,7 +803,7 @@ def _avg_setup(fn, x, kernel_size, stride, padding, ceil_mode, count_include_pad
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None):
+               divisor_override=None, *, out=None):
     """2-D average pooling, as ``torch.nn.functional.avg_pool2d``.
 
     The divisor is ``divisor_override`` when given; else, with ``count_include_pad``, the
@@ -733,10 +821,16 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     ceil_mode, count_include_pad : bool
     divisor_override : int, optional
         Non-zero.
+    out : ndarray of shape (N, C, OH, OW), optional, keyword-only
+        Array to write the result into, as NumPy's ufuncs: exactly the result's dtype and
+        shape (no casting), C-contiguous and writeable, else TypeError/ValueError.  It may
+        overlap the inputs (the result is then computed into a temporary and copied, so the
+        answer is the same).  The function returns ``out`` itself.
 
     Returns
     -------
     y : ndarray of shape (N, C, OH, OW)
+        ``out`` when given.
 
     Examples
     --------
@@ -756,12 +850,12 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
                                         count_include_pad, divisor_override)
     dt = _float_dtype(fn, [("x", x)])
     N, C = x.shape[:2]
-    out = _alloc((N, C, OH, OW), dt, fn, "output")
+    out, done = _out(out, (N, C, OH, OW), dt, fn, x)
     if N > 0:
         _kernels.avg_pool2d_forward(_c(x, dt), out, k[0], k[1], s[0], s[1], p[0], p[1],
                                     bool(count_include_pad), div,
                                     _team(N * C, out.size * k[0] * k[1]))
-    return out
+    return done(out)
 
 
 def avg_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0, ceil_mode=False,
@@ -824,7 +918,7 @@ def _scale(scale_factor, fn):
     return tuple(out)
 
 
-def upsample_nearest2d(x, scale_factor):
+def upsample_nearest2d(x, scale_factor, *, out=None):
     """Nearest-neighbour upsampling by integer factors, as
     ``torch.nn.functional.interpolate(x, scale_factor=s, mode='nearest')``.
 
@@ -835,10 +929,16 @@ def upsample_nearest2d(x, scale_factor):
     x : ndarray of shape (N, C, H, W)
     scale_factor : int or (int, int)
         Positive integers (an integral float such as 2.0 is accepted).
+    out : ndarray of shape (N, C, H * sH, W * sW), optional, keyword-only
+        Array to write the result into, as NumPy's ufuncs: exactly the result's dtype and
+        shape (no casting), C-contiguous and writeable, else TypeError/ValueError.  It may
+        overlap the inputs (the result is then computed into a temporary and copied, so the
+        answer is the same).  The function returns ``out`` itself.
 
     Returns
     -------
     y : ndarray of shape (N, C, H * sH, W * sW)
+        ``out`` when given.
 
     Examples
     --------
@@ -853,10 +953,10 @@ def upsample_nearest2d(x, scale_factor):
     sH, sW = _scale(scale_factor, fn)
     dt = _float_dtype(fn, [("x", x)])
     N, C, H, W = x.shape
-    out = _alloc((N, C, H * sH, W * sW), dt, fn, "output")
+    out, done = _out(out, (N, C, H * sH, W * sW), dt, fn, x)
     if N > 0:
         _kernels.upsample_nearest2d_forward(_c(x, dt), out, sH, sW, _team(N * C * H, out.size))
-    return out
+    return done(out)
 
 
 def upsample_nearest2d_backward(grad_out, scale_factor):
@@ -958,7 +1058,7 @@ def _ce_setup(fn, logits, target, weight, reduction, label_smoothing, ignore_ind
 
 
 def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing=0.0,
-                  ignore_index=-100):
+                  ignore_index=-100, *, out=None):
     """Categorical cross-entropy from logits, as ``torch.nn.functional.cross_entropy``.
 
     ``loss_n = -sum_j w_j t_nj log softmax(logits_n)_j`` with ``t`` the one-hot label (or the
@@ -978,10 +1078,19 @@ def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing
     label_smoothing : float in [0, 1]
     ignore_index : int
         Label whose samples contribute nothing (integer targets only).
+    out : ndarray of shape () or (N,), optional, keyword-only
+        Array to write the result into, as NumPy's ufuncs: exactly the result's dtype and
+        shape (no casting), C-contiguous and writeable, else TypeError/ValueError.  It may
+        overlap the inputs (the result is then computed into a temporary and copied, so the
+        answer is the same).  The function returns ``out`` itself.
+        Its shape is the result's: () (a 0-d array) for 'mean' and 'sum', (N,) for 'none'.
+        (Temporary (N,) arrays remain: the per-sample losses for 'mean' and 'sum', and the
+        label weights for integer targets.)
 
     Returns
     -------
     loss : scalar of the logits' dtype, or ndarray of shape (N,) for reduction='none'
+        ``out`` when given (a 0-d array for 'mean' and 'sum').
 
     Examples
     --------
@@ -991,12 +1100,19 @@ def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing
     0.126928
     >>> fc.cross_entropy(logits, np.array([0, 0]), reduction='none').round(6)
     array([0.126928, 2.126928])
+    >>> total = np.empty(())
+    >>> fc.cross_entropy(logits, np.array([0, 0]), reduction='sum', out=total) is total
+    True
+    >>> round(float(total), 6)
+    2.253856
     """
     fn = "cross_entropy"
     dt, lc, tc, wc, has_w, probs, eps, ign = _ce_setup(fn, logits, target, weight, reduction,
                                                        label_smoothing, ignore_index)
     N = lc.shape[0]
-    loss = np.zeros(N, dt)
+    loss, done = _out(out, (N,) if reduction == "none" else (), dt, fn, lc, tc, wc, zero=True)
+    if reduction != "none":
+        loss = np.zeros(N, dt)
     denom = None
     if N > 0:
         if probs:
@@ -1006,13 +1122,13 @@ def cross_entropy(logits, target, weight=None, reduction="mean", label_smoothing
             _kernels.cross_entropy_labels(lc, tc, wc, eps, ign, loss, denom,
                                           _team(N, 8 * lc.size))
     if reduction == "none":
-        return loss
+        return done(loss)
     total = loss.sum(dtype=np.float64)
     if reduction == "sum":
-        return dt.type(total)
+        return done(dt.type(total))
     count = float(N) if probs or N == 0 else denom.sum(dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return dt.type(np.float64(total) / np.float64(count))
+        return done(dt.type(np.float64(total) / np.float64(count)))
 
 
 def cross_entropy_backward(logits, target, weight=None, reduction="mean", label_smoothing=0.0,
