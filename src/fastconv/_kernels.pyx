@@ -1025,15 +1025,20 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
                          Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW,
                          Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                          bint count_include_pad, Py_ssize_t divisor_override) noexcept nogil:
-    """Window sums tap by tap over whole rows (vectorised), then one division per output."""
+    """Window sums, then one division per output.  Rows of at most ROW_BUF values: the
+    window's rows summed first (contiguous), then its taps (fold_rows, combine_taps); wider
+    rows: tap by tap over whole rows.  Both loops vectorise."""
     cdef Py_ssize_t oh, ow, ih, kw, off, lo, hi, hs, he, hs_c, he_c, kw0, kw1
     cdef floating* orow
     cdef const floating* xrow
     cdef floating div
     cdef bint empty
     cdef Py_ssize_t tab[3 * MAX_TAPS]
+    cdef floating vm[ROW_BUF]
+    cdef floating ev[ROW_BUF]
     tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, 1, pW, sW, W, OW, tab)
+    cdef bint fast = have and W <= ROW_BUF
     for oh in range(OH):
         orow = out + oh * OW
         hs = oh * sH - pH
@@ -1044,26 +1049,65 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
         he_c = he if he < H else H
         for ow in range(OW):
             orow[ow] = 0
-        for ih in range(hs_c, he_c):
-            xrow = x + ih * W
-            for kw in range(kw0, kw1):
-                if have:
-                    off = tab[3 * (kw - kw0)]
-                    lo = tab[3 * (kw - kw0) + 1]
-                    hi = tab[3 * (kw - kw0) + 2]
-                else:
-                    off = kw - pW
-                    valid_range(off, sW, W, OW, &lo, &hi)
-                if sW == 1:
-                    for ow in range(lo, hi):
-                        orow[ow] = orow[ow] + xrow[ow + off]
-                else:
-                    for ow in range(lo, hi):
-                        orow[ow] = orow[ow] + xrow[ow * sW + off]
+        if fast:
+            if fold_rows(x, W, hs_c, he_c, 1, vm, False):
+                combine_taps(vm, W, sW, tab, kw1 - kw0, orow, False, ev)
+        else:
+            for ih in range(hs_c, he_c):
+                xrow = x + ih * W
+                for kw in range(kw0, kw1):
+                    if have:
+                        off = tab[3 * (kw - kw0)]
+                        lo = tab[3 * (kw - kw0) + 1]
+                        hi = tab[3 * (kw - kw0) + 2]
+                    else:
+                        off = kw - pW
+                        valid_range(off, sW, W, OW, &lo, &hi)
+                    if sW == 1:
+                        for ow in range(lo, hi):
+                            orow[ow] = orow[ow] + xrow[ow + off]
+                    else:
+                        for ow in range(lo, hi):
+                            orow[ow] = orow[ow] + xrow[ow * sW + off]
         for ow in range(OW):
             div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
                                         count_include_pad, divisor_override, &empty)
             orow[ow] = 0 if empty else orow[ow] / div
+
+
+cdef void spread_taps(const floating* g, Py_ssize_t W, Py_ssize_t sW, const Py_ssize_t* tab,
+                      Py_ssize_t ntab, floating* h, floating* ev) noexcept nogil:
+    """The adjoint of combine_taps' sum: h[ow * sW + off] += g[ow] over the taps of tab, h
+    (W values) zeroed first.  For sW == 2 the sums go to the even and odd halves in ev
+    (contiguous), interleaved into h at the end."""
+    cdef Py_ssize_t t, ow, off, lo, hi, i, nod = W // 2, nev = (W + 1) // 2
+    cdef floating* dst
+    if sW == 2:
+        memset(ev, 0, W * sizeof(floating))
+    else:
+        memset(h, 0, W * sizeof(floating))
+    for t in range(ntab):
+        off = tab[3 * t]
+        lo = tab[3 * t + 1]
+        hi = tab[3 * t + 2]
+        if sW == 2 or sW == 1:
+            if sW == 1:
+                dst = h + off
+            elif off & 1:
+                dst = ev + nev + (off - 1) // 2
+            else:
+                dst = ev + off // 2
+            for ow in range(lo, hi):
+                dst[ow] = dst[ow] + g[ow]
+        else:
+            for ow in range(lo, hi):
+                h[ow * sW + off] = h[ow * sW + off] + g[ow]
+    if sW == 2:
+        for i in range(nod):
+            h[2 * i] = ev[i]
+            h[2 * i + 1] = ev[nev + i]
+        if nev > nod:
+            h[W - 1] = ev[nod]
 
 
 cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H, Py_ssize_t W,
@@ -1075,10 +1119,13 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
     cdef floating* gxrow
     cdef floating div
     cdef bint empty
-    cdef Py_ssize_t tab[3 * MAX_TAPS]
+    cdef Py_ssize_t tab[3 * MAX_TAPS], w
+    cdef floating h[ROW_BUF]
+    cdef floating ev[ROW_BUF]
     memset(gx, 0, H * W * sizeof(floating))
     tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, 1, pW, sW, W, OW, tab)
+    cdef bint fast = have and W <= ROW_BUF
     for oh in range(OH):
         hs = oh * sH - pH
         he = hs + kH
@@ -1090,6 +1137,14 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
             div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
                                         count_include_pad, divisor_override, &empty)
             g[ow] = 0 if empty else gy[oh * OW + ow] / div
+        if fast:        # one row's spread of g (adjoint of the forward's taps), added per row
+            if hs_c < he_c:
+                spread_taps(g, W, sW, tab, kw1 - kw0, h, ev)
+                for ih in range(hs_c, he_c):
+                    gxrow = gx + ih * W
+                    for w in range(W):
+                        gxrow[w] = gxrow[w] + h[w]
+            continue
         for ih in range(hs_c, he_c):
             gxrow = gx + ih * W
             for kw in range(kw0, kw1):
