@@ -54,6 +54,12 @@ cdef extern from "_simd.h":
                             const float* w, float* g) nogil
     void fc_softmax_grad2_d(const double* z, Py_ssize_t n, double m, double a, double b,
                             const double* w, double* g) nogil
+    void fc_row3_f(float* o, const float* a, Py_ssize_t n, Py_ssize_t s, Py_ssize_t d,
+                   float w0, float w1, float w2) nogil
+    void fc_row3_d(double* o, const double* a, Py_ssize_t n, Py_ssize_t s, Py_ssize_t d,
+                   double w0, double w1, double w2) nogil
+    double fc_dot_f(const float* a, const float* b, Py_ssize_t n, Py_ssize_t s) nogil
+    double fc_dot_d(const double* a, const double* b, Py_ssize_t n, Py_ssize_t s) nogil
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -412,16 +418,62 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
 # locals of that function are private to the thread.  (A variable that a prange body assigns
 # only through a pointer, such as valid_range(..., &lo, &hi), would be shared between threads.)
 
+cdef inline void row3(floating* o, const floating* a, Py_ssize_t n, Py_ssize_t s, Py_ssize_t d,
+                      const floating* w, bint reverse) noexcept nogil:
+    """o[i] += w0 a[s i] + w1 a[s i + d] + w2 a[s i + 2d] (in that order; see _simd.h)."""
+    if floating is float:
+        fc_row3_f(o, a, n, s, d, w[0], w[1], w[2])
+    else:
+        fc_row3_d(o, a, n, s, d, w[0], w[1], w[2])
+
+
+cdef inline double dot_strided(const floating* a, const floating* b, Py_ssize_t n,
+                               Py_ssize_t s) noexcept nogil:
+    if floating is float:
+        return fc_dot_f(a, b, n, s)
+    else:
+        return fc_dot_d(a, b, n, s)
+
+
+cdef Py_ssize_t depthwise_taps(Py_ssize_t kW, Py_ssize_t dW, Py_ssize_t pW, Py_ssize_t sW,
+                               Py_ssize_t W, Py_ssize_t OW, Py_ssize_t* tab,
+                               Py_ssize_t* clo, Py_ssize_t* chi) noexcept nogil:
+    """The column taps' table (tap_table, all kW taps) and, for 3-tap kernels whose taps all
+    reach the image, the output range [clo, chi) where every tap is in the image (there the
+    row helpers do all three taps in one pass).  Returns the number of taps in tab, 0 when
+    the table does not fit (the caller computes ranges itself)."""
+    cdef Py_ssize_t t
+    clo[0] = 0
+    chi[0] = 0
+    if kW > MAX_TAPS or not tap_table(0, kW, dW, pW, sW, W, OW, tab):
+        return 0
+    if kW == 3:
+        clo[0] = tab[1]
+        chi[0] = tab[2]
+        for t in range(1, 3):
+            if tab[3 * t + 1] > clo[0]:
+                clo[0] = tab[3 * t + 1]
+            if tab[3 * t + 2] < chi[0]:
+                chi[0] = tab[3 * t + 2]
+        if chi[0] < clo[0]:
+            chi[0] = clo[0]
+    return kW
+
+
 cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
                           const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating b,
                           floating* out, Py_ssize_t OH, Py_ssize_t OW,
                           Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                           Py_ssize_t dH, Py_ssize_t dW) noexcept nogil:
-    """out = b + sum over taps of w[kh, kw] * (shifted input rows): vectorised row axpys."""
-    cdef Py_ssize_t oh, ow, kh, kw, ih, off, lo, hi
+    """out = b + sum over taps of w[kh, kw] * (shifted input rows): vectorised row axpys;
+    3-wide kernels do their three taps in one pass over the columns where all are in the
+    image (same additions in the same order, so the same rounding)."""
+    cdef Py_ssize_t oh, ow, kh, kw, ih, off, lo, hi, clo, chi, ntab
+    cdef Py_ssize_t tab[3 * MAX_TAPS]
     cdef const floating* xrow
     cdef floating* orow
     cdef floating wv
+    ntab = depthwise_taps(kW, dW, pW, sW, W, OW, tab, &clo, &chi)
     for ow in range(OH * OW):
         out[ow] = b
     for oh in range(OH):
@@ -432,15 +484,28 @@ cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
                 continue
             xrow = x + ih * W
             for kw in range(kW):
-                off = kw * dW - pW
-                valid_range(off, sW, W, OW, &lo, &hi)
+                if ntab:
+                    off = tab[3 * kw]
+                    lo = tab[3 * kw + 1]
+                    hi = tab[3 * kw + 2]
+                else:
+                    off = kw * dW - pW
+                    valid_range(off, sW, W, OW, &lo, &hi)
                 wv = w[kh * kW + kw]
-                if sW == 1:
+                if chi > clo:           # 3 taps: here only the columns outside [clo, chi)
+                    for ow in range(lo, min(hi, clo)):
+                        orow[ow] = orow[ow] + wv * xrow[ow * sW + off]
+                    for ow in range(max(lo, chi), hi):
+                        orow[ow] = orow[ow] + wv * xrow[ow * sW + off]
+                elif sW == 1:
                     for ow in range(lo, hi):
                         orow[ow] = orow[ow] + wv * xrow[ow + off]
                 else:
                     for ow in range(lo, hi):
                         orow[ow] = orow[ow] + wv * xrow[ow * sW + off]
+            if chi > clo:
+                row3(orow + clo, xrow + clo * sW + tab[0], chi - clo, sW, dW, w + kh * kW,
+                     False)
 
 
 cdef void depthwise_plane_backward(const floating* gy, const floating* x, const floating* w,
@@ -451,20 +516,29 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
                                    Py_ssize_t dH, Py_ssize_t dW,
                                    bint need_x, bint need_w, bint need_b) noexcept nogil:
     """Adds one (image, output channel) plane's share to gx (its input plane), gw (its
-    kH*kW taps) and gb (one value)."""
-    cdef Py_ssize_t oh, ow, kh, kw, ih, off, lo, hi, i
+    kH*kW taps) and gb (one value).  Stride-1 3-wide kernels add their three taps to gx in
+    one pass where all are in the image (same order of additions as tap by tap)."""
+    cdef Py_ssize_t oh, ow, kh, kw, ih, off, lo, hi, clo, chi, ntab, jlo = 0, jhi = 0, j
+    cdef Py_ssize_t tab[3 * MAX_TAPS]
     cdef const floating* gyrow
     cdef const floating* xrow
     cdef floating* gxrow
     cdef floating wv
-    cdef double acc
+    cdef floating rw[3]
+    cdef bint fused = False
     if need_b:
-        acc = 0
-        for i in range(OH * OW):
-            acc += gy[i]
-        gb[0] += <floating>acc
+        gb[0] += <floating>row_dot(gy, NULL, OH * OW)
     if not (need_w or need_x):
         return
+    ntab = depthwise_taps(kW, dW, pW, sW, W, OW, tab, &clo, &chi)
+    if need_x and sW == 1 and ntab == 3:
+        # gx[j] += w_k gy[j - off_k] for all k when j - off_k is in [lo_k, hi_k) for all k
+        jlo = tab[1] + tab[0]
+        jhi = tab[2] + tab[0]
+        for kw in range(1, 3):
+            jlo = max(jlo, tab[3 * kw + 1] + tab[3 * kw])
+            jhi = min(jhi, tab[3 * kw + 2] + tab[3 * kw])
+        fused = jhi > jlo
     for oh in range(OH):
         gyrow = gy + oh * OW
         for kh in range(kH):
@@ -474,21 +548,32 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
             xrow = x + ih * W
             gxrow = gx + ih * W
             for kw in range(kW):
-                off = kw * dW - pW
-                valid_range(off, sW, W, OW, &lo, &hi)
-                if need_w:
-                    acc = 0
-                    for ow in range(lo, hi):
-                        acc += gyrow[ow] * xrow[ow * sW + off]
-                    gw[kh * kW + kw] += <floating>acc
+                if ntab:
+                    off = tab[3 * kw]
+                    lo = tab[3 * kw + 1]
+                    hi = tab[3 * kw + 2]
+                else:
+                    off = kw * dW - pW
+                    valid_range(off, sW, W, OW, &lo, &hi)
+                if need_w and hi > lo:
+                    gw[kh * kW + kw] += <floating>dot_strided(gyrow + lo, xrow + lo * sW + off,
+                                                              hi - lo, sW)
                 if need_x:
                     wv = w[kh * kW + kw]
-                    if sW == 1:
+                    if fused:           # only the columns outside [jlo, jhi) here
+                        for j in range(lo + off, min(hi + off, jlo)):
+                            gxrow[j] = gxrow[j] + wv * gyrow[j - off]
+                        for j in range(max(lo + off, jhi), hi + off):
+                            gxrow[j] = gxrow[j] + wv * gyrow[j - off]
+                    elif sW == 1:
                         for ow in range(lo, hi):
                             gxrow[ow + off] = gxrow[ow + off] + wv * gyrow[ow]
                     else:
                         for ow in range(lo, hi):
                             gxrow[ow * sW + off] += wv * gyrow[ow]
+            if fused:
+                # a[i] = gy[jlo + i - off_0]; tap k reads a[i - k dW]
+                row3(gxrow + jlo, gyrow + jlo - tab[0], jhi - jlo, 1, -dW, w + kh * kW, False)
 
 
 def depthwise_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,

@@ -495,4 +495,45 @@ static inline int fc_max_d(const double* z, ptrdiff_t n, double* out) {
     return 0;
 }
 
+/* ---- depthwise convolution rows (portable; gcc/clang vectorise them) ------------------- */
+
+/* o[i] += w0 a[s i] + w1 a[s i + d] + w2 a[s i + 2d], added in that order (the same rounding
+   as three separate passes, one tap each) */
+#define FC_ROW3(T, NAME)                                                                     \
+static void NAME(T* restrict o, const T* restrict a, ptrdiff_t n, ptrdiff_t s, ptrdiff_t d,  \
+                 T w0, T w1, T w2) {                                                         \
+    if (s == 1 && d == 1)                                                                    \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            o[i] = ((o[i] + w0 * a[i]) + w1 * a[i + 1]) + w2 * a[i + 2];                     \
+    else if (s == 1 && d == -1)                                                              \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            o[i] = ((o[i] + w0 * a[i]) + w1 * a[i - 1]) + w2 * a[i - 2];                     \
+    else if (s == 2 && d == 1)                                                               \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            o[i] = ((o[i] + w0 * a[2 * i]) + w1 * a[2 * i + 1]) + w2 * a[2 * i + 2];         \
+    else                                                                                     \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            o[i] = ((o[i] + w0 * a[s * i]) + w1 * a[s * i + d]) + w2 * a[s * i + 2 * d];     \
+}
+FC_ROW3(float, fc_row3_f)
+FC_ROW3(double, fc_row3_d)
+
+/* sum_i a[i] b[s i] with 8 partial sums (vectorised), returned in double */
+#define FC_DOT(T, NAME)                                                                      \
+static double NAME(const T* restrict a, const T* restrict b, ptrdiff_t n, ptrdiff_t s) {     \
+    T p[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                       \
+    ptrdiff_t i = 0;                                                                         \
+    if (s == 1)                                                                              \
+        for (; i + 8 <= n; i += 8)                                                           \
+            for (int l = 0; l < 8; l++) p[l] += a[i + l] * b[i + l];                         \
+    else if (s == 2)                                                                         \
+        for (; i + 8 <= n; i += 8)                                                           \
+            for (int l = 0; l < 8; l++) p[l] += a[i + l] * b[2 * (i + l)];                   \
+    double t = (double)(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));  \
+    for (; i < n; i++) t += (double)a[i] * (double)b[s * i];                                 \
+    return t;                                                                                \
+}
+FC_DOT(float, fc_dot_f)
+FC_DOT(double, fc_dot_d)
+
 #endif /* FASTCONV_SIMD_H */
