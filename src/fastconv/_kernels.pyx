@@ -1204,7 +1204,8 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
     cdef floating* gxrow
     cdef floating div
     cdef bint empty
-    cdef Py_ssize_t tab[3 * MAX_TAPS], w
+    cdef Py_ssize_t tab[3 * MAX_TAPS]
+    cdef Py_ssize_t w
     cdef floating h[ROW_BUF]
     cdef floating ev[ROW_BUF]
     memset(gx, 0, H * W * sizeof(floating))
