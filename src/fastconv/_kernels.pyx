@@ -60,6 +60,14 @@ cdef extern from "_simd.h":
                    double w0, double w1, double w2) nogil
     double fc_dot_f(const float* a, const float* b, Py_ssize_t n, Py_ssize_t s) nogil
     double fc_dot_d(const double* a, const double* b, Py_ssize_t n, Py_ssize_t s) nogil
+    void fc_dw3_f(float* o, Py_ssize_t n, int R, const float* a0, const float* a1,
+                  const float* a2, const float* w0, const float* w1, const float* w2) nogil
+    void fc_dw3_d(double* o, Py_ssize_t n, int R, const double* a0, const double* a1,
+                  const double* a2, const double* w0, const double* w1, const double* w2) nogil
+    double fc_dot2d_f(const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
+                      Py_ssize_t rows, Py_ssize_t n) nogil
+    double fc_dot2d_d(const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
+                      Py_ssize_t rows, Py_ssize_t n) nogil
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -460,6 +468,56 @@ cdef Py_ssize_t depthwise_taps(Py_ssize_t kW, Py_ssize_t dW, Py_ssize_t pW, Py_s
     return kW
 
 
+cdef inline floating dw3_edge(floating acc, Py_ssize_t ow, Py_ssize_t W, int nr,
+                             const floating** rows, const floating** wr,
+                             const Py_ssize_t* tab) noexcept nogil:
+    cdef int r
+    cdef Py_ssize_t kw, iw
+    for r in range(nr):
+        for kw in range(3):
+            iw = ow + tab[3 * kw]
+            if 0 <= iw < W:
+                acc = acc + wr[r][kw] * rows[r][iw]
+    return acc
+
+
+cdef void depthwise_row33(const floating* x, Py_ssize_t H, Py_ssize_t W, const floating* w,
+                          Py_ssize_t kH, floating* orow, Py_ssize_t OW, Py_ssize_t oh,
+                          Py_ssize_t sH,
+                          Py_ssize_t pH, Py_ssize_t dH, const Py_ssize_t* tab,
+                          Py_ssize_t clo, Py_ssize_t chi) noexcept nogil:
+    """One output row of a stride-1 depthwise kernel at most 3 high and exactly 3 wide: the
+    columns where some tap is in the padding tap by tap, the rest in one pass over all the
+    window's rows (fc_dw3): the same additions in the same order as tap by tap."""
+    cdef const floating* rows[3]
+    cdef const floating* wr[3]
+    cdef Py_ssize_t kh, ih, off, ow
+    cdef int nr = 0
+    for kh in range(kH):
+        ih = oh * sH - pH + kh * dH
+        if 0 <= ih < H:
+            rows[nr] = x + ih * W
+            wr[nr] = w + kh * 3
+            nr += 1
+    if nr == 0:
+        return
+    # the few columns with a tap in the padding: scalar, in (row, tap) order
+    for ow in range(clo):
+        orow[ow] = dw3_edge(orow[ow], ow, W, nr, rows, wr, tab)
+    for ow in range(chi, OW):
+        orow[ow] = dw3_edge(orow[ow], ow, W, nr, rows, wr, tab)
+    for kh in range(nr, 3):
+        rows[kh] = rows[0]
+        wr[kh] = wr[0]
+    off = clo + tab[0]
+    if floating is float:
+        fc_dw3_f(orow + clo, chi - clo, nr, rows[0] + off, rows[1] + off, rows[2] + off,
+                 wr[0], wr[1], wr[2])
+    else:
+        fc_dw3_d(orow + clo, chi - clo, nr, rows[0] + off, rows[1] + off, rows[2] + off,
+                 wr[0], wr[1], wr[2])
+
+
 cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
                           const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating b,
                           floating* out, Py_ssize_t OH, Py_ssize_t OW,
@@ -478,6 +536,9 @@ cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
         out[ow] = b
     for oh in range(OH):
         orow = out + oh * OW
+        if chi > clo and kH <= 3 and sW == 1 and dW == 1:
+            depthwise_row33(x, H, W, w, kH, orow, OW, oh, sH, pH, dH, tab, clo, chi)
+            continue
         for kh in range(kH):
             ih = oh * sH - pH + kh * dH
             if ih < 0 or ih >= H:
@@ -508,13 +569,18 @@ cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
                      False)
 
 
+cdef enum:
+    MAX_FLIP = 64    # kernels up to this many taps take depthwise's stride-1 backward path
+
+
 cdef void depthwise_plane_backward(const floating* gy, const floating* x, const floating* w,
                                    floating* gx, floating* gw, floating* gb,
                                    Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW,
                                    Py_ssize_t OH, Py_ssize_t OW,
                                    Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                                    Py_ssize_t dH, Py_ssize_t dW,
-                                   bint need_x, bint need_w, bint need_b) noexcept nogil:
+                                   bint need_x, bint need_w, bint need_b,
+                                   bint sole) noexcept nogil:
     """Adds one (image, output channel) plane's share to gx (its input plane), gw (its
     kH*kW taps) and gb (one value).  Stride-1 3-wide kernels add their three taps to gx in
     one pass where all are in the image (same order of additions as tap by tap)."""
@@ -524,12 +590,50 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
     cdef const floating* xrow
     cdef floating* gxrow
     cdef floating wv
-    cdef floating rw[3]
     cdef bint fused = False
+    cdef floating wflip[MAX_FLIP]
+    cdef Py_ssize_t r0, r1
+    cdef double acc
     if need_b:
         gb[0] += <floating>row_dot(gy, NULL, OH * OW)
     if not (need_w or need_x):
         return
+    if sH == 1 and sW == 1 and kH * kW <= MAX_FLIP:
+        # stride 1: gw tap by tap as one dot over the plane's valid block, and (when this
+        # plane is gx's only contribution) gx as the forward depthwise pass over gy with
+        # the flipped kernel and the complementary padding
+        ntab = depthwise_taps(kW, dW, pW, sW, W, OW, tab, &clo, &chi)
+        if need_w and ntab:
+            for kh in range(kH):
+                r0 = max(0, pH - kh * dH)
+                r1 = min(OH, H + pH - kh * dH)
+                if r1 <= r0:
+                    continue
+                for kw in range(kW):
+                    off = tab[3 * kw]
+                    lo = tab[3 * kw + 1]
+                    hi = tab[3 * kw + 2]
+                    if hi <= lo:
+                        continue
+                    if floating is float:
+                        acc = fc_dot2d_f(gy + r0 * OW + lo, OW,
+                                         x + (r0 - pH + kh * dH) * W + lo + off, W, r1 - r0,
+                                         hi - lo)
+                    else:
+                        acc = fc_dot2d_d(gy + r0 * OW + lo, OW,
+                                         x + (r0 - pH + kh * dH) * W + lo + off, W, r1 - r0,
+                                         hi - lo)
+                    gw[kh * kW + kw] += <floating>acc
+            need_w = False
+        if need_x and sole:
+            for kh in range(kH):
+                for kw in range(kW):
+                    wflip[kh * kW + kw] = w[(kH - 1 - kh) * kW + (kW - 1 - kw)]
+            depthwise_plane(gy, OH, OW, wflip, kH, kW, 0, gx, H, W, 1, 1,
+                            (kH - 1) * dH - pH, (kW - 1) * dW - pW, dH, dW)
+            need_x = False
+        if not (need_w or need_x):
+            return
     ntab = depthwise_taps(kW, dW, pW, sW, W, OW, tab, &clo, &chi)
     if need_x and sW == 1 and ntab == 3:
         # gx[j] += w_k gy[j - off_k] for all k when j - off_k is in [lo_k, hi_k) for all k
@@ -631,7 +735,8 @@ def depthwise_backward(const floating[:, :, :, ::1] grad_out, const floating[:, 
                         wp + (c * M + m) * kH * kW, gxp + (n * C + c) * H * W,
                         gwp + (c * M + m) * kH * kW if need_w else NULL,
                         gbp + c * M + m if need_b else NULL,
-                        H, W, kH, kW, OH, OW, sH, sW, pH, pW, dH, dW, need_x, need_w, need_b)
+                        H, W, kH, kW, OH, OW, sH, sW, pH, pW, dH, dW, need_x, need_w, need_b,
+                        M == 1)
 
 
 def sum_rows(const floating[:, ::1] part, floating[::1] out):

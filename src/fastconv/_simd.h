@@ -536,4 +536,55 @@ static double NAME(const T* restrict a, const T* restrict b, ptrdiff_t n, ptrdif
 FC_DOT(float, fc_dot_f)
 FC_DOT(double, fc_dot_d)
 
+/* A whole output row of a 3x3 (or 2x3 / 1x3) stride-1 depthwise window in one pass:
+   o[i] += sum over rows r < R, taps k < 3 of wr[k] * ar[i + k], added row by row and tap by
+   tap (the same order, so the same rounding, as one pass per tap). */
+#define FC_DW3(T, NAME)                                                                      \
+static void NAME(T* restrict o, ptrdiff_t n, int R, const T* restrict a0,                    \
+                 const T* restrict a1, const T* restrict a2, const T* restrict w0,           \
+                 const T* restrict w1, const T* restrict w2) {                               \
+    const T u0 = w0[0], u1 = w0[1], u2 = w0[2];                                              \
+    if (R == 1) {                                                                            \
+        for (ptrdiff_t i = 0; i < n; i++)                                                    \
+            o[i] = ((o[i] + u0 * a0[i]) + u1 * a0[i + 1]) + u2 * a0[i + 2];                  \
+        return;                                                                              \
+    }                                                                                        \
+    const T v0 = w1[0], v1 = w1[1], v2 = w1[2];                                              \
+    if (R == 2) {                                                                            \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                  \
+            T t = ((o[i] + u0 * a0[i]) + u1 * a0[i + 1]) + u2 * a0[i + 2];                   \
+            o[i] = ((t + v0 * a1[i]) + v1 * a1[i + 1]) + v2 * a1[i + 2];                     \
+        }                                                                                    \
+        return;                                                                              \
+    }                                                                                        \
+    const T z0 = w2[0], z1 = w2[1], z2 = w2[2];                                              \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                      \
+        T t = ((o[i] + u0 * a0[i]) + u1 * a0[i + 1]) + u2 * a0[i + 2];                       \
+        t = ((t + v0 * a1[i]) + v1 * a1[i + 1]) + v2 * a1[i + 2];                            \
+        o[i] = ((t + z0 * a2[i]) + z1 * a2[i + 1]) + z2 * a2[i + 2];                         \
+    }                                                                                        \
+}
+FC_DW3(float, fc_dw3_f)
+FC_DW3(double, fc_dw3_d)
+
+/* sum over r < rows, i < n of a[r lda + i] b[r ldb + i]: 8 partial sums kept across the
+   rows (vectorised), returned in double */
+#define FC_DOT2D(T, NAME)                                                                    \
+static double NAME(const T* restrict a, ptrdiff_t lda, const T* restrict b, ptrdiff_t ldb,   \
+                   ptrdiff_t rows, ptrdiff_t n) {                                            \
+    T p[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                       \
+    double t = 0;                                                                            \
+    for (ptrdiff_t r = 0; r < rows; r++) {                                                   \
+        const T* ar = a + r * lda;                                                           \
+        const T* br = b + r * ldb;                                                           \
+        ptrdiff_t i = 0;                                                                     \
+        for (; i + 8 <= n; i += 8)                                                           \
+            for (int l = 0; l < 8; l++) p[l] += ar[i + l] * br[i + l];                       \
+        for (; i < n; i++) t += (double)ar[i] * (double)br[i];                               \
+    }                                                                                        \
+    return t + (double)(((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])));  \
+}
+FC_DOT2D(float, fc_dot2d_f)
+FC_DOT2D(double, fc_dot2d_d)
+
 #endif /* FASTCONV_SIMD_H */
