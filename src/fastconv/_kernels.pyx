@@ -229,6 +229,25 @@ cdef inline void fill_channels(floating* dst, Py_ssize_t n_ch, Py_ssize_t plane,
 # convolution
 # --------------------------------------------------------------------------------------------
 
+cdef void conv_item(const floating* x, const floating* w, const floating* b, floating* out,
+                    floating* col, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
+                    Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                    Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                    Py_ssize_t OH, Py_ssize_t OW, bint direct) noexcept nogil:
+    """One (image, group) of the forward convolution: out (Lg, OH*OW) = w (Lg, K) @
+    im2col(x) (+ b), no im2col when direct (1x1, stride 1, unpadded)."""
+    cdef Py_ssize_t K = Cg * kH * kW, P = OH * OW
+    cdef floating beta = 0
+    cdef const floating* src = x
+    if not direct:
+        im2col(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col)
+        src = col
+    if b != NULL:
+        fill_channels(out, Lg, P, b)
+        beta = 1
+    gemm_rm(False, False, Lg, P, K, 1, w, K, src, P, beta, out, P)
+
+
 def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                    const floating[::1] bias, floating[:, :, :, ::1] out,
                    floating[:, ::1] scratch,
@@ -253,8 +272,6 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef floating* op = &out[0, 0, 0, 0]
     cdef floating* sp = &scratch[0, 0]
     cdef floating* col
-    cdef const floating* src
-    cdef floating beta
     cdef Py_ssize_t item, n, g
     if has_bias:
         bp = &bias[0]
@@ -267,16 +284,108 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         for item in prange(N * groups, schedule='dynamic', chunksize=1):
             n = item // groups
             g = item % groups
-            src = xp + (n * C + g * Cg) * H * W
-            if not direct:
-                im2col(src, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col)
-                src = col
-            beta = 0
-            if has_bias:
-                fill_channels(op + (n * L + g * Lg) * P, Lg, P, bp + g * Lg)
-                beta = 1
-            gemm_rm(False, False, Lg, P, K, 1, wp + g * Lg * K, K, src, P,
-                    beta, op + (n * L + g * Lg) * P, P)
+            conv_item(xp + (n * C + g * Cg) * H * W, wp + g * Lg * K,
+                      bp + g * Lg if has_bias else NULL, op + (n * L + g * Lg) * P, col,
+                      Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct)
+
+
+cdef extern from "_winograd.h":
+    void fc_wino_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, float* U) nogil
+    void fc_wino_weights_d(const double* w, Py_ssize_t L, Py_ssize_t C, double* U) nogil
+    bint fc_wino_finite_f(const float* x, Py_ssize_t n) nogil
+    bint fc_wino_finite_d(const double* x, Py_ssize_t n) nogil
+    void fc_wino_input_f(const float* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                         Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t t0,
+                         Py_ssize_t nt, float* V, Py_ssize_t vs) nogil
+    void fc_wino_input_d(const double* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                         Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t t0,
+                         Py_ssize_t nt, double* V, Py_ssize_t vs) nogil
+    void fc_wino_output_f(const float* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
+                          Py_ssize_t nt, Py_ssize_t OH, Py_ssize_t OW, const float* b,
+                          float* out, Py_ssize_t ms) nogil
+    void fc_wino_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
+                          Py_ssize_t nt, Py_ssize_t OH, Py_ssize_t OW, const double* b,
+                          double* out, Py_ssize_t ms) nogil
+
+
+cdef enum:
+    WINO_PAD = 16    # values between the 16 transformed planes, keeping them off 4 KiB strides
+
+
+cdef void winograd_item(const floating* x, const floating* U, const floating* w,
+                        const floating* b, floating* out, floating* work, Py_ssize_t Cg,
+                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg, Py_ssize_t pH,
+                        Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+    """One (image, group) of a 3x3 stride-1 convolution by Winograd F(2x2, 3x3) (see
+    _winograd.h); an image with an infinity or NaN goes through im2col + GEMM instead, whose
+    +-inf / NaN results are those of the definition."""
+    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, NT = TH * TW, xi, vs, ms
+    cdef floating* V = work
+    cdef floating* M
+    cdef bint ok
+    if floating is float:
+        ok = fc_wino_finite_f(x, Cg * H * W)
+    else:
+        ok = fc_wino_finite_d(x, Cg * H * W)
+    if not ok:
+        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
+        return
+    vs = Cg * NT + WINO_PAD
+    ms = Lg * NT + WINO_PAD
+    M = V + 16 * vs
+    if floating is float:
+        fc_wino_input_f(x, Cg, H, W, pH, pW, TW, 0, NT, V, vs)
+    else:
+        fc_wino_input_d(x, Cg, H, W, pH, pW, TW, 0, NT, V, vs)
+    for xi in range(16):
+        gemm_rm(False, False, Lg, NT, Cg, 1, U + xi * Lg * Cg, Cg, V + xi * vs, NT, 0,
+                M + xi * ms, NT)
+    if floating is float:
+        fc_wino_output_f(M, Lg, TW, 0, NT, OH, OW, b, out, ms)
+    else:
+        fc_wino_output_d(M, Lg, TW, 0, NT, OH, OW, b, out, ms)
+
+
+def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
+                            const floating[::1] bias, floating[:, :, :, ::1] out,
+                            floating[::1] u_scratch, floating[:, ::1] scratch,
+                            Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t groups, bint has_bias,
+                            int num_threads):
+    """conv2d_forward for 3x3 kernels, stride 1, dilation 1, by Winograd F(2x2, 3x3).
+
+    u_scratch: 16 * L * Cg (the transformed weights); scratch: (threads, n) with
+    n >= max(16 * (ceil(OH/2) * ceil(OW/2) * (Cg + Lg) + 32), 9 * Cg * OH * OW)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], P = OH * OW
+    cdef Py_ssize_t Lg = L // groups, NT = ((OH + 1) // 2) * ((OW + 1) // 2)
+    cdef Py_ssize_t ncol = scratch.shape[1], item, n, g
+    cdef const floating* xp = &x[0, 0, 0, 0]
+    cdef const floating* wp = &weight[0, 0, 0, 0]
+    cdef const floating* bp = &bias[0] if has_bias else NULL
+    cdef floating* up = &u_scratch[0]
+    cdef floating* op = &out[0, 0, 0, 0]
+    cdef floating* sp = &scratch[0, 0]
+    cdef floating* work
+    if weight.shape[2] != 3 or weight.shape[3] != 3 or u_scratch.shape[0] < 16 * L * Cg:
+        raise ValueError("conv2d_winograd_forward: 3x3 kernels and 16 L Cg weight scratch")
+    if ncol < 16 * (NT * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * P or \
+            scratch.shape[0] < num_threads:
+        raise ValueError("conv2d_winograd_forward: scratch too small")
+    with nogil:
+        for g in range(groups):
+            if floating is float:
+                fc_wino_weights_f(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
+            else:
+                fc_wino_weights_d(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
+    with nogil, parallel(num_threads=num_threads):
+        work = sp + threadid() * ncol
+        for item in prange(N * groups, schedule='dynamic', chunksize=1):
+            n = item // groups
+            g = item % groups
+            winograd_item(xp + (n * C + g * Cg) * H * W, up + g * 16 * Lg * Cg,
+                          wp + g * Lg * Cg * 9, bp + g * Lg if has_bias else NULL,
+                          op + (n * L + g * Lg) * P, work, Cg, H, W, Lg, pH, pW, OH, OW)
 
 
 def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,

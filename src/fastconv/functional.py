@@ -343,6 +343,21 @@ def _dummy(dtype):
     return np.zeros((1, 1, 1, 1), dtype)
 
 
+# Winograd F(2x2, 3x3) (_winograd.h) for 3x3 stride-1 undilated convolutions with at least
+# _WINOGRAD_MIN_CHANNELS input and output channels per group (at most twice as many out as in)
+# and output planes at least _WINOGRAD_MIN_SIZE on a side; elsewhere im2col + GEMM was faster
+# (benchmarks/README.md).  The tests lower both to 1 to run every shape through it.
+_WINOGRAD_MIN_CHANNELS = 16
+_WINOGRAD_MIN_SIZE = 8
+
+
+def _use_winograd(geo, weight):
+    cg, lg = weight.shape[1], geo["L"] // geo["g"]
+    return (geo["k"] == (3, 3) and geo["s"] == (1, 1) and geo["d"] == (1, 1)
+            and min(cg, lg) >= _WINOGRAD_MIN_CHANNELS and lg <= 2 * cg
+            and min(geo["OH"], geo["OW"]) >= _WINOGRAD_MIN_SIZE)
+
+
 def _is_direct(geo, x):
     """1x1, stride 1, unpadded, same plane in and out (no output_padding): no im2col needed;
     the kernels make the same decision."""
@@ -416,6 +431,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
                                    b is not None, _team(N * L, N * L * OH * OW * K))
         return done(out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
+    if _use_winograd(geo, weight):
+        Cg, Lg, tiles = weight.shape[1], L // g, ((OH + 1) // 2) * ((OW + 1) // 2)
+        scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), K * OH * OW), dt, fn)
+        u = _alloc((16 * L * Cg,), dt, fn, "Winograd weights")
+        with blas_threads(nblas):
+            _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, scratch, pad[0], pad[2], g,
+                                             b is not None, team)
+        return done(out)
     ncol = 0 if _is_direct(geo, x) else K * OH * OW
     scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):

@@ -1,0 +1,109 @@
+"""The Winograd F(2x2, 3x3) path of conv2d (3x3, stride 1, dilation 1) against the naive
+reference.  fastconv takes it only for 16+ channels and 8x8+ outputs; here the thresholds are
+lowered to 1 so that every shape goes through it: odd and tiny outputs (partial 2x2 tiles),
+paddings larger than the kernel, groups, bias, both dtypes, one or more threads, and inputs
+with infinities or NaN (those images fall back to im2col, whose results are the
+definition's)."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv as fc
+from fastconv import functional as F
+import reference as ref
+
+
+@pytest.fixture
+def everywhere(monkeypatch):
+    monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
+
+
+def close(actual, expected, dtype):
+    expected = np.asarray(expected, np.float64)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    scale = 1.0 + np.abs(expected).max() if expected.size else 1.0
+    if dtype == np.float64:
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-11 * scale)
+    else:
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_thresholds_pick_winograd_only_where_it_pays():
+    x = np.zeros((1, 64, 32, 32), np.float32)
+    geo = F._conv_setup("t", x, np.zeros((64, 64, 3, 3)), 1, 1, 1, 1)
+    assert F._use_winograd(geo, np.zeros((64, 64, 3, 3)))
+    for w, kw in [((64, 64, 3, 3), dict(stride=2)), ((64, 64, 3, 3), dict(dilation=2)),
+                  ((64, 64, 5, 5), {}), ((8, 8, 3, 3), {}), ((128, 32, 3, 3), {})]:
+        xx = x[:, :w[1]]
+        geo = F._conv_setup("t", xx, np.zeros(w), kw.get("stride", 1), 1,
+                            kw.get("dilation", 1), 1)
+        assert not F._use_winograd(geo, np.zeros(w)), (w, kw)
+
+
+@pytest.mark.usefixtures("everywhere")
+@given(n=st.integers(1, 3), cg=st.integers(1, 5), lg=st.integers(1, 5),
+       groups=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+       ph=st.integers(0, 4), pw=st.integers(0, 4), bias=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**32 - 1))
+def test_winograd_matches_reference(n, cg, lg, groups, h, w, ph, pw, bias, dtype, threads,
+                                    seed):
+    if h + 2 * ph < 3 or w + 2 * pw < 3:
+        return
+    lg = min(lg, 2 * cg)            # fastconv keeps im2col when out-channels > 2x in-channels
+    r = np.random.default_rng(seed)
+    x = r.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = r.uniform(-1, 1, (lg * groups, cg, 3, 3)).astype(dtype)
+    b = r.uniform(-1, 1, lg * groups).astype(dtype) if bias else None
+    geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
+    assert F._use_winograd(geo, wt)
+    before = fc.get_num_threads()
+    fc.set_num_threads(threads)
+    try:
+        got = fc.conv2d(x, wt, b, padding=(ph, pw), groups=groups)
+    finally:
+        fc.set_num_threads(before)
+    close(got, ref.conv2d(x, wt, b, padding=(ph, pw), groups=groups), np.dtype(dtype))
+
+
+@pytest.mark.usefixtures("everywhere")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_non_finite_inputs(dtype):
+    """inf - inf inside the transforms would give NaN where the convolution is +-inf: such
+    images are convolved directly, and clean images in the same batch are not affected."""
+    r = np.random.default_rng(3)
+    x = r.standard_normal((4, 3, 6, 7)).astype(dtype)
+    w = r.standard_normal((2, 3, 3, 3)).astype(dtype)
+    x[0, 1, 2, 3] = np.inf
+    x[1, 0, 0, 0] = -np.inf
+    x[2, 2, 5, 6] = np.nan
+    got = fc.conv2d(x, w, padding=1)
+    with np.errstate(invalid="ignore"):
+        want = ref.conv2d(x, w, padding=1)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    ok = np.isfinite(want)
+    close(got[ok], want[ok], np.dtype(dtype))
+    close(got[3], want[3], np.dtype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_default_thresholds_bench_shapes(dtype, monkeypatch):
+    """The benchmark suite's shapes, at the default thresholds, against the im2col path
+    (itself checked against the reference by the property tests; the naive reference is too
+    slow at these sizes)."""
+    r = np.random.default_rng(5)
+    for n, c, l, hw in [(2, 64, 64, 32), (1, 128, 128, 28), (2, 16, 16, 9)]:
+        x = r.standard_normal((n, c, hw, hw)).astype(dtype)
+        w = r.standard_normal((l, c, 3, 3)).astype(dtype) / 24
+        b = r.standard_normal(l).astype(dtype)
+        geo = F._conv_setup("t", x, w, 1, 1, 1, 1)
+        assert F._use_winograd(geo, w)
+        got = fc.conv2d(x, w, b, padding=1)
+        with monkeypatch.context() as m:
+            m.setattr(F, "_WINOGRAD_MIN_CHANNELS", 10**9)
+            want = fc.conv2d(x, w, b, padding=1)
+        close(got, want, np.dtype(dtype))
