@@ -430,3 +430,26 @@ def test_max_pool2d_nan_and_all_equal_windows():
     np.testing.assert_array_equal(y, y_ref)
     assert np.isnan(y[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 4   # the last NaN wins
     assert y[0, 0, 0, 1] == 3 and idx[0, 0, 0, 1] == 2        # the first maximum wins
+
+
+@parallel
+@pytest.mark.parametrize("dtype,hw", [(np.float32, (16, 32)), (np.float64, (16, 16)),
+                                      (np.float32, (8, 64))])
+def test_conv_im2col_rows_padded_off_2k(dtype, hw):
+    """Output planes of 512 floats / 256 doubles: the im2col rows get one cache line of
+    padding (col_ld); every convolution path that uses them, against the reference."""
+    r = np.random.default_rng(11)
+    x = r.uniform(-1, 1, (2, 3, *hw)).astype(dtype)
+    w = r.uniform(-1, 1, (4, 3, 3, 3)).astype(dtype)
+    y = fc.conv2d(x, w, padding=1)
+    assert_close(y, ref.conv2d(x, w, padding=1), dtype)
+    gy = r.uniform(-1, 1, y.shape).astype(dtype)
+    for got, want in zip(fc.conv2d_backward(gy, x, w, padding=1),
+                         ref.conv2d_backward(gy, x, w, padding=1)):
+        assert_close(got, want, dtype)
+    wt = r.uniform(-1, 1, (3, 2, 3, 3)).astype(dtype)
+    yt = fc.conv_transpose2d(x, wt, padding=1)
+    assert_close(yt, ref.conv_transpose2d(x, wt, padding=1), dtype)
+    for got, want in zip(fc.conv_transpose2d_backward(yt, x, wt, padding=1),
+                         ref.conv_transpose2d_backward(yt, x, wt, padding=1)):
+        assert_close(got, want, dtype)

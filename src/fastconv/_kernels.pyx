@@ -151,12 +151,22 @@ cdef inline void valid_range(Py_ssize_t off, Py_ssize_t s, Py_ssize_t size, Py_s
     hi[0] = b
 
 
+cdef inline Py_ssize_t col_ld(Py_ssize_t P, Py_ssize_t itemsize) noexcept nogil:
+    """Row stride of an im2col matrix of P columns: P, or one cache line more when rows would
+    be a multiple of 2 KiB apart (the GEMM's packing then reads rows that all fall in the
+    same few L1 sets).  functional._col_ld is the same rule."""
+    if (P * itemsize) % 2048 == 0:
+        return P + 64 // itemsize
+    return P
+
+
 cdef void im2col(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                  Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                  Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
-                 Py_ssize_t OH, Py_ssize_t OW, floating* col) noexcept nogil:
-    """col[(c, kh, kw), (oh, ow)] = x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] (0 outside)."""
-    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = OH * OW
+                 Py_ssize_t OH, Py_ssize_t OW, floating* col, Py_ssize_t ld) noexcept nogil:
+    """col[(c, kh, kw), (oh, ow)] = x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] (0 outside);
+    rows of col are ld values apart (col_ld)."""
+    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld
     cdef floating* dst
     cdef const floating* src
     for c in range(C):
@@ -187,9 +197,10 @@ cdef void im2col(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
 cdef void col2im(const floating* col, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                  Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                  Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
-                 Py_ssize_t OH, Py_ssize_t OW, floating* x) noexcept nogil:
-    """Adjoint of im2col: x[c, ih, iw] += col[(c, kh, kw), (oh, ow)] (x must be initialised)."""
-    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = OH * OW
+                 Py_ssize_t OH, Py_ssize_t OW, floating* x, Py_ssize_t ld) noexcept nogil:
+    """Adjoint of im2col: x[c, ih, iw] += col[(c, kh, kw), (oh, ow)] (x must be initialised);
+    rows of col are ld values apart."""
+    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld
     cdef const floating* src
     cdef floating* dst
     for c in range(C):
@@ -236,16 +247,17 @@ cdef void conv_item(const floating* x, const floating* w, const floating* b, flo
                     Py_ssize_t OH, Py_ssize_t OW, bint direct) noexcept nogil:
     """One (image, group) of the forward convolution: out (Lg, OH*OW) = w (Lg, K) @
     im2col(x) (+ b), no im2col when direct (1x1, stride 1, unpadded)."""
-    cdef Py_ssize_t K = Cg * kH * kW, P = OH * OW
+    cdef Py_ssize_t K = Cg * kH * kW, P = OH * OW, ld = P
     cdef floating beta = 0
     cdef const floating* src = x
     if not direct:
-        im2col(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col)
+        ld = col_ld(P, sizeof(floating))
+        im2col(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
         src = col
     if b != NULL:
         fill_channels(out, Lg, P, b)
         beta = 1
-    gemm_rm(False, False, Lg, P, K, 1, w, K, src, P, beta, out, P)
+    gemm_rm(False, False, Lg, P, K, 1, w, K, src, ld, beta, out, P)
 
 
 def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
@@ -275,7 +287,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef Py_ssize_t item, n, g
     if has_bias:
         bp = &bias[0]
-    if not direct and ncol < K * P:
+    if not direct and ncol < K * col_ld(P, sizeof(floating)):
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
     if scratch.shape[0] < num_threads:
         raise ValueError("conv2d_forward: scratch needs one row per thread")
@@ -369,7 +381,7 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     cdef floating* work
     if weight.shape[2] != 3 or weight.shape[3] != 3 or u_scratch.shape[0] < 16 * L * Cg:
         raise ValueError("conv2d_winograd_forward: 3x3 kernels and 16 L Cg weight scratch")
-    if ncol < 16 * (NT * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * P or \
+    if ncol < 16 * (NT * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * col_ld(P, sizeof(floating)) or \
             scratch.shape[0] < num_threads:
         raise ValueError("conv2d_winograd_forward: scratch too small")
     with nogil:
@@ -414,6 +426,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef Py_ssize_t W = grad_x_out.shape[3] if need_x else x.shape[3]
     cdef Py_ssize_t Cg = weight.shape[1], kH = weight.shape[2], kW = weight.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, P = OH * OW
+    cdef Py_ssize_t ld = col_ld(P, sizeof(floating))
     cdef Py_ssize_t ncol = scratch.shape[1], nw = grad_w_part.shape[1], nb = grad_b_part.shape[1]
     cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
                         and OH == H and OW == W)
@@ -435,7 +448,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef Py_ssize_t item, n, g, l, i, tid
     if has_init:
         ip = &init[0]
-    if (need_w or need_x) and not direct and ncol < K * P:
+    if (need_w or need_x) and not direct and ncol < K * ld:
         raise ValueError("conv2d_backward: scratch is smaller than one im2col matrix")
     if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < L * K)) \
             or (need_b and (grad_b_part.shape[0] < num_threads or nb < L)):
@@ -452,10 +465,11 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
             if need_w:
                 src = xp + (n * C + g * Cg) * H * W
                 if not direct:
-                    im2col(src, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col)
+                    im2col(src, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
                     src = col
                 # grad_w[g] (Lg, K) += grad_out[n, g] (Lg, P) @ col^T (P, K)
-                gemm_rm(False, True, Lg, K, P, 1, gyg, P, src, P, 1, gw + g * Lg * K, K)
+                gemm_rm(False, True, Lg, K, P, 1, gyg, P, src, P if direct else ld, 1,
+                        gw + g * Lg * K, K)
             if need_b:
                 for l in range(Lg):
                     acc = 0
@@ -471,9 +485,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     gemm_rm(True, False, K, P, Lg, 1, wp + g * Lg * K, K, gyg, P,
                             1 if has_init else 0, gxg, P)
                 else:
-                    gemm_rm(True, False, K, P, Lg, 1, wp + g * Lg * K, K, gyg, P, 0, col, P)
+                    gemm_rm(True, False, K, P, Lg, 1, wp + g * Lg * K, K, gyg, P, 0, col, ld)
                     fill_channels(gxg, Cg, H * W, (ip + g * Cg) if has_init else NULL)
-                    col2im(col, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, gxg)
+                    col2im(col, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, gxg, ld)
 
 
 def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
@@ -496,6 +510,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t Cout = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
     cdef Py_ssize_t Cog = weight.shape[1], kH = weight.shape[2], kW = weight.shape[3]
     cdef Py_ssize_t Cig = Cin // groups, K = Cog * kH * kW, P = H * W
+    cdef Py_ssize_t ld = col_ld(P, sizeof(floating))
     cdef Py_ssize_t ncol = scratch.shape[1], nw = grad_w_part.shape[1]
     cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
                         and OH == H and OW == W)
@@ -509,7 +524,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef floating* gw
     cdef const floating* src
     cdef Py_ssize_t item, n, g
-    if not direct and ncol < K * P:
+    if not direct and ncol < K * ld:
         raise ValueError("conv_transpose2d_backward: scratch is smaller than one im2col matrix")
     if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < Cin * K)):
         raise ValueError("conv_transpose2d_backward: workspaces need one row per thread")
@@ -521,14 +536,14 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
             g = item % groups
             src = gyp + (n * Cout + g * Cog) * OH * OW
             if not direct:
-                im2col(src, Cog, OH, OW, kH, kW, sH, sW, pH, pW, dH, dW, H, W, col)
+                im2col(src, Cog, OH, OW, kH, kW, sH, sW, pH, pW, dH, dW, H, W, col, ld)
                 src = col
             if need_x:
-                gemm_rm(False, False, Cig, P, K, 1, wp + g * Cig * K, K, src, P,
-                        0, gxp + (n * Cin + g * Cig) * P, P)
+                gemm_rm(False, False, Cig, P, K, 1, wp + g * Cig * K, K, src,
+                        P if direct else ld, 0, gxp + (n * Cin + g * Cig) * P, P)
             if need_w:
-                gemm_rm(False, True, Cig, K, P, 1, xp + (n * Cin + g * Cig) * P, P, src, P,
-                        1, gw + g * Cig * K, K)
+                gemm_rm(False, True, Cig, K, P, 1, xp + (n * Cin + g * Cig) * P, P, src,
+                        P if direct else ld, 1, gw + g * Cig * K, K)
 
 
 # Every prange body below only computes pointers and calls a per-plane cdef function: the

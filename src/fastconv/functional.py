@@ -358,6 +358,13 @@ def _use_winograd(geo, weight):
             and min(geo["OH"], geo["OW"]) >= _WINOGRAD_MIN_SIZE)
 
 
+def _col_ld(P, dtype):
+    """Row stride of an im2col matrix with P columns: the kernels' col_ld (one cache line
+    more when rows would be a multiple of 2 KiB apart)."""
+    itemsize = np.dtype(dtype).itemsize
+    return P + 64 // itemsize if (P * itemsize) % 2048 == 0 else P
+
+
 def _is_direct(geo, x):
     """1x1, stride 1, unpadded, same plane in and out (no output_padding): no im2col needed;
     the kernels make the same decision."""
@@ -433,13 +440,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     if _use_winograd(geo, weight):
         Cg, Lg, tiles = weight.shape[1], L // g, ((OH + 1) // 2) * ((OW + 1) // 2)
-        scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), K * OH * OW), dt, fn)
+        scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), K * _col_ld(OH * OW, dt)), dt, fn)
         u = _alloc((16 * L * Cg,), dt, fn, "Winograd weights")
         with blas_threads(nblas):
             _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, scratch, pad[0], pad[2], g,
                                              b is not None, team)
         return done(out)
-    ncol = 0 if _is_direct(geo, x) else K * OH * OW
+    ncol = 0 if _is_direct(geo, x) else K * _col_ld(OH * OW, dt)
     scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):
         _kernels.conv2d_forward(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
@@ -508,7 +515,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
         return gx, gw, gb
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     direct = _is_direct(geo, x)
-    ncol = 0 if direct or not (need_w or need_x) else K * OH * OW
+    ncol = 0 if direct or not (need_w or need_x) else K * _col_ld(OH * OW, dt)
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
     bpart = _alloc((team, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
@@ -578,7 +585,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     team, nblas = _threads(N * g, N * x.shape[1] * x.shape[2] * x.shape[3] * K)
-    ncol = 0 if _is_direct(geo, x) else K * x.shape[2] * x.shape[3]
+    ncol = 0 if _is_direct(geo, x) else K * _col_ld(x.shape[2] * x.shape[3], dt)
     scratch = _scratch(team, ncol, dt, fn)
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(b, dt) if b is not None else np.zeros(0, dt)
@@ -634,7 +641,8 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     team, nblas = _threads(N * g, N * x.shape[1] * x.shape[2] * x.shape[3] * K)
     Cin = x.shape[1]
     gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
-    ncol = 0 if _is_direct(geo, x) or not (need_x or need_w) else K * x.shape[2] * x.shape[3]
+    ncol = (0 if _is_direct(geo, x) or not (need_x or need_w)
+            else K * _col_ld(x.shape[2] * x.shape[3], dt))
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, Cin * K if need_w else 0), dt, fn, "weight-gradient partials",
                    zero=True)
