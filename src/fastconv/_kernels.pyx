@@ -1246,6 +1246,55 @@ cdef void max_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
                          kH, kW, sH, sW, pH, pW, dH, dW, track, False, tab if have else NULL)
 
 
+cdef void max_pool_plane_backward_tiled(const floating* gy, const floating* x, floating* gx,
+                                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                                        Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW,
+                                        const Py_ssize_t* tab, floating* vals,
+                                        floating* win) noexcept nogil:
+    """max_pool_plane_backward for windows that tile the plane (kernel == stride, no padding,
+    no dilation): every input element lies in at most one window, so gx is written once,
+    row by row, as gy where the element is its window's argmax and 0 elsewhere; no zeroing
+    pass, no scatter."""
+    cdef Py_ssize_t tapoff[MAX_WIN]
+    cdef Py_ssize_t oh, ow, r, kw, hs, wend
+    cdef floating* gxrow
+    cdef const floating* g
+    cdef floating tn, tn1, gv, wv, z = 0
+    cdef long long j
+    for oh in range(OH):
+        g = gy + oh * OW
+        max_pool_row_win(x, H, W, oh, vals, win, OW, kH, kH, kW, 0, 1, tab, kW, tapoff)
+        for r in range(kH):
+            gxrow = gx + (oh * kH + r) * W
+            if kW == 2:
+                tn = <floating>(r * 2)
+                tn1 = tn + 1
+                for ow in range(OW):       # loads first: selects, not branches
+                    gv = g[ow]
+                    wv = win[ow]
+                    gxrow[2 * ow] = gv if wv == tn else z
+                    gxrow[2 * ow + 1] = gv if wv == tn1 else z
+            else:
+                for kw in range(kW):
+                    tn = <floating>(r * kW + kw)
+                    for ow in range(OW):
+                        gv = g[ow]
+                        wv = win[ow]
+                        gxrow[ow * kW + kw] = gv if wv == tn else z
+            for ow in range(OW * kW, W):          # columns no window covers
+                gxrow[ow] = 0
+        for ow in range(OW):                      # NaN maxima: the last NaN takes it
+            if win[ow] < 0 and vals[ow] != vals[ow]:
+                hs = oh * kH
+                wend = min(ow * kW + kW, W)
+                max_pool_argmax(x, W, hs, min(hs + kH, H), 1, ow * kW, wend, 1, &vals[ow], &j,
+                                True)
+                if j >= 0:
+                    gx[j] += g[ow]
+    if OH * kH < H:                               # rows no window covers
+        memset(gx + OH * kH * W, 0, (H - OH * kH) * W * sizeof(floating))
+
+
 cdef void max_pool_plane_backward(const floating* gy, const floating* x, floating* gx,
                                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
                                   Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
@@ -1257,6 +1306,11 @@ cdef void max_pool_plane_backward(const floating* gy, const floating* x, floatin
     cdef Py_ssize_t tab[3 * MAX_TAPS]
     tap_range(kW, dW, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, dW, pW, sW, W, OW, tab)
+    if (have and kH == sH and kW == sW and pH == 0 and pW == 0 and dH == 1 and dW == 1
+            and OH * kH <= H and OW * kW <= W          # (ceil_mode can make windows overhang)
+            and W <= ROW_BUF and kH * kW <= MAX_WIN and kw1 - kw0 == kW):
+        max_pool_plane_backward_tiled(gy, x, gx, H, W, OH, OW, kH, kW, tab, vals, vals + OW)
+        return
     memset(gx, 0, H * W * sizeof(floating))
     for oh in range(OH):
         if not (have and W <= ROW_BUF and max_pool_row_indexed(
