@@ -1491,7 +1491,14 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
     cdef Py_ssize_t w
     cdef floating h[ROW_BUF]
     cdef floating ev[ROW_BUF]
-    memset(gx, 0, H * W * sizeof(floating))
+    # windows that tile the plane (kernel == stride, no padding, none overhanging)
+    cdef bint tiled = (kH == sH and kW == sW and pH == 0 and pW == 0 and OH * kH <= H
+                       and OW * kW <= W)
+    if tiled:
+        if OH * kH < H:
+            memset(gx + OH * kH * W, 0, (H - OH * kH) * W * sizeof(floating))
+    else:
+        memset(gx, 0, H * W * sizeof(floating))
     tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, 1, pW, sW, W, OW, tab)
     cdef bint fast = have and W <= ROW_BUF
@@ -1506,6 +1513,20 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
             div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
                                         count_include_pad, divisor_override, &empty)
             g[ow] = 0 if empty else gy[oh * OW + ow] / div
+        if tiled:       # each input element in exactly one window: write, don't accumulate
+            for ih in range(oh * kH, oh * kH + kH):
+                gxrow = gx + ih * W
+                if kW == 2:
+                    for ow in range(OW):
+                        gxrow[2 * ow] = g[ow]
+                        gxrow[2 * ow + 1] = g[ow]
+                else:
+                    for ow in range(OW):
+                        for kw in range(kW):
+                            gxrow[ow * kW + kw] = g[ow]
+                for w in range(OW * kW, W):
+                    gxrow[w] = 0
+            continue
         if fast:        # one row's spread of g (adjoint of the forward's taps), added per row
             if hs_c < he_c:
                 spread_taps(g, W, sW, tab, kw1 - kw0, h, ev)
