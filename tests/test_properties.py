@@ -453,3 +453,30 @@ def test_conv_im2col_rows_padded_off_2k(dtype, hw):
     for got, want in zip(fc.conv_transpose2d_backward(yt, x, wt, padding=1),
                          ref.conv_transpose2d_backward(yt, x, wt, padding=1)):
         assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pool_backward_tiling_windows(seed):
+    """Kernel == stride, no padding: the backward kernels write grad_x once instead of
+    accumulating.  Ties, NaN and -inf planes, ceil_mode overhangs (those keep the general
+    path), uncovered trailing rows and columns, against the reference."""
+    r = np.random.default_rng(seed)
+    for _ in range(40):
+        k = (int(r.integers(1, 4)), int(r.integers(1, 4)))
+        H, W = int(r.integers(k[0], 12)), int(r.integers(k[1], 12))
+        ceil = bool(r.integers(0, 2))
+        x = r.integers(-2, 3, (2, 3, H, W)).astype(np.float64)       # many ties
+        if r.random() < 0.3:
+            x[0, 0, r.integers(0, H), r.integers(0, W)] = np.nan
+        if r.random() < 0.3:
+            x[1, 1] = -np.inf
+        y = fc.max_pool2d(x, k, k, 0, ceil_mode=ceil)
+        gy = r.standard_normal(y.shape)
+        assert_close(fc.max_pool2d_backward(gy, x, k, k, 0, ceil_mode=ceil),
+                     ref.max_pool2d_backward(gy, x, k, k, 0, ceil_mode=ceil), np.float64)
+        kw = dict(ceil_mode=ceil, count_include_pad=bool(r.integers(0, 2)),
+                  divisor_override=None if r.random() < 0.7 else int(r.integers(1, 5)))
+        x = r.standard_normal((2, 3, H, W))
+        gy = r.standard_normal(fc.avg_pool2d(x, k, k, 0, **kw).shape)
+        assert_close(fc.avg_pool2d_backward(gy, x, k, k, 0, **kw),
+                     ref.avg_pool2d_backward(gy, x, k, k, 0, **kw), np.float64)
