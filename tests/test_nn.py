@@ -752,3 +752,24 @@ def test_conv_layers_validate_kernel_size(layer, kernel_size, exc):
     # found by the fuzz soak: () raised IndexError, (1, 2, 3) silently dropped the 3
     with pytest.raises(exc, match="kernel_size"):
         layer(1, 1, kernel_size)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_kernel_matches_threshold_backward(dtype):
+    """ReLU.backward's one-pass kernel: grad where the output is > 0 or NaN, else 0 (torch's
+    threshold_backward), for contiguous and strided gradients, NaN and inf anywhere, and
+    sizes around the kernel's block length."""
+    r = np.random.default_rng(0)
+    for n in (1, 7, 16384, 16385, 40000):
+        x = r.standard_normal(n).astype(dtype)
+        x[:: 97] = np.nan
+        x[5:: 101] = 0.0
+        g = r.standard_normal(2 * n).astype(dtype)[::2]        # strided
+        g[3:: 89] = np.inf
+        g[4:: 83] = np.nan
+        relu = nn.ReLU()
+        y = relu(x)
+        got = relu.backward(g)
+        want = np.where(y <= 0, dtype(0), g)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == dtype and got.flags.c_contiguous

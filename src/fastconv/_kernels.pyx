@@ -863,6 +863,29 @@ def depthwise_backward(const floating[:, :, :, ::1] grad_out, const floating[:, 
                         M == 1)
 
 
+def relu_backward(const floating[::1] y, const floating[::1] g, floating[::1] out,
+                  int num_threads):
+    """out = g where y > 0 (or y is NaN), else 0: torch's threshold_backward, one pass and
+    no temporaries (a vectorised select)."""
+    cdef Py_ssize_t n = y.shape[0], blk = 16384, nblk = (n + blk - 1) // blk, b
+    cdef const floating* yp = &y[0]
+    cdef const floating* gp = &g[0]
+    cdef floating* op = &out[0]
+    with nogil:
+        for b in prange(nblk, schedule='static', num_threads=num_threads):
+            relu_backward_block(yp + b * blk, gp + b * blk, op + b * blk, min(blk, n - b * blk))
+
+
+cdef void relu_backward_block(const floating* y, const floating* g, floating* out,
+                              Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating yv, gv, z = 0
+    for i in range(n):
+        yv = y[i]
+        gv = g[i]
+        out[i] = z if yv <= 0 else gv
+
+
 def sum_rows(const floating[:, ::1] part, floating[::1] out):
     """out[j] = sum_t part[t, j] (reduces per-thread partial sums)."""
     cdef Py_ssize_t T = part.shape[0], M = part.shape[1], t, j

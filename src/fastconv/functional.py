@@ -438,7 +438,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
                                    b is not None, _team(N * L, N * L * OH * OW * K))
         return done(out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
-    if _use_winograd(geo, weight):
+    # (one work item on several threads: the big im2col GEMM shares out better over BLAS
+    # threads than Winograd's 16 small ones)
+    if _use_winograd(geo, weight) and nblas == 1:
         Cg, Lg, tiles = weight.shape[1], L // g, ((OH + 1) // 2) * ((OW + 1) // 2)
         scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), K * _col_ld(OH * OW, dt)), dt, fn)
         u = _alloc((16 * L * Cg,), dt, fn, "Winograd weights")
