@@ -107,3 +107,34 @@ def test_winograd_default_thresholds_bench_shapes(dtype, monkeypatch):
             m.setattr(F, "_WINOGRAD_MIN_CHANNELS", 10**9)
             want = fc.conv2d(x, w, b, padding=1)
         close(got, want, np.dtype(dtype))
+
+
+@pytest.mark.usefixtures("everywhere")
+@given(n=st.integers(1, 2), cg=st.integers(1, 4), lg=st.integers(1, 4),
+       groups=st.integers(1, 2), h=st.integers(1, 8), w=st.integers(1, 8),
+       ph=st.integers(0, 4), pw=st.integers(0, 4), need_w=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**32 - 1))
+def test_winograd_backward_grad_x(n, cg, lg, groups, h, w, ph, pw, need_w, dtype, threads,
+                                  seed):
+    """conv2d_backward's grad_x as the Winograd convolution of grad_out by the flipped,
+    transposed kernel with padding 2 - p (negative: cropping, when p > 2)."""
+    if h + 2 * ph < 3 or w + 2 * pw < 3:
+        return
+    r = np.random.default_rng(seed)
+    x = r.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = r.uniform(-1, 1, (lg * groups, cg, 3, 3)).astype(dtype)
+    geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
+    gy = r.uniform(-1, 1, (n, lg * groups, geo["OH"], geo["OW"])).astype(dtype)
+    before = fc.get_num_threads()
+    fc.set_num_threads(threads)
+    try:
+        got = fc.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups,
+                                 output_mask=(True, need_w, True))
+    finally:
+        fc.set_num_threads(before)
+    want = ref.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups)
+    close(got[0], want[0], np.dtype(dtype))
+    if need_w:
+        close(got[1], want[1], np.dtype(dtype))
+    close(got[2], want[2], np.dtype(dtype))

@@ -281,7 +281,7 @@ def _conv_setup(fn, x, weight, stride, padding, dilation, groups, transposed=Fal
     for v, what in ((pad, "padding"), (d, "dilation"), (s, "stride")):
         if max(v) * max(k) > _INT_MAX or max(v) > _INT_MAX:
             raise ValueError(f"{fn}: {what}={v} is too large for kernel size {k}")
-    return dict(s=s, d=d, g=g, pad=pad, k=k, L=L, OH=OH, OW=OW)
+    return dict(s=s, d=d, g=g, pad=pad, k=k, L=L, OH=OH, OW=OW, H=x.shape[2], W=x.shape[3])
 
 
 def _bias(bias, L, fn):
@@ -351,11 +351,29 @@ _WINOGRAD_MIN_CHANNELS = 16
 _WINOGRAD_MIN_SIZE = 8
 
 
-def _use_winograd(geo, weight):
-    cg, lg = weight.shape[1], geo["L"] // geo["g"]
+def _use_winograd(geo, weight, backward=False):
+    """Winograd for conv2d (or, backward=True, for conv2d_backward's grad_x: the same
+    kind of convolution of grad_out, channel roles swapped, onto the input plane)."""
+    cin, cout = weight.shape[1], geo["L"] // geo["g"]
+    oh, ow = geo["OH"], geo["OW"]
+    if backward:
+        cin, cout, oh, ow = cout, cin, geo["H"], geo["W"]
     return (geo["k"] == (3, 3) and geo["s"] == (1, 1) and geo["d"] == (1, 1)
-            and min(cg, lg) >= _WINOGRAD_MIN_CHANNELS and lg <= 2 * cg
-            and min(geo["OH"], geo["OW"]) >= _WINOGRAD_MIN_SIZE)
+            and min(cin, cout) >= _WINOGRAD_MIN_CHANNELS and cout <= 2 * cin
+            and min(oh, ow) >= _WINOGRAD_MIN_SIZE)
+
+
+def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn):
+    """out = the 3x3 stride-1 convolution of xc by wc (+ bc) with these top/left paddings
+    (negative: cropping), by the Winograd kernel; the caller holds the BLAS threads at 1."""
+    Cg, Lg = wc.shape[1], wc.shape[0] // groups
+    OH, OW = out.shape[2], out.shape[3]
+    tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
+    scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), 9 * Cg * _col_ld(OH * OW, dt)),
+                       dt, fn)
+    u = _alloc((16 * wc.shape[0] * Cg,), dt, fn, "Winograd weights")
+    _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, scratch, pad_top, pad_left, groups,
+                                     bc.shape[0] > 0, team)
 
 
 def _col_ld(P, dtype):
@@ -441,12 +459,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
     # (one work item on several threads: the big im2col GEMM shares out better over BLAS
     # threads than Winograd's 16 small ones)
     if _use_winograd(geo, weight) and nblas == 1:
-        Cg, Lg, tiles = weight.shape[1], L // g, ((OH + 1) // 2) * ((OW + 1) // 2)
-        scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), K * _col_ld(OH * OW, dt)), dt, fn)
-        u = _alloc((16 * L * Cg,), dt, fn, "Winograd weights")
-        with blas_threads(nblas):
-            _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, scratch, pad[0], pad[2], g,
-                                             b is not None, team)
+        with blas_threads(1):
+            _winograd(xc, wc, bc, out, pad[0], pad[2], g, team, dt, fn)
         return done(out)
     ncol = 0 if _is_direct(geo, x) else K * _col_ld(OH * OW, dt)
     scratch = _scratch(team, ncol, dt, fn)
@@ -521,6 +535,18 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
     bpart = _alloc((team, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
+    if N > 0 and need_x and nblas == 1 and _use_winograd(geo, weight, backward=True):
+        # grad_x is the 3x3 stride-1 convolution of grad_out by the flipped, transposed kernel
+        # with the complementary padding: Winograd too
+        Lg, Cg = L // g, weight.shape[1]
+        wt = np.ascontiguousarray(
+            weight.reshape(g, Lg, Cg, 3, 3).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+            .reshape(g * Cg, Lg, 3, 3), dtype=dt)
+        pad = geo["pad"]
+        with blas_threads(1):
+            _winograd(_c(grad_out, dt), wt, np.zeros(0, dt), gx, 2 - pad[0], 2 - pad[2], g,
+                      team, dt, fn)
+        need_x = False
     if N > 0 and (need_x or need_w or need_b):
         gyc, wc = _c(grad_out, dt), _c(weight, dt)
         xc = _c(x, dt) if need_w or not need_x else _dummy(dt)
