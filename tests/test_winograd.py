@@ -42,7 +42,7 @@ def test_thresholds_pick_winograd_only_where_it_pays():
         assert not F._use_winograd(geo, np.zeros(w)), (w, kw)
 
 
-@pytest.mark.usefixtures("everywhere")
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
 @given(n=st.integers(1, 3), cg=st.integers(1, 5), lg=st.integers(1, 5),
        groups=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
        ph=st.integers(0, 4), pw=st.integers(0, 4), bias=st.booleans(),
@@ -68,7 +68,7 @@ def test_winograd_matches_reference(n, cg, lg, groups, h, w, ph, pw, bias, dtype
     close(got, ref.conv2d(x, wt, b, padding=(ph, pw), groups=groups), np.dtype(dtype))
 
 
-@pytest.mark.usefixtures("everywhere")
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_winograd_non_finite_inputs(dtype):
     """inf - inf inside the transforms would give NaN where the convolution is +-inf: such
@@ -109,7 +109,7 @@ def test_winograd_default_thresholds_bench_shapes(dtype, monkeypatch):
         close(got, want, np.dtype(dtype))
 
 
-@pytest.mark.usefixtures("everywhere")
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
 @given(n=st.integers(1, 2), cg=st.integers(1, 4), lg=st.integers(1, 4),
        groups=st.integers(1, 2), h=st.integers(1, 8), w=st.integers(1, 8),
        ph=st.integers(0, 4), pw=st.integers(0, 4), need_w=st.booleans(),

@@ -358,6 +358,57 @@ cdef void winograd_item(const floating* x, const floating* U, const floating* w,
         fc_wino_output_d(M, Lg, TW, 0, NT, OH, OW, b, out, ms)
 
 
+cdef void wino_input_channel(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
+                             Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t NT, floating* V,
+                             Py_ssize_t vs) noexcept nogil:
+    if floating is float:
+        fc_wino_input_f(x, 1, H, W, pH, pW, TW, 0, NT, V, vs)
+    else:
+        fc_wino_input_d(x, 1, H, W, pH, pW, TW, 0, NT, V, vs)
+
+
+cdef void wino_output_channel(const floating* M, Py_ssize_t TW, Py_ssize_t NT, Py_ssize_t OH,
+                              Py_ssize_t OW, const floating* b, floating* out,
+                              Py_ssize_t ms) noexcept nogil:
+    if floating is float:
+        fc_wino_output_f(M, 1, TW, 0, NT, OH, OW, b, out, ms)
+    else:
+        fc_wino_output_d(M, 1, TW, 0, NT, OH, OW, b, out, ms)
+
+
+cdef void wino_gemm(const floating* U, const floating* V, floating* M, Py_ssize_t Lg,
+                    Py_ssize_t Cg, Py_ssize_t NT) noexcept nogil:
+    gemm_rm(False, False, Lg, NT, Cg, 1, U, Cg, V, NT, 0, M, NT)
+
+
+cdef void winograd_item_shared(const floating* x, const floating* U, const floating* w,
+                               const floating* b, floating* out, floating* work,
+                               Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
+                               Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
+                               int num_threads) noexcept nogil:
+    """winograd_item with its work spread over num_threads (the same arithmetic; work is
+    the first thread's scratch row, one item's worth)."""
+    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, NT = TH * TW, P = OH * OW
+    cdef Py_ssize_t vs = Cg * NT + WINO_PAD, ms = Lg * NT + WINO_PAD, c, xi, l
+    cdef floating* V = work
+    cdef floating* M = work + 16 * vs
+    cdef bint ok
+    if floating is float:
+        ok = fc_wino_finite_f(x, Cg * H * W)
+    else:
+        ok = fc_wino_finite_d(x, Cg * H * W)
+    if not ok:
+        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
+        return
+    for c in prange(Cg, schedule='static', num_threads=num_threads):
+        wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * NT, vs)
+    for xi in prange(16, schedule='static', num_threads=num_threads):
+        wino_gemm(U + xi * Lg * Cg, V + xi * vs, M + xi * ms, Lg, Cg, NT)
+    for l in prange(Lg, schedule='static', num_threads=num_threads):
+        wino_output_channel(M + l * NT, TW, NT, OH, OW, b + l if b != NULL else NULL,
+                            out + l * P, ms)
+
+
 def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                             const floating[::1] bias, floating[:, :, :, ::1] out,
                             floating[::1] u_scratch, floating[:, ::1] scratch,
@@ -390,6 +441,18 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
                 fc_wino_weights_f(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
             else:
                 fc_wino_weights_d(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
+    if N * groups < num_threads:
+        # fewer items than threads (batch-1 latency): the threads share each item's
+        # transforms (by channel) and its 16 GEMMs, one item after another
+        with nogil:
+            for item in range(N * groups):
+                n = item // groups
+                g = item % groups
+                winograd_item_shared(xp + (n * C + g * Cg) * H * W, up + g * 16 * Lg * Cg,
+                                     wp + g * Lg * Cg * 9, bp + g * Lg if has_bias else NULL,
+                                     op + (n * L + g * Lg) * P, sp, Cg, H, W, Lg, pH, pW, OH,
+                                     OW, num_threads)
+        return
     with nogil, parallel(num_threads=num_threads):
         work = sp + threadid() * ncol
         for item in prange(N * groups, schedule='dynamic', chunksize=1):

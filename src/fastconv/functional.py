@@ -456,11 +456,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
                                    b is not None, _team(N * L, N * L * OH * OW * K))
         return done(out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
-    # (one work item on several threads: the big im2col GEMM shares out better over BLAS
-    # threads than Winograd's 16 small ones)
-    if _use_winograd(geo, weight) and nblas == 1:
+    if _use_winograd(geo, weight):
+        # fewer images than threads: the kernel shares each image's work among them
         with blas_threads(1):
-            _winograd(xc, wc, bc, out, pad[0], pad[2], g, team, dt, fn)
+            _winograd(xc, wc, bc, out, pad[0], pad[2], g,
+                      _team(16 * N * g, N * L * OH * OW * K), dt, fn)
         return done(out)
     ncol = 0 if _is_direct(geo, x) else K * _col_ld(OH * OW, dt)
     scratch = _scratch(team, ncol, dt, fn)
@@ -535,7 +535,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
     bpart = _alloc((team, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
-    if N > 0 and need_x and nblas == 1 and _use_winograd(geo, weight, backward=True):
+    if N > 0 and need_x and _use_winograd(geo, weight, backward=True):
         # grad_x is the 3x3 stride-1 convolution of grad_out by the flipped, transposed kernel
         # with the complementary padding: Winograd too
         Lg, Cg = L // g, weight.shape[1]
@@ -545,7 +545,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
         pad = geo["pad"]
         with blas_threads(1):
             _winograd(_c(grad_out, dt), wt, np.zeros(0, dt), gx, 2 - pad[0], 2 - pad[2], g,
-                      team, dt, fn)
+                      _team(16 * N * g, N * L * OH * OW * K), dt, fn)
         need_x = False
     if N > 0 and (need_x or need_w or need_b):
         gyc, wc = _c(grad_out, dt), _c(weight, dt)
