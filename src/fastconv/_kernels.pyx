@@ -68,6 +68,10 @@ cdef extern from "_simd.h":
                       Py_ssize_t rows, Py_ssize_t n) nogil
     double fc_dot2d_d(const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
                       Py_ssize_t rows, Py_ssize_t n) nogil
+    int fc_maxpool22_bwd_f(const float* x0, const float* x1, const float* g, Py_ssize_t OW,
+                           float* gx0, float* gx1) nogil
+    int fc_maxpool22_bwd_d(const double* x0, const double* x1, const double* g,
+                           Py_ssize_t OW, double* gx0, double* gx1) nogil
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -1347,8 +1351,21 @@ cdef void max_pool_plane_backward_tiled(const floating* gy, const floating* x, f
     cdef const floating* g
     cdef floating tn, tn1, gv, wv, z = 0
     cdef long long j
+    cdef int nan_row
     for oh in range(OH):
         g = gy + oh * OW
+        if kH == 2 and kW == 2:     # the common case in one pass (redone below on NaN)
+            if floating is float:
+                nan_row = fc_maxpool22_bwd_f(x + 2 * oh * W, x + (2 * oh + 1) * W, g, OW,
+                                             gx + 2 * oh * W, gx + (2 * oh + 1) * W)
+            else:
+                nan_row = fc_maxpool22_bwd_d(x + 2 * oh * W, x + (2 * oh + 1) * W, g, OW,
+                                             gx + 2 * oh * W, gx + (2 * oh + 1) * W)
+            if not nan_row:
+                if 2 * OW < W:
+                    gx[2 * oh * W + W - 1] = 0
+                    gx[(2 * oh + 1) * W + W - 1] = 0
+                continue
         max_pool_row_win(x, H, W, oh, vals, win, OW, kH, kH, kW, 0, 1, tab, kW, tapoff)
         for r in range(kH):
             gxrow = gx + (oh * kH + r) * W

@@ -587,4 +587,31 @@ static double NAME(const T* restrict a, ptrdiff_t lda, const T* restrict b, ptrd
 FC_DOT2D(float, fc_dot2d_f)
 FC_DOT2D(double, fc_dot2d_d)
 
+/* Max-pool backward for 2x2 windows with stride 2, one output row: the gradient goes to the
+   first (row-major) element equal to the window's maximum, the three others get 0, all in
+   one vectorisable pass (loads, compares and selects).  Returns nonzero when a window
+   holds a NaN (PyTorch: the last NaN wins), and the caller redoes the row. */
+#define FC_MAXPOOL22_BWD(T, NAME)                                                            \
+static int NAME(const T* restrict x0, const T* restrict x1, const T* restrict g,             \
+                ptrdiff_t OW, T* restrict gx0, T* restrict gx1) {                            \
+    int nan_seen = 0;                                                                        \
+    for (ptrdiff_t i = 0; i < OW; i++) {                                                     \
+        T a = x0[2 * i], b = x0[2 * i + 1], c = x1[2 * i], d = x1[2 * i + 1], gv = g[i];     \
+        T m = a;                                                                             \
+        m = b > m ? b : m;                                                                   \
+        m = c > m ? c : m;                                                                   \
+        m = d > m ? d : m;                                                                   \
+        int ia = a == m, ib = (b == m) & !ia, ic = (c == m) & !(ia | ib);                    \
+        int id = !(ia | ib | ic);                                                            \
+        gx0[2 * i] = ia ? gv : (T)0;                                                         \
+        gx0[2 * i + 1] = ib ? gv : (T)0;                                                     \
+        gx1[2 * i] = ic ? gv : (T)0;                                                         \
+        gx1[2 * i + 1] = id ? gv : (T)0;                                                     \
+        nan_seen |= (a != a) | (b != b) | (c != c) | (d != d);                               \
+    }                                                                                        \
+    return nan_seen;                                                                         \
+}
+FC_MAXPOOL22_BWD(float, fc_maxpool22_bwd_f)
+FC_MAXPOOL22_BWD(double, fc_maxpool22_bwd_d)
+
 #endif /* FASTCONV_SIMD_H */
