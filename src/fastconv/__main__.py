@@ -206,10 +206,13 @@ def main(argv=None):
     i.set_defaults(func=_info)
     sub.add_parser("bench", help="benchmark against PyTorch / ONNX Runtime / NumPy "
                    "('fastconv bench --help' for options)", add_help=False)
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        from .bench.run import main as bench_main
+        from .bench.run import main as bench_main, quiet_blas_reexec
 
+        if from_command_line:
+            quiet_blas_reexec(argv[1:])
         return bench_main(argv[1:])
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "width"):

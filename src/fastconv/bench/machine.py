@@ -132,6 +132,7 @@ def describe():
         "git": _git_commit(here),
         "blas": _blas_libraries(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "openblas_thread_timeout_env": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "loadavg_start": loadavg(),
     }
 

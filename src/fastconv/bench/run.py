@@ -295,11 +295,30 @@ def _settings(args, parser):
         parser.error("--warmup and --min-time must be >= 0, --max-case-seconds > 0")
 
 
+def quiet_blas_reexec(argv):
+    """Restart this program with OPENBLAS_THREAD_TIMEOUT=4 unless it is set.
+
+    OpenBLAS's idle worker threads spin for about 2**28 cycles after each call by default;
+    NumPy's copy (the plain-NumPy baseline) then held one of a 2-core machine's cores while the
+    next library in the rotation, fastconv, was timed: fastconv's 2-thread convolutions measured
+    ~1.5x slower than without the NumPy baseline.  The variable only takes effect before the
+    library loads, hence the restart; only when run as a program (POSIX), never in-process."""
+    if os.name != "posix" or os.environ.get("OPENBLAS_THREAD_TIMEOUT"):
+        return
+    env = dict(os.environ, OPENBLAS_THREAD_TIMEOUT="4")
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastconv.bench.run", *argv], env)
+
+
 def main(argv=None):
-    """Run the suite; returns the exit status (0: done, 2: bad arguments)."""
+    """Run the suite; returns the exit status (0: done, 2: bad arguments).  Called without
+    argv (as a program) it first restarts itself with quiet OpenBLAS threads (see
+    quiet_blas_reexec)."""
     def write(s=""):
         print(s, flush=True)
 
+    if argv is None:
+        quiet_blas_reexec(sys.argv[1:])
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     try:
