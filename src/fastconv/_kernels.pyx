@@ -1148,6 +1148,8 @@ cdef Py_ssize_t max_pool_row_win(const floating* x, Py_ssize_t H, Py_ssize_t W, 
     than MAX_WIN taps (tapoff untouched: the caller falls back)."""
     cdef Py_ssize_t hs = oh * sH - pH, h0, hend, nr, r, t, off, lo, hi, ow
     cdef const floating* xrow
+    cdef const floating* src
+    cdef floating ev[ROW_BUF]
     cdef floating v, tn
     h0 = first_tap(hs, dH)
     hend = hs + (kH - 1) * dH + 1
@@ -1162,6 +1164,12 @@ cdef Py_ssize_t max_pool_row_win(const floating* x, Py_ssize_t H, Py_ssize_t W, 
     r = nr - 1
     while r >= 0:
         xrow = x + (h0 + r * dH) * W
+        if sW == 2 and W <= ROW_BUF:        # split even/odd once: the taps read contiguously
+            for ow in range(W // 2):
+                ev[ow] = xrow[2 * ow]
+                ev[(W + 1) // 2 + ow] = xrow[2 * ow + 1]
+            if W % 2:
+                ev[W // 2] = xrow[W - 1]
         t = ntab - 1
         while t >= 0:
             off = tab[3 * t]
@@ -1169,7 +1177,15 @@ cdef Py_ssize_t max_pool_row_win(const floating* x, Py_ssize_t H, Py_ssize_t W, 
             hi = tab[3 * t + 2]
             tn = <floating>(r * ntab + t)
             tapoff[r * ntab + t] = r * dH * W + off
-            if sW == 2:
+            if sW == 2 and W <= ROW_BUF:
+                if off & 1:
+                    src = &ev[0] + (W + 1) // 2 + (off - 1) // 2
+                else:
+                    src = &ev[0] + off // 2
+                for ow in range(lo, hi):
+                    v = src[ow]
+                    win[ow] = tn if v == vals[ow] else win[ow]
+            elif sW == 2:
                 for ow in range(lo, hi):
                     v = xrow[2 * ow + off]
                     win[ow] = tn if v == vals[ow] else win[ow]
