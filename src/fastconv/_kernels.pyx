@@ -155,6 +155,20 @@ cdef inline void valid_range(Py_ssize_t off, Py_ssize_t s, Py_ssize_t size, Py_s
     hi[0] = b
 
 
+cdef inline void tap_at(const Py_ssize_t* tab, Py_ssize_t t, Py_ssize_t off, Py_ssize_t s,
+                        Py_ssize_t size, Py_ssize_t n_out, Py_ssize_t* off_out, Py_ssize_t* lo,
+                        Py_ssize_t* hi) noexcept nogil:
+    """Column tap t's (offset, lo, hi): from the plane's tap table when it has one (tab not
+    NULL), else computed (off is the tap's offset kw * dW - pW)."""
+    if tab != NULL:
+        off_out[0] = tab[3 * t]
+        lo[0] = tab[3 * t + 1]
+        hi[0] = tab[3 * t + 2]
+    else:
+        off_out[0] = off
+        valid_range(off, s, size, n_out, lo, hi)
+
+
 cdef inline Py_ssize_t col_ld(Py_ssize_t P, Py_ssize_t itemsize) noexcept nogil:
     """Row stride of an im2col matrix of P columns: P, or one cache line more when rows would
     be a multiple of 2 KiB apart (the GEMM's packing then reads rows that all fall in the
@@ -736,13 +750,7 @@ cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
                 continue
             xrow = x + ih * W
             for kw in range(kW):
-                if ntab:
-                    off = tab[3 * kw]
-                    lo = tab[3 * kw + 1]
-                    hi = tab[3 * kw + 2]
-                else:
-                    off = kw * dW - pW
-                    valid_range(off, sW, W, OW, &lo, &hi)
+                tap_at(tab if ntab else NULL, kw, kw * dW - pW, sW, W, OW, &off, &lo, &hi)
                 wv = w[kh * kW + kw]
                 if chi > clo:           # 3 taps: here only the columns outside [clo, chi)
                     for ow in range(lo, min(hi, clo)):
@@ -843,13 +851,7 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
             xrow = x + ih * W
             gxrow = gx + ih * W
             for kw in range(kW):
-                if ntab:
-                    off = tab[3 * kw]
-                    lo = tab[3 * kw + 1]
-                    hi = tab[3 * kw + 2]
-                else:
-                    off = kw * dW - pW
-                    valid_range(off, sW, W, OW, &lo, &hi)
+                tap_at(tab if ntab else NULL, kw, kw * dW - pW, sW, W, OW, &off, &lo, &hi)
                 if need_w and hi > lo:
                     gw[kh * kW + kw] += <floating>dot_strided(gyrow + lo, xrow + lo * sW + off,
                                                               hi - lo, sW)
@@ -1300,13 +1302,7 @@ cdef void max_pool_row(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     while ih < hend:
         xrow = x + ih * W
         for kw in range(kw0, kw1):
-            if tab != NULL:
-                off = tab[3 * (kw - kw0)]
-                lo = tab[3 * (kw - kw0) + 1]
-                hi = tab[3 * (kw - kw0) + 2]
-            else:
-                off = kw * dW - pW
-                valid_range(off, sW, W, OW, &lo, &hi)
+            tap_at(tab, kw - kw0, kw * dW - pW, sW, W, OW, &off, &lo, &hi)
             if track:
                 base = ih * W + off
                 for ow in range(lo, hi):
@@ -1543,13 +1539,7 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
             for ih in range(hs_c, he_c):
                 xrow = x + ih * W
                 for kw in range(kw0, kw1):
-                    if have:
-                        off = tab[3 * (kw - kw0)]
-                        lo = tab[3 * (kw - kw0) + 1]
-                        hi = tab[3 * (kw - kw0) + 2]
-                    else:
-                        off = kw - pW
-                        valid_range(off, sW, W, OW, &lo, &hi)
+                    tap_at(tab if have else NULL, kw - kw0, kw - pW, sW, W, OW, &off, &lo, &hi)
                     if sW == 1:
                         for ow in range(lo, hi):
                             orow[ow] = orow[ow] + xrow[ow + off]
@@ -1657,13 +1647,7 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
         for ih in range(hs_c, he_c):
             gxrow = gx + ih * W
             for kw in range(kw0, kw1):
-                if have:
-                    off = tab[3 * (kw - kw0)]
-                    lo = tab[3 * (kw - kw0) + 1]
-                    hi = tab[3 * (kw - kw0) + 2]
-                else:
-                    off = kw - pW
-                    valid_range(off, sW, W, OW, &lo, &hi)
+                tap_at(tab if have else NULL, kw - kw0, kw - pW, sW, W, OW, &off, &lo, &hi)
                 if sW == 1:
                     for ow in range(lo, hi):
                         gxrow[ow + off] = gxrow[ow + off] + g[ow]
