@@ -1032,32 +1032,41 @@ cdef enum:
     ROW_BUF = 1024   # widest input row the separable pooling paths handle (else: tap by tap)
 
 
+cdef inline void split_even_odd(const floating* v, Py_ssize_t W, floating* ev) noexcept nogil:
+    """ev[:ceil(W/2)] = v[0::2], ev[ceil(W/2):W] = v[1::2]: a stride-2 tap then reads one half
+    contiguously (split_at)."""
+    cdef Py_ssize_t i, nod = W // 2, nev = (W + 1) // 2
+    for i in range(nod):
+        ev[i] = v[2 * i]
+        ev[nev + i] = v[2 * i + 1]
+    if nev > nod:
+        ev[nod] = v[W - 1]
+
+
+cdef inline floating* split_at(floating* ev, Py_ssize_t W, Py_ssize_t off) noexcept nogil:
+    """Where a split row (split_even_odd) holds v[2 * ow + off] at index ow."""
+    if off & 1:
+        return ev + (W + 1) // 2 + (off - 1) // 2
+    return ev + off // 2
+
+
 cdef void combine_taps(const floating* v, Py_ssize_t W, Py_ssize_t sW, const Py_ssize_t* tab,
                        Py_ssize_t ntab, floating* orow, bint is_max,
                        floating* ev) noexcept nogil:
     """orow[ow] (op)= v[ow * sW + off] for each tap (off, lo, hi) of tab, op = NaN-aware max
     (PyTorch's ``val > m or isnan(val)``) or +.  For sW == 2 the row is split into its even
     and odd elements first (into ev, W entries), so that every tap reads contiguously."""
-    cdef Py_ssize_t t, ow, off, lo, hi, nod = W // 2, nev = (W + 1) // 2, i
+    cdef Py_ssize_t t, ow, off, lo, hi
     cdef const floating* src
     cdef floating a, m
     if sW == 2:
-        for i in range(nod):
-            ev[i] = v[2 * i]
-            ev[nev + i] = v[2 * i + 1]
-        if nev > nod:
-            ev[nod] = v[W - 1]
+        split_even_odd(v, W, ev)
     for t in range(ntab):
         off = tab[3 * t]
         lo = tab[3 * t + 1]
         hi = tab[3 * t + 2]
         if sW == 1 or sW == 2:
-            if sW == 1:
-                src = v + off
-            elif off & 1:
-                src = ev + nev + (off - 1) // 2
-            else:
-                src = ev + off // 2
+            src = v + off if sW == 1 else split_at(ev, W, off)
             if is_max:
                 for ow in range(lo, hi):
                     a = src[ow]
@@ -1167,11 +1176,7 @@ cdef Py_ssize_t max_pool_row_win(const floating* x, Py_ssize_t H, Py_ssize_t W, 
     while r >= 0:
         xrow = x + (h0 + r * dH) * W
         if sW == 2 and W <= ROW_BUF:        # split even/odd once: the taps read contiguously
-            for ow in range(W // 2):
-                ev[ow] = xrow[2 * ow]
-                ev[(W + 1) // 2 + ow] = xrow[2 * ow + 1]
-            if W % 2:
-                ev[W // 2] = xrow[W - 1]
+            split_even_odd(xrow, W, &ev[0])
         t = ntab - 1
         while t >= 0:
             off = tab[3 * t]
@@ -1180,10 +1185,7 @@ cdef Py_ssize_t max_pool_row_win(const floating* x, Py_ssize_t H, Py_ssize_t W, 
             tn = <floating>(r * ntab + t)
             tapoff[r * ntab + t] = r * dH * W + off
             if sW == 2 and W <= ROW_BUF:
-                if off & 1:
-                    src = &ev[0] + (W + 1) // 2 + (off - 1) // 2
-                else:
-                    src = &ev[0] + off // 2
+                src = split_at(&ev[0], W, off)
                 for ow in range(lo, hi):
                     v = src[ow]
                     win[ow] = tn if v == vals[ow] else win[ow]
@@ -1568,12 +1570,7 @@ cdef void spread_taps(const floating* g, Py_ssize_t W, Py_ssize_t sW, const Py_s
         lo = tab[3 * t + 1]
         hi = tab[3 * t + 2]
         if sW == 2 or sW == 1:
-            if sW == 1:
-                dst = h + off
-            elif off & 1:
-                dst = ev + nev + (off - 1) // 2
-            else:
-                dst = ev + off // 2
+            dst = h + off if sW == 1 else split_at(ev, W, off)
             for ow in range(lo, hi):
                 dst[ow] = dst[ow] + g[ow]
         else:
