@@ -4,6 +4,8 @@ lowered to 1 so that every shape goes through it: odd and tiny outputs (partial 
 paddings larger than the kernel, groups, bias, both dtypes, one or more threads, and inputs
 with infinities or NaN (those images fall back to im2col, whose results are the
 definition's)."""
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -18,6 +20,17 @@ import reference as ref
 def everywhere(monkeypatch):
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    """fastconv on n threads for the block (hypothesis draws n per example)."""
+    before = fc.get_num_threads()
+    fc.set_num_threads(n)
+    try:
+        yield
+    finally:
+        fc.set_num_threads(before)
 
 
 def close(actual, expected, dtype):
@@ -59,12 +72,8 @@ def test_winograd_matches_reference(n, cg, lg, groups, h, w, ph, pw, bias, dtype
     b = r.uniform(-1, 1, lg * groups).astype(dtype) if bias else None
     geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
     assert F._use_winograd(geo, wt)
-    before = fc.get_num_threads()
-    fc.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         got = fc.conv2d(x, wt, b, padding=(ph, pw), groups=groups)
-    finally:
-        fc.set_num_threads(before)
     close(got, ref.conv2d(x, wt, b, padding=(ph, pw), groups=groups), np.dtype(dtype))
 
 
@@ -126,13 +135,9 @@ def test_winograd_backward_grad_x(n, cg, lg, groups, h, w, ph, pw, need_w, dtype
     wt = r.uniform(-1, 1, (lg * groups, cg, 3, 3)).astype(dtype)
     geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
     gy = r.uniform(-1, 1, (n, lg * groups, geo["OH"], geo["OW"])).astype(dtype)
-    before = fc.get_num_threads()
-    fc.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         got = fc.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups,
                                  output_mask=(True, need_w, True))
-    finally:
-        fc.set_num_threads(before)
     want = ref.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups)
     close(got[0], want[0], np.dtype(dtype))
     if need_w:
