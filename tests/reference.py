@@ -121,6 +121,35 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return out
 
 
+def conv2d_taps(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """conv2d's formula for shapes too large for the loops above: x zero-padded, then for each
+    tap (i, j) one float64 product of the strided slice x_pad[n, g*Cg + c, oh*sh + i*dh,
+    ow*sw + j*dw] with w[l, c, i, j], summed over the taps.  (tests/test_gemm.py checks it
+    against conv2d on small shapes.)"""
+    x, w = _f64(x), _f64(weight)
+    N, C, H, W = x.shape
+    L, Cg, kH, kW = w.shape
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dilation)
+    pt, pb, pl, pr = _conv_padding(padding, (kH, kW), dilation, stride)
+    Ho = (H + pt + pb - dh * (kH - 1) - 1) // sh + 1
+    Wo = (W + pl + pr - dw * (kW - 1) - 1) // sw + 1
+    xp = np.zeros((N, C, H + pt + pb, W + pl + pr))
+    xp[:, :, pt:pt + H, pl:pl + W] = x
+    Lg = L // groups
+    out = np.zeros((N, L, Ho, Wo))
+    for g in range(groups):
+        xg, wg = xp[:, g * Cg:(g + 1) * Cg], w[g * Lg:(g + 1) * Lg]
+        for i in range(kH):
+            for j in range(kW):
+                patch = xg[:, :, i * dh:i * dh + sh * (Ho - 1) + 1:sh,
+                           j * dw:j * dw + sw * (Wo - 1) + 1:sw]
+                out[:, g * Lg:(g + 1) * Lg] += np.einsum("nchw,lc->nlhw", patch, wg[:, :, i, j])
+    if bias is not None:
+        out += _f64(bias)[None, :, None, None]
+    return out
+
+
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1):
     """Returns (grad_x, grad_weight, grad_bias) of conv2d."""
     go, x, w = _f64(grad_out), _f64(x), _f64(weight)

@@ -80,6 +80,83 @@ cdef extern from "_simd.h":
 fc_simd_init()
 
 
+cdef extern from "_gemm.h":
+    # fastconv's own GEMM for the convolutions (AVX-512F or AVX2+FMA micro-kernels, weights
+    # packed once per call, B read in place; see the header); level 0: BLAS instead
+    int fc_gemm_init() nogil
+    int fc_gemm_set(int level) nogil
+    int fc_gemm_level() nogil
+    Py_ssize_t fc_gemm_nr(int dbl) nogil
+    Py_ssize_t fc_gemm_packed_size(Py_ssize_t M, Py_ssize_t K) nogil
+    void fc_gemm_pack_f(const float* A, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M,
+                        Py_ssize_t K, float* Ap) nogil
+    void fc_gemm_pack_d(const double* A, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M,
+                        Py_ssize_t K, double* Ap) nogil
+    int fc_im2col1_f(const float* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH,
+                     Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
+                     Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, float* col,
+                     Py_ssize_t ld) nogil
+    int fc_im2col1_d(const double* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                     Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t pH, Py_ssize_t pW,
+                     Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, double* col,
+                     Py_ssize_t ld) nogil
+    void fc_gemm_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* Ap,
+                   const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc, const float* bias,
+                   int acc) nogil
+    void fc_gemm_d(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const double* Ap,
+                   const double* B, Py_ssize_t ldb, double* C, Py_ssize_t ldc,
+                   const double* bias, int acc) nogil
+
+
+fc_gemm_init()
+
+_GEMM_LEVELS = ("blas", "avx2", "avx512")
+
+
+def gemm_level():
+    """The convolutions' GEMM: 'avx512' or 'avx2' (fastconv's micro-kernels) or 'blas'."""
+    return _GEMM_LEVELS[fc_gemm_level()]
+
+
+def set_gemm(level):
+    """Use fastconv's GEMM at this level ('avx512', 'avx2'; capped at what the CPU has) or
+    BLAS ('blas'); returns the level now in use.  For tests and benchmarks: call it while no
+    kernel is running."""
+    fc_gemm_set(_GEMM_LEVELS.index(level))
+    return gemm_level()
+
+
+def gemm_packed_size(Py_ssize_t M, Py_ssize_t K):
+    """Values of an (M, K) matrix packed for the current GEMM level (0 at level 'blas')."""
+    return fc_gemm_packed_size(M, K)
+
+
+cdef inline void pack_a(const floating* A, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M,
+                        Py_ssize_t K, floating* Ap) noexcept nogil:
+    if floating is float:
+        fc_gemm_pack_f(A, rs, cs, M, K, Ap)
+    else:
+        fc_gemm_pack_d(A, rs, cs, M, K, Ap)
+
+
+cdef inline void own_gemm(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K,
+                          const floating* Ap, const floating* B, Py_ssize_t ldb, floating* C,
+                          Py_ssize_t ldc, const floating* bias, bint acc) noexcept nogil:
+    """C[:, n0:n1] = Ap @ B[:, n0:n1] (+ bias) (acc: C += Ap @ B), Ap packed by pack_a."""
+    if floating is float:
+        fc_gemm_f(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc)
+    else:
+        fc_gemm_d(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc)
+
+
+cdef inline Py_ssize_t panel_split(Py_ssize_t P, Py_ssize_t nr, Py_ssize_t t, Py_ssize_t T
+                                   ) noexcept nogil:
+    """Start of thread t's share (of T) of P columns, cut at a multiple of nr; t = T gives P."""
+    cdef Py_ssize_t npan = (P + nr - 1) // nr
+    cdef Py_ssize_t n = (npan * t) // T * nr
+    return n if n < P else P
+
+
 def simd_level():
     """'avx2' when the AVX2+FMA loops are in use, else 'baseline'."""
     return "avx2" if fc_simd_level() else "baseline"
@@ -187,6 +264,13 @@ cdef void im2col(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
     cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld
     cdef floating* dst
     cdef const floating* src
+    if sW == 1:
+        if floating is float:
+            if fc_im2col1_f(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld):
+                return
+        else:
+            if fc_im2col1_d(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld):
+                return
     for c in range(C):
         for kh in range(kH):
             for kw in range(kW):
@@ -262,9 +346,11 @@ cdef void conv_item(const floating* x, const floating* w, const floating* b, flo
                     floating* col, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
                     Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                     Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
-                    Py_ssize_t OH, Py_ssize_t OW, bint direct) noexcept nogil:
+                    Py_ssize_t OH, Py_ssize_t OW, bint direct, const floating* Ap
+                    ) noexcept nogil:
     """One (image, group) of the forward convolution: out (Lg, OH*OW) = w (Lg, K) @
-    im2col(x) (+ b), no im2col when direct (1x1, stride 1, unpadded)."""
+    im2col(x) (+ b), no im2col when direct (1x1, stride 1, unpadded); by the own GEMM with
+    the packed weights Ap when not NULL, else by BLAS."""
     cdef Py_ssize_t K = Cg * kH * kW, P = OH * OW, ld = P
     cdef floating beta = 0
     cdef const floating* src = x
@@ -272,6 +358,9 @@ cdef void conv_item(const floating* x, const floating* w, const floating* b, flo
         ld = col_ld(P, sizeof(floating))
         im2col(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
         src = col
+    if Ap != NULL:
+        own_gemm(Lg, 0, P, K, Ap, src, ld, out, P, b, False)
+        return
     if b != NULL:
         fill_channels(out, Lg, P, b)
         beta = 1
@@ -280,20 +369,24 @@ cdef void conv_item(const floating* x, const floating* w, const floating* b, flo
 
 def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                    const floating[::1] bias, floating[:, :, :, ::1] out,
-                   floating[:, ::1] scratch,
+                   floating[:, ::1] scratch, floating[::1] wpack,
                    Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                    Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
                    bint has_bias, int num_threads):
     """out = conv2d(x, weight) (+ bias); pH/pW are the top/left paddings.
 
     scratch: (threads, Cg*kH*kW*OH*OW), unused (may have 0 columns) for 1x1 stride-1 unpadded.
+    wpack: groups * gemm_packed_size(L/groups, K) values for the own GEMM's packed weights;
+    smaller (e.g. empty): BLAS does the GEMMs.  With the own GEMM and fewer (image, group)
+    items than threads, the threads share each item: im2col split by channels, then the GEMM
+    by column panels.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
     cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, P = OH * OW
-    cdef Py_ssize_t ncol = scratch.shape[1]
+    cdef Py_ssize_t ncol = scratch.shape[1], ld = col_ld(P, sizeof(floating))
     cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
                         and OH == H and OW == W)
     cdef const floating* xp = &x[0, 0, 0, 0]
@@ -302,13 +395,38 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef floating* op = &out[0, 0, 0, 0]
     cdef floating* sp = &scratch[0, 0]
     cdef floating* col
-    cdef Py_ssize_t item, n, g
+    cdef floating* Ap = NULL
+    cdef Py_ssize_t item, n, g, t, psz = fc_gemm_packed_size(Lg, K)
+    cdef Py_ssize_t nr = fc_gemm_nr(floating is double)
     if has_bias:
         bp = &bias[0]
-    if not direct and ncol < K * col_ld(P, sizeof(floating)):
+    if not direct and ncol < K * ld:
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
     if scratch.shape[0] < num_threads:
         raise ValueError("conv2d_forward: scratch needs one row per thread")
+    if psz > 0 and wpack.shape[0] >= groups * psz:
+        Ap = &wpack[0]
+        for g in range(groups):
+            pack_a(wp + g * Lg * K, K, 1, Lg, K, Ap + g * psz)
+    if Ap != NULL and N * groups < num_threads:
+        with nogil:
+            for item in range(N * groups):
+                n = item // groups
+                g = item % groups
+                if not direct:
+                    for t in prange(num_threads, num_threads=num_threads, schedule='static',
+                                    chunksize=1):
+                        im2col_channels(xp + (n * C + g * Cg) * H * W, Cg, H, W, kH, kW,
+                                        sH, sW, pH, pW, dH, dW, OH, OW, sp, ld,
+                                        t, num_threads)
+                for t in prange(num_threads, num_threads=num_threads, schedule='static',
+                                chunksize=1):
+                    own_gemm(Lg, panel_split(P, nr, t, num_threads),
+                             panel_split(P, nr, t + 1, num_threads), K, Ap + g * psz,
+                             xp + (n * C + g * Cg) * H * W if direct else sp,
+                             P if direct else ld, op + (n * L + g * Lg) * P, P,
+                             bp + g * Lg if has_bias else NULL, False)
+        return
     with nogil, parallel(num_threads=num_threads):
         col = sp + threadid() * ncol
         for item in prange(N * groups, schedule='dynamic', chunksize=1):
@@ -316,7 +434,20 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
             g = item % groups
             conv_item(xp + (n * C + g * Cg) * H * W, wp + g * Lg * K,
                       bp + g * Lg if has_bias else NULL, op + (n * L + g * Lg) * P, col,
-                      Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct)
+                      Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct,
+                      Ap + g * psz if Ap != NULL else NULL)
+
+
+cdef void im2col_channels(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                          Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                          Py_ssize_t OH, Py_ssize_t OW, floating* col, Py_ssize_t ld,
+                          Py_ssize_t t, Py_ssize_t T) noexcept nogil:
+    """Thread t's share (of T) of im2col(x) into col: the rows of channels [C*t/T, C*(t+1)/T)."""
+    cdef Py_ssize_t c0 = C * t // T, c1 = C * (t + 1) // T
+    if c1 > c0:
+        im2col(x + c0 * H * W, c1 - c0, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW,
+               col + c0 * kH * kW * ld, ld)
 
 
 cdef extern from "_winograd.h":
@@ -358,7 +489,8 @@ cdef void winograd_item(const floating* x, const floating* U, const floating* w,
     else:
         ok = fc_wino_finite_d(x, Cg * H * W)
     if not ok:
-        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
+        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False,
+                  NULL)
         return
     vs = Cg * NT + WINO_PAD
     ms = Lg * NT + WINO_PAD
@@ -416,7 +548,8 @@ cdef void winograd_item_shared(const floating* x, const floating* U, const float
     else:
         ok = fc_wino_finite_d(x, Cg * H * W)
     if not ok:
-        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
+        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False,
+                  NULL)
         return
     for c in prange(Cg, schedule='static', num_threads=num_threads):
         wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * NT, vs)

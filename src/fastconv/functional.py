@@ -303,7 +303,7 @@ _workspaces = threading.local()
 _WORKSPACE_KEEP = 256 << 20   # bytes of im2col workspace kept alive per Python thread and dtype
 
 
-def _scratch(team, cols, dtype, fn):
+def _scratch(team, cols, dtype, fn, name="ws"):
     """A (team, cols) im2col workspace: one row per OpenMP thread.
 
     Kept alive between calls (one per Python thread and dtype, grown when a call needs more,
@@ -315,12 +315,26 @@ def _scratch(team, cols, dtype, fn):
     need = team * cols
     if need * dt.itemsize > _WORKSPACE_KEEP:
         return np.empty((team, cols), dt)
-    key = "ws_" + dt.char
+    key = name + "_" + dt.char
     buf = getattr(_workspaces, key, None)
     if buf is None or buf.size < need:
         buf = np.empty(max(need, 1), dt)
         setattr(_workspaces, key, buf)
     return buf[:need].reshape(team, cols)
+
+
+# threads an image's GEMM may be split over (by column panels) when there are few images
+_GEMM_PANELS = 8
+
+
+def _wpack(M, K, groups, dtype, fn):
+    """Workspace for the weights of ``groups`` (M, K) GEMMs packed for fastconv's own GEMM
+    (_gemm.h); empty when the kernels use BLAS."""
+    n = groups * _kernels.gemm_packed_size(M, K)
+    return _scratch(1, n, dtype, fn, "wpack")[0] if n else _EMPTY[np.dtype(dtype).char]
+
+
+_EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}
 
 
 def _is_depthwise(geo, weight):
@@ -463,10 +477,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
                       _team(16 * N * g, N * L * OH * OW * K), dt, fn)
         return done(out)
     ncol = 0 if _is_direct(geo, x) else K * _col_ld(OH * OW, dt)
+    wpack = _wpack(L // g, K, g, dt, fn)
+    if wpack.size:
+        # the own GEMM: with fewer images than threads, the threads share each image
+        team, nblas = _threads(N * g * _GEMM_PANELS, N * L * OH * OW * K)
     scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):
-        _kernels.conv2d_forward(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
-                                b is not None, team)
+        _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
+                                dH, dW, g, b is not None, team)
     return done(out)
 
 

@@ -1,0 +1,365 @@
+/* fastconv's own GEMM for the convolutions: C (M x N) = A (M x K) @ B (K x N), row-major.
+ *
+ * Why not only BLAS: a convolution's GEMMs are skinny (M = output channels, 32..256; N = output
+ * pixels of one image, 100..1000; K = taps) and OpenBLAS reaches 60-75 % of its square-matrix
+ * rate on them, repacks the weights for every image and packs the im2col matrix a second time.
+ * Here the weights (A) are packed once per call into panels of MR rows, B is read in place (the
+ * im2col matrix or the image itself) and C is written in place with the bias folded into the
+ * first K block: measured 1.2-1.5x OpenBLAS's sgemm on those shapes (benchmarks/README.md).
+ *
+ * Micro-kernels: an MR x NR block of C held in registers, one k at a time: NR/lanes vector loads
+ * of B's row k, MR broadcasts of A's column k, MR * NR/lanes FMAs.
+ *   AVX-512F: float MR 8 x NR 32, double 8 x 16 (16 accumulators of 32)
+ *   AVX2+FMA: float MR 6 x NR 16, double 6 x 8  (12 accumulators of 16)
+ * Columns past N in the last panel are masked (B is never read, nor C written, beyond N); rows
+ * past M come from zero rows of the packed A and are not stored.  K is split in blocks of
+ * FC_GEMM_KC so that the NR-wide strip of B a micro-kernel streams stays in L1 across the
+ * M / MR micro-kernels that reuse it.
+ *
+ * Compiled with per-function target attributes (the extension itself targets the portable
+ * baseline) and chosen at import from the CPU's feature bits; fc_gemm_level() == 0 (no AVX2,
+ * another compiler or architecture) means the kernels call BLAS instead.  The sum over k runs
+ * in order 0..K-1 for every element (one FMA per k), so results do not depend on the blocking.
+ */
+#ifndef FASTCONV_GEMM_H
+#define FASTCONV_GEMM_H
+
+#include <stddef.h>
+#include <string.h>
+
+#define FC_GEMM_KC 256
+
+static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
+static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define FC_HAVE_GEMM 1
+#include <immintrin.h>
+
+/* One micro-kernel: C[0:MR, 0:NR] (+)= A_panel (kc x MR) @ B[0:kc, 0:NR] (row stride ldb).
+ * init != NULL: C starts at init[r] (bias or zeros) instead of being loaded.  MASKED: only
+ * the first n columns exist (n < NR).  mrows: rows of C that exist (<= MR). */
+#define FC_UKR(NAME, T, VT, NV, LANES, MR, TGT, SET1, LOADU, STOREU, FMA, MTYPE, MLOAD, MSTORE) \
+TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptrdiff_t ldb,    \
+                     T* restrict C, ptrdiff_t ldc, const T* init, int mrows, int masked,       \
+                     const MTYPE* mk) {                                                         \
+    VT c[MR][NV];                                                                               \
+    _Pragma("GCC unroll 8")                                                                     \
+    for (int r = 0; r < MR; r++) {                                                              \
+        _Pragma("GCC unroll 4")                                                                 \
+        for (int v = 0; v < NV; v++) {                                                          \
+            if (init != NULL)                                                                   \
+                c[r][v] = SET1(init[r]);                                                        \
+            else if (r >= mrows)                                                                \
+                c[r][v] = SET1((T)0);                                                           \
+            else if (masked)                                                                    \
+                c[r][v] = MLOAD(C + r * ldc + v * LANES, mk[v]);                                \
+            else                                                                                \
+                c[r][v] = LOADU(C + r * ldc + v * LANES);                                       \
+        }                                                                                       \
+    }                                                                                           \
+    if (masked) {                                                                               \
+        for (ptrdiff_t k = 0; k < kc; k++) {                                                    \
+            VT b[NV];                                                                           \
+            _Pragma("GCC unroll 4")                                                             \
+            for (int v = 0; v < NV; v++) b[v] = MLOAD(B + v * LANES, mk[v]);                    \
+            _Pragma("GCC unroll 8")                                                             \
+            for (int r = 0; r < MR; r++) {                                                      \
+                VT a = SET1(A[r]);                                                              \
+                _Pragma("GCC unroll 4")                                                         \
+                for (int v = 0; v < NV; v++) c[r][v] = FMA(a, b[v], c[r][v]);                   \
+            }                                                                                   \
+            A += MR;                                                                            \
+            B += ldb;                                                                           \
+        }                                                                                       \
+    } else {                                                                                    \
+        for (ptrdiff_t k = 0; k < kc; k++) {                                                    \
+            VT b[NV];                                                                           \
+            _Pragma("GCC unroll 4")                                                             \
+            for (int v = 0; v < NV; v++) b[v] = LOADU(B + v * LANES);                           \
+            _Pragma("GCC unroll 8")                                                             \
+            for (int r = 0; r < MR; r++) {                                                      \
+                VT a = SET1(A[r]);                                                              \
+                _Pragma("GCC unroll 4")                                                         \
+                for (int v = 0; v < NV; v++) c[r][v] = FMA(a, b[v], c[r][v]);                   \
+            }                                                                                   \
+            A += MR;                                                                            \
+            B += ldb;                                                                           \
+        }                                                                                       \
+    }                                                                                           \
+    _Pragma("GCC unroll 8")                                                                     \
+    for (int r = 0; r < MR; r++) {                                                              \
+        if (r < mrows) {                                                                        \
+            _Pragma("GCC unroll 4")                                                             \
+            for (int v = 0; v < NV; v++) {                                                      \
+                if (masked)                                                                     \
+                    MSTORE(C + r * ldc + v * LANES, mk[v], c[r][v]);                            \
+                else                                                                            \
+                    STOREU(C + r * ldc + v * LANES, c[r][v]);                                   \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+/* ---- AVX-512F: masks are k-registers ---- */
+#define FC_T512 __attribute__((target("avx512f")))
+#define FC_MLOAD_PS512(p, m) _mm512_maskz_loadu_ps((m), (p))
+#define FC_MSTORE_PS512(p, m, v) _mm512_mask_storeu_ps((p), (m), (v))
+#define FC_MLOAD_PD512(p, m) _mm512_maskz_loadu_pd((m), (p))
+#define FC_MSTORE_PD512(p, m, v) _mm512_mask_storeu_pd((p), (m), (v))
+FC_UKR(fc_ukr_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512)
+FC_UKR(fc_ukr_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512)
+
+/* ---- AVX2+FMA: masks are integer vectors ---- */
+#define FC_T256 __attribute__((target("avx2,fma")))
+#define FC_MLOAD_PS256(p, m) _mm256_maskload_ps((p), (m))
+#define FC_MSTORE_PS256(p, m, v) _mm256_maskstore_ps((p), (m), (v))
+#define FC_MLOAD_PD256(p, m) _mm256_maskload_pd((p), (m))
+#define FC_MSTORE_PD256(p, m, v) _mm256_maskstore_pd((p), (m), (v))
+FC_UKR(fc_ukr_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256)
+FC_UKR(fc_ukr_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256)
+
+/* masks for the first n (0 <= n < NV * lanes) columns of a panel */
+static void fc_mask512_16(ptrdiff_t n, __mmask16 mk[2]) {
+    for (int v = 0; v < 2; v++) {
+        ptrdiff_t m = n - 16 * v;
+        mk[v] = m >= 16 ? (__mmask16)0xffff : m <= 0 ? (__mmask16)0 : (__mmask16)((1u << m) - 1);
+    }
+}
+static void fc_mask512_8(ptrdiff_t n, __mmask8 mk[2]) {
+    for (int v = 0; v < 2; v++) {
+        ptrdiff_t m = n - 8 * v;
+        mk[v] = m >= 8 ? (__mmask8)0xff : m <= 0 ? (__mmask8)0 : (__mmask8)((1u << m) - 1);
+    }
+}
+FC_T256 static void fc_mask256_32(ptrdiff_t n, __m256i mk[2]) {   /* 8 int32 lanes */
+    for (int v = 0; v < 2; v++) {
+        __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        mk[v] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - 8 * v)), idx);
+    }
+}
+FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lanes */
+    for (int v = 0; v < 2; v++) {
+        __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
+        mk[v] = _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)(n - 4 * v)), idx);
+    }
+}
+
+/* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
+ * panels), all M rows. */
+#define FC_GEMM_DRIVER(NAME, T, UKR, MR, NR, MTYPE, MKMASK)                                     \
+static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
+                 const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias, int acc) {      \
+    T init[MR];                                                                                 \
+    MTYPE mk[2];                                                                                \
+    MKMASK(0, mk);                                                                              \
+    for (ptrdiff_t pc = 0; pc < K; pc += FC_GEMM_KC) {                                          \
+        ptrdiff_t kc = K - pc < FC_GEMM_KC ? K - pc : FC_GEMM_KC;                               \
+        int first = (pc == 0 && !acc);                                                          \
+        for (ptrdiff_t jr = n0; jr < n1; jr += NR) {                                            \
+            int masked = n1 - jr < NR;                                                          \
+            if (masked) MKMASK(n1 - jr, mk);                                                    \
+            for (ptrdiff_t ir = 0; ir < M; ir += MR) {                                          \
+                int mr = M - ir < MR ? (int)(M - ir) : MR;                                      \
+                if (first) {                                                                    \
+                    for (int r = 0; r < MR; r++)                                                \
+                        init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
+                }                                                                               \
+                UKR(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb, C + ir * ldc + jr, ldc,  \
+                    first ? init : NULL, mr, masked, mk);                                       \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, 8, 32, __mmask16, fc_mask512_16)
+FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, 8, 16, __mmask8, fc_mask512_8)
+FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, 6, 16, __m256i, fc_mask256_32)
+FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, 6, 8, __m256i, fc_mask256_64)
+
+/* im2col for stride-1 columns (sW == 1), the layout of _kernels.im2col: col[(c, kh, kw), (oh,
+ * ow)] = x[c, oh*sH - pH + kh*dH, ow - pW + kw*dW], 0 outside; rows ld apart.  Each output
+ * row segment is a few masked vector loads (lanes outside the image read nothing and give 0)
+ * and stores, where the portable code spent a memcpy and two memsets on 14 values. */
+#define FC_IM2COL(NAME, T, VT, LANES, TGT, MTYPE, MK, MLOADZ, MSTORE, STOREU, ZERO)              \
+TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,          \
+                     ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH,      \
+                     ptrdiff_t dW, ptrdiff_t OH, ptrdiff_t OW, T* col, ptrdiff_t ld) {          \
+    for (ptrdiff_t c = 0; c < C; c++)                                                           \
+        for (ptrdiff_t kh = 0; kh < kH; kh++)                                                   \
+            for (ptrdiff_t kw = 0; kw < kW; kw++) {                                             \
+                ptrdiff_t off = kw * dW - pW;                                                   \
+                ptrdiff_t lo = off < 0 ? -off : 0, hi = W - off < OW ? W - off : OW;            \
+                T* dst = col + ((c * kH + kh) * kW + kw) * ld;                                  \
+                const T* rowend = dst + OH * OW;                                                \
+                if (hi < lo) hi = lo;                                                           \
+                for (ptrdiff_t oh = 0; oh < OH; oh++, dst += OW) {                              \
+                    ptrdiff_t ih = oh * sH - pH + kh * dH;                                      \
+                    if (ih < 0 || ih >= H || hi == lo) {                                        \
+                        for (ptrdiff_t j = 0; j < OW; j += LANES)                               \
+                            MSTORE(dst + j, MK(0, OW - j), ZERO);                               \
+                    } else {                                                                    \
+                        /* src + ow is x[c, ih, ow + off]: read only where 0 <= ow + off < W */ \
+                        const T* src = x + (c * H + ih) * W;                                    \
+                        ptrdiff_t j = 0;                                                        \
+                        for (; j + LANES <= OW; j += LANES)                                     \
+                            STOREU(dst + j, MLOADZ(src + (j + off), MK(lo - j, hi - j)));       \
+                        if (j < OW) {                                                           \
+                            VT v = MLOADZ(src + (j + off), MK(lo - j, hi - j));                 \
+                            /* the next segments follow at dst + OW: a whole vector is     */ \
+                            /* written where it stays inside this row of col (later         */ \
+                            /* segments overwrite the excess) */                                \
+                            if (dst + j + LANES <= rowend)                                      \
+                                STOREU(dst + j, v);                                             \
+                            else                                                                \
+                                MSTORE(dst + j, MK(0, OW - j), v);                              \
+                        }                                                                       \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+}
+
+/* masks of lanes [a, b) (clipped to the vector) */
+static inline __mmask16 fc_lanes16(ptrdiff_t a, ptrdiff_t b) {
+    a = a < 0 ? 0 : a;
+    b = b > 16 ? 16 : b;
+    return b <= a ? (__mmask16)0 : (__mmask16)(((1u << (b - a)) - 1) << a);
+}
+static inline __mmask8 fc_lanes8(ptrdiff_t a, ptrdiff_t b) {
+    a = a < 0 ? 0 : a;
+    b = b > 8 ? 8 : b;
+    return b <= a ? (__mmask8)0 : (__mmask8)(((1u << (b - a)) - 1) << a);
+}
+FC_T256 static inline __m256i fc_lanes_i32(ptrdiff_t a, ptrdiff_t b) {
+    a = a < 0 ? 0 : a > 8 ? 8 : a;
+    b = b < 0 ? 0 : b > 8 ? 8 : b;
+    __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)a), idx),
+                               _mm256_cmpgt_epi32(_mm256_set1_epi32((int)b), idx));
+}
+FC_T256 static inline __m256i fc_lanes_i64(ptrdiff_t a, ptrdiff_t b) {
+    a = a < 0 ? 0 : a > 4 ? 4 : a;
+    b = b < 0 ? 0 : b > 4 ? 4 : b;
+    __m256i idx = _mm256_setr_epi64x(0, 1, 2, 3);
+    return _mm256_andnot_si256(_mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)a), idx),
+                               _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)b), idx));
+}
+FC_IM2COL(fc_im2col1_f_512, float, __m512, 16, FC_T512, __mmask16, fc_lanes16, FC_MLOAD_PS512,
+          FC_MSTORE_PS512, _mm512_storeu_ps, _mm512_setzero_ps())
+FC_IM2COL(fc_im2col1_d_512, double, __m512d, 8, FC_T512, __mmask8, fc_lanes8, FC_MLOAD_PD512,
+          FC_MSTORE_PD512, _mm512_storeu_pd, _mm512_setzero_pd())
+FC_IM2COL(fc_im2col1_f_256, float, __m256, 8, FC_T256, __m256i, fc_lanes_i32, FC_MLOAD_PS256,
+          FC_MSTORE_PS256, _mm256_storeu_ps, _mm256_setzero_ps())
+FC_IM2COL(fc_im2col1_d_256, double, __m256d, 4, FC_T256, __m256i, fc_lanes_i64,
+          FC_MLOAD_PD256, FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_setzero_pd())
+
+static int fc_gemm_init(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        fc_gemm_ok = 2;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        fc_gemm_ok = 1;
+    fc_gemm_on = fc_gemm_ok;
+    return fc_gemm_on;
+}
+#else
+static int fc_gemm_init(void) { return 0; }
+#endif
+
+/* Level in use: 0 (BLAS), 1 (AVX2+FMA), 2 (AVX-512F); fc_gemm_set(level) caps it at what the
+ * CPU has and returns the level now in use (for tests and benchmarks, while no kernel runs). */
+static int fc_gemm_set(int level) {
+    fc_gemm_on = level < fc_gemm_ok ? (level < 0 ? 0 : level) : fc_gemm_ok;
+    return fc_gemm_on;
+}
+static int fc_gemm_level(void) { return fc_gemm_on; }
+
+/* im2col of a stride-1-column convolution by the vector code of the current level; returns 0
+ * (nothing done) at level 0. */
+static int fc_im2col1_f(const float* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,
+                        ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH,
+                        ptrdiff_t dW, ptrdiff_t OH, ptrdiff_t OW, float* col, ptrdiff_t ld) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2) {
+        fc_im2col1_f_512(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
+        return 1;
+    }
+    if (fc_gemm_on == 1) {
+        fc_im2col1_f_256(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
+        return 1;
+    }
+#endif
+    return 0;
+}
+static int fc_im2col1_d(const double* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,
+                        ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH,
+                        ptrdiff_t dW, ptrdiff_t OH, ptrdiff_t OW, double* col, ptrdiff_t ld) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2) {
+        fc_im2col1_d_512(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
+        return 1;
+    }
+    if (fc_gemm_on == 1) {
+        fc_im2col1_d_256(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
+        return 1;
+    }
+#endif
+    return 0;
+}
+
+/* Rows per panel of packed A at the current level (0: no own GEMM) */
+static int fc_gemm_mr(void) { return fc_gemm_on == 2 ? 8 : fc_gemm_on == 1 ? 6 : 0; }
+/* Columns per panel of C: threads split C's columns at multiples of this */
+static ptrdiff_t fc_gemm_nr(int dbl) {
+    return fc_gemm_on == 2 ? (dbl ? 16 : 32) : fc_gemm_on == 1 ? (dbl ? 8 : 16) : 1;
+}
+/* Values in A packed for the current level */
+static ptrdiff_t fc_gemm_packed_size(ptrdiff_t M, ptrdiff_t K) {
+    int mr = fc_gemm_mr();
+    return mr ? (M + mr - 1) / mr * mr * K : 0;
+}
+
+/* Pack A (M x K; element (i, k) at A[i * rs + k * cs]: rs = lda, cs = 1 for A, rs = 1,
+ * cs = lda for a transposed one) into panels of MR rows: Ap[p][k][r] = A[p*MR + r, k], zero
+ * past M. */
+#define FC_PACK_A(NAME, T)                                                                      \
+static void NAME(const T* A, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K, T* Ap) {    \
+    int mr = fc_gemm_mr();                                                                      \
+    for (ptrdiff_t i = 0; i < M; i += mr) {                                                     \
+        T* dst = Ap + i * K;                                                                    \
+        for (ptrdiff_t k = 0; k < K; k++)                                                       \
+            for (int r = 0; r < mr; r++)                                                        \
+                dst[k * mr + r] = i + r < M ? A[(i + r) * rs + k * cs] : (T)0;                  \
+    }                                                                                           \
+}
+FC_PACK_A(fc_gemm_pack_f, float)
+FC_PACK_A(fc_gemm_pack_d, double)
+
+/* C[:, n0:n1] = Ap @ B[:, n0:n1] + bias (acc = 0; bias NULL: no bias) or C += Ap @ B (acc = 1).
+ * Only callable when fc_gemm_level() > 0, with Ap packed at that level. */
+static void fc_gemm_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const float* Ap,
+                      const float* B, ptrdiff_t ldb, float* C, ptrdiff_t ldc, const float* bias,
+                      int acc) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2)
+        fc_gemm_f_512(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+    else if (fc_gemm_on == 1)
+        fc_gemm_f_256(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+#endif
+}
+static void fc_gemm_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* Ap,
+                      const double* B, ptrdiff_t ldb, double* C, ptrdiff_t ldc,
+                      const double* bias, int acc) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2)
+        fc_gemm_d_512(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+    else if (fc_gemm_on == 1)
+        fc_gemm_d_256(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+#endif
+}
+
+#endif

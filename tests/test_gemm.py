@@ -1,0 +1,143 @@
+"""fastconv's own GEMM (_gemm.h: AVX-512F and AVX2+FMA micro-kernels, vector im2col) at every
+level this CPU has, and BLAS, against the reference: shapes that reach the kernel's edges
+(rows past a multiple of MR, columns past a multiple of NR, K past the K block of 256, output
+rows wider than a vector), groups, strides, dilations, paddings, bias, both dtypes, one and two
+threads (with fewer images than threads the threads share each image's GEMM by panels)."""
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv as fc
+from fastconv import _kernels
+import reference as ref
+
+LEVELS = [lv for lv in ("blas", "avx2", "avx512")
+          if _kernels.set_gemm(lv) == lv or lv == "blas"]
+_kernels.set_gemm("avx512")
+BEST = _kernels.gemm_level()
+
+
+@contextlib.contextmanager
+def gemm_at(level):
+    _kernels.set_gemm(level)
+    try:
+        yield
+    finally:
+        _kernels.set_gemm(BEST)
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    with gemm_at(request.param):
+        yield request.param
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    before = fc.get_num_threads()
+    fc.set_num_threads(n)
+    try:
+        yield
+    finally:
+        fc.set_num_threads(before)
+
+
+def close(actual, expected, dtype):
+    expected = np.asarray(expected, np.float64)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    scale = 1.0 + np.abs(expected).max() if expected.size else 1.0
+    if dtype == np.float64:
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-11 * scale)
+    else:
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=2e-5 * scale)
+
+
+def test_levels_report_what_is_in_use():
+    assert BEST in ("blas", "avx2", "avx512")
+    assert _kernels.set_gemm("blas") == "blas"
+    assert _kernels.gemm_packed_size(10, 7) == 0
+    _kernels.set_gemm(BEST)
+    if BEST != "blas":
+        mr = 8 if BEST == "avx512" else 6
+        assert _kernels.gemm_packed_size(10, 7) == -(-10 // mr) * mr * 7
+
+
+@given(n=st.integers(1, 2), c=st.integers(1, 4), l=st.integers(1, 4),
+       h=st.integers(1, 6), w=st.integers(1, 6), k=st.integers(1, 3),
+       groups=st.integers(1, 2), bias=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31))
+def test_taps_reference_is_the_loop_reference(n, c, l, h, w, k, groups, bias, dtype, seed):
+    """The slice-and-einsum reference used for big shapes below is the loop reference."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c * groups, h + k, w + k))
+    wt = rng.standard_normal((l * groups, c, k, k))
+    b = rng.standard_normal(l * groups) if bias else None
+    for kw in (dict(padding=1), dict(stride=2, dilation=(1, 2), padding=(0, 2))):
+        np.testing.assert_allclose(ref.conv2d_taps(x, wt, b, groups=groups, **kw),
+                                   ref.conv2d(x, wt, b, groups=groups, **kw), rtol=1e-12,
+                                   atol=1e-12)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", LEVELS)
+@given(data=st.data())
+def test_conv2d_big_shapes_match_reference(level, data):
+    draw = data.draw
+    groups = draw(st.integers(1, 2), label="groups")
+    cg = draw(st.integers(1, 40), label="in_per_group")       # K = cg * kH * kW up to 1000
+    lg = draw(st.integers(1, 20), label="out_per_group")      # rows: MR tails
+    kh, kw = draw(st.integers(1, 5), label="kH"), draw(st.integers(1, 5), label="kW")
+    s = draw(st.sampled_from([(1, 1), (1, 1), (2, 2), (1, 2), (2, 1)]), label="stride")
+    d = draw(st.sampled_from([(1, 1), (1, 1), (2, 1)]), label="dilation")
+    p = (draw(st.integers(0, 3), label="pH"), draw(st.integers(0, 3), label="pW"))
+    h = max(1, d[0] * (kh - 1) + 1 - 2 * p[0]) + draw(st.integers(0, 6), label="dh")
+    w = max(1, d[1] * (kw - 1) + 1 - 2 * p[1]) + draw(st.integers(0, 40), label="dw")
+    n = draw(st.integers(1, 3), label="N")
+    threads = draw(st.integers(1, 2), label="threads")
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
+    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    kwargs = dict(stride=s, padding=p, dilation=d, groups=groups)
+    with num_threads(threads), gemm_at(level):
+        y = fc.conv2d(x, wt, b, **kwargs)
+    close(y, ref.conv2d_taps(x, wt, b, **kwargs), dtype)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [
+    # (N, C, H, W, L, k, padding): K = 300 and 1200 cross the K block; L = 17 and 9 leave
+    # row tails; 37 and 70 wide rows leave column tails in the vector im2col; 1x1 reads x
+    (1, 12, 9, 37, 17, 5, 2), (2, 48, 7, 7, 9, 5, 2), (1, 3, 4, 70, 33, 3, 1),
+    (3, 260, 5, 6, 10, 1, 0), (1, 1, 1, 1, 1, 1, 0), (2, 5, 3, 3, 8, 3, 4),
+])
+def test_conv2d_edges_match_reference(level, threads, dtype, shape):
+    n, c, h, w, l, k, p = shape
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
+    b = rng.uniform(-1, 1, l).astype(dtype)
+    with num_threads(threads):
+        y = fc.conv2d(x, wt, b, padding=p)
+        y0 = fc.conv2d(x, wt, padding=p)
+    close(y, ref.conv2d_taps(x, wt, b, padding=p), dtype)
+    close(y0, ref.conv2d_taps(x, wt, padding=p), dtype)
+
+
+def test_conv2d_writes_nothing_outside_out(level):
+    """The masked tails store nothing past the output: out= inside a larger array keeps the
+    values around it."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 7, 5, 13)).astype(np.float32)
+    wt = rng.standard_normal((11, 7, 3, 3)).astype(np.float32)
+    big = np.full(3 * 11 * 5 * 13, 7.0, np.float32)
+    out = big[11 * 5 * 13:2 * 11 * 5 * 13].reshape(1, 11, 5, 13)
+    fc.conv2d(x, wt, padding=1, out=out)
+    assert (big[:11 * 5 * 13] == 7).all() and (big[2 * 11 * 5 * 13:] == 7).all()
+    close(out, ref.conv2d_taps(x, wt, padding=1), np.float32)
