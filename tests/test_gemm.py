@@ -141,3 +141,29 @@ def test_conv2d_writes_nothing_outside_out(level):
     fc.conv2d(x, wt, padding=1, out=out)
     assert (big[:11 * 5 * 13] == 7).all() and (big[2 * 11 * 5 * 13:] == 7).all()
     close(out, ref.conv2d_taps(x, wt, padding=1), np.float32)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 20, 9, 11, 13), (3, 17, 6, 40, 9), (2, 3, 5, 5, 70)])
+def test_winograd_gemms_match_reference(level, threads, dtype, shape, monkeypatch):
+    """Winograd's 16 GEMMs per image (forward, and conv2d_backward's grad_x) at this level;
+    the thresholds lowered so that every shape takes Winograd."""
+    from fastconv import functional as F
+
+    monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
+    n, c, h, w, l = shape
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (l, c, 3, 3)).astype(dtype)
+    b = rng.uniform(-1, 1, l).astype(dtype)
+    with num_threads(threads):
+        y = fc.conv2d(x, wt, b, padding=1)
+        gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+        gx, gw, gb = fc.conv2d_backward(gy, x, wt, padding=1)
+    close(y, ref.conv2d_taps(x, wt, b, padding=1), dtype)
+    # grad_x is the convolution of grad_out by the flipped, transposed kernel
+    wf = np.ascontiguousarray(np.flip(wt, (2, 3)).transpose(1, 0, 2, 3))
+    close(gx, ref.conv2d_taps(gy, wf, padding=1), dtype)

@@ -473,10 +473,11 @@ cdef enum:
     WINO_PAD = 16    # values between the 16 transformed planes, keeping them off 4 KiB strides
 
 
-cdef void winograd_item(const floating* x, const floating* U, const floating* w,
-                        const floating* b, floating* out, floating* work, Py_ssize_t Cg,
-                        Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg, Py_ssize_t pH,
-                        Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW) noexcept nogil:
+cdef void winograd_item(const floating* x, const floating* U, const floating* Up,
+                        const floating* w, const floating* b, floating* out, floating* work,
+                        Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
+                        Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW
+                        ) noexcept nogil:
     """One (image, group) of a 3x3 stride-1 convolution by Winograd F(2x2, 3x3) (see
     _winograd.h); an image with an infinity or NaN goes through im2col + GEMM instead, whose
     +-inf / NaN results are those of the definition."""
@@ -500,8 +501,7 @@ cdef void winograd_item(const floating* x, const floating* U, const floating* w,
     else:
         fc_wino_input_d(x, Cg, H, W, pH, pW, TW, 0, NT, V, vs)
     for xi in range(16):
-        gemm_rm(False, False, Lg, NT, Cg, 1, U + xi * Lg * Cg, Cg, V + xi * vs, NT, 0,
-                M + xi * ms, NT)
+        wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT)
     if floating is float:
         fc_wino_output_f(M, Lg, TW, 0, NT, OH, OW, b, out, ms)
     else:
@@ -526,13 +526,19 @@ cdef void wino_output_channel(const floating* M, Py_ssize_t TW, Py_ssize_t NT, P
         fc_wino_output_d(M, 1, TW, 0, NT, OH, OW, b, out, ms)
 
 
-cdef void wino_gemm(const floating* U, const floating* V, floating* M, Py_ssize_t Lg,
-                    Py_ssize_t Cg, Py_ssize_t NT) noexcept nogil:
-    gemm_rm(False, False, Lg, NT, Cg, 1, U, Cg, V, NT, 0, M, NT)
+cdef void wino_gemm(const floating* U, const floating* Up, Py_ssize_t xi, const floating* V,
+                    floating* M, Py_ssize_t Lg, Py_ssize_t Cg, Py_ssize_t NT) noexcept nogil:
+    """M = U[xi] (Lg, Cg) @ V (Cg, NT): by the own GEMM from the packed Up when not NULL."""
+    if Up != NULL:
+        own_gemm(Lg, 0, NT, Cg, Up + xi * fc_gemm_packed_size(Lg, Cg), V, NT, M, NT, NULL,
+                 False)
+    else:
+        gemm_rm(False, False, Lg, NT, Cg, 1, U + xi * Lg * Cg, Cg, V, NT, 0, M, NT)
 
 
-cdef void winograd_item_shared(const floating* x, const floating* U, const floating* w,
-                               const floating* b, floating* out, floating* work,
+cdef void winograd_item_shared(const floating* x, const floating* U, const floating* Up,
+                               const floating* w, const floating* b, floating* out,
+                               floating* work,
                                Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
                                Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
                                int num_threads) noexcept nogil:
@@ -554,7 +560,7 @@ cdef void winograd_item_shared(const floating* x, const floating* U, const float
     for c in prange(Cg, schedule='static', num_threads=num_threads):
         wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * NT, vs)
     for xi in prange(16, schedule='static', num_threads=num_threads):
-        wino_gemm(U + xi * Lg * Cg, V + xi * vs, M + xi * ms, Lg, Cg, NT)
+        wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT)
     for l in prange(Lg, schedule='static', num_threads=num_threads):
         wino_output_channel(M + l * NT, TW, NT, OH, OW, b + l if b != NULL else NULL,
                             out + l * P, ms)
@@ -562,12 +568,15 @@ cdef void winograd_item_shared(const floating* x, const floating* U, const float
 
 def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                             const floating[::1] bias, floating[:, :, :, ::1] out,
-                            floating[::1] u_scratch, floating[:, ::1] scratch,
+                            floating[::1] u_scratch, floating[::1] upack,
+                            floating[:, ::1] scratch,
                             Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t groups, bint has_bias,
                             int num_threads):
     """conv2d_forward for 3x3 kernels, stride 1, dilation 1, by Winograd F(2x2, 3x3).
 
-    u_scratch: 16 * L * Cg (the transformed weights); scratch: (threads, n) with
+    u_scratch: 16 * L * Cg (the transformed weights); upack: 16 * groups *
+    gemm_packed_size(L/groups, Cg) for them packed for the own GEMM, smaller (empty): BLAS
+    does the 16 GEMMs; scratch: (threads, n) with
     n >= max(16 * (ceil(OH/2) * ceil(OW/2) * (Cg + Lg) + 32), 9 * Cg * OH * OW)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
@@ -581,6 +590,8 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     cdef floating* op = &out[0, 0, 0, 0]
     cdef floating* sp = &scratch[0, 0]
     cdef floating* work
+    cdef floating* Up = NULL
+    cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg), xi
     if weight.shape[2] != 3 or weight.shape[3] != 3 or u_scratch.shape[0] < 16 * L * Cg:
         raise ValueError("conv2d_winograd_forward: 3x3 kernels and 16 L Cg weight scratch")
     if ncol < 16 * (NT * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * col_ld(P, sizeof(floating)) or \
@@ -592,6 +603,11 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
                 fc_wino_weights_f(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
             else:
                 fc_wino_weights_d(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
+    if psz > 0 and upack.shape[0] >= 16 * groups * psz:
+        Up = &upack[0]
+        with nogil:
+            for xi in range(16 * groups):
+                pack_a(up + xi * Lg * Cg, Cg, 1, Lg, Cg, Up + xi * psz)
     if N * groups < num_threads:
         # fewer items than threads (batch-1 latency): the threads share each item's
         # transforms (by channel) and its 16 GEMMs, one item after another
@@ -600,6 +616,7 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
                 n = item // groups
                 g = item % groups
                 winograd_item_shared(xp + (n * C + g * Cg) * H * W, up + g * 16 * Lg * Cg,
+                                     Up + g * 16 * psz if Up != NULL else NULL,
                                      wp + g * Lg * Cg * 9, bp + g * Lg if has_bias else NULL,
                                      op + (n * L + g * Lg) * P, sp, Cg, H, W, Lg, pH, pW, OH,
                                      OW, num_threads)
@@ -610,7 +627,7 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
             n = item // groups
             g = item % groups
             winograd_item(xp + (n * C + g * Cg) * H * W, up + g * 16 * Lg * Cg,
-                          wp + g * Lg * Cg * 9, bp + g * Lg if has_bias else NULL,
+                          Up + g * 16 * psz if Up != NULL else NULL, wp + g * Lg * Cg * 9, bp + g * Lg if has_bias else NULL,
                           op + (n * L + g * Lg) * P, work, Cg, H, W, Lg, pH, pW, OH, OW)
 
 

@@ -386,8 +386,8 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn):
     scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), 9 * Cg * _col_ld(OH * OW, dt)),
                        dt, fn)
     u = _alloc((16 * wc.shape[0] * Cg,), dt, fn, "Winograd weights")
-    _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, scratch, pad_top, pad_left, groups,
-                                     bc.shape[0] > 0, team)
+    _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, _wpack(Lg, Cg, 16 * groups, dt, fn),
+                                     scratch, pad_top, pad_left, groups, bc.shape[0] > 0, team)
 
 
 def _col_ld(P, dtype):
