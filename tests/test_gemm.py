@@ -167,3 +167,38 @@ def test_winograd_gemms_match_reference(level, threads, dtype, shape, monkeypatc
     # grad_x is the convolution of grad_out by the flipped, transposed kernel
     wf = np.ascontiguousarray(np.flip(wt, (2, 3)).transpose(1, 0, 2, 3))
     close(gx, ref.conv2d_taps(gy, wf, padding=1), dtype)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", LEVELS)
+@given(data=st.data())
+def test_gradients_and_transposed_match_reference(level, data):
+    """conv2d_backward's grad_x (weight^T packed: im2col path and 1x1) and conv_transpose2d
+    forward and backward at this GEMM level, against the loop reference."""
+    draw = data.draw
+    groups = draw(st.integers(1, 2), label="groups")
+    cg, lg = draw(st.integers(1, 10), label="cg"), draw(st.integers(1, 10), label="lg")
+    k = draw(st.sampled_from([1, 2, 3]), label="k")
+    s = draw(st.sampled_from([1, 2]), label="stride")
+    p = draw(st.integers(0, k - 1), label="padding")
+    h, w = draw(st.integers(k, 6), label="h"), draw(st.integers(k, 7), label="w")
+    n = draw(st.integers(1, 2), label="N")
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    threads = draw(st.integers(1, 2), label="threads")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (lg * groups, cg, k, k)).astype(dtype)
+    kw = dict(stride=s, padding=p, groups=groups)
+    with num_threads(threads), gemm_at(level):
+        y = fc.conv2d(x, wt, **kw)
+        gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+        got = fc.conv2d_backward(gy, x, wt, **kw)
+        b = rng.uniform(-1, 1, cg * groups).astype(dtype)
+        yt = fc.conv_transpose2d(gy, wt, b, **kw)      # weight (in=L, out/groups=Cg, k, k)
+        gyt = rng.uniform(-1, 1, yt.shape).astype(dtype)
+        gott = fc.conv_transpose2d_backward(gyt, gy, wt, **kw)
+    for a, e in zip(got, ref.conv2d_backward(gy, x, wt, **kw)):
+        close(a, e, dtype)
+    close(yt, ref.conv_transpose2d(gy, wt, b, **kw), dtype)
+    for a, e in zip(gott, ref.conv_transpose2d_backward(gyt, gy, wt, **kw)):
+        close(a, e, dtype)

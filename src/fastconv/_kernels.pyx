@@ -635,7 +635,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     const floating[:, :, :, ::1] weight, const floating[::1] init,
                     floating[:, :, :, ::1] grad_x_out,
                     floating[:, ::1] grad_w_part, floating[:, ::1] grad_b_part,
-                    floating[:, ::1] scratch,
+                    floating[:, ::1] scratch, floating[::1] wpack,
                     Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                     Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
                     bint need_x, bint need_w, bint need_b, bint has_init, int num_threads):
@@ -647,7 +647,8 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     written when need_x: channel c starts at ``init[c]`` when has_init (else 0) and receives
     col2im(weight^T @ grad_out); this is exactly the forward pass of a transposed convolution.
     grad_w_part (threads, L*K) and grad_b_part (threads, L) must be zeroed: thread t adds its
-    share to row t, and the caller sums the rows.
+    share to row t, and the caller sums the rows.  wpack: groups * gemm_packed_size(K, L/groups)
+    values, for weight^T packed for the own GEMM of grad_x; smaller (empty): BLAS.
     """
     cdef Py_ssize_t N = grad_out.shape[0], L = grad_out.shape[1]
     cdef Py_ssize_t OH = grad_out.shape[2], OW = grad_out.shape[3]
@@ -676,9 +677,15 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef const floating* gyg
     cdef const floating* src
     cdef floating acc
-    cdef Py_ssize_t item, n, g, l, i, tid
+    cdef Py_ssize_t item, n, g, l, i, tid, psz = fc_gemm_packed_size(K, Lg)
+    cdef floating* Ap = NULL
     if has_init:
         ip = &init[0]
+    if need_x and psz > 0 and wpack.shape[0] >= groups * psz:
+        Ap = &wpack[0]
+        for g in range(groups):
+            # weight[g]^T: element (k, l) at weight[g, l, k]
+            pack_a(wp + g * Lg * K, 1, K, K, Lg, Ap + g * psz)
     if (need_w or need_x) and not direct and ncol < K * ld:
         raise ValueError("conv2d_backward: scratch is smaller than one im2col matrix")
     if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < L * K)) \
@@ -709,7 +716,17 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     gb[g * Lg + l] += acc
             if need_x:
                 gxg = gxp + (n * C + g * Cg) * H * W
-                if direct:
+                if Ap != NULL:
+                    # the same products by the own GEMM, the init values as its bias
+                    if direct:
+                        own_gemm(K, 0, P, Lg, Ap + g * psz, gyg, P, gxg, P,
+                                 (ip + g * Cg) if has_init else NULL, False)
+                    else:
+                        own_gemm(K, 0, P, Lg, Ap + g * psz, gyg, P, col, ld, NULL, False)
+                        fill_channels(gxg, Cg, H * W, (ip + g * Cg) if has_init else NULL)
+                        col2im(col, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, gxg,
+                               ld)
+                elif direct:
                     # grad_x[n, g] (Cg, HW) = w[g]^T (Cg, Lg) @ grad_out[n, g] (Lg, HW)
                     if has_init:
                         fill_channels(gxg, Cg, P, ip + g * Cg)
@@ -726,7 +743,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
                               const floating[:, :, :, ::1] weight,
                               floating[:, :, :, ::1] grad_x_out,
                               floating[:, ::1] grad_w_part,
-                              floating[:, ::1] scratch,
+                              floating[:, ::1] scratch, floating[::1] wpack,
                               Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                               Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
                               bint need_x, bint need_w, int num_threads):
@@ -735,7 +752,9 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     A transposed convolution is the data-gradient of a convolution whose input is y and whose
     output is x, so with cols = im2col(grad_out):
     grad_x[n, g] = weight[g] (Cin_g, K) @ cols, grad_w[g] += x[n, g] (Cin_g, HW) @ cols^T.
-    weight is (Cin, Cout_g, kH, kW); grad_w_part (threads, Cin*K) zeroed.
+    weight is (Cin, Cout_g, kH, kW); grad_w_part (threads, Cin*K) zeroed.  wpack: groups *
+    gemm_packed_size(Cin/groups, K) values for weight packed for the own GEMM of grad_x;
+    smaller (empty): BLAS.
     """
     cdef Py_ssize_t N = x.shape[0], Cin = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t Cout = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
@@ -754,9 +773,14 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef floating* col
     cdef floating* gw
     cdef const floating* src
-    cdef Py_ssize_t item, n, g
+    cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Cig, K)
+    cdef floating* Ap = NULL
     if not direct and ncol < K * ld:
         raise ValueError("conv_transpose2d_backward: scratch is smaller than one im2col matrix")
+    if need_x and psz > 0 and wpack.shape[0] >= groups * psz:
+        Ap = &wpack[0]
+        for g in range(groups):
+            pack_a(wp + g * Cig * K, K, 1, Cig, K, Ap + g * psz)
     if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < Cin * K)):
         raise ValueError("conv_transpose2d_backward: workspaces need one row per thread")
     with nogil, parallel(num_threads=num_threads):
@@ -769,7 +793,10 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
             if not direct:
                 im2col(src, Cog, OH, OW, kH, kW, sH, sW, pH, pW, dH, dW, H, W, col, ld)
                 src = col
-            if need_x:
+            if need_x and Ap != NULL:
+                own_gemm(Cig, 0, P, K, Ap + g * psz, src, P if direct else ld,
+                         gxp + (n * Cin + g * Cig) * P, P, NULL, False)
+            elif need_x:
                 gemm_rm(False, False, Cig, P, K, 1, wp + g * Cig * K, K, src,
                         P if direct else ld, 0, gxp + (n * Cin + g * Cig) * P, P)
             if need_w:

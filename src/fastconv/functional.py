@@ -570,9 +570,10 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
         xc = _c(x, dt) if need_w or not need_x else _dummy(dt)
         (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
         with blas_threads(nblas):
+            wpack = _wpack(K, L // g, g, dt, fn) if need_x else _EMPTY[np.dtype(dt).char]
             _kernels.conv2d_backward(gyc, xc, wc, np.zeros(0, dt),
                                      gx if need_x else _dummy(dt), wpart, bpart, scratch,
-                                     sH, sW, pad[0], pad[2], dH, dW, g,
+                                     wpack, sH, sW, pad[0], pad[2], dH, dW, g,
                                      need_x, need_w, need_b, False, team)
     gw = _sum_partials(wpart, weight.shape, dt) if need_w else None
     gb = _sum_partials(bpart, (L,), dt) if need_b else None
@@ -640,6 +641,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     with blas_threads(nblas):
         # y = col2im(weight^T @ x): the data gradient of conv2d(y) -> x
         _kernels.conv2d_backward(xc, _dummy(dt), wc, bc, out, empty, empty, scratch,
+                                 _wpack(K, x.shape[1] // g, g, dt, fn),
                                  sH, sW, pad[0], pad[2], dH, dW, g,
                                  True, False, False, b is not None, team)
     return done(out)
@@ -696,9 +698,11 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     if N > 0 and (need_x or need_w):
         (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
         with blas_threads(nblas):
+            wpack = (_wpack(Cin // g, K, g, dt, fn) if need_x
+                     else _EMPTY[np.dtype(dt).char])
             _kernels.conv_transpose2d_backward(gyc, _c(x, dt), _c(weight, dt),
                                                gx if need_x else _dummy(dt), wpart, scratch,
-                                               sH, sW, pad[0], pad[2], dH, dW, g,
+                                               wpack, sH, sW, pad[0], pad[2], dH, dW, g,
                                                need_x, need_w, team)
     gw = gb = None
     if need_w:
