@@ -202,3 +202,32 @@ def test_gradients_and_transposed_match_reference(level, data):
     close(yt, ref.conv_transpose2d(gy, wt, b, **kw), dtype)
     for a, e in zip(gott, ref.conv_transpose2d_backward(gyt, gy, wt, **kw)):
         close(a, e, dtype)
+
+
+@pytest.fixture
+def small_blocks():
+    """The forward convolution in im2col blocks of one panel (as with batch 1 on many
+    threads), instead of a whole image per work item."""
+    old = _kernels.set_gemm_block(1)
+    yield
+    _kernels.set_gemm_block(old)
+
+
+@pytest.mark.usefixtures("tiny_grain", "small_blocks")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [
+    (1, 12, 9, 37, 17, 5, 2, 1), (2, 6, 7, 7, 9, 3, 1, 2), (1, 3, 4, 70, 33, 3, 1, 1),
+    (1, 20, 5, 6, 10, 1, 0, 1), (2, 5, 13, 11, 8, 3, 4, 3),
+])
+def test_conv2d_blocks_match_reference(level, threads, dtype, shape):
+    """Blocks start inside output rows (the first segment of a block is a partial row) and
+    end at the image's last pixel; strides other than 1 take the element-wise path."""
+    n, c, h, w, l, k, p, s = shape
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
+    b = rng.uniform(-1, 1, l).astype(dtype)
+    with num_threads(threads):
+        y = fc.conv2d(x, wt, b, padding=p, stride=s)
+    close(y, ref.conv2d_taps(x, wt, b, padding=p, stride=s), dtype)

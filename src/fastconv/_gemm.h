@@ -181,46 +181,69 @@ FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, 8, 16, __mmask8, fc_mask512_
 FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, 6, 16, __m256i, fc_mask256_32)
 FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, 6, 8, __m256i, fc_mask256_64)
 
-/* im2col for stride-1 columns (sW == 1), the layout of _kernels.im2col: col[(c, kh, kw), (oh,
- * ow)] = x[c, oh*sH - pH + kh*dH, ow - pW + kw*dW], 0 outside; rows ld apart.  Each output
- * row segment is a few masked vector loads (lanes outside the image read nothing and give 0)
- * and stores, where the portable code spent a memcpy and two memsets on 14 values. */
-#define FC_IM2COL(NAME, T, VT, LANES, TGT, MTYPE, MK, MLOADZ, MSTORE, STOREU, ZERO)              \
+/* Columns [p0, p0 + n) of im2col (n <= ld): col[(c, kh, kw), j] =
+ * x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] for the output pixel p0 + j = oh*OW + ow, and 0
+ * outside the image; rows ld apart.  The forward convolution makes one block of columns at a
+ * time into a buffer that stays in L2 and multiplies it at once; the backward pass makes all
+ * columns.  Stride-1 columns are copied by masked vector loads (lanes outside the image read
+ * nothing and give 0); other strides element by element.  Whole vectors are stored where they
+ * stay inside the row's ld values (later segments overwrite the excess), masked ones at the
+ * row's end. */
+#define FC_IM2COL_COLS(NAME, T, VT, LANES, TGT, MTYPE, MK, MLOADZ, MSTORE, STOREU, ZERO)         \
 TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,          \
-                     ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH,      \
-                     ptrdiff_t dW, ptrdiff_t OH, ptrdiff_t OW, T* col, ptrdiff_t ld) {          \
-    for (ptrdiff_t c = 0; c < C; c++)                                                           \
-        for (ptrdiff_t kh = 0; kh < kH; kh++)                                                   \
-            for (ptrdiff_t kw = 0; kw < kW; kw++) {                                             \
-                ptrdiff_t off = kw * dW - pW;                                                   \
-                ptrdiff_t lo = off < 0 ? -off : 0, hi = W - off < OW ? W - off : OW;            \
+                     ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH, ptrdiff_t pW,      \
+                     ptrdiff_t dH, ptrdiff_t dW, ptrdiff_t OW, ptrdiff_t p0, ptrdiff_t n,       \
+                     T* col, ptrdiff_t ld) {                                                    \
+    ptrdiff_t oh0 = p0 / OW, ow00 = p0 % OW;                                                    \
+    for (ptrdiff_t kw = 0; kw < kW; kw++) {                                                     \
+        ptrdiff_t off = kw * dW - pW, lo, hi;                                                   \
+        /* output columns ow with 0 <= ow*sW + off < W: [lo, hi) */                             \
+        if (sW == 1) {                                                                          \
+            lo = off < 0 ? -off : 0;                                                            \
+            hi = W - off;                                                                       \
+        } else {                                                                                \
+            lo = off < 0 ? (-off + sW - 1) / sW : 0;                                            \
+            hi = W - off > 0 ? (W - off + sW - 1) / sW : 0;                                     \
+        }                                                                                       \
+        hi = hi < OW ? hi : OW;                                                                 \
+        hi = hi < lo ? lo : hi;                                                                 \
+        for (ptrdiff_t c = 0; c < C; c++)                                                       \
+            for (ptrdiff_t kh = 0; kh < kH; kh++) {                                             \
                 T* dst = col + ((c * kH + kh) * kW + kw) * ld;                                  \
-                const T* rowend = dst + OH * OW;                                                \
-                if (hi < lo) hi = lo;                                                           \
-                for (ptrdiff_t oh = 0; oh < OH; oh++, dst += OW) {                              \
+                ptrdiff_t j = 0, oh = oh0, ow0 = ow00;                                          \
+                while (j < n) {                                                                 \
+                    ptrdiff_t seg = OW - ow0 < n - j ? OW - ow0 : n - j;                        \
                     ptrdiff_t ih = oh * sH - pH + kh * dH;                                      \
+                    const T* src = x + (c * H + ih) * W;                                        \
                     if (ih < 0 || ih >= H || hi == lo) {                                        \
-                        for (ptrdiff_t j = 0; j < OW; j += LANES)                               \
-                            MSTORE(dst + j, MK(0, OW - j), ZERO);                               \
-                    } else {                                                                    \
-                        /* src + ow is x[c, ih, ow + off]: read only where 0 <= ow + off < W */ \
-                        const T* src = x + (c * H + ih) * W;                                    \
-                        ptrdiff_t j = 0;                                                        \
-                        for (; j + LANES <= OW; j += LANES)                                     \
-                            STOREU(dst + j, MLOADZ(src + (j + off), MK(lo - j, hi - j)));       \
-                        if (j < OW) {                                                           \
-                            VT v = MLOADZ(src + (j + off), MK(lo - j, hi - j));                 \
-                            /* the next segments follow at dst + OW: a whole vector is     */ \
-                            /* written where it stays inside this row of col (later         */ \
-                            /* segments overwrite the excess) */                                \
-                            if (dst + j + LANES <= rowend)                                      \
-                                STOREU(dst + j, v);                                             \
+                        for (ptrdiff_t q = 0; q < seg; q += LANES) {                            \
+                            if (j + q + LANES <= ld)                                            \
+                                STOREU(dst + j + q, ZERO);                                      \
                             else                                                                \
-                                MSTORE(dst + j, MK(0, OW - j), v);                              \
+                                MSTORE(dst + j + q, MK(0, seg - q), ZERO);                      \
+                        }                                                                       \
+                    } else if (sW == 1) {                                                       \
+                        for (ptrdiff_t q = 0; q < seg; q += LANES) {                            \
+                            ptrdiff_t a = ow0 + q;                                              \
+                            ptrdiff_t b = hi - a < seg - q ? hi - a : seg - q;                  \
+                            VT v = MLOADZ(src + (a + off), MK(lo - a, b));                      \
+                            if (j + q + LANES <= ld)                                            \
+                                STOREU(dst + j + q, v);                                         \
+                            else                                                                \
+                                MSTORE(dst + j + q, MK(0, seg - q), v);                         \
+                        }                                                                       \
+                    } else {                                                                    \
+                        for (ptrdiff_t q = 0; q < seg; q++) {                                   \
+                            ptrdiff_t ow = ow0 + q;                                             \
+                            dst[j + q] = (ow >= lo && ow < hi) ? src[ow * sW + off] : (T)0;     \
                         }                                                                       \
                     }                                                                           \
+                    j += seg;                                                                   \
+                    oh++;                                                                       \
+                    ow0 = 0;                                                                    \
                 }                                                                               \
             }                                                                                   \
+    }                                                                                           \
 }
 
 /* masks of lanes [a, b) (clipped to the vector) */
@@ -248,14 +271,14 @@ FC_T256 static inline __m256i fc_lanes_i64(ptrdiff_t a, ptrdiff_t b) {
     return _mm256_andnot_si256(_mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)a), idx),
                                _mm256_cmpgt_epi64(_mm256_set1_epi64x((long long)b), idx));
 }
-FC_IM2COL(fc_im2col1_f_512, float, __m512, 16, FC_T512, __mmask16, fc_lanes16, FC_MLOAD_PS512,
-          FC_MSTORE_PS512, _mm512_storeu_ps, _mm512_setzero_ps())
-FC_IM2COL(fc_im2col1_d_512, double, __m512d, 8, FC_T512, __mmask8, fc_lanes8, FC_MLOAD_PD512,
-          FC_MSTORE_PD512, _mm512_storeu_pd, _mm512_setzero_pd())
-FC_IM2COL(fc_im2col1_f_256, float, __m256, 8, FC_T256, __m256i, fc_lanes_i32, FC_MLOAD_PS256,
-          FC_MSTORE_PS256, _mm256_storeu_ps, _mm256_setzero_ps())
-FC_IM2COL(fc_im2col1_d_256, double, __m256d, 4, FC_T256, __m256i, fc_lanes_i64,
-          FC_MLOAD_PD256, FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_setzero_pd())
+FC_IM2COL_COLS(fc_im2colp_f_512, float, __m512, 16, FC_T512, __mmask16, fc_lanes16,
+                FC_MLOAD_PS512, FC_MSTORE_PS512, _mm512_storeu_ps, _mm512_setzero_ps())
+FC_IM2COL_COLS(fc_im2colp_d_512, double, __m512d, 8, FC_T512, __mmask8, fc_lanes8,
+                FC_MLOAD_PD512, FC_MSTORE_PD512, _mm512_storeu_pd, _mm512_setzero_pd())
+FC_IM2COL_COLS(fc_im2colp_f_256, float, __m256, 8, FC_T256, __m256i, fc_lanes_i32,
+                FC_MLOAD_PS256, FC_MSTORE_PS256, _mm256_storeu_ps, _mm256_setzero_ps())
+FC_IM2COL_COLS(fc_im2colp_d_256, double, __m256d, 4, FC_T256, __m256i, fc_lanes_i64,
+                FC_MLOAD_PD256, FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_setzero_pd())
 
 static int fc_gemm_init(void) {
     __builtin_cpu_init();
@@ -278,38 +301,24 @@ static int fc_gemm_set(int level) {
 }
 static int fc_gemm_level(void) { return fc_gemm_on; }
 
-/* im2col of a stride-1-column convolution by the vector code of the current level; returns 0
- * (nothing done) at level 0. */
-static int fc_im2col1_f(const float* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,
-                        ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH,
-                        ptrdiff_t dW, ptrdiff_t OH, ptrdiff_t OW, float* col, ptrdiff_t ld) {
-#ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2) {
-        fc_im2col1_f_512(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
-        return 1;
-    }
-    if (fc_gemm_on == 1) {
-        fc_im2col1_f_256(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
-        return 1;
-    }
-#endif
-    return 0;
+/* Columns of im2col (FC_IM2COL_COLS) at the current level (> 0). */
+#define FC_IM2COLP_DISPATCH(NAME, T, F512, F256)                                                \
+static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH, ptrdiff_t kW, \
+                 ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH,          \
+                 ptrdiff_t dW, ptrdiff_t OW, ptrdiff_t p0, ptrdiff_t n, T* col, ptrdiff_t ld) { \
+    FC_IM2COLP_CALL(F512, F256)                                                                 \
 }
-static int fc_im2col1_d(const double* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,
-                        ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH,
-                        ptrdiff_t dW, ptrdiff_t OH, ptrdiff_t OW, double* col, ptrdiff_t ld) {
 #ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2) {
-        fc_im2col1_d_512(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
-        return 1;
-    }
-    if (fc_gemm_on == 1) {
-        fc_im2col1_d_256(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld);
-        return 1;
-    }
+#define FC_IM2COLP_CALL(F512, F256)                                                             \
+    if (fc_gemm_on == 2)                                                                        \
+        F512(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld);                   \
+    else if (fc_gemm_on == 1)                                                                   \
+        F256(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld);
+#else
+#define FC_IM2COLP_CALL(F512, F256)
 #endif
-    return 0;
-}
+FC_IM2COLP_DISPATCH(fc_im2col_panel_f, float, fc_im2colp_f_512, fc_im2colp_f_256)
+FC_IM2COLP_DISPATCH(fc_im2col_panel_d, double, fc_im2colp_d_512, fc_im2colp_d_256)
 
 /* Rows per panel of packed A at the current level (0: no own GEMM) */
 static int fc_gemm_mr(void) { return fc_gemm_on == 2 ? 8 : fc_gemm_on == 1 ? 6 : 0; }

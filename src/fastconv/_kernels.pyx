@@ -92,14 +92,16 @@ cdef extern from "_gemm.h":
                         Py_ssize_t K, float* Ap) nogil
     void fc_gemm_pack_d(const double* A, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M,
                         Py_ssize_t K, double* Ap) nogil
-    int fc_im2col1_f(const float* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t kH,
-                     Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
-                     Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, float* col,
-                     Py_ssize_t ld) nogil
-    int fc_im2col1_d(const double* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                     Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t pH, Py_ssize_t pW,
-                     Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, double* col,
-                     Py_ssize_t ld) nogil
+    void fc_im2col_panel_f(const float* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                           Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                           Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                           Py_ssize_t OW, Py_ssize_t p0, Py_ssize_t n, float* col,
+                           Py_ssize_t ld) nogil
+    void fc_im2col_panel_d(const double* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                           Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                           Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                           Py_ssize_t OW, Py_ssize_t p0, Py_ssize_t n, double* col,
+                           Py_ssize_t ld) nogil
     void fc_gemm_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* Ap,
                    const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc, const float* bias,
                    int acc) nogil
@@ -126,6 +128,55 @@ def set_gemm(level):
     return gemm_level()
 
 
+# columns of one im2col block of the forward convolution by the own GEMM; 0: automatic
+cdef Py_ssize_t GEMM_BLOCK_COLS = 0
+
+
+def set_gemm_block(Py_ssize_t ncols):
+    """Force the forward convolution's im2col blocks to about ncols columns (0: automatic);
+    returns the previous value.  For tests and tuning, while no kernel runs."""
+    global GEMM_BLOCK_COLS
+    old = GEMM_BLOCK_COLS
+    GEMM_BLOCK_COLS = ncols
+    return old
+
+
+cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t items, Py_ssize_t threads,
+                                       Py_ssize_t itemsize) noexcept nogil:
+    """Columns per im2col block of the forward convolution by the own GEMM.  A whole image
+    when there are at least as many (image, group) items as threads: measured fastest (blocks
+    of 64-256 KiB were 5-25 % slower on one thread).  With fewer items (batch 1), blocks of
+    whole panels, about 4 per thread, so that the threads share the images."""
+    cdef Py_ssize_t nr = fc_gemm_nr(itemsize == 8), nb, per
+    if GEMM_BLOCK_COLS > 0:
+        nb = (GEMM_BLOCK_COLS + nr - 1) // nr * nr
+    elif items >= threads:
+        return P
+    else:
+        per = (4 * threads + items - 1) // items
+        nb = ((P + per - 1) // per + nr - 1) // nr * nr
+    return nb if nb < P else P
+
+
+cdef inline Py_ssize_t gemm_block_ld(Py_ssize_t nb, Py_ssize_t itemsize) noexcept nogil:
+    """Row stride of an im2col block: col_ld's rule (a cache line more when rows would be a
+    multiple of 2 KiB apart, where the rows a micro-kernel streams share L1 sets)."""
+    return col_ld(nb, itemsize)
+
+
+def gemm_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t items, Py_ssize_t threads,
+                       Py_ssize_t itemsize):
+    """Values of one thread's im2col block for the own GEMM's forward convolution."""
+    return K * gemm_block_ld(gemm_block_cols(P, items, threads, itemsize), itemsize)
+
+
+def gemm_nr(dtype):
+    """Columns per panel of the own GEMM for this dtype (float32/float64) at the current
+    level (1 at level 'blas')."""
+    return fc_gemm_nr(dtype.itemsize == 8 if hasattr(dtype, "itemsize") else
+                      __import__("numpy").dtype(dtype).itemsize == 8)
+
+
 def gemm_packed_size(Py_ssize_t M, Py_ssize_t K):
     """Values of an (M, K) matrix packed for the current GEMM level (0 at level 'blas')."""
     return fc_gemm_packed_size(M, K)
@@ -149,12 +200,16 @@ cdef inline void own_gemm(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t
         fc_gemm_d(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc)
 
 
-cdef inline Py_ssize_t panel_split(Py_ssize_t P, Py_ssize_t nr, Py_ssize_t t, Py_ssize_t T
-                                   ) noexcept nogil:
-    """Start of thread t's share (of T) of P columns, cut at a multiple of nr; t = T gives P."""
-    cdef Py_ssize_t npan = (P + nr - 1) // nr
-    cdef Py_ssize_t n = (npan * t) // T * nr
-    return n if n < P else P
+cdef inline void im2col_panel(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                              Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                              Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                              Py_ssize_t OW, Py_ssize_t p0, Py_ssize_t n, floating* col,
+                              Py_ssize_t ld) noexcept nogil:
+    """Columns [p0, p0 + n) of im2col(x) into col (rows ld >= n apart); level > 0 only."""
+    if floating is float:
+        fc_im2col_panel_f(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld)
+    else:
+        fc_im2col_panel_d(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld)
 
 
 def simd_level():
@@ -264,13 +319,9 @@ cdef void im2col(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
     cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld
     cdef floating* dst
     cdef const floating* src
-    if sW == 1:
-        if floating is float:
-            if fc_im2col1_f(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld):
-                return
-        else:
-            if fc_im2col1_d(x, C, H, W, kH, kW, sH, pH, pW, dH, dW, OH, OW, col, ld):
-                return
+    if fc_gemm_level() > 0:
+        im2col_panel(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, 0, OH * OW, col, ld)
+        return
     for c in range(C):
         for kh in range(kH):
             for kw in range(kW):
@@ -375,11 +426,11 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                    bint has_bias, int num_threads):
     """out = conv2d(x, weight) (+ bias); pH/pW are the top/left paddings.
 
-    scratch: (threads, Cg*kH*kW*OH*OW), unused (may have 0 columns) for 1x1 stride-1 unpadded.
+    scratch: (threads, Cg*kH*kW*OH*OW) for BLAS, (threads, gemm_block_scratch(...)) for the
+    own GEMM; unused (may have 0 columns) for 1x1 stride-1 unpadded.
     wpack: groups * gemm_packed_size(L/groups, K) values for the own GEMM's packed weights;
-    smaller (e.g. empty): BLAS does the GEMMs.  With the own GEMM and fewer (image, group)
-    items than threads, the threads share each item: im2col split by channels, then the GEMM
-    by column panels.
+    smaller (e.g. empty): BLAS does the GEMMs.  The own GEMM's work items are blocks of
+    output columns of an (image, group), so threads share images when there are few.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
@@ -396,37 +447,32 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef floating* sp = &scratch[0, 0]
     cdef floating* col
     cdef floating* Ap = NULL
-    cdef Py_ssize_t item, n, g, t, psz = fc_gemm_packed_size(Lg, K)
-    cdef Py_ssize_t nr = fc_gemm_nr(floating is double)
+    cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Lg, K)
+    cdef Py_ssize_t nb, nblk
     if has_bias:
         bp = &bias[0]
-    if not direct and ncol < K * ld:
-        raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
     if scratch.shape[0] < num_threads:
         raise ValueError("conv2d_forward: scratch needs one row per thread")
     if psz > 0 and wpack.shape[0] >= groups * psz:
         Ap = &wpack[0]
         for g in range(groups):
             pack_a(wp + g * Lg * K, K, 1, Lg, K, Ap + g * psz)
-    if Ap != NULL and N * groups < num_threads:
-        with nogil:
-            for item in range(N * groups):
-                n = item // groups
-                g = item % groups
-                if not direct:
-                    for t in prange(num_threads, num_threads=num_threads, schedule='static',
-                                    chunksize=1):
-                        im2col_channels(xp + (n * C + g * Cg) * H * W, Cg, H, W, kH, kW,
-                                        sH, sW, pH, pW, dH, dW, OH, OW, sp, ld,
-                                        t, num_threads)
-                for t in prange(num_threads, num_threads=num_threads, schedule='static',
-                                chunksize=1):
-                    own_gemm(Lg, panel_split(P, nr, t, num_threads),
-                             panel_split(P, nr, t + 1, num_threads), K, Ap + g * psz,
-                             xp + (n * C + g * Cg) * H * W if direct else sp,
-                             P if direct else ld, op + (n * L + g * Lg) * P, P,
-                             bp + g * Lg if has_bias else NULL, False)
+    if Ap != NULL:
+        # work items: (image, group, block of columns); each block's im2col is made into the
+        # thread's buffer and multiplied at once
+        nb = gemm_block_cols(P, N * groups, num_threads, sizeof(floating))
+        nblk = (P + nb - 1) // nb
+        if not direct and ncol < K * gemm_block_ld(nb, sizeof(floating)):
+            raise ValueError("conv2d_forward: scratch is smaller than one im2col block")
+        with nogil, parallel(num_threads=num_threads):
+            col = sp + threadid() * ncol
+            for item in prange(N * groups * nblk, schedule='dynamic', chunksize=1):
+                conv_block(xp, Ap, bp, op, col, item // nblk, (item % nblk) * nb, nb, C, Cg,
+                           H, W, L, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, groups,
+                           has_bias, direct, psz)
         return
+    if not direct and ncol < K * ld:
+        raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
     with nogil, parallel(num_threads=num_threads):
         col = sp + threadid() * ncol
         for item in prange(N * groups, schedule='dynamic', chunksize=1):
@@ -438,16 +484,27 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                       Ap + g * psz if Ap != NULL else NULL)
 
 
-cdef void im2col_channels(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                          Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
-                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
-                          Py_ssize_t OH, Py_ssize_t OW, floating* col, Py_ssize_t ld,
-                          Py_ssize_t t, Py_ssize_t T) noexcept nogil:
-    """Thread t's share (of T) of im2col(x) into col: the rows of channels [C*t/T, C*(t+1)/T)."""
-    cdef Py_ssize_t c0 = C * t // T, c1 = C * (t + 1) // T
-    if c1 > c0:
-        im2col(x + c0 * H * W, c1 - c0, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW,
-               col + c0 * kH * kW * ld, ld)
+cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
+                     floating* op, floating* col, Py_ssize_t ng, Py_ssize_t p0, Py_ssize_t nb,
+                     Py_ssize_t C, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                     Py_ssize_t Lg, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
+                     Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
+                     Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t groups,
+                     bint has_bias, bint direct, Py_ssize_t psz) noexcept nogil:
+    """Output columns [p0, p0 + nb) of item ng = n * groups + g of the forward convolution
+    by the own GEMM: their im2col into col (K rows, gemm_block_ld apart), then the GEMM."""
+    cdef Py_ssize_t n = ng // groups, g = ng % groups, K = Cg * kH * kW, P = OH * OW
+    cdef Py_ssize_t w = P - p0 if P - p0 < nb else nb
+    cdef Py_ssize_t ld = gemm_block_ld(nb, sizeof(floating))
+    cdef const floating* x = xp + (n * C + g * Cg) * H * W
+    cdef const floating* A = Ap + g * psz
+    cdef const floating* b = bp + g * Lg if has_bias else NULL
+    cdef floating* out = op + (n * L + g * Lg) * P
+    if direct:
+        own_gemm(Lg, p0, p0 + w, K, A, x, P, out, P, b, False)
+        return
+    im2col_panel(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, w, col, ld)
+    own_gemm(Lg, 0, w, K, A, col, ld, out + p0, P, b, False)
 
 
 cdef extern from "_winograd.h":
