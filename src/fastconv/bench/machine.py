@@ -133,8 +133,19 @@ def describe():
         "blas": _blas_libraries(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "openblas_thread_timeout_env": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+        "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE"),
+        "fastconv_gemm": _gemm_level(),
         "loadavg_start": loadavg(),
     }
+
+
+def _gemm_level():
+    try:
+        from fastconv import _kernels
+
+        return _kernels.gemm_level()
+    except Exception:  # noqa: BLE001 - an older build without the own GEMM
+        return None
 
 
 def compact(machine):

@@ -358,6 +358,13 @@ def main(argv=None):
           f"load {machine['loadavg_start']}")
     write("versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()
                                    if v is not None))
+    write("BLAS: " + ", ".join(f"{b.get('internal_api')} {b.get('version')} "
+                               f"{b.get('architecture')}" for b in machine["blas"]
+                               if b.get("user_api") == "blas")
+          + f"; fastconv GEMM: {machine['fastconv_gemm']}")
+    if machine["openblas_coretype_env"]:
+        write(f"warning: OPENBLAS_CORETYPE={machine['openblas_coretype_env']} is set: OpenBLAS "
+              "runs those kernels, not the ones it would pick for this CPU")
     load = machine["loadavg_start"]
     if load and load[0] > 0.5 * (machine["usable_cpus"] or machine["cpu_count"] or 1):
         write(f"warning: the machine is busy (load {load[0]:.1f} on "
