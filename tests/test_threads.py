@@ -1,4 +1,5 @@
 """Thread counts and concurrent calls give the same results; BLAS settings are restored."""
+import os
 import threading
 
 import numpy as np
@@ -144,3 +145,24 @@ def test_repeated_parallel_calls_are_stable(dtype, restore_threads):
                     np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
                 else:
                     np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def _env_after_import(env):
+    import subprocess
+    import sys
+
+    code = ("import os, fastconv; print(os.environ.get('OMP_WAIT_POLICY'), "
+            "os.environ.get('GOMP_SPINCOUNT'))")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(base, **env),
+                         capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_import_sets_a_short_spin_unless_the_user_chose():
+    """fastconv's default: OpenMP threads spin briefly, then sleep (PASSIVE); a user's own
+    OMP_WAIT_POLICY or GOMP_SPINCOUNT is left as it is."""
+    assert _env_after_import({}) == ["PASSIVE", "1000"]
+    assert _env_after_import({"OMP_WAIT_POLICY": "ACTIVE"}) == ["ACTIVE", "None"]
+    assert _env_after_import({"GOMP_SPINCOUNT": "5"}) == ["PASSIVE", "5"]

@@ -340,9 +340,22 @@ static void NAME(const T* A, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t 
     int mr = fc_gemm_mr();                                                                      \
     for (ptrdiff_t i = 0; i < M; i += mr) {                                                     \
         T* dst = Ap + i * K;                                                                    \
-        for (ptrdiff_t k = 0; k < K; k++)                                                       \
-            for (int r = 0; r < mr; r++)                                                        \
-                dst[k * mr + r] = i + r < M ? A[(i + r) * rs + k * cs] : (T)0;                  \
+        int rows = M - i < mr ? (int)(M - i) : mr;                                              \
+        if (rows < mr)                                                                          \
+            memset(dst, 0, sizeof(T) * (size_t)mr * (size_t)K);                                \
+        if (cs == 1) {              /* rows of A contiguous: read them one by one */            \
+            for (int r = 0; r < rows; r++) {                                                    \
+                const T* a = A + (i + r) * rs;                                                  \
+                for (ptrdiff_t k = 0; k < K; k++)                                               \
+                    dst[k * mr + r] = a[k];                                                     \
+            }                                                                                   \
+        } else {                    /* columns of A contiguous (rs == 1) or neither */          \
+            for (ptrdiff_t k = 0; k < K; k++) {                                                 \
+                const T* a = A + i * rs + k * cs;                                               \
+                for (int r = 0; r < rows; r++)                                                  \
+                    dst[k * mr + r] = a[r * rs];                                                \
+            }                                                                                   \
+        }                                                                                       \
     }                                                                                           \
 }
 FC_PACK_A(fc_gemm_pack_f, float)

@@ -614,13 +614,16 @@ cdef void winograd_item_shared(const floating* x, const floating* U, const float
         conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False,
                   NULL)
         return
-    for c in prange(Cg, schedule='static', num_threads=num_threads):
-        wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * NT, vs)
-    for xi in prange(16, schedule='static', num_threads=num_threads):
-        wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT)
-    for l in prange(Lg, schedule='static', num_threads=num_threads):
-        wino_output_channel(M + l * NT, TW, NT, OH, OW, b + l if b != NULL else NULL,
-                            out + l * P, ms)
+    # one team for the three phases (each prange ends in a barrier): waking the threads
+    # once instead of three times
+    with parallel(num_threads=num_threads):
+        for c in prange(Cg, schedule='static'):
+            wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * NT, vs)
+        for xi in prange(16, schedule='static'):
+            wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT)
+        for l in prange(Lg, schedule='static'):
+            wino_output_channel(M + l * NT, TW, NT, OH, OW, b + l if b != NULL else NULL,
+                                out + l * P, ms)
 
 
 def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,

@@ -467,9 +467,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
         return done(out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     wino_team = _team(16 * N * g, N * L * OH * OW * K)
-    # with fewer images than threads, the own GEMM's blocks share an image among the threads
-    # better than Winograd's three phases (batch 1, 2 threads: 0.44 vs 0.64 ms)
-    if _use_winograd(geo, weight) and (N * g >= wino_team or _kernels.gemm_level() == "blas"):
+    if _use_winograd(geo, weight):
         # fewer images than threads: the kernel shares each image's work among them
         with blas_threads(1):
             _winograd(xc, wc, bc, out, pad[0], pad[2], g, wino_team, dt, fn)
