@@ -89,16 +89,23 @@ def _div(a, b):
 
 # ---------------------------------------------------------------- conv2d
 
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """out[n,l,oh,ow] = b[l] + sum_{c,i,j} x[n, g*Cg+c, oh*sh-pt+i*dh, ow*sw-pl+j*dw] * w[l,c,i,j]."""
-    x, w = _f64(x), _f64(weight)
-    N, C, H, W = x.shape
-    L, Cg, kH, kW = w.shape
+def _conv_geometry(H, W, kH, kW, stride, padding, dilation):
+    """(stride pair, dilation pair, (top, bottom, left, right) padding, Ho, Wo) of conv2d."""
     sh, sw = _pair(stride)
     dh, dw = _pair(dilation)
     pt, pb, pl, pr = _conv_padding(padding, (kH, kW), dilation, stride)
     Ho = (H + pt + pb - dh * (kH - 1) - 1) // sh + 1
     Wo = (W + pl + pr - dw * (kW - 1) - 1) // sw + 1
+    return (sh, sw), (dh, dw), (pt, pb, pl, pr), Ho, Wo
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """out[n,l,oh,ow] = b[l] + sum_{c,i,j} x[n, g*Cg+c, oh*sh-pt+i*dh, ow*sw-pl+j*dw] * w[l,c,i,j]."""
+    x, w = _f64(x), _f64(weight)
+    N, C, H, W = x.shape
+    L, Cg, kH, kW = w.shape
+    (sh, sw), (dh, dw), (pt, pb, pl, pr), Ho, Wo = _conv_geometry(
+        H, W, kH, kW, stride, padding, dilation)
     Lg = L // groups
     out = np.zeros((N, L, Ho, Wo), dtype=np.float64)
     for n in range(N):
@@ -129,11 +136,8 @@ def conv2d_taps(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     x, w = _f64(x), _f64(weight)
     N, C, H, W = x.shape
     L, Cg, kH, kW = w.shape
-    sh, sw = _pair(stride)
-    dh, dw = _pair(dilation)
-    pt, pb, pl, pr = _conv_padding(padding, (kH, kW), dilation, stride)
-    Ho = (H + pt + pb - dh * (kH - 1) - 1) // sh + 1
-    Wo = (W + pl + pr - dw * (kW - 1) - 1) // sw + 1
+    (sh, sw), (dh, dw), (pt, pb, pl, pr), Ho, Wo = _conv_geometry(
+        H, W, kH, kW, stride, padding, dilation)
     xp = np.zeros((N, C, H + pt + pb, W + pl + pr))
     xp[:, :, pt:pt + H, pl:pl + W] = x
     Lg = L // groups

@@ -4,8 +4,6 @@ lowered to 1 so that every shape goes through it: odd and tiny outputs (partial 
 paddings larger than the kernel, groups, bias, both dtypes, one or more threads, and inputs
 with infinities or NaN (those images fall back to im2col, whose results are the
 definition's)."""
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,33 +12,13 @@ from hypothesis import strategies as st
 import fastconv as fc
 from fastconv import functional as F
 import reference as ref
+from _helpers import close, num_threads
 
 
 @pytest.fixture
 def everywhere(monkeypatch):
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
-
-
-@contextlib.contextmanager
-def num_threads(n):
-    """fastconv on n threads for the block (hypothesis draws n per example)."""
-    before = fc.get_num_threads()
-    fc.set_num_threads(n)
-    try:
-        yield
-    finally:
-        fc.set_num_threads(before)
-
-
-def close(actual, expected, dtype):
-    expected = np.asarray(expected, np.float64)
-    assert actual.dtype == dtype and actual.shape == expected.shape
-    scale = 1.0 + np.abs(expected).max() if expected.size else 1.0
-    if dtype == np.float64:
-        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-11 * scale)
-    else:
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_thresholds_pick_winograd_only_where_it_pays():
