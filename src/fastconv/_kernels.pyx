@@ -158,23 +158,16 @@ cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t items, Py_ssize_
     return nb if nb < P else P
 
 
-cdef inline Py_ssize_t gemm_block_ld(Py_ssize_t nb, Py_ssize_t itemsize) noexcept nogil:
-    """Row stride of an im2col block: col_ld's rule (a cache line more when rows would be a
-    multiple of 2 KiB apart, where the rows a micro-kernel streams share L1 sets)."""
-    return col_ld(nb, itemsize)
-
-
 def gemm_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t items, Py_ssize_t threads,
                        Py_ssize_t itemsize):
     """Values of one thread's im2col block for the own GEMM's forward convolution."""
-    return K * gemm_block_ld(gemm_block_cols(P, items, threads, itemsize), itemsize)
+    return K * col_ld(gemm_block_cols(P, items, threads, itemsize), itemsize)
 
 
-def gemm_nr(dtype):
-    """Columns per panel of the own GEMM for this dtype (float32/float64) at the current
-    level (1 at level 'blas')."""
-    return fc_gemm_nr(dtype.itemsize == 8 if hasattr(dtype, "itemsize") else
-                      __import__("numpy").dtype(dtype).itemsize == 8)
+def gemm_nr(Py_ssize_t itemsize):
+    """Columns per panel of the own GEMM for values of itemsize bytes (4: float32, 8:
+    float64) at the current level (1 at level 'blas')."""
+    return fc_gemm_nr(itemsize == 8)
 
 
 def gemm_packed_size(Py_ssize_t M, Py_ssize_t K):
@@ -397,11 +390,9 @@ cdef void conv_item(const floating* x, const floating* w, const floating* b, flo
                     floating* col, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
                     Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                     Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
-                    Py_ssize_t OH, Py_ssize_t OW, bint direct, const floating* Ap
-                    ) noexcept nogil:
-    """One (image, group) of the forward convolution: out (Lg, OH*OW) = w (Lg, K) @
-    im2col(x) (+ b), no im2col when direct (1x1, stride 1, unpadded); by the own GEMM with
-    the packed weights Ap when not NULL, else by BLAS."""
+                    Py_ssize_t OH, Py_ssize_t OW, bint direct) noexcept nogil:
+    """One (image, group) of the forward convolution by BLAS: out (Lg, OH*OW) = w (Lg, K) @
+    im2col(x) (+ b), no im2col when direct (1x1, stride 1, unpadded)."""
     cdef Py_ssize_t K = Cg * kH * kW, P = OH * OW, ld = P
     cdef floating beta = 0
     cdef const floating* src = x
@@ -409,9 +400,6 @@ cdef void conv_item(const floating* x, const floating* w, const floating* b, flo
         ld = col_ld(P, sizeof(floating))
         im2col(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
         src = col
-    if Ap != NULL:
-        own_gemm(Lg, 0, P, K, Ap, src, ld, out, P, b, False)
-        return
     if b != NULL:
         fill_channels(out, Lg, P, b)
         beta = 1
@@ -462,7 +450,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         # thread's buffer and multiplied at once
         nb = gemm_block_cols(P, N * groups, num_threads, sizeof(floating))
         nblk = (P + nb - 1) // nb
-        if not direct and ncol < K * gemm_block_ld(nb, sizeof(floating)):
+        if not direct and ncol < K * col_ld(nb, sizeof(floating)):
             raise ValueError("conv2d_forward: scratch is smaller than one im2col block")
         with nogil, parallel(num_threads=num_threads):
             col = sp + threadid() * ncol
@@ -480,8 +468,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
             g = item % groups
             conv_item(xp + (n * C + g * Cg) * H * W, wp + g * Lg * K,
                       bp + g * Lg if has_bias else NULL, op + (n * L + g * Lg) * P, col,
-                      Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct,
-                      Ap + g * psz if Ap != NULL else NULL)
+                      Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct)
 
 
 cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
@@ -492,10 +479,10 @@ cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
                      Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t groups,
                      bint has_bias, bint direct, Py_ssize_t psz) noexcept nogil:
     """Output columns [p0, p0 + nb) of item ng = n * groups + g of the forward convolution
-    by the own GEMM: their im2col into col (K rows, gemm_block_ld apart), then the GEMM."""
+    by the own GEMM: their im2col into col (K rows, col_ld(nb) apart), then the GEMM."""
     cdef Py_ssize_t n = ng // groups, g = ng % groups, K = Cg * kH * kW, P = OH * OW
     cdef Py_ssize_t w = P - p0 if P - p0 < nb else nb
-    cdef Py_ssize_t ld = gemm_block_ld(nb, sizeof(floating))
+    cdef Py_ssize_t ld = col_ld(nb, sizeof(floating))
     cdef const floating* x = xp + (n * C + g * Cg) * H * W
     cdef const floating* A = Ap + g * psz
     cdef const floating* b = bp + g * Lg if has_bias else NULL
@@ -547,8 +534,7 @@ cdef void winograd_item(const floating* x, const floating* U, const floating* Up
     else:
         ok = fc_wino_finite_d(x, Cg * H * W)
     if not ok:
-        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False,
-                  NULL)
+        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
         return
     vs = Cg * NT + WINO_PAD
     ms = Lg * NT + WINO_PAD
@@ -611,8 +597,7 @@ cdef void winograd_item_shared(const floating* x, const floating* U, const float
     else:
         ok = fc_wino_finite_d(x, Cg * H * W)
     if not ok:
-        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False,
-                  NULL)
+        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
         return
     # one team for the three phases (each prange ends in a barrier): waking the threads
     # once instead of three times

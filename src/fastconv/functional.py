@@ -476,9 +476,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
     wpack = _wpack(L // g, K, g, dt, fn)
     if wpack.size:
         # the own GEMM: im2col one block of columns at a time; threads share images by blocks
-        team, nblas = _threads(N * g * -(-OH * OW // _kernels.gemm_nr(dt)), N * L * OH * OW * K)
+        itemsize = np.dtype(dt).itemsize
+        team, nblas = _threads(N * g * -(-OH * OW // _kernels.gemm_nr(itemsize)),
+                               N * L * OH * OW * K)
         ncol = (0 if _is_direct(geo, x)
-                else _kernels.gemm_block_scratch(K, OH * OW, N * g, team, np.dtype(dt).itemsize))
+                else _kernels.gemm_block_scratch(K, OH * OW, N * g, team, itemsize))
     scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):
         _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
