@@ -134,3 +134,30 @@ def test_cross_entropy_special_values_match_torch(level, dtype):
         g = fc.cross_entropy_backward(logits, labels, reduction="none")
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k,pad", [(3, 0), (3, 1), (2, 0)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_stride2_backward(level, dtype, k, pad, ceil_mode):
+    """The stride-2 max-pool backward rows: 3x3 (fc_maxpool33s2_bwd: vector argmax over nine
+    taps, accumulation without a scatter) and 2x2 (fc_maxpool22_bwd: one write per element)
+    on widths that give full vectors, tails and only edge windows, with ties, NaN (the last
+    NaN wins), -inf windows, +inf beside -inf, padding rows and ceil_mode overhangs, against
+    the reference."""
+    r = np.random.default_rng(7 + pad + 2 * ceil_mode + 4 * k)
+    with simd(level):
+        for W in (3, 4, 5, 6, 9, 17, 18, 19, 33, 34, 35, 70):
+            H = int(r.integers(3, 9))
+            x = r.integers(-2, 3, (2, 2, H, W)).astype(dtype)          # many ties
+            x[0, 0, r.integers(0, H), r.integers(0, W)] = np.nan
+            x[0, 1, r.integers(0, H), :] = np.nan                      # NaN rows
+            x[1, 0, :3, :3] = -np.inf
+            x[1, 0, 1, 1::2] = np.inf
+            x[1, 1] = -np.inf                                          # all -inf plane
+            kw = dict(kernel_size=k, stride=2, padding=pad, ceil_mode=ceil_mode)
+            y = fc.max_pool2d(x, **kw)
+            gy = r.uniform(-1, 1, y.shape).astype(dtype)
+            close(fc.max_pool2d_backward(gy, x, **kw),
+                  ref.max_pool2d_backward(gy, x, **kw), dtype)

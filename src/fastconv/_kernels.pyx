@@ -72,6 +72,13 @@ cdef extern from "_simd.h":
                            float* gx0, float* gx1) nogil
     int fc_maxpool22_bwd_d(const double* x0, const double* x1, const double* g,
                            Py_ssize_t OW, double* gx0, double* gx1) nogil
+    void fc_maxpool33s2_bwd_f(const float* x0, const float* x1, const float* x2,
+                              const float* g, Py_ssize_t lo, Py_ssize_t hi, float first,
+                              float* sel, float* c2, float* gx0, float* gx1, float* gx2) nogil
+    void fc_maxpool33s2_bwd_d(const double* x0, const double* x1, const double* x2,
+                              const double* g, Py_ssize_t lo, Py_ssize_t hi, double first,
+                              double* sel, double* c2, double* gx0, double* gx1,
+                              double* gx2) nogil
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -1634,6 +1641,82 @@ cdef void max_pool_plane_backward_tiled(const floating* gy, const floating* x, f
         memset(gx + OH * kH * W, 0, (H - OH * kH) * W * sizeof(floating))
 
 
+cdef inline long long window_argmax(const floating* x, Py_ssize_t W, Py_ssize_t h0,
+                                    Py_ssize_t hend, Py_ssize_t w0,
+                                    Py_ssize_t wend) noexcept nogil:
+    """PyTorch's scan over the in-image part [h0, hend) x [w0, wend) of a window (dilation
+    1): the first maximum, or the last NaN; the first element when nothing beats -inf; -1
+    when the part is empty."""
+    cdef Py_ssize_t ih, iw
+    cdef long long j = h0 * W + w0
+    cdef floating m = -INFINITY, v
+    if h0 >= hend or w0 >= wend:
+        return -1
+    for ih in range(h0, hend):
+        for iw in range(w0, wend):
+            v = x[ih * W + iw]
+            if v > m or v != v:
+                m = v
+                j = ih * W + iw
+    return j
+
+
+cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, floating* gx,
+                                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                                       Py_ssize_t OW, Py_ssize_t pH,
+                                       Py_ssize_t pW) noexcept nogil:
+    """max_pool_plane_backward for 3x3 windows, stride 2, dilation 1, W <= ROW_BUF (the
+    stem pooling of ResNets): per output row, the windows wholly inside the columns go
+    through fc_maxpool33s2_bwd (argmax and accumulation in vectorised passes, a row in the
+    padding read as -inf and written to a dummy row), the edge windows through the scalar
+    scan."""
+    cdef floating sel[ROW_BUF + 2]
+    cdef floating c2[ROW_BUF + 2]
+    cdef floating neg[ROW_BUF]
+    cdef floating dummy[3 * ROW_BUF]
+    cdef const floating* xr[3]
+    cdef floating* gr[3]
+    cdef Py_ssize_t oh, ow, r, r0, rfirst, lo, hi, ws
+    cdef long long j
+    for ow in range(W):
+        neg[ow] = -INFINITY
+    lo = pW                                   # first window with 2 ow - pW >= 0 (pW <= 1)
+    hi = (W - 3 + pW) // 2 + 1 if W - 3 + pW >= 0 else 0
+    if hi > OW:
+        hi = OW
+    if hi < lo:
+        hi = lo
+    memset(gx, 0, H * W * sizeof(floating))
+    for oh in range(OH):
+        r0 = 2 * oh - pH
+        rfirst = -1
+        for r in range(3):
+            if 0 <= r0 + r < H:
+                xr[r] = x + (r0 + r) * W - pW
+                gr[r] = gx + (r0 + r) * W - pW
+                if rfirst < 0:
+                    rfirst = r
+            else:
+                xr[r] = neg - pW
+                gr[r] = dummy + r * ROW_BUF - pW
+        if rfirst < 0:                        # a window wholly in the padding: no gradient
+            continue
+        if hi > lo:
+            if floating is float:
+                fc_maxpool33s2_bwd_f(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
+                                     <float>(3 * rfirst), sel, c2, gr[0], gr[1], gr[2])
+            else:
+                fc_maxpool33s2_bwd_d(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
+                                     <double>(3 * rfirst), sel, c2, gr[0], gr[1], gr[2])
+        for ow in range(OW):
+            if lo <= ow < hi:
+                continue
+            ws = 2 * ow - pW
+            j = window_argmax(x, W, r0 + rfirst, min(r0 + 3, H), max(ws, 0), min(ws + 3, W))
+            if j >= 0:
+                gx[j] += gy[oh * OW + ow]
+
+
 cdef void max_pool_plane_backward(const floating* gy, const floating* x, floating* gx,
                                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
                                   Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
@@ -1649,6 +1732,10 @@ cdef void max_pool_plane_backward(const floating* gy, const floating* x, floatin
             and OH * kH <= H and OW * kW <= W          # (ceil_mode can make windows overhang)
             and W <= ROW_BUF and kH * kW <= MAX_WIN and kw1 - kw0 == kW):
         max_pool_plane_backward_tiled(gy, x, gx, H, W, OH, OW, kH, kW, tab, vals, vals + OW)
+        return
+    if (kH == 3 and kW == 3 and sH == 2 and sW == 2 and dH == 1 and dW == 1 and pW <= 1
+            and W <= ROW_BUF):
+        max_pool_plane_backward_33s2(gy, x, gx, H, W, OH, OW, pH, pW)
         return
     memset(gx, 0, H * W * sizeof(floating))
     for oh in range(OH):

@@ -589,29 +589,126 @@ FC_DOT2D(double, fc_dot2d_d)
 
 /* Max-pool backward for 2x2 windows with stride 2, one output row: the gradient goes to the
    first (row-major) element equal to the window's maximum, the three others get 0, all in
-   one vectorisable pass (loads, compares and selects).  Returns nonzero when a window
-   holds a NaN (PyTorch: the last NaN wins), and the caller redoes the row. */
-#define FC_MAXPOOL22_BWD(T, NAME)                                                            \
-static int NAME(const T* restrict x0, const T* restrict x1, const T* restrict g,             \
-                ptrdiff_t OW, T* restrict gx0, T* restrict gx1) {                            \
-    int nan_seen = 0;                                                                        \
+   one vectorisable pass (loads, compares and selects; the argmax kept as a T so that gcc
+   if-converts doubles too: with int masks the double loop ran scalar, on branches).
+   Returns nonzero when a window holds a NaN (PyTorch: the last NaN wins; +inf and -inf
+   together also count, harmlessly), and the caller redoes the row. */
+#define FC_MAXPOOL22_BWD(T, NAME, ATTR)                                                      \
+ATTR static int NAME(const T* restrict x0, const T* restrict x1, const T* restrict g,        \
+                     ptrdiff_t OW, T* restrict gx0, T* restrict gx1) {                       \
+    T nan_seen = 0;                                                                          \
     for (ptrdiff_t i = 0; i < OW; i++) {                                                     \
         T a = x0[2 * i], b = x0[2 * i + 1], c = x1[2 * i], d = x1[2 * i + 1], gv = g[i];     \
-        T m = a;                                                                             \
+        T m = a, s = 0;                /* the argmax as a T: selects of one vector type */   \
+        s = b > m ? (T)1 : s;                                                                \
         m = b > m ? b : m;                                                                   \
+        s = c > m ? (T)2 : s;                                                                \
         m = c > m ? c : m;                                                                   \
-        m = d > m ? d : m;                                                                   \
-        int ia = a == m, ib = (b == m) & !ia, ic = (c == m) & !(ia | ib);                    \
-        int id = !(ia | ib | ic);                                                            \
-        gx0[2 * i] = ia ? gv : (T)0;                                                         \
-        gx0[2 * i + 1] = ib ? gv : (T)0;                                                     \
-        gx1[2 * i] = ic ? gv : (T)0;                                                         \
-        gx1[2 * i + 1] = id ? gv : (T)0;                                                     \
-        nan_seen |= (a != a) | (b != b) | (c != c) | (d != d);                               \
+        s = d > m ? (T)3 : s;                                                                \
+        gx0[2 * i] = s == 0 ? gv : (T)0;                                                     \
+        gx0[2 * i + 1] = s == 1 ? gv : (T)0;                                                 \
+        gx1[2 * i] = s == 2 ? gv : (T)0;                                                     \
+        gx1[2 * i + 1] = s == 3 ? gv : (T)0;                                                 \
+        nan_seen = (a + b + c + d) != (a + b + c + d) ? (T)1 : nan_seen;                     \
     }                                                                                        \
-    return nan_seen;                                                                         \
+    return nan_seen != 0;                                                                    \
 }
-FC_MAXPOOL22_BWD(float, fc_maxpool22_bwd_f)
-FC_MAXPOOL22_BWD(double, fc_maxpool22_bwd_d)
+FC_MAXPOOL22_BWD(float, fc_maxpool22_bwd_f_base, )
+FC_MAXPOOL22_BWD(double, fc_maxpool22_bwd_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_MAXPOOL22_BWD(float, fc_maxpool22_bwd_f_avx2, FC_AVX2)
+FC_MAXPOOL22_BWD(double, fc_maxpool22_bwd_d_avx2, FC_AVX2)
+#endif
+static int fc_maxpool22_bwd_f(const float* x0, const float* x1, const float* g, ptrdiff_t OW,
+                              float* gx0, float* gx1) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2)
+        return fc_maxpool22_bwd_f_avx2(x0, x1, g, OW, gx0, gx1);
+#endif
+    return fc_maxpool22_bwd_f_base(x0, x1, g, OW, gx0, gx1);
+}
+static int fc_maxpool22_bwd_d(const double* x0, const double* x1, const double* g,
+                              ptrdiff_t OW, double* gx0, double* gx1) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2)
+        return fc_maxpool22_bwd_d_avx2(x0, x1, g, OW, gx0, gx1);
+#endif
+    return fc_maxpool22_bwd_d_base(x0, x1, g, OW, gx0, gx1);
+}
+
+/* Max-pool backward for 3x3 windows with stride 2 (dilation 1), one output row, windows
+   i in [lo, hi), whose columns 2i .. 2i+2 of the rows x0, x1, x2 (already shifted by the
+   padding) all lie in the image.  Each window's argmax follows PyTorch's scan: taps row-major,
+   taking ``v > m or isnan(v)`` from m = -inf, so the first maximum wins and the last NaN;
+   when nothing takes (all -inf) it stays at tap ordinal ``first`` (the first in-image tap: a
+   row in the padding is passed as a row of -inf).  The argmax, as a tap ordinal, is kept in
+   a float (sel): selects on one vector type, which the compiler vectorises.  Then
+   gx_r[2i + k] += g[i] where window i's argmax is tap 3r + k: each column gets its even
+   taps from windows i and i - 1, all in one pass per row without a scatter.  sel and c2
+   hold at least hi + 1 entries. */
+#define FC_MAXPOOL33S2_ROW(T, NAME, ATTR)                                                        \
+ATTR static void NAME##_add(T* restrict gxr, const T* restrict sel, const T* restrict g,        \
+                       T* restrict c2, T code, ptrdiff_t lo, ptrdiff_t hi) {                 \
+    c2[lo] = 0;                                                                              \
+    for (ptrdiff_t i = lo; i < hi; i++) {                                                    \
+        T s = sel[i], gv = g[i];                                                             \
+        c2[i + 1] = s == code + 2 ? gv : (T)0;                                               \
+    }                                                                                        \
+    for (ptrdiff_t i = lo; i < hi; i++) {                                                    \
+        T s = sel[i], gv = g[i];                                                             \
+        gxr[2 * i] += (s == code ? gv : (T)0) + c2[i];                                       \
+        gxr[2 * i + 1] += s == code + 1 ? gv : (T)0;                                         \
+    }                                                                                        \
+    gxr[2 * hi] += c2[hi];                                                                   \
+}                                                                                            \
+ATTR static void NAME(const T* restrict x0, const T* restrict x1, const T* restrict x2,           \
+                 const T* restrict g, ptrdiff_t lo, ptrdiff_t hi, T first, T* restrict sel,  \
+                 T* restrict c2, T* gx0, T* gx1, T* gx2) {                                   \
+    for (ptrdiff_t i = lo; i < hi; i++) {                                                    \
+        T m = -INFINITY, s = first, v;                                                       \
+        int t;                                                                               \
+        const T* r0 = x0 + 2 * i;                                                            \
+        const T* r1 = x1 + 2 * i;                                                            \
+        const T* r2 = x2 + 2 * i;                                                            \
+        v = r0[0]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)0 : s;                  \
+        v = r0[1]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)1 : s;                  \
+        v = r0[2]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)2 : s;                  \
+        v = r1[0]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)3 : s;                  \
+        v = r1[1]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)4 : s;                  \
+        v = r1[2]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)5 : s;                  \
+        v = r2[0]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)6 : s;                  \
+        v = r2[1]; t = (v > m) | (v != v); m = t ? v : m; s = t ? (T)7 : s;                  \
+        v = r2[2]; t = (v > m) | (v != v); s = t ? (T)8 : s;                                 \
+        sel[i] = s;                                                                          \
+    }                                                                                        \
+    NAME##_add(gx0, sel, g, c2, (T)0, lo, hi);                                               \
+    NAME##_add(gx1, sel, g, c2, (T)3, lo, hi);                                               \
+    NAME##_add(gx2, sel, g, c2, (T)6, lo, hi);                                               \
+}
+FC_MAXPOOL33S2_ROW(float, fc_mp33s2_f_base, )
+FC_MAXPOOL33S2_ROW(double, fc_mp33s2_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_MAXPOOL33S2_ROW(float, fc_mp33s2_f_avx2, FC_AVX2)
+FC_MAXPOOL33S2_ROW(double, fc_mp33s2_d_avx2, FC_AVX2)
+#endif
+#ifdef FC_HAVE_AVX2_PATH
+#define FC_MP33S2_AVX2(NAME) if (FC_USE_AVX2) {                                               \
+    NAME(x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2); return; }
+#else
+#define FC_MP33S2_AVX2(NAME)
+#endif
+static void fc_maxpool33s2_bwd_f(const float* x0, const float* x1, const float* x2,
+                                 const float* g, ptrdiff_t lo, ptrdiff_t hi, float first,
+                                 float* sel, float* c2, float* gx0, float* gx1, float* gx2) {
+    FC_MP33S2_AVX2(fc_mp33s2_f_avx2)
+    fc_mp33s2_f_base(x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2);
+}
+static void fc_maxpool33s2_bwd_d(const double* x0, const double* x1, const double* x2,
+                                 const double* g, ptrdiff_t lo, ptrdiff_t hi, double first,
+                                 double* sel, double* c2, double* gx0, double* gx1,
+                                 double* gx2) {
+    FC_MP33S2_AVX2(fc_mp33s2_d_avx2)
+    fc_mp33s2_d_base(x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2);
+}
 
 #endif /* FASTCONV_SIMD_H */
