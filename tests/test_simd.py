@@ -161,3 +161,21 @@ def test_max_pool_stride2_backward(level, dtype, k, pad, ceil_mode):
             gy = r.uniform(-1, 1, y.shape).astype(dtype)
             close(fc.max_pool2d_backward(gy, x, **kw),
                   ref.max_pool2d_backward(gy, x, **kw), dtype)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [dict(), dict(divisor_override=3), dict(ceil_mode=True)])
+def test_avg_pool_2x2_stride2(level, dtype, kw):
+    """The 2x2 stride-2 average-pool row (fc_avgpool22) on widths that give full vectors,
+    tails and odd trailing columns, against the reference; ceil_mode overhangs keep the
+    general path.  An all -0 window averages to +0, as PyTorch's sum from 0 does."""
+    r = np.random.default_rng(3)
+    with simd(level):
+        for W in (2, 3, 5, 8, 9, 16, 17, 33, 34, 70):
+            H = int(r.integers(2, 7))
+            x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
+            x[1, 2] = -0.0
+            y = fc.avg_pool2d(x, 2, **kw)
+            close(y, ref.avg_pool2d(x, 2, **kw), dtype)
+            assert not np.signbit(y[1, 2]).any()

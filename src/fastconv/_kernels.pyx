@@ -79,6 +79,10 @@ cdef extern from "_simd.h":
                               const double* g, Py_ssize_t lo, Py_ssize_t hi, double first,
                               double* sel, double* c2, double* gx0, double* gx1,
                               double* gx2) nogil
+    void fc_avgpool22_f(const float* x0, const float* x1, Py_ssize_t OW, float div,
+                        float* o) nogil
+    void fc_avgpool22_d(const double* x0, const double* x1, Py_ssize_t OW, double div,
+                        double* o) nogil
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -1815,6 +1819,22 @@ cdef inline double avg_divisor(Py_ssize_t hs, Py_ssize_t he, Py_ssize_t hs_c, Py
     return <double>((he_c - hs_c) * (we_c - ws_c))
 
 
+cdef void avg_divisor_row(Py_ssize_t hs, Py_ssize_t he, Py_ssize_t hs_c, Py_ssize_t he_c,
+                          Py_ssize_t OW, Py_ssize_t kW, Py_ssize_t sW, Py_ssize_t pW,
+                          Py_ssize_t W, bint count_include_pad, Py_ssize_t divisor_override,
+                          floating* dv, floating* em) noexcept nogil:
+    """avg_divisor for every column of an output row (OW <= ROW_BUF): dv[ow] the divisor,
+    em[ow] 1 where the window is empty (its output is 0), else 0.  It depends on the row
+    only through (he - hs, he_c - hs_c): the callers recompute it only when those change, so
+    that the per-output division is a vector loop."""
+    cdef Py_ssize_t ow
+    cdef bint empty
+    for ow in range(OW):
+        dv[ow] = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
+                                       count_include_pad, divisor_override, &empty)
+        em[ow] = 1 if empty else 0
+
+
 cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating* out,
                          Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW,
                          Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
@@ -1830,9 +1850,22 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
     cdef Py_ssize_t tab[3 * MAX_TAPS]
     cdef floating vm[ROW_BUF]
     cdef floating ev[ROW_BUF]
+    cdef floating dv[ROW_BUF]
+    cdef floating em[ROW_BUF]
+    cdef floating v
+    cdef Py_ssize_t key0 = -1, key1 = -1
     tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, 1, pW, sW, W, OW, tab)
     cdef bint fast = have and W <= ROW_BUF
+    if (kH == 2 and kW == 2 and sH == 2 and sW == 2 and pH == 0 and pW == 0
+            and 2 * OH <= H and 2 * OW <= W):      # every window whole (no ceil overhang)
+        div = <floating>(divisor_override if divisor_override else 4)
+        for oh in range(OH):
+            if floating is float:
+                fc_avgpool22_f(x + 2 * oh * W, x + (2 * oh + 1) * W, OW, div, out + oh * OW)
+            else:
+                fc_avgpool22_d(x + 2 * oh * W, x + (2 * oh + 1) * W, OW, div, out + oh * OW)
+        return
     for oh in range(OH):
         orow = out + oh * OW
         hs = oh * sH - pH
@@ -1857,6 +1890,15 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
                     else:
                         for ow in range(lo, hi):
                             orow[ow] = orow[ow] + xrow[ow * sW + off]
+        if OW <= ROW_BUF:
+            if he - hs != key0 or he_c - hs_c != key1:
+                key0, key1 = he - hs, he_c - hs_c
+                avg_divisor_row(hs, he, hs_c, he_c, OW, kW, sW, pW, W, count_include_pad,
+                                divisor_override, dv, em)
+            for ow in range(OW):
+                v = orow[ow]
+                orow[ow] = 0 if em[ow] != 0 else v / dv[ow]
+            continue
         for ow in range(OW):
             div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
                                         count_include_pad, divisor_override, &empty)
@@ -1906,6 +1948,10 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
     cdef Py_ssize_t w
     cdef floating h[ROW_BUF]
     cdef floating ev[ROW_BUF]
+    cdef floating dv[ROW_BUF]
+    cdef floating em[ROW_BUF]
+    cdef floating v
+    cdef Py_ssize_t key0 = -1, key1 = -1
     # windows that tile the plane (kernel == stride, no padding, none overhanging)
     cdef bint tiled = (kH == sH and kW == sW and pH == 0 and pW == 0 and OH * kH <= H
                        and OW * kW <= W)
@@ -1924,10 +1970,19 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
             he = H + pH
         hs_c = hs if hs > 0 else 0
         he_c = he if he < H else H
-        for ow in range(OW):
-            div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
-                                        count_include_pad, divisor_override, &empty)
-            g[ow] = 0 if empty else gy[oh * OW + ow] / div
+        if OW <= ROW_BUF:
+            if he - hs != key0 or he_c - hs_c != key1:
+                key0, key1 = he - hs, he_c - hs_c
+                avg_divisor_row(hs, he, hs_c, he_c, OW, kW, sW, pW, W, count_include_pad,
+                                divisor_override, dv, em)
+            for ow in range(OW):
+                v = gy[oh * OW + ow]
+                g[ow] = 0 if em[ow] != 0 else v / dv[ow]
+        else:
+            for ow in range(OW):
+                div = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
+                                            count_include_pad, divisor_override, &empty)
+                g[ow] = 0 if empty else gy[oh * OW + ow] / div
         if tiled:       # each input element in exactly one window: write, don't accumulate
             for ih in range(oh * kH, oh * kH + kH):
                 gxrow = gx + ih * W

@@ -711,4 +711,35 @@ static void fc_maxpool33s2_bwd_d(const double* x0, const double* x1, const doubl
     fc_mp33s2_d_base(x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2);
 }
 
+/* Average pooling 2x2, stride 2, one output row of windows wholly in the image:
+   o[i] = ((0 + (x0[2i] + x1[2i])) + (x0[2i+1] + x1[2i+1])) / div, the order of the general
+   path (rows folded first, then taps, onto a zero: so an all -0 window gives +0, as
+   PyTorch's sum from 0). */
+#define FC_AVGPOOL22(T, NAME, ATTR)                                                          \
+ATTR static void NAME(const T* restrict x0, const T* restrict x1, ptrdiff_t OW, T div,       \
+                      T* restrict o) {                                                       \
+    for (ptrdiff_t i = 0; i < OW; i++)                                                       \
+        o[i] = (((T)0 + (x0[2 * i] + x1[2 * i])) + (x0[2 * i + 1] + x1[2 * i + 1])) / div;  \
+}
+FC_AVGPOOL22(float, fc_avgpool22_f_base, )
+FC_AVGPOOL22(double, fc_avgpool22_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_AVGPOOL22(float, fc_avgpool22_f_avx2, FC_AVX2)
+FC_AVGPOOL22(double, fc_avgpool22_d_avx2, FC_AVX2)
+#endif
+static void fc_avgpool22_f(const float* x0, const float* x1, ptrdiff_t OW, float div,
+                           float* o) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_avgpool22_f_avx2(x0, x1, OW, div, o); return; }
+#endif
+    fc_avgpool22_f_base(x0, x1, OW, div, o);
+}
+static void fc_avgpool22_d(const double* x0, const double* x1, ptrdiff_t OW, double div,
+                           double* o) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_avgpool22_d_avx2(x0, x1, OW, div, o); return; }
+#endif
+    fc_avgpool22_d_base(x0, x1, OW, div, o);
+}
+
 #endif /* FASTCONV_SIMD_H */
