@@ -116,6 +116,23 @@ def test_conv2d_edges_match_reference(level, threads, dtype, shape):
     close(y0, ref.conv2d_taps(x, wt, padding=p), dtype)
 
 
+@pytest.mark.usefixtures("tiny_grain", "small_blocks")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("w", [1, 2, 5, 9, 16, 17, 31, 33, 34, 35, 64, 67])
+def test_conv2d_stride2_columns_match_reference(level, dtype, w):
+    """Stride-2 im2col columns (two masked loads and a permute of the even lanes): widths
+    that give one lane, whole vectors and tails at both the left and right padding, with
+    dilation, against the reference."""
+    rng = np.random.default_rng(w)
+    x = rng.uniform(-1, 1, (2, 3, 5, w)).astype(dtype)
+    for k, p, d in ((3, 1, 1), (3, 0, 1), (5, 2, 1), (3, 2, 2), (2, 0, 1), (1, 0, 1)):
+        if (w + 2 * p - d * (k - 1) - 1) < 0 or (5 + 2 * p - d * (k - 1) - 1) < 0:
+            continue
+        wt = rng.uniform(-1, 1, (4, 3, k, k)).astype(dtype)
+        kw = dict(stride=(1, 2), padding=p, dilation=d)
+        close(fc.conv2d(x, wt, **kw), ref.conv2d_taps(x, wt, **kw), dtype)
+
+
 def test_conv2d_writes_nothing_outside_out(level):
     """The masked tails store nothing past the output: out= inside a larger array keeps the
     values around it."""
@@ -208,7 +225,8 @@ def small_blocks():
 ])
 def test_conv2d_blocks_match_reference(level, threads, dtype, shape):
     """Blocks start inside output rows (the first segment of a block is a partial row) and
-    end at the image's last pixel; strides other than 1 take the element-wise path."""
+    end at the image's last pixel; stride 2 takes the even-lane path, 3 the element-wise
+    one."""
     n, c, h, w, l, k, p, s = shape
     rng = np.random.default_rng(3)
     x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
