@@ -102,6 +102,8 @@ def test_conv2d_big_shapes_match_reference(level, data):
     # row tails; 37 and 70 wide rows leave column tails in the vector im2col; 1x1 reads x
     (1, 12, 9, 37, 17, 5, 2), (2, 48, 7, 7, 9, 5, 2), (1, 3, 4, 70, 33, 3, 1),
     (3, 260, 5, 6, 10, 1, 0), (1, 1, 1, 1, 1, 1, 0), (2, 5, 3, 3, 8, 3, 4),
+    # 48 and 24 pixels: last panels of exactly half the width (unmasked half-width kernel)
+    (2, 7, 4, 12, 19, 3, 1), (2, 7, 2, 12, 19, 3, 1),
 ])
 def test_conv2d_edges_match_reference(level, threads, dtype, shape):
     n, c, h, w, l, k, p = shape

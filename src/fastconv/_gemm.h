@@ -11,6 +11,8 @@
  * of B's row k, MR broadcasts of A's column k, MR * NR/lanes FMAs.
  *   AVX-512F: float MR 8 x NR 32, double 8 x 16 (16 accumulators of 32)
  *   AVX2+FMA: float MR 6 x NR 16, double 6 x 8  (12 accumulators of 16)
+ * A last panel of at most NR/2 columns goes through a half-width kernel (NV = 1: on a 196-pixel
+ * image the 4-column tail cost a whole 32-wide kernel, 1/7 of the work, before).
  * Columns past N in the last panel are masked (B is never read, nor C written, beyond N); rows
  * past M come from zero rows of the packed A and are not stored.  K is split in blocks of
  * FC_GEMM_KC so that the NR-wide strip of B a micro-kernel streams stays in L1 across the
@@ -113,6 +115,10 @@ FC_UKR(fc_ukr_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_lo
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512)
 FC_UKR(fc_ukr_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512)
+FC_UKR(fc_ukrh_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512)
+FC_UKR(fc_ukrh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512)
 
 /* ---- AVX2+FMA: masks are integer vectors ---- */
 #define FC_T256 __attribute__((target("avx2,fma")))
@@ -123,6 +129,10 @@ FC_UKR(fc_ukr_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_l
 FC_UKR(fc_ukr_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256)
 FC_UKR(fc_ukr_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256)
+FC_UKR(fc_ukrh_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256)
+FC_UKR(fc_ukrh_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256)
 
 /* masks for the first n (0 <= n < NV * lanes) columns of a panel */
@@ -153,7 +163,7 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
 
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
-#define FC_GEMM_DRIVER(NAME, T, UKR, MR, NR, MTYPE, MKMASK)                                     \
+#define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, MR, NR, MTYPE, MKMASK)                               \
 static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
                  const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias, int acc) {      \
     T init[MR];                                                                                 \
@@ -164,24 +174,31 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
         int first = (pc == 0 && !acc);                                                          \
         for (ptrdiff_t jr = n0; jr < n1; jr += NR) {                                            \
             int masked = n1 - jr < NR;                                                          \
+            int half = n1 - jr <= NR / 2;        /* a tail of half a panel or less */           \
             if (masked) MKMASK(n1 - jr, mk);                                                    \
+            if (half) masked = n1 - jr < NR / 2;                                                \
             for (ptrdiff_t ir = 0; ir < M; ir += MR) {                                          \
                 int mr = M - ir < MR ? (int)(M - ir) : MR;                                      \
                 if (first) {                                                                    \
                     for (int r = 0; r < MR; r++)                                                \
                         init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
                 }                                                                               \
-                UKR(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb, C + ir * ldc + jr, ldc,  \
-                    first ? init : NULL, mr, masked, mk);                                       \
+                (half ? UKRH : UKR)(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb,          \
+                                    C + ir * ldc + jr, ldc, first ? init : NULL, mr, masked,    \
+                                    mk);                                                        \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
 }
 
-FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, 8, 32, __mmask16, fc_mask512_16)
-FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, 8, 16, __mmask8, fc_mask512_8)
-FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, 6, 16, __m256i, fc_mask256_32)
-FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, 6, 8, __m256i, fc_mask256_64)
+FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, 8, 32, __mmask16,
+               fc_mask512_16)
+FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, 8, 16, __mmask8,
+               fc_mask512_8)
+FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, 6, 16, __m256i,
+               fc_mask256_32)
+FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, 6, 8, __m256i,
+               fc_mask256_64)
 
 /* Columns [p0, p0 + n) of im2col (n <= ld): col[(c, kh, kw), j] =
  * x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] for the output pixel p0 + j = oh*OW + ow, and 0
