@@ -179,3 +179,21 @@ def test_avg_pool_2x2_stride2(level, dtype, kw):
             y = fc.avg_pool2d(x, 2, **kw)
             close(y, ref.avg_pool2d(x, 2, **kw), dtype)
             assert not np.signbit(y[1, 2]).any()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_2x2_stride2_forward(level, dtype):
+    """The 2x2 stride-2 max-pool forward over whole planes (fc_maxpool22: rows folded, then
+    pairs of one flat array) on even widths that give vector bodies and tails, several row
+    chunks (W = 1000: two rows per chunk), odd widths and odd heights (the general path or
+    an uncovered last row), with NaN (propagates), -inf and ties, against the reference."""
+    r = np.random.default_rng(5)
+    with simd(level):
+        for H, W in ((2, 2), (3, 4), (4, 14), (7, 16), (5, 18), (6, 34), (9, 1000),
+                     (4, 2048), (4, 2050), (5, 9), (4, 7)):
+            x = r.integers(-2, 3, (2, 2, H, W)).astype(dtype)
+            x[0, 0, r.integers(0, H), r.integers(0, W)] = np.nan
+            x[0, 1, :, : W // 2] = -np.inf
+            x[1, 0, 0, :] = np.nan
+            close(fc.max_pool2d(x, 2), ref.max_pool2d(x, 2), dtype)

@@ -83,6 +83,9 @@ cdef extern from "_simd.h":
                         float* o) nogil
     void fc_avgpool22_d(const double* x0, const double* x1, Py_ssize_t OW, double div,
                         double* o) nogil
+    void fc_maxpool22_f(const float* x, Py_ssize_t OH, Py_ssize_t W, float* out) nogil
+    void fc_maxpool22_d(const double* x, Py_ssize_t OH, Py_ssize_t W, double* out) nogil
+    int FC_MP22_BUF
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -1568,6 +1571,13 @@ cdef void max_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
     cdef Py_ssize_t tab[3 * MAX_TAPS]
     cdef floating winbuf[ROW_BUF]
     cdef floating* win = winbuf if OW <= ROW_BUF else NULL
+    if (not track and kH == 2 and kW == 2 and sH == 2 and sW == 2 and pH == 0 and pW == 0
+            and dH == 1 and dW == 1 and W == 2 * OW and 2 * OH <= H and W <= FC_MP22_BUF):
+        if floating is float:
+            fc_maxpool22_f(x, OH, W, out)
+        else:
+            fc_maxpool22_d(x, OH, W, out)
+        return
     tap_range(kW, dW, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, dW, pW, sW, W, OW, tab)
     for oh in range(OH):

@@ -742,4 +742,53 @@ static void fc_avgpool22_d(const double* x0, const double* x1, ptrdiff_t OW, dou
     fc_avgpool22_d_base(x0, x1, OW, div, o);
 }
 
+/* Max pooling 2x2, stride 2, values only, for a plane whose width is even (W = 2 OW) and
+   rows 0 .. 2 OH - 1: the row pairs folded first (vm = NaN-aware max of rows 2oh and
+   2oh + 1, contiguous), then adjacent pairs of vm, which for W = 2 OW are adjacent pairs of
+   one flat array across output rows: a vector loop even for 7-wide outputs.  NaN-aware as
+   PyTorch (``v > m or isnan(v)``); like the other separable paths only the sign of a zero
+   maximum can differ from the row-major scan.  Rows are folded in chunks of FC_MP22_BUF
+   values (W <= FC_MP22_BUF). */
+#define FC_MP22_BUF 2048
+#define FC_MAXPOOL22_FWD(T, NAME, ATTR)                                                      \
+ATTR static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restrict out) {     \
+    T vm[FC_MP22_BUF];                                                                       \
+    ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;                                            \
+    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {                                         \
+        ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;                                    \
+        for (ptrdiff_t r = 0; r < nr; r++) {                                                 \
+            const T* a = x + 2 * (oh0 + r) * W;                                              \
+            const T* b = a + W;                                                              \
+            T* v = vm + r * W;                                                               \
+            for (ptrdiff_t w = 0; w < W; w++) {                                              \
+                T p = a[w], q = b[w];                                                        \
+                v[w] = (q > p) | (q != q) ? q : p;                                           \
+            }                                                                                \
+        }                                                                                    \
+        T* o = out + oh0 * OW;                                                               \
+        for (ptrdiff_t i = 0; i < nr * OW; i++) {                                            \
+            T p = vm[2 * i], q = vm[2 * i + 1];                                              \
+            o[i] = (q > p) | (q != q) ? q : p;                                               \
+        }                                                                                    \
+    }                                                                                        \
+}
+FC_MAXPOOL22_FWD(float, fc_maxpool22_f_base, )
+FC_MAXPOOL22_FWD(double, fc_maxpool22_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_MAXPOOL22_FWD(float, fc_maxpool22_f_avx2, FC_AVX2)
+FC_MAXPOOL22_FWD(double, fc_maxpool22_d_avx2, FC_AVX2)
+#endif
+static void fc_maxpool22_f(const float* x, ptrdiff_t OH, ptrdiff_t W, float* out) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_maxpool22_f_avx2(x, OH, W, out); return; }
+#endif
+    fc_maxpool22_f_base(x, OH, W, out);
+}
+static void fc_maxpool22_d(const double* x, ptrdiff_t OH, ptrdiff_t W, double* out) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_maxpool22_d_avx2(x, OH, W, out); return; }
+#endif
+    fc_maxpool22_d_base(x, OH, W, out);
+}
+
 #endif /* FASTCONV_SIMD_H */
