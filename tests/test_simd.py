@@ -197,3 +197,26 @@ def test_max_pool_2x2_stride2_forward(level, dtype):
             x[0, 1, :, : W // 2] = -np.inf
             x[1, 0, 0, :] = np.nan
             close(fc.max_pool2d(x, 2), ref.max_pool2d(x, 2), dtype)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_transforms(level, dtype, monkeypatch):
+    """The Winograd transforms (_winograd.h, compiled for both levels): runs of interior
+    tiles (vectorised across tiles) beside edge tiles, odd output sizes, paddings 0-2 and
+    grad_x's cropping (padding 2 - p < 0), against the reference."""
+    from fastconv import functional as F
+    monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
+    r = np.random.default_rng(9)
+    with simd(level):
+        for H, W, p in ((3, 3, 0), (5, 8, 1), (9, 19, 1), (12, 37, 2), (7, 40, 0),
+                        (3, 2, 4), (6, 11, 3)):
+            x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
+            w = r.uniform(-1, 1, (4, 3, 3, 3)).astype(dtype)
+            b = r.uniform(-1, 1, 4).astype(dtype)
+            if min(H, W) + 2 * p >= 3:
+                close(fc.conv2d(x, w, b, padding=p), ref.conv2d(x, w, b, padding=p), dtype)
+                gy = r.uniform(-1, 1, fc.conv2d(x, w, padding=p).shape).astype(dtype)
+                close(fc.conv2d_backward(gy, x, w, padding=p)[0],
+                      ref.conv2d_backward(gy, x, w, padding=p)[0], dtype)
