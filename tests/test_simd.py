@@ -220,3 +220,23 @@ def test_winograd_transforms(level, dtype, monkeypatch):
                 gy = r.uniform(-1, 1, fc.conv2d(x, w, padding=p).shape).astype(dtype)
                 close(fc.conv2d_backward(gy, x, w, padding=p)[0],
                       ref.conv2d_backward(gy, x, w, padding=p)[0], dtype)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depthwise_3x3_padded_planes(level, dtype):
+    """3x3 stride-1 depthwise planes through a zero-padded copy (one fc_dw3 pass a row):
+    paddings 0-3, planes either side of the copy's size limit (88 + 2 and 90 + 2 wide), and
+    a channel with an infinite weight (the padded copy would give inf * 0 = NaN at the
+    edges: it keeps the tap-by-tap path), against the reference."""
+    r = np.random.default_rng(4)
+    with simd(level):
+        for H, W, p in ((3, 3, 0), (4, 9, 1), (7, 17, 2), (5, 33, 3), (88, 88, 1),
+                        (90, 90, 1), (90, 90, 0)):
+            x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
+            w = r.uniform(-1, 1, (3, 1, 3, 3)).astype(dtype)
+            b = r.uniform(-1, 1, 3).astype(dtype)
+            w[2, 0, 0, 0] = np.inf
+            x[1, 2, 0, 0] = np.nan
+            close(fc.conv2d(x, w, b, padding=p, groups=3),
+                  ref.conv2d(x, w, b, padding=p, groups=3), dtype)

@@ -153,6 +153,9 @@ static void fc_softmax_grad2_d_base(const double* restrict z, ptrdiff_t n, doubl
 #define FC_HAVE_AVX2_PATH 1
 #include <immintrin.h>
 #define FC_AVX2 __attribute__((target("avx2,fma")))
+/* AVX2 without FMA: loops whose roundings must stay those of the portable code (no
+   contraction of a * b + c) */
+#define FC_AVX2_NOFMA __attribute__((target("avx2")))
 
 /* The same Cephes formulas, 8 floats / 4 doubles at a time; x <= 0 or NaN. */
 FC_AVX2 static inline __m256 fc_exp8_nonpos(__m256 x) {
@@ -499,8 +502,8 @@ static inline int fc_max_d(const double* z, ptrdiff_t n, double* out) {
 
 /* o[i] += w0 a[s i] + w1 a[s i + d] + w2 a[s i + 2d], added in that order (the same rounding
    as three separate passes, one tap each) */
-#define FC_ROW3(T, NAME)                                                                     \
-static void NAME(T* restrict o, const T* restrict a, ptrdiff_t n, ptrdiff_t s, ptrdiff_t d,  \
+#define FC_ROW3(T, NAME, ATTR)                                                                     \
+ATTR static void NAME(T* restrict o, const T* restrict a, ptrdiff_t n, ptrdiff_t s, ptrdiff_t d,  \
                  T w0, T w1, T w2) {                                                         \
     if (s == 1 && d == 1)                                                                    \
         for (ptrdiff_t i = 0; i < n; i++)                                                    \
@@ -515,8 +518,24 @@ static void NAME(T* restrict o, const T* restrict a, ptrdiff_t n, ptrdiff_t s, p
         for (ptrdiff_t i = 0; i < n; i++)                                                    \
             o[i] = ((o[i] + w0 * a[s * i]) + w1 * a[s * i + d]) + w2 * a[s * i + 2 * d];     \
 }
-FC_ROW3(float, fc_row3_f)
-FC_ROW3(double, fc_row3_d)
+FC_ROW3(float, fc_row3_f_base, )
+FC_ROW3(double, fc_row3_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_ROW3(float, fc_row3_f_avx2, FC_AVX2_NOFMA)
+FC_ROW3(double, fc_row3_d_avx2, FC_AVX2_NOFMA)
+#endif
+static void fc_row3_f(float* o, const float* a, ptrdiff_t n, ptrdiff_t s, ptrdiff_t d, float w0, float w1, float w2) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_row3_f_avx2(o, a, n, s, d, w0, w1, w2); return; }
+#endif
+    fc_row3_f_base(o, a, n, s, d, w0, w1, w2);
+}
+static void fc_row3_d(double* o, const double* a, ptrdiff_t n, ptrdiff_t s, ptrdiff_t d, double w0, double w1, double w2) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_row3_d_avx2(o, a, n, s, d, w0, w1, w2); return; }
+#endif
+    fc_row3_d_base(o, a, n, s, d, w0, w1, w2);
+}
 
 /* sum_i a[i] b[s i] with 8 partial sums (vectorised), returned in double */
 #define FC_DOT(T, NAME)                                                                      \
@@ -539,8 +558,8 @@ FC_DOT(double, fc_dot_d)
 /* A whole output row of a 3x3 (or 2x3 / 1x3) stride-1 depthwise window in one pass:
    o[i] += sum over rows r < R, taps k < 3 of wr[k] * ar[i + k], added row by row and tap by
    tap (the same order, so the same rounding, as one pass per tap). */
-#define FC_DW3(T, NAME)                                                                      \
-static void NAME(T* restrict o, ptrdiff_t n, int R, const T* restrict a0,                    \
+#define FC_DW3(T, NAME, ATTR)                                                                      \
+ATTR static void NAME(T* restrict o, ptrdiff_t n, int R, const T* restrict a0,                    \
                  const T* restrict a1, const T* restrict a2, const T* restrict w0,           \
                  const T* restrict w1, const T* restrict w2) {                               \
     const T u0 = w0[0], u1 = w0[1], u2 = w0[2];                                              \
@@ -564,8 +583,24 @@ static void NAME(T* restrict o, ptrdiff_t n, int R, const T* restrict a0,       
         o[i] = ((t + z0 * a2[i]) + z1 * a2[i + 1]) + z2 * a2[i + 2];                         \
     }                                                                                        \
 }
-FC_DW3(float, fc_dw3_f)
-FC_DW3(double, fc_dw3_d)
+FC_DW3(float, fc_dw3_f_base, )
+FC_DW3(double, fc_dw3_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_DW3(float, fc_dw3_f_avx2, FC_AVX2_NOFMA)
+FC_DW3(double, fc_dw3_d_avx2, FC_AVX2_NOFMA)
+#endif
+static void fc_dw3_f(float* o, ptrdiff_t n, int R, const float* a0, const float* a1, const float* a2, const float* w0, const float* w1, const float* w2) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_dw3_f_avx2(o, n, R, a0, a1, a2, w0, w1, w2); return; }
+#endif
+    fc_dw3_f_base(o, n, R, a0, a1, a2, w0, w1, w2);
+}
+static void fc_dw3_d(double* o, ptrdiff_t n, int R, const double* a0, const double* a1, const double* a2, const double* w0, const double* w1, const double* w2) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) { fc_dw3_d_avx2(o, n, R, a0, a1, a2, w0, w1, w2); return; }
+#endif
+    fc_dw3_d_base(o, n, R, a0, a1, a2, w0, w1, w2);
+}
 
 /* sum over r < rows, i < n of a[r lda + i] b[r ldb + i]: 8 partial sums kept across the
    rows (vectorised), returned in double */
