@@ -1869,13 +1869,17 @@ cdef inline double avg_divisor(Py_ssize_t hs, Py_ssize_t he, Py_ssize_t hs_c, Py
 cdef void avg_divisor_row(Py_ssize_t hs, Py_ssize_t he, Py_ssize_t hs_c, Py_ssize_t he_c,
                           Py_ssize_t OW, Py_ssize_t kW, Py_ssize_t sW, Py_ssize_t pW,
                           Py_ssize_t W, bint count_include_pad, Py_ssize_t divisor_override,
-                          floating* dv, floating* em) noexcept nogil:
+                          floating* dv, floating* em, Py_ssize_t* key) noexcept nogil:
     """avg_divisor for every column of an output row (OW <= ROW_BUF): dv[ow] the divisor,
-    em[ow] 1 where the window is empty (its output is 0), else 0.  It depends on the row
-    only through (he - hs, he_c - hs_c): the callers recompute it only when those change, so
-    that the per-output division is a vector loop."""
+    em[ow] 1 where the window is empty (its output is 0), else 0, so that the per-output
+    division is a vector loop.  It depends on the row only through (he - hs, he_c - hs_c),
+    kept in key: nothing is recomputed while those stay the same (key[0] = -1 at first)."""
     cdef Py_ssize_t ow
     cdef bint empty
+    if key[0] == he - hs and key[1] == he_c - hs_c:
+        return
+    key[0] = he - hs
+    key[1] = he_c - hs_c
     for ow in range(OW):
         dv[ow] = <floating>avg_divisor(hs, he, hs_c, he_c, ow, kW, sW, pW, W,
                                        count_include_pad, divisor_override, &empty)
@@ -1900,7 +1904,8 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
     cdef floating dv[ROW_BUF]
     cdef floating em[ROW_BUF]
     cdef floating v
-    cdef Py_ssize_t key0 = -1, key1 = -1
+    cdef Py_ssize_t key[2]
+    key[0] = -1
     tap_range(kW, 1, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, 1, pW, sW, W, OW, tab)
     cdef bint fast = have and W <= ROW_BUF
@@ -1938,10 +1943,8 @@ cdef void avg_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
                         for ow in range(lo, hi):
                             orow[ow] = orow[ow] + xrow[ow * sW + off]
         if OW <= ROW_BUF:
-            if he - hs != key0 or he_c - hs_c != key1:
-                key0, key1 = he - hs, he_c - hs_c
-                avg_divisor_row(hs, he, hs_c, he_c, OW, kW, sW, pW, W, count_include_pad,
-                                divisor_override, dv, em)
+            avg_divisor_row(hs, he, hs_c, he_c, OW, kW, sW, pW, W, count_include_pad,
+                            divisor_override, dv, em, key)
             for ow in range(OW):
                 v = orow[ow]
                 orow[ow] = 0 if em[ow] != 0 else v / dv[ow]
@@ -1998,7 +2001,8 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
     cdef floating dv[ROW_BUF]
     cdef floating em[ROW_BUF]
     cdef floating v
-    cdef Py_ssize_t key0 = -1, key1 = -1
+    cdef Py_ssize_t key[2]
+    key[0] = -1
     # windows that tile the plane (kernel == stride, no padding, none overhanging)
     cdef bint tiled = (kH == sH and kW == sW and pH == 0 and pW == 0 and OH * kH <= H
                        and OW * kW <= W)
@@ -2018,10 +2022,8 @@ cdef void avg_pool_plane_backward(const floating* gy, floating* gx, Py_ssize_t H
         hs_c = hs if hs > 0 else 0
         he_c = he if he < H else H
         if OW <= ROW_BUF:
-            if he - hs != key0 or he_c - hs_c != key1:
-                key0, key1 = he - hs, he_c - hs_c
-                avg_divisor_row(hs, he, hs_c, he_c, OW, kW, sW, pW, W, count_include_pad,
-                                divisor_override, dv, em)
+            avg_divisor_row(hs, he, hs_c, he_c, OW, kW, sW, pW, W, count_include_pad,
+                            divisor_override, dv, em, key)
             for ow in range(OW):
                 v = gy[oh * OW + ow]
                 g[ow] = 0 if em[ow] != 0 else v / dv[ow]

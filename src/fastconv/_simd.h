@@ -425,6 +425,13 @@ static int fc_simd_init(void) { return 0; }
 #define FC_USE_AVX2 0
 #endif
 
+/* F(...) through F##_avx2 or F##_base, whichever the level in use picks */
+#ifdef FC_HAVE_AVX2_PATH
+#define FC_PICK(F, ...) (FC_USE_AVX2 ? F##_avx2(__VA_ARGS__) : F##_base(__VA_ARGS__))
+#else
+#define FC_PICK(F, ...) F##_base(__VA_ARGS__)
+#endif
+
 /* 1: use AVX2 where the CPU has it; 0: portable code.  Returns the level in use. */
 static int fc_simd_set(int on) {
     fc_avx2_on = on && fc_avx2_ok;
@@ -450,34 +457,22 @@ static double fc_sumexp_d(const double* z, ptrdiff_t n, double m) {
 
 static void fc_softmax_grad_f(const float* z, ptrdiff_t n, float m, float ls, float a, float b,
                               const float* w, float* g) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_softmax_grad_f_avx2(z, n, m, ls, a, b, w, g); return; }
-#endif
-    fc_softmax_grad_f_base(z, n, m, ls, a, b, w, g);
+    FC_PICK(fc_softmax_grad_f, z, n, m, ls, a, b, w, g);
 }
 
 static void fc_softmax_grad_d(const double* z, ptrdiff_t n, double m, double ls, double a,
                               double b, const double* w, double* g) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_softmax_grad_d_avx2(z, n, m, ls, a, b, w, g); return; }
-#endif
-    fc_softmax_grad_d_base(z, n, m, ls, a, b, w, g);
+    FC_PICK(fc_softmax_grad_d, z, n, m, ls, a, b, w, g);
 }
 
 static void fc_softmax_grad2_f(const float* z, ptrdiff_t n, float m, float a, float b,
                                const float* w, float* g) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_softmax_grad2_f_avx2(z, n, m, a, b, w, g); return; }
-#endif
-    fc_softmax_grad2_f_base(z, n, m, a, b, w, g);
+    FC_PICK(fc_softmax_grad2_f, z, n, m, a, b, w, g);
 }
 
 static void fc_softmax_grad2_d(const double* z, ptrdiff_t n, double m, double a, double b,
                                const double* w, double* g) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_softmax_grad2_d_avx2(z, n, m, a, b, w, g); return; }
-#endif
-    fc_softmax_grad2_d_base(z, n, m, a, b, w, g);
+    FC_PICK(fc_softmax_grad2_d, z, n, m, a, b, w, g);
 }
 
 /* max(z[0:n]) (NaN if any is NaN) into *out and 1 when the AVX2 path ran; 0 otherwise, and
@@ -525,16 +520,10 @@ FC_ROW3(float, fc_row3_f_avx2, FC_AVX2_NOFMA)
 FC_ROW3(double, fc_row3_d_avx2, FC_AVX2_NOFMA)
 #endif
 static void fc_row3_f(float* o, const float* a, ptrdiff_t n, ptrdiff_t s, ptrdiff_t d, float w0, float w1, float w2) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_row3_f_avx2(o, a, n, s, d, w0, w1, w2); return; }
-#endif
-    fc_row3_f_base(o, a, n, s, d, w0, w1, w2);
+    FC_PICK(fc_row3_f, o, a, n, s, d, w0, w1, w2);
 }
 static void fc_row3_d(double* o, const double* a, ptrdiff_t n, ptrdiff_t s, ptrdiff_t d, double w0, double w1, double w2) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_row3_d_avx2(o, a, n, s, d, w0, w1, w2); return; }
-#endif
-    fc_row3_d_base(o, a, n, s, d, w0, w1, w2);
+    FC_PICK(fc_row3_d, o, a, n, s, d, w0, w1, w2);
 }
 
 /* sum_i a[i] b[s i] with 8 partial sums (vectorised), returned in double */
@@ -590,16 +579,10 @@ FC_DW3(float, fc_dw3_f_avx2, FC_AVX2_NOFMA)
 FC_DW3(double, fc_dw3_d_avx2, FC_AVX2_NOFMA)
 #endif
 static void fc_dw3_f(float* o, ptrdiff_t n, int R, const float* a0, const float* a1, const float* a2, const float* w0, const float* w1, const float* w2) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_dw3_f_avx2(o, n, R, a0, a1, a2, w0, w1, w2); return; }
-#endif
-    fc_dw3_f_base(o, n, R, a0, a1, a2, w0, w1, w2);
+    FC_PICK(fc_dw3_f, o, n, R, a0, a1, a2, w0, w1, w2);
 }
 static void fc_dw3_d(double* o, ptrdiff_t n, int R, const double* a0, const double* a1, const double* a2, const double* w0, const double* w1, const double* w2) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_dw3_d_avx2(o, n, R, a0, a1, a2, w0, w1, w2); return; }
-#endif
-    fc_dw3_d_base(o, n, R, a0, a1, a2, w0, w1, w2);
+    FC_PICK(fc_dw3_d, o, n, R, a0, a1, a2, w0, w1, w2);
 }
 
 /* sum over r < rows, i < n of a[r lda + i] b[r ldb + i]: 8 partial sums kept across the
@@ -656,19 +639,11 @@ FC_MAXPOOL22_BWD(double, fc_maxpool22_bwd_d_avx2, FC_AVX2)
 #endif
 static int fc_maxpool22_bwd_f(const float* x0, const float* x1, const float* g, ptrdiff_t OW,
                               float* gx0, float* gx1) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2)
-        return fc_maxpool22_bwd_f_avx2(x0, x1, g, OW, gx0, gx1);
-#endif
-    return fc_maxpool22_bwd_f_base(x0, x1, g, OW, gx0, gx1);
+    return FC_PICK(fc_maxpool22_bwd_f, x0, x1, g, OW, gx0, gx1);
 }
 static int fc_maxpool22_bwd_d(const double* x0, const double* x1, const double* g,
                               ptrdiff_t OW, double* gx0, double* gx1) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2)
-        return fc_maxpool22_bwd_d_avx2(x0, x1, g, OW, gx0, gx1);
-#endif
-    return fc_maxpool22_bwd_d_base(x0, x1, g, OW, gx0, gx1);
+    return FC_PICK(fc_maxpool22_bwd_d, x0, x1, g, OW, gx0, gx1);
 }
 
 /* Max-pool backward for 3x3 windows with stride 2 (dilation 1), one output row, windows
@@ -720,30 +695,22 @@ ATTR static void NAME(const T* restrict x0, const T* restrict x1, const T* restr
     NAME##_add(gx1, sel, g, c2, (T)3, lo, hi);                                               \
     NAME##_add(gx2, sel, g, c2, (T)6, lo, hi);                                               \
 }
-FC_MAXPOOL33S2_ROW(float, fc_mp33s2_f_base, )
-FC_MAXPOOL33S2_ROW(double, fc_mp33s2_d_base, )
+FC_MAXPOOL33S2_ROW(float, fc_maxpool33s2_bwd_f_base, )
+FC_MAXPOOL33S2_ROW(double, fc_maxpool33s2_bwd_d_base, )
 #ifdef FC_HAVE_AVX2_PATH
-FC_MAXPOOL33S2_ROW(float, fc_mp33s2_f_avx2, FC_AVX2)
-FC_MAXPOOL33S2_ROW(double, fc_mp33s2_d_avx2, FC_AVX2)
-#endif
-#ifdef FC_HAVE_AVX2_PATH
-#define FC_MP33S2_AVX2(NAME) if (FC_USE_AVX2) {                                               \
-    NAME(x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2); return; }
-#else
-#define FC_MP33S2_AVX2(NAME)
+FC_MAXPOOL33S2_ROW(float, fc_maxpool33s2_bwd_f_avx2, FC_AVX2)
+FC_MAXPOOL33S2_ROW(double, fc_maxpool33s2_bwd_d_avx2, FC_AVX2)
 #endif
 static void fc_maxpool33s2_bwd_f(const float* x0, const float* x1, const float* x2,
                                  const float* g, ptrdiff_t lo, ptrdiff_t hi, float first,
                                  float* sel, float* c2, float* gx0, float* gx1, float* gx2) {
-    FC_MP33S2_AVX2(fc_mp33s2_f_avx2)
-    fc_mp33s2_f_base(x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2);
+    FC_PICK(fc_maxpool33s2_bwd_f, x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2);
 }
 static void fc_maxpool33s2_bwd_d(const double* x0, const double* x1, const double* x2,
                                  const double* g, ptrdiff_t lo, ptrdiff_t hi, double first,
                                  double* sel, double* c2, double* gx0, double* gx1,
                                  double* gx2) {
-    FC_MP33S2_AVX2(fc_mp33s2_d_avx2)
-    fc_mp33s2_d_base(x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2);
+    FC_PICK(fc_maxpool33s2_bwd_d, x0, x1, x2, g, lo, hi, first, sel, c2, gx0, gx1, gx2);
 }
 
 /* Average pooling 2x2, stride 2, one output row of windows wholly in the image:
@@ -764,17 +731,11 @@ FC_AVGPOOL22(double, fc_avgpool22_d_avx2, FC_AVX2)
 #endif
 static void fc_avgpool22_f(const float* x0, const float* x1, ptrdiff_t OW, float div,
                            float* o) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_avgpool22_f_avx2(x0, x1, OW, div, o); return; }
-#endif
-    fc_avgpool22_f_base(x0, x1, OW, div, o);
+    FC_PICK(fc_avgpool22_f, x0, x1, OW, div, o);
 }
 static void fc_avgpool22_d(const double* x0, const double* x1, ptrdiff_t OW, double div,
                            double* o) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_avgpool22_d_avx2(x0, x1, OW, div, o); return; }
-#endif
-    fc_avgpool22_d_base(x0, x1, OW, div, o);
+    FC_PICK(fc_avgpool22_d, x0, x1, OW, div, o);
 }
 
 /* Max pooling 2x2, stride 2, values only, for a plane whose width is even (W = 2 OW) and
@@ -814,16 +775,10 @@ FC_MAXPOOL22_FWD(float, fc_maxpool22_f_avx2, FC_AVX2)
 FC_MAXPOOL22_FWD(double, fc_maxpool22_d_avx2, FC_AVX2)
 #endif
 static void fc_maxpool22_f(const float* x, ptrdiff_t OH, ptrdiff_t W, float* out) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_maxpool22_f_avx2(x, OH, W, out); return; }
-#endif
-    fc_maxpool22_f_base(x, OH, W, out);
+    FC_PICK(fc_maxpool22_f, x, OH, W, out);
 }
 static void fc_maxpool22_d(const double* x, ptrdiff_t OH, ptrdiff_t W, double* out) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) { fc_maxpool22_d_avx2(x, OH, W, out); return; }
-#endif
-    fc_maxpool22_d_base(x, OH, W, out);
+    FC_PICK(fc_maxpool22_d, x, OH, W, out);
 }
 
 #endif /* FASTCONV_SIMD_H */

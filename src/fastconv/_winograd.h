@@ -22,7 +22,7 @@
 #define FASTCONV_WINOGRAD_H
 
 #include <stddef.h>
-#include "_simd.h"      /* FC_AVX2, FC_USE_AVX2 */
+#include "_simd.h"      /* FC_AVX2, FC_PICK */
 
 #define FC_WINO(T, SUF, ATTR)                                                                \
 ATTR static void fc_wino_weights_##SUF(const T* w, ptrdiff_t L, ptrdiff_t C, T* U) {              \
@@ -210,26 +210,23 @@ FC_WINO(double, d_base, )
 #ifdef FC_HAVE_AVX2_PATH
 FC_WINO(float, f_avx2, FC_AVX2)
 FC_WINO(double, d_avx2, FC_AVX2)
-#define FC_WINO_PICK(F, ...) (FC_USE_AVX2 ? F##_avx2(__VA_ARGS__) : F##_base(__VA_ARGS__))
-#else
-#define FC_WINO_PICK(F, ...) F##_base(__VA_ARGS__)
 #endif
 #define FC_WINO_DISPATCH(T, S)                                                               \
 static void fc_wino_weights_##S(const T* w, ptrdiff_t L, ptrdiff_t C, T* U) {                \
-    FC_WINO_PICK(fc_wino_weights_##S, w, L, C, U);                                           \
+    FC_PICK(fc_wino_weights_##S, w, L, C, U);                                                \
 }                                                                                            \
 static int fc_wino_finite_##S(const T* x, ptrdiff_t n) {                                     \
-    return FC_WINO_PICK(fc_wino_finite_##S, x, n);                                                  \
+    return FC_PICK(fc_wino_finite_##S, x, n);                                                \
 }                                                                                            \
 static void fc_wino_input_##S(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,             \
                               ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0,        \
                               ptrdiff_t nt, T* V, ptrdiff_t CT) {                            \
-    FC_WINO_PICK(fc_wino_input_##S, x, C, H, W, pH, pW, TW, t0, nt, V, CT);                  \
+    FC_PICK(fc_wino_input_##S, x, C, H, W, pH, pW, TW, t0, nt, V, CT);                       \
 }                                                                                            \
 static void fc_wino_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,          \
                                ptrdiff_t nt, ptrdiff_t OH, ptrdiff_t OW, const T* b,         \
                                T* out, ptrdiff_t LT) {                                       \
-    FC_WINO_PICK(fc_wino_output_##S, M, L, TW, t0, nt, OH, OW, b, out, LT);                  \
+    FC_PICK(fc_wino_output_##S, M, L, TW, t0, nt, OH, OW, b, out, LT);                       \
 }
 FC_WINO_DISPATCH(float, f)
 FC_WINO_DISPATCH(double, d)
