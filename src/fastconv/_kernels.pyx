@@ -86,6 +86,12 @@ cdef extern from "_simd.h":
     void fc_maxpool22_f(const float* x, Py_ssize_t OH, Py_ssize_t W, float* out) nogil
     void fc_maxpool22_d(const double* x, Py_ssize_t OH, Py_ssize_t W, double* out) nogil
     int FC_MP22_BUF
+    void fc_maxpool33s2_f(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                          Py_ssize_t OW, int pH, int pW, float* out) nogil
+    void fc_maxpool33s2_d(const double* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                          Py_ssize_t OW, int pH, int pW, double* out) nogil
+    int FC_MP33_ROW
+    int FC_MP33_BUF
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -1614,6 +1620,14 @@ cdef void max_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating
             fc_maxpool22_f(x, OH, W, out)
         else:
             fc_maxpool22_d(x, OH, W, out)
+        return
+    if (not track and kH == 3 and kW == 3 and sH == 2 and sW == 2 and pH <= 1 and pW <= 1
+            and dH == 1 and dW == 1 and OW + 2 <= FC_MP33_ROW and W // 2 + 2 <= FC_MP33_ROW
+            and 3 * OW <= FC_MP33_BUF):
+        if floating is float:
+            fc_maxpool33s2_f(x, H, W, OH, OW, <int>pH, <int>pW, out)
+        else:
+            fc_maxpool33s2_d(x, H, W, OH, OW, <int>pH, <int>pW, out)
         return
     tap_range(kW, dW, pW, sW, W, OW, &kw0, &kw1)
     cdef bint have = tap_table(kw0, kw1, dW, pW, sW, W, OW, tab)

@@ -781,4 +781,160 @@ static void fc_maxpool22_d(const double* x, ptrdiff_t OH, ptrdiff_t W, double* o
     FC_PICK(fc_maxpool22_d, x, OH, W, out);
 }
 
+/* Max pooling 3x3, stride 2, dilation 1, padding 0 or 1 in each direction, values only, one
+   plane.  Separable the other way round from the general path: each input row is reduced
+   horizontally once (h[i] = max of its columns 2i - pW .. 2i - pW + 2; a row is used by two
+   output rows with stride 2, so this halves the horizontal work), then each output row is
+   the max of its (up to) three h rows.  The row is first split into E[j] = row[2j - 1] and
+   O[j] = row[2j] (-inf outside the row), so that the three taps read contiguously:
+   pW = 1: E[i], O[i], E[i+1];  pW = 0: O[i], E[i+1], O[i+1].  NaN-aware as PyTorch
+   (``v > m or isnan(v)``); like the other separable paths only the sign of a zero maximum
+   (and which NaN) can differ from the row-major scan.  h rows are kept for a block of
+   output rows at a time (FC_MP33_BUF values).  The common case, even W with pW = 1 and
+   OW = W / 2 (ResNet's stem pool), goes the other way (_flat): rows folded first, split
+   into even and odd columns as they are stored, then one flat loop over the whole block of
+   output rows (no short-row tails), column 0 redone without its padding tap; the same
+   operations in the same order as max_pool_row_fast.  Needs OW + 2 <= FC_MP33_ROW,
+   W / 2 + 2 <= FC_MP33_ROW and 3 * OW <= FC_MP33_BUF (the caller checks). */
+#define FC_MP33_ROW 1024
+#define FC_MP33_BUF 4096
+#define FC_MX(a, m) (((a) > (m)) | ((a) != (a)) ? (a) : (m))
+#define FC_MAXPOOL33S2_FWD(T, NAME, ATTR)                                                    \
+ATTR static void NAME##_hrow(const T* restrict row, ptrdiff_t W, ptrdiff_t OW, int pW,       \
+                             T* restrict E, T* restrict O, T* restrict h) {                  \
+    ptrdiff_t n = W / 2, lim = (OW + 2 > n + 2 ? OW + 2 : n + 2), j;                         \
+    E[0] = -INFINITY;                                                                        \
+    for (j = 0; j < n; j++) {                                                                \
+        O[j] = row[2 * j];                                                                   \
+        E[j + 1] = row[2 * j + 1];                                                           \
+    }                                                                                        \
+    for (j = n + 1; j < lim; j++) E[j] = -INFINITY;                                          \
+    for (j = n; j < lim; j++) O[j] = -INFINITY;                                              \
+    if (W & 1) O[n] = row[W - 1];                                                            \
+    if (pW) {                                                                                \
+        for (ptrdiff_t i = 0; i < OW; i++) {                                                 \
+            T m = E[i], a = O[i], b = E[i + 1];                                              \
+            m = FC_MX(a, m);                                                                 \
+            h[i] = FC_MX(b, m);                                                              \
+        }                                                                                    \
+    } else {                                                                                 \
+        for (ptrdiff_t i = 0; i < OW; i++) {                                                 \
+            T m = O[i], a = E[i + 1], b = O[i + 1];                                          \
+            m = FC_MX(a, m);                                                                 \
+            h[i] = FC_MX(b, m);                                                              \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+ATTR static void NAME##_flat(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,     \
+                             int pH, T* restrict out, T* restrict hb) {                     \
+    ptrdiff_t n = W / 2, nb = (FC_MP33_BUF - 1) / 2 / n;                                     \
+    T* restrict Ev = hb + 1;                                                                 \
+    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += nb) {                                           \
+        ptrdiff_t oh1 = OH - oh0 < nb ? OH : oh0 + nb, len = (oh1 - oh0) * n;                \
+        T* restrict Ov = Ev + len;                                                           \
+        for (ptrdiff_t oh = oh0; oh < oh1; oh++) {                                           \
+            const T* v[3];                                                                   \
+            int nv = 0;                                                                      \
+            for (ptrdiff_t r = 2 * oh - pH; r < 2 * oh - pH + 3; r++)                        \
+                if (r >= 0 && r < H) v[nv++] = x + r * W;                                    \
+            T* restrict e = Ev + (oh - oh0) * n;                                             \
+            T* restrict o = Ov + (oh - oh0) * n;                                             \
+            if (nv == 3) {                                                                   \
+                const T* restrict a = v[0];                                                  \
+                const T* restrict b = v[1];                                                  \
+                const T* restrict c = v[2];                                                  \
+                for (ptrdiff_t j = 0; j < n; j++) {                                          \
+                    T m0 = a[2 * j], m1 = a[2 * j + 1], p0 = b[2 * j], p1 = b[2 * j + 1];    \
+                    T q0 = c[2 * j], q1 = c[2 * j + 1];                                      \
+                    m0 = FC_MX(p0, m0);                                                      \
+                    m1 = FC_MX(p1, m1);                                                      \
+                    o[j] = FC_MX(q0, m0);                                                    \
+                    e[j] = FC_MX(q1, m1);                                                    \
+                }                                                                            \
+            } else if (nv == 2) {                                                            \
+                const T* restrict a = v[0];                                                  \
+                const T* restrict b = v[1];                                                  \
+                for (ptrdiff_t j = 0; j < n; j++) {                                          \
+                    T m0 = a[2 * j], m1 = a[2 * j + 1], p0 = b[2 * j], p1 = b[2 * j + 1];    \
+                    o[j] = FC_MX(p0, m0);                                                    \
+                    e[j] = FC_MX(p1, m1);                                                    \
+                }                                                                            \
+            } else {                                                                         \
+                for (ptrdiff_t j = 0; j < n; j++) {                                          \
+                    o[j] = nv ? v[0][2 * j] : -INFINITY;                                     \
+                    e[j] = nv ? v[0][2 * j + 1] : -INFINITY;                                 \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        T* restrict y = out + oh0 * n;                                                       \
+        for (ptrdiff_t k = 0; k < len; k++) {      /* taps 2i - 1, 2i, 2i + 1, flat */       \
+            T m = Ev[k - 1], a = Ov[k], b = Ev[k];                                           \
+            m = FC_MX(a, m);                                                                 \
+            y[k] = FC_MX(b, m);                                                              \
+        }                                                                                    \
+        for (ptrdiff_t k = 0; k < len; k += n) {   /* column 0: tap 2i - 1 is padding */     \
+            T a = Ov[k], b = Ev[k];                                                          \
+            y[k] = FC_MX(b, a);                                                              \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,           \
+                      ptrdiff_t OW, int pH, int pW, T* restrict out) {                       \
+    T E[FC_MP33_ROW], O[FC_MP33_ROW], hb[FC_MP33_BUF];                                       \
+    if (pW == 1 && !(W & 1) && OW == W / 2 && W <= FC_MP33_BUF / 4) {                        \
+        hb[0] = -INFINITY;                                                                   \
+        NAME##_flat(x, H, W, OH, pH, out, hb);                                               \
+        return;                                                                              \
+    }                                                                                        \
+    ptrdiff_t nb = (FC_MP33_BUF / OW - 1) / 2;          /* output rows a block */            \
+    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += nb) {                                           \
+        ptrdiff_t oh1 = OH - oh0 < nb ? OH : oh0 + nb;                                       \
+        ptrdiff_t ra = 2 * oh0 - pH, rb = 2 * (oh1 - 1) - pH + 3;                            \
+        if (ra < 0) ra = 0;                                                                  \
+        if (rb > H) rb = H;                                                                  \
+        for (ptrdiff_t r = ra; r < rb; r++)                                                  \
+            NAME##_hrow(x + r * W, W, OW, pW, E, O, hb + (r - ra) * OW);                     \
+        for (ptrdiff_t oh = oh0; oh < oh1; oh++) {                                           \
+            const T* v[3];                                                                   \
+            int nv = 0;                                                                      \
+            for (ptrdiff_t r = 2 * oh - pH; r < 2 * oh - pH + 3; r++)                        \
+                if (r >= ra && r < rb) v[nv++] = hb + (r - ra) * OW;                         \
+            T* o = out + oh * OW;                                                            \
+            if (nv == 3) {                                                                   \
+                const T* restrict a = v[0];                                                  \
+                const T* restrict b = v[1];                                                  \
+                const T* restrict c = v[2];                                                  \
+                for (ptrdiff_t i = 0; i < OW; i++) {                                         \
+                    T m = a[i], p = b[i], q = c[i];                                          \
+                    m = FC_MX(p, m);                                                         \
+                    o[i] = FC_MX(q, m);                                                      \
+                }                                                                            \
+            } else if (nv == 2) {                                                            \
+                const T* restrict a = v[0];                                                  \
+                const T* restrict b = v[1];                                                  \
+                for (ptrdiff_t i = 0; i < OW; i++) {                                         \
+                    T m = a[i], p = b[i];                                                    \
+                    o[i] = FC_MX(p, m);                                                      \
+                }                                                                            \
+            } else {                                                                         \
+                for (ptrdiff_t i = 0; i < OW; i++) o[i] = nv ? v[0][i] : -INFINITY;          \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}
+FC_MAXPOOL33S2_FWD(float, fc_maxpool33s2_f_base, )
+FC_MAXPOOL33S2_FWD(double, fc_maxpool33s2_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_MAXPOOL33S2_FWD(float, fc_maxpool33s2_f_avx2, FC_AVX2)
+FC_MAXPOOL33S2_FWD(double, fc_maxpool33s2_d_avx2, FC_AVX2)
+#endif
+static void fc_maxpool33s2_f(const float* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
+                             ptrdiff_t OW, int pH, int pW, float* out) {
+    FC_PICK(fc_maxpool33s2_f, x, H, W, OH, OW, pH, pW, out);
+}
+static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
+                             ptrdiff_t OW, int pH, int pW, double* out) {
+    FC_PICK(fc_maxpool33s2_d, x, H, W, OH, OW, pH, pW, out);
+}
+
 #endif /* FASTCONV_SIMD_H */
