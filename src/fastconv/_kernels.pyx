@@ -2126,6 +2126,16 @@ cdef void upsample_row(const floating* src, Py_ssize_t W, Py_ssize_t sH, Py_ssiz
     """One input row -> sH identical output rows of W * sW values (x2 and x1 vectorise)."""
     cdef Py_ssize_t iw, j, r, OW = W * sW
     cdef floating v
+    cdef floating* d1
+    if sW == 2 and sH == 2:            # both output rows in one pass: no second read
+        d1 = dst + OW
+        for iw in range(W):
+            v = src[iw]
+            dst[2 * iw] = v
+            dst[2 * iw + 1] = v
+            d1[2 * iw] = v
+            d1[2 * iw + 1] = v
+        return
     if sW == 1:
         memcpy(dst, src, W * sizeof(floating))
     elif sW == 2:
