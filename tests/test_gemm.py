@@ -21,19 +21,27 @@ _kernels.set_gemm("avx512")
 BEST = _kernels.gemm_level()
 
 
+# each level; "-masked": im2col always by masked loads, never through the zero-padded copy of
+# the rows that small images take
+VARIANTS = LEVELS + [lv + "-masked" for lv in LEVELS if lv != "blas"]
+
+
 @contextlib.contextmanager
-def gemm_at(level):
+def gemm_at(variant):
+    level, _, masked = variant.partition("-")
     _kernels.set_gemm(level)
+    old = _kernels.set_im2col_padded(not masked)
     try:
         yield
     finally:
         _kernels.set_gemm(BEST)
+        _kernels.set_im2col_padded(old)
 
 
-@pytest.fixture(params=LEVELS)
+@pytest.fixture(params=VARIANTS)
 def level(request):
     with gemm_at(request.param):
-        yield request.param
+        yield request.param.partition("-")[0]
 
 
 def close(actual, expected, dtype):
@@ -68,7 +76,7 @@ def test_taps_reference_is_the_loop_reference(n, c, l, h, w, k, groups, bias, dt
 
 
 @pytest.mark.usefixtures("tiny_grain")
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", VARIANTS)
 @given(data=st.data())
 def test_conv2d_big_shapes_match_reference(level, data):
     draw = data.draw
@@ -135,6 +143,24 @@ def test_conv2d_stride2_columns_match_reference(level, dtype, w):
         close(fc.conv2d(x, wt, **kw), ref.conv2d_taps(x, wt, **kw), dtype)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv2d_padded_rows_and_their_fallback(level, dtype):
+    """im2col through the zero-padded copy of the rows: 'same' padding of even kernels (the
+    right padding larger than the left), stride 2 with dilation, images whose rows just fit
+    the copy and ones too large for it (the masked path by itself), against the reference."""
+    rng = np.random.default_rng(5)
+    for (h, w), k, kw in (((5, 7), (2, 4), dict(padding="same")),
+                          ((6, 9), (4, 3), dict(padding="same", dilation=(1, 2))),
+                          ((9, 12), (3, 3), dict(stride=(1, 2), padding=(1, 2), dilation=2)),
+                          ((30, 120), (3, 3), dict(padding=1)),        # 32 x 122 > the copy
+                          ((40, 150), (5, 5), dict(stride=2, padding=2)),
+                          ((3, 2000), (1, 3), dict(padding=(0, 1)))):
+        x = rng.uniform(-1, 1, (2, 3, h, w)).astype(dtype)
+        wt = rng.uniform(-1, 1, (5, 3) + k).astype(dtype)
+        close(fc.conv2d(x, wt, **kw), ref.conv2d_taps(x, wt, **kw), dtype)
+
+
 def test_conv2d_writes_nothing_outside_out(level):
     """The masked tails store nothing past the output: out= inside a larger array keeps the
     values around it."""
@@ -175,7 +201,7 @@ def test_winograd_gemms_match_reference(level, threads, dtype, shape, monkeypatc
 
 
 @pytest.mark.usefixtures("tiny_grain")
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", VARIANTS)
 @given(data=st.data())
 def test_gradients_and_transposed_match_reference(level, data):
     """conv2d_backward's grad_x (weight^T packed: im2col path and 1x1) and conv_transpose2d

@@ -279,6 +279,64 @@ TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_
     }                                                                                           \
 }
 
+/* The same columns for stride 1 or 2 along the width, through a zero-padded copy of the input
+ * rows the columns need, one channel at a time (FC_PAD_VALS values, stays in L1): every segment
+ * is then one unmasked load (two and an even-lane permute for stride 2) and one store, with no
+ * bounds arithmetic.  Segments are short on small images (a 14-wide output row: one vector), and
+ * there the masked path's per-segment set-up was most of im2col (LeNet's conv2: 26 % of the
+ * convolution).  Returns 0 (nothing written) when the rows do not fit. */
+#define FC_PAD_VALS 4096
+static int fc_im2col_pad_on = 1;   /* 0: always the masked path (tests) */
+#define FC_IM2COL_PADDED(NAME, T, VT, LANES, TGT, MTYPE, MK, MSTORE, STOREU, LOADU, ZERO, EVEN) \
+TGT static int NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,           \
+                    ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH, ptrdiff_t pW,       \
+                    ptrdiff_t dH, ptrdiff_t dW, ptrdiff_t OW, ptrdiff_t p0, ptrdiff_t n,        \
+                    T* col, ptrdiff_t ld) {                                                     \
+    T buf[FC_PAD_VALS];                                                                         \
+    ptrdiff_t oh0 = p0 / OW, ow00 = p0 % OW, oh1 = (p0 + n - 1) / OW;                           \
+    ptrdiff_t R = (oh1 - oh0) * sH + (kH - 1) * dH + 1, ih0 = oh0 * sH - pH;                    \
+    ptrdiff_t Wp = (OW - 1) * sW + (kW - 1) * dW + 1;   /* the widest tap: the right padding */ \
+    Wp = Wp > W + pW ? Wp : W + pW;                     /* may be larger than the left one  */ \
+    if (!fc_im2col_pad_on || (sW != 1 && sW != 2) || n <= 0 || R * Wp + 2 * LANES > FC_PAD_VALS) \
+        return 0;                                                                               \
+    for (ptrdiff_t i = R * Wp; i < R * Wp + 2 * LANES; i++) buf[i] = (T)0;                      \
+    for (ptrdiff_t c = 0; c < C; c++) {                                                         \
+        for (ptrdiff_t r = 0; r < R; r++) {                                                     \
+            T* b = buf + r * Wp;                                                                \
+            ptrdiff_t ih = ih0 + r;                                                             \
+            if (ih < 0 || ih >= H) {                                                            \
+                for (ptrdiff_t w = 0; w < Wp; w++) b[w] = (T)0;                                 \
+            } else {                                                                            \
+                for (ptrdiff_t w = 0; w < pW; w++) b[w] = (T)0;                                 \
+                for (ptrdiff_t w = pW + W; w < Wp; w++) b[w] = (T)0;                            \
+                memcpy(b + pW, x + (c * H + ih) * W, sizeof(T) * (size_t)W);                    \
+            }                                                                                   \
+        }                                                                                       \
+        for (ptrdiff_t kh = 0; kh < kH; kh++)                                                   \
+            for (ptrdiff_t kw = 0; kw < kW; kw++) {                                             \
+                T* dst = col + ((c * kH + kh) * kW + kw) * ld;                                  \
+                const T* src0 = buf + kh * dH * Wp + kw * dW;                                   \
+                ptrdiff_t j = 0, oh = oh0, ow0 = ow00;                                          \
+                while (j < n) {                                                                 \
+                    ptrdiff_t seg = OW - ow0 < n - j ? OW - ow0 : n - j;                        \
+                    const T* src = src0 + (oh - oh0) * sH * Wp + ow0 * sW;                      \
+                    for (ptrdiff_t q = 0; q < seg; q += LANES) {                                \
+                        VT v = sW == 1 ? LOADU(src + q)                                         \
+                                       : EVEN(LOADU(src + 2 * q), LOADU(src + 2 * q + LANES));  \
+                        if (j + q + LANES <= ld)                                                \
+                            STOREU(dst + j + q, v);                                             \
+                        else                                                                    \
+                            MSTORE(dst + j + q, MK(0, seg - q), v);                             \
+                    }                                                                           \
+                    j += seg;                                                                   \
+                    oh++;                                                                       \
+                    ow0 = 0;                                                                    \
+                }                                                                               \
+            }                                                                                   \
+    }                                                                                           \
+    return 1;                                                                                   \
+}
+
 /* masks of lanes [a, b) (clipped to the vector) */
 static inline __mmask16 fc_lanes16(ptrdiff_t a, ptrdiff_t b) {
     a = a < 0 ? 0 : a;
@@ -324,6 +382,18 @@ FC_IM2COL_COLS(fc_im2colp_f_256, float, __m256, 8, FC_T256, __m256i, fc_lanes_i3
 FC_IM2COL_COLS(fc_im2colp_d_256, double, __m256d, 4, FC_T256, __m256i, fc_lanes_i64,
                 FC_MLOAD_PD256, FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_setzero_pd(),
                 FC_EVEN_PD256)
+FC_IM2COL_PADDED(fc_im2colp_f_512_pad, float, __m512, 16, FC_T512, __mmask16, fc_lanes16,
+                 FC_MSTORE_PS512, _mm512_storeu_ps, _mm512_loadu_ps, _mm512_setzero_ps(),
+                 FC_EVEN_PS512)
+FC_IM2COL_PADDED(fc_im2colp_d_512_pad, double, __m512d, 8, FC_T512, __mmask8, fc_lanes8,
+                 FC_MSTORE_PD512, _mm512_storeu_pd, _mm512_loadu_pd, _mm512_setzero_pd(),
+                 FC_EVEN_PD512)
+FC_IM2COL_PADDED(fc_im2colp_f_256_pad, float, __m256, 8, FC_T256, __m256i, fc_lanes_i32,
+                 FC_MSTORE_PS256, _mm256_storeu_ps, _mm256_loadu_ps, _mm256_setzero_ps(),
+                 FC_EVEN_PS256)
+FC_IM2COL_PADDED(fc_im2colp_d_256_pad, double, __m256d, 4, FC_T256, __m256i, fc_lanes_i64,
+                 FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_loadu_pd, _mm256_setzero_pd(),
+                 FC_EVEN_PD256)
 
 static int fc_gemm_init(void) {
     __builtin_cpu_init();
@@ -355,10 +425,13 @@ static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH
 }
 #ifdef FC_HAVE_GEMM
 #define FC_IM2COLP_CALL(F512, F256)                                                             \
-    if (fc_gemm_on == 2)                                                                        \
-        F512(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld);                   \
-    else if (fc_gemm_on == 1)                                                                   \
-        F256(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld);
+    if (fc_gemm_on == 2) {                                                                      \
+        if (!F512##_pad(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld))        \
+            F512(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld);               \
+    } else if (fc_gemm_on == 1) {                                                               \
+        if (!F256##_pad(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld))        \
+            F256(x, C, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, n, col, ld);               \
+    }
 #else
 #define FC_IM2COLP_CALL(F512, F256)
 #endif

@@ -106,6 +106,7 @@ cdef extern from "_gemm.h":
     int fc_gemm_init() nogil
     int fc_gemm_set(int level) nogil
     int fc_gemm_level() nogil
+    int fc_im2col_pad_on
     Py_ssize_t fc_gemm_nr(int dbl) nogil
     Py_ssize_t fc_gemm_packed_size(Py_ssize_t M, Py_ssize_t K) nogil
     void fc_gemm_pack_f(const float* A, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t M,
@@ -150,6 +151,16 @@ def set_gemm(level):
 
 # columns of one im2col block of the forward convolution by the own GEMM; 0: automatic
 cdef Py_ssize_t GEMM_BLOCK_COLS = 0
+
+
+def set_im2col_padded(bint on):
+    """Whether im2col may go through a zero-padded copy of the rows (stride 1 or 2 along the
+    width, rows that fit; see _gemm.h) or always takes the masked path; returns the previous
+    setting.  For tests and A/B timing, while no kernel runs."""
+    global fc_im2col_pad_on
+    old = fc_im2col_pad_on != 0
+    fc_im2col_pad_on = 1 if on else 0
+    return old
 
 
 def set_gemm_block(Py_ssize_t ncols):
