@@ -285,13 +285,30 @@ TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_
  * bounds arithmetic.  Segments are short on small images (a 14-wide output row: one vector), and
  * there the masked path's per-segment set-up was most of im2col (LeNet's conv2: 26 % of the
  * convolution).  Returns 0 (nothing written) when the rows do not fit. */
+/* seg values from src (in the padded rows) to dst + j: whole vectors where they stay within
+ * the row's ld values (the excess is overwritten by the next segment or unused), else masked */
+#define FC_PAD_SEGMENT(SRC, SEG, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK)                                                           \
+    for (ptrdiff_t q = 0; q < (SEG); q += LANES) {                                              \
+        VT v = sW == 1 ? LOADU((SRC) + q)                                                       \
+                       : EVEN(LOADU((SRC) + 2 * q), LOADU((SRC) + 2 * q + LANES));              \
+        if (j + q + LANES <= ld)                                                                \
+            STOREU(dst + j + q, v);                                                             \
+        else                                                                                    \
+            MSTORE(dst + j + q, MK(0, (SEG) - q), v);                                           \
+    }
 #define FC_PAD_VALS 4096
+/* gcc turns the short copy loops below into memcpy calls (a libc call per 14-value row) */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FC_NO_LIBCALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define FC_NO_LIBCALLS
+#endif
 static int fc_im2col_pad_on = 1;   /* 0: always the masked path (tests) */
-#define FC_IM2COL_PADDED(NAME, T, VT, LANES, TGT, MTYPE, MK, MSTORE, STOREU, LOADU, ZERO, EVEN) \
-TGT static int NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t kH,           \
-                    ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH, ptrdiff_t pW,       \
-                    ptrdiff_t dH, ptrdiff_t dW, ptrdiff_t OW, ptrdiff_t p0, ptrdiff_t n,        \
-                    T* col, ptrdiff_t ld) {                                                     \
+#define FC_IM2COL_PADDED(NAME, T, VT, LANES, TGT, MTYPE, MK, MLOADZ, MSTORE, STOREU, LOADU, EVEN) \
+TGT FC_NO_LIBCALLS static int NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,          \
+                    ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH,       \
+                    ptrdiff_t pW, ptrdiff_t dH, ptrdiff_t dW, ptrdiff_t OW, ptrdiff_t p0,       \
+                    ptrdiff_t n, T* col, ptrdiff_t ld) {                                        \
     T buf[FC_PAD_VALS];                                                                         \
     ptrdiff_t oh0 = p0 / OW, ow00 = p0 % OW, oh1 = (p0 + n - 1) / OW;                           \
     ptrdiff_t R = (oh1 - oh0) * sH + (kH - 1) * dH + 1, ih0 = oh0 * sH - pH;                    \
@@ -299,38 +316,39 @@ TGT static int NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_t
     Wp = Wp > W + pW ? Wp : W + pW;                     /* may be larger than the left one  */ \
     if (!fc_im2col_pad_on || (sW != 1 && sW != 2) || n <= 0 || R * Wp + 2 * LANES > FC_PAD_VALS) \
         return 0;                                                                               \
-    for (ptrdiff_t i = R * Wp; i < R * Wp + 2 * LANES; i++) buf[i] = (T)0;                      \
+    ptrdiff_t rs = sH * Wp, nv = (OW + LANES - 1) / LANES;  /* vectors in a whole row */      \
+    /* padding columns and rows outside the image stay zero for every channel: zeroed once */ \
+    memset(buf, 0, sizeof(T) * (size_t)(R * Wp + 2 * LANES));                                 \
+    ptrdiff_t r0 = ih0 < 0 ? -ih0 : 0, r1 = H - ih0 < R ? H - ih0 : R;  /* rows in the image */ \
     for (ptrdiff_t c = 0; c < C; c++) {                                                         \
-        for (ptrdiff_t r = 0; r < R; r++) {                                                     \
-            T* b = buf + r * Wp;                                                                \
-            ptrdiff_t ih = ih0 + r;                                                             \
-            if (ih < 0 || ih >= H) {                                                            \
-                for (ptrdiff_t w = 0; w < Wp; w++) b[w] = (T)0;                                 \
-            } else {                                                                            \
-                for (ptrdiff_t w = 0; w < pW; w++) b[w] = (T)0;                                 \
-                for (ptrdiff_t w = pW + W; w < Wp; w++) b[w] = (T)0;                            \
-                memcpy(b + pW, x + (c * H + ih) * W, sizeof(T) * (size_t)W);                    \
-            }                                                                                   \
+        for (ptrdiff_t r = r0; r < r1; r++) {                                                   \
+            T* b = buf + r * Wp + pW;                                                           \
+            const T* xr = x + (c * H + ih0 + r) * W;                                            \
+            ptrdiff_t w = 0;                                                                    \
+            for (; w + LANES <= W; w += LANES)                                                  \
+                STOREU(b + w, LOADU(xr + w));                                                   \
+            if (w < W)                                                                          \
+                MSTORE(b + w, MK(0, W - w), MLOADZ(xr + w, MK(0, W - w)));                      \
         }                                                                                       \
         for (ptrdiff_t kh = 0; kh < kH; kh++)                                                   \
             for (ptrdiff_t kw = 0; kw < kW; kw++) {                                             \
                 T* dst = col + ((c * kH + kh) * kW + kw) * ld;                                  \
-                const T* src0 = buf + kh * dH * Wp + kw * dW;                                   \
-                ptrdiff_t j = 0, oh = oh0, ow0 = ow00;                                          \
-                while (j < n) {                                                                 \
-                    ptrdiff_t seg = OW - ow0 < n - j ? OW - ow0 : n - j;                        \
-                    const T* src = src0 + (oh - oh0) * sH * Wp + ow0 * sW;                      \
-                    for (ptrdiff_t q = 0; q < seg; q += LANES) {                                \
-                        VT v = sW == 1 ? LOADU(src + q)                                         \
-                                       : EVEN(LOADU(src + 2 * q), LOADU(src + 2 * q + LANES));  \
-                        if (j + q + LANES <= ld)                                                \
-                            STOREU(dst + j + q, v);                                             \
-                        else                                                                    \
-                            MSTORE(dst + j + q, MK(0, seg - q), v);                             \
-                    }                                                                           \
+                const T* src = buf + kh * dH * Wp + kw * dW;        /* row oh0, column 0 */     \
+                ptrdiff_t j = 0;                                                                \
+                if (ow00 > 0) {                                     /* a partial first row */   \
+                    ptrdiff_t seg = OW - ow00 < n ? OW - ow00 : n;                              \
+                    FC_PAD_SEGMENT(src + ow00 * sW, seg, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK);                                       \
+                    j = seg;                                                                    \
+                    src += rs;                                                                  \
+                }                                                                               \
+                for (; j + OW <= n && j + nv * LANES <= ld; j += OW, src += rs)   /* whole */   \
+                    for (ptrdiff_t q = 0; q < nv * LANES; q += LANES)         /* rows */        \
+                        STOREU(dst + j + q, sW == 1 ? LOADU(src + q) : EVEN(LOADU(src + 2 * q), \
+                                                                    LOADU(src + 2 * q + LANES))); \
+                for (; j < n; src += rs) {                          /* the rest, with masks */  \
+                    ptrdiff_t seg = OW < n - j ? OW : n - j;                                    \
+                    FC_PAD_SEGMENT(src, seg, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK);                                                   \
                     j += seg;                                                                   \
-                    oh++;                                                                       \
-                    ow0 = 0;                                                                    \
                 }                                                                               \
             }                                                                                   \
     }                                                                                           \
@@ -383,16 +401,16 @@ FC_IM2COL_COLS(fc_im2colp_d_256, double, __m256d, 4, FC_T256, __m256i, fc_lanes_
                 FC_MLOAD_PD256, FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_setzero_pd(),
                 FC_EVEN_PD256)
 FC_IM2COL_PADDED(fc_im2colp_f_512_pad, float, __m512, 16, FC_T512, __mmask16, fc_lanes16,
-                 FC_MSTORE_PS512, _mm512_storeu_ps, _mm512_loadu_ps, _mm512_setzero_ps(),
+                 FC_MLOAD_PS512, FC_MSTORE_PS512, _mm512_storeu_ps, _mm512_loadu_ps,
                  FC_EVEN_PS512)
 FC_IM2COL_PADDED(fc_im2colp_d_512_pad, double, __m512d, 8, FC_T512, __mmask8, fc_lanes8,
-                 FC_MSTORE_PD512, _mm512_storeu_pd, _mm512_loadu_pd, _mm512_setzero_pd(),
+                 FC_MLOAD_PD512, FC_MSTORE_PD512, _mm512_storeu_pd, _mm512_loadu_pd,
                  FC_EVEN_PD512)
 FC_IM2COL_PADDED(fc_im2colp_f_256_pad, float, __m256, 8, FC_T256, __m256i, fc_lanes_i32,
-                 FC_MSTORE_PS256, _mm256_storeu_ps, _mm256_loadu_ps, _mm256_setzero_ps(),
+                 FC_MLOAD_PS256, FC_MSTORE_PS256, _mm256_storeu_ps, _mm256_loadu_ps,
                  FC_EVEN_PS256)
 FC_IM2COL_PADDED(fc_im2colp_d_256_pad, double, __m256d, 4, FC_T256, __m256i, fc_lanes_i64,
-                 FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_loadu_pd, _mm256_setzero_pd(),
+                 FC_MLOAD_PD256, FC_MSTORE_PD256, _mm256_storeu_pd, _mm256_loadu_pd,
                  FC_EVEN_PD256)
 
 static int fc_gemm_init(void) {
