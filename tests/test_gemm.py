@@ -161,6 +161,47 @@ def test_conv2d_padded_rows_and_their_fallback(level, dtype):
         close(fc.conv2d(x, wt, **kw), ref.conv2d_taps(x, wt, **kw), dtype)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("blocks", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv2d_fused_relu(level, blocks, dtype):
+    """conv2d followed by max(y, 0) in the same call (nn.Sequential's Conv2d -> ReLU): in
+    each work item (whole images or one-panel blocks), after the BLAS path's GEMMs, or one
+    pass after Winograd, depthwise and 1x1 convolutions, also into an out= that overlaps x;
+    against the reference with np.maximum (NaN stays NaN, -0 becomes +0)."""
+    from fastconv.functional import _conv2d
+    old = _kernels.set_gemm_block(blocks)
+    try:
+        rng = np.random.default_rng(9)
+        for (n, c, h, w), (l, k), kw in (((2, 5, 9, 13), (11, 3), dict(padding=1, stride=2)),
+                                         ((1, 3, 14, 14), (9, 5), dict(padding=2)),
+                                         ((2, 16, 6, 6), (16, 3), dict(padding=1)),
+                                         ((2, 4, 5, 5), (4, 3), dict(padding=1, groups=4)),
+                                         ((2, 6, 4, 4), (3, 1), dict())):
+            x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+            x[0, 0, 1, 1] = np.nan
+            wt = rng.uniform(-1, 1, (l, c // kw.get("groups", 1), k, k)).astype(dtype)
+            b = rng.uniform(-1, 1, l).astype(dtype)
+            kwargs = dict(stride=1, padding=0, dilation=1, groups=1)
+            kwargs.update(kw)
+            args = [kwargs[a] for a in ("stride", "padding", "dilation", "groups")]
+            expected = np.maximum(ref.conv2d_taps(x, wt, b, **kw), 0)
+            nan = np.isnan(expected)
+
+            def check(y):
+                np.testing.assert_array_equal(np.isnan(y), nan)
+                close(np.where(nan, 0, y), np.where(nan, 0, expected), dtype)
+                assert nan.any() and (y == 0).any() and not np.signbit(y).any()
+
+            check(_conv2d(x, wt, b, *args, None, True))
+            if l == c and kw.get("stride", 1) == 1 and k % 2:    # same shape: out=x
+                xo = x.copy()
+                assert _conv2d(xo, wt, b, *args, xo, True) is xo
+                check(xo)
+    finally:
+        _kernels.set_gemm_block(old)
+
+
 def test_conv2d_writes_nothing_outside_out(level):
     """The masked tails store nothing past the output: out= inside a larger array keeps the
     values around it."""

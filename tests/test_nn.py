@@ -258,6 +258,43 @@ def test_sequential_cnn_gradients_against_finite_differences():
         assert_grad_close(analytic[name], numeric_grad(loss, p.data), name)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sequential_fuses_conv2d_relu_with_the_same_numbers(dtype):
+    """Sequential runs Conv2d -> ReLU as one fused call (the ReLU inside the convolution's
+    work items, or one in-place pass for Winograd and depthwise); outputs and gradients are
+    bit for bit those of the layers run one by one, with NaN, -0 and negative values."""
+    rng = np.random.default_rng(8)
+    for conv, shape in ((nn.Conv2d(3, 12, 5, padding=2, dtype=dtype, rng=1), (3, 3, 9, 11)),
+                        (nn.Conv2d(16, 16, 3, padding=1, dtype=dtype, rng=2), (2, 16, 8, 8)),
+                        (nn.Conv2d(6, 6, 3, padding=1, groups=6, dtype=dtype, rng=3),
+                         (2, 6, 7, 7)),
+                        (nn.Conv2d(8, 5, 1, bias=False, dtype=dtype, rng=4), (2, 8, 6, 6)),
+                        (nn.Conv2d(4, 7, 3, stride=2, dtype=dtype, rng=5), (1, 4, 9, 9))):
+        relu, flat = nn.ReLU(), nn.Flatten()
+        model = nn.Sequential(conv, relu, flat)
+        x = rng.uniform(-1, 1, shape).astype(dtype)
+        x[0, 0, 1, 1] = np.nan
+        x[-1, -1] = -0.0
+        y = model(x)
+        expected = np.maximum(conv.forward(x), 0, dtype=dtype).reshape(y.shape)
+        np.testing.assert_array_equal(y, expected)
+        np.testing.assert_array_equal(np.signbit(y), np.signbit(expected))
+        assert np.isnan(y).any() and (y == 0).any()
+        g = rng.uniform(-1, 1, y.shape).astype(dtype)
+        model.zero_grad()
+        model(x)
+        gx = model.backward(g)
+        grads = [p.grad.copy() for p in model.parameters()]
+        model.zero_grad()
+        conv.forward(x)                                   # unfused: one layer at a time
+        relu.forward(conv.forward(x))
+        flat.forward(relu._y)
+        gx1 = conv.backward(relu.backward(flat.backward(g)))
+        np.testing.assert_array_equal(gx, gx1)
+        for a, b in zip(grads, [p.grad for p in model.parameters()]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_double_converts_a_float32_model():
     m32 = small_cnn(np.float32, rng=4)
     m64 = small_cnn(np.float32, rng=4).double()

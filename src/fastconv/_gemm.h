@@ -12,7 +12,8 @@
  *   AVX-512F: float MR 8 x NR 32, double 8 x 16 (16 accumulators of 32)
  *   AVX2+FMA: float MR 6 x NR 16, double 6 x 8  (12 accumulators of 16)
  * A last panel of at most NR/2 columns goes through a half-width kernel (NV = 1: on a 196-pixel
- * image the 4-column tail cost a whole 32-wide kernel, 1/7 of the work, before).
+ * image the 4-column tail cost a whole 32-wide kernel, 1/7 of the work, before), and at the
+ * AVX-512 level one of at most NR/4 columns through a quarter-width one (256-bit vectors).
  * Columns past N in the last panel are masked (B is never read, nor C written, beyond N); rows
  * past M come from zero rows of the packed A and are not stored.  K is split in blocks of
  * FC_GEMM_KC so that the NR-wide strip of B a micro-kernel streams stays in L1 across the
@@ -120,6 +121,19 @@ FC_UKR(fc_ukrh_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_l
 FC_UKR(fc_ukrh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512)
 
+/* AVX-512 quarter-width kernels (256-bit vectors, AVX-512VL masks) for a last panel of at most
+ * NR/4 columns: LeNet's 14x14 images leave 4 columns after six 32-wide panels, and the 16-wide
+ * half kernel spent 7 % of conv2 on them. */
+#define FC_T512VL __attribute__((target("avx512f,avx512vl,fma")))
+#define FC_MLOAD_PS512Q(p, m) _mm256_maskz_loadu_ps((m), (p))
+#define FC_MSTORE_PS512Q(p, m, v) _mm256_mask_storeu_ps((p), (m), (v))
+#define FC_MLOAD_PD512Q(p, m) _mm256_maskz_loadu_pd((m), (p))
+#define FC_MSTORE_PD512Q(p, m, v) _mm256_mask_storeu_pd((p), (m), (v))
+FC_UKR(fc_ukrq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q)
+FC_UKR(fc_ukrq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q)
+
 /* ---- AVX2+FMA: masks are integer vectors ---- */
 #define FC_T256 __attribute__((target("avx2,fma")))
 #define FC_MLOAD_PS256(p, m) _mm256_maskload_ps((p), (m))
@@ -163,12 +177,14 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
 
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
-#define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, MR, NR, MTYPE, MKMASK)                               \
+#define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK, HASQ)   \
 static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
                  const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias, int acc) {      \
     T init[MR];                                                                                 \
     MTYPE mk[2];                                                                                \
+    QMTYPE qmk[2];                                                                              \
     MKMASK(0, mk);                                                                              \
+    QMASK(0, qmk);                                                                              \
     for (ptrdiff_t pc = 0; pc < K; pc += FC_GEMM_KC) {                                          \
         ptrdiff_t kc = K - pc < FC_GEMM_KC ? K - pc : FC_GEMM_KC;                               \
         int first = (pc == 0 && !acc);                                                          \
@@ -177,28 +193,37 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
             int half = n1 - jr <= NR / 2;        /* a tail of half a panel or less */           \
             if (masked) MKMASK(n1 - jr, mk);                                                    \
             if (half) masked = n1 - jr < NR / 2;                                                \
+            int quarter = HASQ && n1 - jr <= NR / 4;     /* a quarter panel or less */          \
+            if (quarter) {                                                                      \
+                masked = n1 - jr < NR / 4;                                                      \
+                QMASK(n1 - jr, qmk);                                                            \
+            }                                                                                   \
             for (ptrdiff_t ir = 0; ir < M; ir += MR) {                                          \
                 int mr = M - ir < MR ? (int)(M - ir) : MR;                                      \
                 if (first) {                                                                    \
                     for (int r = 0; r < MR; r++)                                                \
                         init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
                 }                                                                               \
-                (half ? UKRH : UKR)(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb,          \
-                                    C + ir * ldc + jr, ldc, first ? init : NULL, mr, masked,    \
-                                    mk);                                                        \
+                if (quarter)                                                                    \
+                    UKRQ(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb, C + ir * ldc + jr,  \
+                         ldc, first ? init : NULL, mr, masked, qmk);                            \
+                else                                                                            \
+                    (half ? UKRH : UKR)(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb,      \
+                                        C + ir * ldc + jr, ldc, first ? init : NULL, mr,        \
+                                        masked, mk);                                            \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
 }
 
-FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, 8, 32, __mmask16,
-               fc_mask512_16)
-FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, 8, 16, __mmask8,
-               fc_mask512_8)
-FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, 6, 16, __m256i,
-               fc_mask256_32)
-FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, 6, 8, __m256i,
-               fc_mask256_64)
+FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, fc_ukrq_f_512, 8, 32,
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1)
+FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, 8, 16,
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1)
+FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, 6, 16,
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0)
+FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, 6, 8,
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0)
 
 /* Columns [p0, p0 + n) of im2col (n <= ld): col[(c, kh, kw), j] =
  * x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] for the output pixel p0 + j = oh*OW + ow, and 0

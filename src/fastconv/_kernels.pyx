@@ -442,8 +442,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                    floating[:, ::1] scratch, floating[::1] wpack,
                    Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                    Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
-                   bint has_bias, int num_threads):
-    """out = conv2d(x, weight) (+ bias); pH/pW are the top/left paddings.
+                   bint has_bias, int num_threads, bint relu=False):
+    """out = conv2d(x, weight) (+ bias), then max(out, 0) when relu (each work item's block
+    while it is still in cache); pH/pW are the top/left paddings.
 
     scratch: (threads, Cg*kH*kW*OH*OW) for BLAS, (threads, gemm_block_scratch(...)) for the
     own GEMM; unused (may have 0 columns) for 1x1 stride-1 unpadded.
@@ -488,7 +489,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
             for item in prange(N * groups * nblk, schedule='dynamic', chunksize=1):
                 conv_block(xp, Ap, bp, op, col, item // nblk, (item % nblk) * nb, nb, C, Cg,
                            H, W, L, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, groups,
-                           has_bias, direct, psz)
+                           has_bias, direct, psz, relu)
         return
     if not direct and ncol < K * ld:
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
@@ -500,6 +501,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
             conv_item(xp + (n * C + g * Cg) * H * W, wp + g * Lg * K,
                       bp + g * Lg if has_bias else NULL, op + (n * L + g * Lg) * P, col,
                       Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct)
+            if relu:
+                relu_rows(op + (n * L + g * Lg) * P, 1, 0, Lg * P)
 
 
 cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
@@ -508,7 +511,7 @@ cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
                      Py_ssize_t Lg, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
                      Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
                      Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t groups,
-                     bint has_bias, bint direct, Py_ssize_t psz) noexcept nogil:
+                     bint has_bias, bint direct, Py_ssize_t psz, bint relu) noexcept nogil:
     """Output columns [p0, p0 + nb) of item ng = n * groups + g of the forward convolution
     by the own GEMM: their im2col into col (K rows, col_ld(nb) apart), then the GEMM."""
     cdef Py_ssize_t n = ng // groups, g = ng % groups, K = Cg * kH * kW, P = OH * OW
@@ -520,9 +523,11 @@ cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
     cdef floating* out = op + (n * L + g * Lg) * P
     if direct:
         own_gemm(Lg, p0, p0 + w, K, A, x, P, out, P, b, False)
-        return
-    im2col_panel(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, w, col, ld)
-    own_gemm(Lg, 0, w, K, A, col, ld, out + p0, P, b, False)
+    else:
+        im2col_panel(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, w, col, ld)
+        own_gemm(Lg, 0, w, K, A, col, ld, out + p0, P, b, False)
+    if relu:
+        relu_rows(out + p0, Lg, P, w)
 
 
 cdef extern from "_winograd.h":
@@ -1243,6 +1248,28 @@ cdef void relu_backward_block(const floating* y, const floating* g, floating* ou
         yv = y[i]
         gv = g[i]
         out[i] = z if yv <= 0 else gv
+
+
+cdef void relu_rows(floating* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t n) noexcept nogil:
+    """y[r * ld + j] = max(y, 0) for r < rows, j < n, as nn.ReLU (np.maximum(y, 0)): NaN stays
+    NaN, -0 becomes +0."""
+    cdef Py_ssize_t r, j
+    cdef floating v, z = 0
+    cdef floating* row
+    for r in range(rows):
+        row = y + r * ld
+        for j in range(n):
+            v = row[j]
+            row[j] = v if ((v > z) | (v != v)) else z
+
+
+def relu_inplace(floating[::1] y, int num_threads):
+    """y = max(y, 0) in place (relu_rows), in blocks of 16384 values over the threads."""
+    cdef Py_ssize_t n = y.shape[0], blk = 16384, nblk = (n + blk - 1) // blk, b
+    cdef floating* yp = &y[0]
+    with nogil:
+        for b in prange(nblk, schedule='static', num_threads=num_threads):
+            relu_rows(yp + b * blk, 1, 0, min(blk, n - b * blk))
 
 
 def sum_rows(const floating[:, ::1] part, floating[::1] out):

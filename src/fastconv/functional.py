@@ -455,7 +455,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
     array([[10., 18.],
            [42., 50.]], dtype=float32)
     """
-    fn = "conv2d"
+    return _conv2d(x, weight, bias, stride, padding, dilation, groups, out, False)
+
+
+def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, fn="conv2d"):
+    """conv2d, followed by max(y, 0) when relu: fused into the own GEMM's work items (the
+    block is still in cache), else one in-place pass; nn.Sequential uses it for Conv2d ->
+    ReLU."""
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
     b = _bias(bias, geo["L"], fn)
@@ -473,14 +479,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
     if _is_depthwise(geo, weight):
         _kernels.depthwise_forward(xc, wc, bc, out, sH, sW, pad[0], pad[2], dH, dW,
                                    b is not None, _team(N * L, N * L * OH * OW * K))
-        return done(out)
+        return done(_relu_inplace(out) if relu else out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     wino_team = _team(16 * N * g, N * L * OH * OW * K)
     if _use_winograd(geo, weight):
         # fewer images than threads: the kernel shares each image's work among them
         with blas_threads(1):
             _winograd(xc, wc, bc, out, pad[0], pad[2], g, wino_team, dt, fn)
-        return done(out)
+        return done(_relu_inplace(out) if relu else out)
     ncol = 0 if _is_direct(geo, x) else K * _col_ld(OH * OW, dt)
     wpack = _wpack(L // g, K, g, dt, fn)
     if wpack.size:
@@ -493,8 +499,14 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
     scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):
         _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
-                                dH, dW, g, b is not None, team)
+                                dH, dW, g, b is not None, team, relu)
     return done(out)
+
+
+def _relu_inplace(y):
+    """y = max(y, 0) in place (as nn.ReLU: NaN stays, -0 becomes +0); returns y."""
+    _kernels.relu_inplace(y.reshape(-1), _team(-(-y.size // 16384), y.size))
+    return y
 
 
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1, *,

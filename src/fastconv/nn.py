@@ -317,8 +317,19 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        for m in self._modules.values():
-            x = m(x)
+        mods = list(self._modules.values())
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            if i + 1 < len(mods) and type(m) is Conv2d and type(mods[i + 1]) is ReLU:
+                # Conv2d -> ReLU in one kernel call: the ReLU is applied to each block of
+                # the convolution's output while it is in cache, and no second array is made;
+                # the ReLU layer keeps that output for its backward, as if it had run
+                x = mods[i + 1]._y = m._forward(x, relu=True)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
         return x
 
     def backward(self, grad_out, *, need_input_grad=True):
@@ -376,13 +387,20 @@ class _ConvNd(Module):
     _skips_input_grad = True
 
     def forward(self, x):
+        return self._forward(x)
+
+    def _forward(self, x, relu=False):
         name = type(self).__name__
         x = _check_channels(f"{name}({self.in_channels}, {self.out_channels})", x,
                             self.in_channels)
         _check_dtype(name, x, self.weight.dtype)
         self._x = x
-        return self._forward_fn(x, self.weight.data,
-                                None if self.bias is None else self.bias.data, **self._kw())
+        b = None if self.bias is None else self.bias.data
+        if relu:     # Conv2d only (Sequential): max(conv, 0) fused into the kernel call
+            kw = self._kw()
+            return F._conv2d(x, self.weight.data, b, kw["stride"], kw["padding"],
+                             kw["dilation"], kw["groups"], None, True)
+        return self._forward_fn(x, self.weight.data, b, **self._kw())
 
     def backward(self, grad_out, *, need_input_grad=True):
         x = self._cached("_x")
