@@ -112,6 +112,9 @@ def test_conv2d_big_shapes_match_reference(level, data):
     (3, 260, 5, 6, 10, 1, 0), (1, 1, 1, 1, 1, 1, 0), (2, 5, 3, 3, 8, 3, 4),
     # 48 and 24 pixels: last panels of exactly half the width (unmasked half-width kernel)
     (2, 7, 4, 12, 19, 3, 1), (2, 7, 2, 12, 19, 3, 1),
+    # 40 and 196 pixels: last panels of a quarter of the width or less (AVX-512's 256-bit
+    # quarter kernel: 8 floats unmasked, 4 floats / 4 doubles)
+    (2, 9, 5, 8, 13, 3, 1), (1, 20, 14, 14, 17, 5, 2),
 ])
 def test_conv2d_edges_match_reference(level, threads, dtype, shape):
     n, c, h, w, l, k, p = shape
