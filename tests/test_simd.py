@@ -231,6 +231,35 @@ def test_max_pool_3x3_stride2_forward(level, dtype, pad, ceil_mode):
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_col2im_stride2_tap_pairs(level, dtype):
+    """col2im with stride 2 along the width adds taps kw and kw + 1 in one interleaved pass
+    (fc_col2im_pair) over their common columns, the rest one by one: transposed
+    convolutions (its forward) and conv2d's input gradient with even and odd kernel widths,
+    paddings that clip either tap, output_padding, and widths from one column up, against
+    the reference."""
+    r = np.random.default_rng(13)
+    with simd(level):
+        for w in (1, 2, 3, 5, 8, 9, 16, 17, 33):
+            for k, p, op in ((4, 1, 0), (2, 0, 1), (3, 1, 1), (5, 2, 0), (4, 2, 1), (1, 0, 0)):
+                if op >= 2 or (w - 1) * 2 - 2 * p + k + op < 1:
+                    continue
+                x = r.uniform(-1, 1, (2, 3, 3, w)).astype(dtype)
+                wt = r.uniform(-1, 1, (3, 2, 2, k)).astype(dtype)
+                kw = dict(stride=(1, 2), padding=(0, p), output_padding=(0, op))
+                close(fc.conv_transpose2d(x, wt, **kw), ref.conv_transpose2d(x, wt, **kw),
+                      dtype)
+                wc = r.uniform(-1, 1, (4, 3, 2, k)).astype(dtype)
+                ckw = dict(stride=(1, 2), padding=(0, p))
+                if w + 2 * p < k:
+                    continue
+                y = fc.conv2d(x, wc, **ckw)
+                gy = r.uniform(-1, 1, y.shape).astype(dtype)
+                gx = fc.conv2d_backward(gy, x, wc, **ckw)[0]
+                close(gx, ref.conv2d_backward(gy, x, wc, **ckw)[0], dtype)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_winograd_transforms(level, dtype, monkeypatch):
     """The Winograd transforms (_winograd.h, compiled for both levels): runs of interior
     tiles (vectorised across tiles) beside edge tiles, odd output sizes, paddings 0-2 and

@@ -937,4 +937,27 @@ static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_
     FC_PICK(fc_maxpool33s2_d, x, H, W, OH, OW, pH, pW, out);
 }
 
+/* col2im's scatter-add for stride 2 along the width, two adjacent taps (kw, kw + 1) at once:
+   d[2i] += a[i], d[2i + 1] += b[i], which interleaves into contiguous vector adds instead of
+   the stride-2 scalar adds one tap at a time (a quarter of a transposed convolution's time). */
+#define FC_COL2IM_PAIR(T, NAME, ATTR)                                                        \
+ATTR static void NAME(T* restrict d, const T* restrict a, const T* restrict b, ptrdiff_t n) { \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                      \
+        d[2 * i] += a[i];                                                                    \
+        d[2 * i + 1] += b[i];                                                                \
+    }                                                                                        \
+}
+FC_COL2IM_PAIR(float, fc_col2im_pair_f_base, )
+FC_COL2IM_PAIR(double, fc_col2im_pair_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_COL2IM_PAIR(float, fc_col2im_pair_f_avx2, FC_AVX2)
+FC_COL2IM_PAIR(double, fc_col2im_pair_d_avx2, FC_AVX2)
+#endif
+static void fc_col2im_pair_f(float* d, const float* a, const float* b, ptrdiff_t n) {
+    FC_PICK(fc_col2im_pair_f, d, a, b, n);
+}
+static void fc_col2im_pair_d(double* d, const double* a, const double* b, ptrdiff_t n) {
+    FC_PICK(fc_col2im_pair_d, d, a, b, n);
+}
+
 #endif /* FASTCONV_SIMD_H */
