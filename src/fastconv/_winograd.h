@@ -24,6 +24,10 @@
 #include <stddef.h>
 #include "_simd.h"      /* FC_AVX2, FC_PICK */
 
+/* values of the padded-row buffer of the input transform (32 KiB of floats: on the stack of
+ * whichever thread runs it) */
+#define FC_WINO_PAD_VALS 8192
+
 #define FC_WINO(T, SUF, ATTR)                                                                \
 ATTR static void fc_wino_weights_##SUF(const T* w, ptrdiff_t L, ptrdiff_t C, T* U) {              \
     /* U = G g G^T for every (l, c), 64 channels at a time: their 9 taps are first gathered */ \
@@ -93,11 +97,100 @@ ATTR static inline void fc_wino_in_row_##SUF(const T* restrict x0, ptrdiff_t W, 
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \
+/* V for tiles q in [ta, ta + n) of one tile row from the split rows (E, O) r0..r3: the */    \
+/* 16 planes as separate restrict pointers (one base with 16 offsets CT apart made gcc give */  \
+/* up: more alias checks than it versions for) */                                               \
+ATTR static inline void fc_wino_in_tiles_##SUF(const T* restrict e0, const T* restrict e1,     \
+        const T* restrict e2, const T* restrict e3, const T* restrict o0,                    \
+        const T* restrict o1, const T* restrict o2, const T* restrict o3, ptrdiff_t n,       \
+        ptrdiff_t ta, T* restrict v0, T* restrict v1, T* restrict v2, T* restrict v3,        \
+        T* restrict v4, T* restrict v5, T* restrict v6, T* restrict v7, T* restrict v8,      \
+        T* restrict v9, T* restrict v10, T* restrict v11, T* restrict v12, T* restrict v13,  \
+        T* restrict v14, T* restrict v15) {                                                  \
+    e0 += ta; e1 += ta; e2 += ta; e3 += ta; o0 += ta; o1 += ta; o2 += ta; o3 += ta;          \
+    for (ptrdiff_t q = 0; q < n; q++) {       /* tile columns 2q .. 2q + 3 of row i: */      \
+        T r[4][4];                            /* E_i[q], O_i[q], E_i[q + 1], O_i[q + 1] */   \
+        T d[4][4] = {{e0[q], o0[q], e0[q + 1], o0[q + 1]}, {e1[q], o1[q], e1[q + 1], o1[q + 1]}, \
+                     {e2[q], o2[q], e2[q + 1], o2[q + 1]}, {e3[q], o3[q], e3[q + 1], o3[q + 1]}}; \
+        for (int j = 0; j < 4; j++) {                                      /* r = B^T d */   \
+            r[0][j] = d[0][j] - d[2][j];                                                     \
+            r[1][j] = d[1][j] + d[2][j];                                                     \
+            r[2][j] = d[2][j] - d[1][j];                                                     \
+            r[3][j] = d[1][j] - d[3][j];                                                     \
+        }                                                                  /* r B */         \
+        v0[q] = r[0][0] - r[0][2]; v1[q] = r[0][1] + r[0][2];                                \
+        v2[q] = r[0][2] - r[0][1]; v3[q] = r[0][1] - r[0][3];                                \
+        v4[q] = r[1][0] - r[1][2]; v5[q] = r[1][1] + r[1][2];                                \
+        v6[q] = r[1][2] - r[1][1]; v7[q] = r[1][1] - r[1][3];                                \
+        v8[q] = r[2][0] - r[2][2]; v9[q] = r[2][1] + r[2][2];                                \
+        v10[q] = r[2][2] - r[2][1]; v11[q] = r[2][1] - r[2][3];                              \
+        v12[q] = r[3][0] - r[3][2]; v13[q] = r[3][1] + r[3][2];                              \
+        v14[q] = r[3][2] - r[3][1]; v15[q] = r[3][1] - r[3][3];                              \
+    }                                                                                        \
+}                                                                                            \
+/* The same V through a zero-padded copy of the input rows of up to a buffer's worth of tile */ \
+/* rows at a time, each row stored split into its even and odd columns (E, O): tile q of a */   \
+/* row then reads E[q], O[q], E[q + 1], O[q + 1], contiguous across tiles, so the loop over */  \
+/* tiles vectorises (fc_wino_in_row's stride-2 loads did not), and no tile takes the */        \
+/* bounds-checked path (the first and last tile rows and columns of a padded image: a */       \
+/* quarter of a 32x32 image's tiles).  The padding is zeroed once per block of rows, then */   \
+/* only the image's values are copied for each channel.  Returns 0 (nothing written) when */   \
+/* one tile row's padded rows do not fit. */                                                   \
+ATTR static int fc_wino_input_padded_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,  \
+        ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, T* V,          \
+        ptrdiff_t CT) {                                                                      \
+    T buf[FC_WINO_PAD_VALS];                                                                 \
+    const ptrdiff_t S = TW + 1, Wp = 2 * S, rows = (FC_WINO_PAD_VALS / Wp - 2) / 2;           \
+    if (nt <= 0 || rows < 1)                                                                 \
+        return 0;                                                                            \
+    /* padded column u = 2i (E[i]) or 2i + 1 (O[i]) holds x[.., u - pW] inside the image */   \
+    const ptrdiff_t ua = pW > 0 ? pW : 0, ub = W + pW < Wp ? W + pW : Wp;                    \
+    const ptrdiff_t ia = (ua + 1) / 2, ib = ub / 2;     /* pairs wholly inside: [ia, ib) */  \
+    const ptrdiff_t tha = t0 / TW, thz = (t0 + nt - 1) / TW;                                 \
+    for (ptrdiff_t th0 = tha; th0 <= thz; th0 += rows) {                                     \
+        const ptrdiff_t th1 = thz - th0 + 1 < rows ? thz + 1 : th0 + rows;                   \
+        const ptrdiff_t R = 2 * (th1 - th0) + 2, ih0 = 2 * th0 - pH;                         \
+        const ptrdiff_t ra = ih0 < 0 ? -ih0 : 0, rb = H - ih0 < R ? H - ih0 : R;             \
+        for (ptrdiff_t i = 0; i < R * Wp; i++) buf[i] = (T)0;                                \
+        for (ptrdiff_t c = 0; c < C; c++) {                                                  \
+            const T* xc = x + c * H * W;                                                     \
+            for (ptrdiff_t r = ra; r < rb; r++) {                                            \
+                const T* restrict xr = xc + (ih0 + r) * W - pW;   /* xr[u]: column u */      \
+                T* restrict E = buf + r * Wp;                                                \
+                T* restrict O = E + S;                                                       \
+                for (ptrdiff_t i = ia; i < ib; i++) {                                        \
+                    E[i] = xr[2 * i];                                                        \
+                    O[i] = xr[2 * i + 1];                                                    \
+                }                                                                            \
+                if (ua & 1) O[ua / 2] = xr[ua];                 /* odd first column */       \
+                if (ub & 1) E[ub / 2] = xr[ub - 1];             /* even last column */       \
+            }                                                                                \
+            T* vc = V + c * nt - t0;                                                         \
+            for (ptrdiff_t th = th0; th < th1; th++) {                                       \
+                ptrdiff_t ta = th * TW < t0 ? t0 - th * TW : 0;                              \
+                ptrdiff_t tb = (th + 1) * TW > t0 + nt ? t0 + nt - th * TW : TW;             \
+                const T* restrict e0 = buf + 2 * (th - th0) * Wp;                            \
+                const T* restrict e1 = e0 + Wp;                                              \
+                const T* restrict e2 = e1 + Wp;                                              \
+                const T* restrict e3 = e2 + Wp;                                              \
+                T* vt = vc + th * TW + ta;                                                   \
+                fc_wino_in_tiles_##SUF(e0, e1, e2, e3, e0 + S, e1 + S, e2 + S, e3 + S,       \
+                    tb - ta, ta, vt, vt + CT, vt + 2 * CT, vt + 3 * CT, vt + 4 * CT,         \
+                    vt + 5 * CT, vt + 6 * CT, vt + 7 * CT, vt + 8 * CT, vt + 9 * CT,         \
+                    vt + 10 * CT, vt + 11 * CT, vt + 12 * CT, vt + 13 * CT, vt + 14 * CT,    \
+                    vt + 15 * CT);                                                           \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    return 1;                                                                                \
+}                                                                                            \
 ATTR static void fc_wino_input_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,          \
                                 ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0,     \
                                 ptrdiff_t nt, T* V, ptrdiff_t CT) {                          \
     /* tiles tw in [twa, twb) have all four columns in the image */                        \
     /* (within the tile row: twb <= TW; pW < 0 crops, as grad_x's convolution does) */      \
+    if (fc_wino_input_padded_##SUF(x, C, H, W, pH, pW, TW, t0, nt, V, CT))                  \
+        return;                                                                              \
     const ptrdiff_t twa = pW > 0 ? (pW + 1) / 2 : 0;                                         \
     ptrdiff_t twb = W - 4 + pW >= 0 ? (W - 4 + pW) / 2 + 1 : 0;                              \
     twb = twb < TW ? twb : TW;                                                               \
