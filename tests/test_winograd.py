@@ -121,3 +121,26 @@ def test_winograd_backward_grad_x(n, cg, lg, groups, h, w, ph, pw, need_w, dtype
     if need_w:
         close(got[1], want[1], np.dtype(dtype))
     close(got[2], want[2], np.dtype(dtype))
+
+
+
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("h,w", [(30, 600), (9, 1001), (5, 2800)])
+def test_winograd_wide_images(dtype, h, w):
+    """Wide images: the input transform's zero-padded copy in blocks of tile rows (600 and
+    1001 wide) and, when one tile row's padded rows do not fit (2800), the bounds-checked
+    path; forward and grad_x (the correlation of grad_out with the flipped, transposed
+    kernel, padding 2 - p), against the reference."""
+    r = np.random.default_rng(h + w)
+    x = r.uniform(-1, 1, (1, 2, h, w)).astype(dtype)
+    wt = r.uniform(-1, 1, (3, 2, 3, 3)).astype(dtype)
+    flipped = np.ascontiguousarray(wt[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    for p in ((1, 1), (0, 2), (2, 0)):
+        geo = F._conv_setup("t", x, wt, 1, p, 1, 1)
+        assert F._use_winograd(geo, wt)
+        close(fc.conv2d(x, wt, padding=p), ref.conv2d_taps(x, wt, padding=p), np.dtype(dtype))
+        gy = r.uniform(-1, 1, (1, 3, geo["OH"], geo["OW"])).astype(dtype)
+        got = fc.conv2d_backward(gy, x, wt, padding=p, output_mask=(True, False, False))[0]
+        close(got, ref.conv2d_taps(gy, flipped, padding=(2 - p[0], 2 - p[1])),
+              np.dtype(dtype))
