@@ -557,8 +557,10 @@ cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
 
 
 cdef extern from "_winograd.h":
-    void fc_wino_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, float* U) nogil
-    void fc_wino_weights_d(const double* w, Py_ssize_t L, Py_ssize_t C, double* U) nogil
+    void fc_wino_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
+                           Py_ssize_t l1, float* U) nogil
+    void fc_wino_weights_d(const double* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
+                           Py_ssize_t l1, double* U) nogil
     bint fc_wino_finite_f(const float* x, Py_ssize_t n) nogil
     bint fc_wino_finite_d(const double* x, Py_ssize_t n) nogil
     void fc_wino_input_f(const float* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
@@ -704,16 +706,24 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     if ncol < 16 * (NT * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * col_ld(P, sizeof(floating)) or \
             scratch.shape[0] < num_threads:
         raise ValueError("conv2d_winograd_forward: scratch too small")
-    with nogil:
-        for g in range(groups):
-            if floating is float:
-                fc_wino_weights_f(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
-            else:
-                fc_wino_weights_d(wp + g * Lg * Cg * 9, Lg, Cg, up + g * 16 * Lg * Cg)
     if psz > 0 and upack.shape[0] >= 16 * groups * psz:
         Up = &upack[0]
-        with nogil:
-            for xi in range(16 * groups):
+    # the weights' transform and packing: shared by the threads when the images are fewer
+    # than the threads (batch-1 latency: they were a tenth of the call, run serially)
+    cdef int wthreads = num_threads if N * groups < num_threads else 1
+    cdef Py_ssize_t nlb = (Lg + 7) // 8, blk, l0
+    with nogil, parallel(num_threads=wthreads):
+        for blk in prange(groups * nlb, schedule='static'):
+            g = blk // nlb
+            l0 = (blk % nlb) * 8
+            if floating is float:
+                fc_wino_weights_f(wp + g * Lg * Cg * 9, Lg, Cg, l0, min(l0 + 8, Lg),
+                                  up + g * 16 * Lg * Cg)
+            else:
+                fc_wino_weights_d(wp + g * Lg * Cg * 9, Lg, Cg, l0, min(l0 + 8, Lg),
+                                  up + g * 16 * Lg * Cg)
+        if Up != NULL:
+            for xi in prange(16 * groups, schedule='static'):
                 pack_a(up + xi * Lg * Cg, Cg, 1, Lg, Cg, Up + xi * psz)
     if N * groups < num_threads:
         # fewer items than threads (batch-1 latency): the threads share each item's

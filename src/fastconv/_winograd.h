@@ -29,13 +29,15 @@
 #define FC_WINO_PAD_VALS 8192
 
 #define FC_WINO(T, SUF, ATTR)                                                                \
-ATTR static void fc_wino_weights_##SUF(const T* w, ptrdiff_t L, ptrdiff_t C, T* U) {              \
+ATTR static void fc_wino_weights_##SUF(const T* w, ptrdiff_t L, ptrdiff_t C, ptrdiff_t l0,      \
+                                        ptrdiff_t l1, T* U) {                               \
     /* U = G g G^T for every (l, c), 64 channels at a time: their 9 taps are first gathered */ \
     /* into rows (g[j][c]), so that the arithmetic and the 16 stores run along c and */        \
     /* vectorise (the per-(l, c) scalar version was a fifth of a batch-1 convolution) */        \
     const ptrdiff_t LC = L * C;                                                              \
     T g[9][64], t[4][3][64];                                                                 \
-    for (ptrdiff_t l = 0; l < L; l++)                                                        \
+    /* (output channels l0 <= l < l1 of the L: threads split them for a batch of one) */    \
+    for (ptrdiff_t l = l0; l < l1; l++)                                                      \
         for (ptrdiff_t c0 = 0; c0 < C; c0 += 64) {                                           \
             ptrdiff_t nc = C - c0 < 64 ? C - c0 : 64;                                        \
             const T* src = w + (l * C + c0) * 9;                                             \
@@ -306,8 +308,9 @@ FC_WINO(float, f_avx2, FC_AVX2)
 FC_WINO(double, d_avx2, FC_AVX2)
 #endif
 #define FC_WINO_DISPATCH(T, S)                                                               \
-static void fc_wino_weights_##S(const T* w, ptrdiff_t L, ptrdiff_t C, T* U) {                \
-    FC_PICK(fc_wino_weights_##S, w, L, C, U);                                                \
+static void fc_wino_weights_##S(const T* w, ptrdiff_t L, ptrdiff_t C, ptrdiff_t l0,        \
+                                ptrdiff_t l1, T* U) {                                        \
+    FC_PICK(fc_wino_weights_##S, w, L, C, l0, l1, U);                                        \
 }                                                                                            \
 static int fc_wino_finite_##S(const T* x, ptrdiff_t n) {                                     \
     return FC_PICK(fc_wino_finite_##S, x, n);                                                \
