@@ -304,18 +304,15 @@ TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_
     }                                                                                           \
 }
 
-/* The same columns for stride 1 or 2 along the width, through a zero-padded copy of the input
- * rows the columns need, one channel at a time (FC_PAD_VALS values, stays in L1): every segment
- * is then one unmasked load (two and an even-lane permute for stride 2) and one store, with no
- * bounds arithmetic.  Segments are short on small images (a 14-wide output row: one vector), and
- * there the masked path's per-segment set-up was most of im2col (LeNet's conv2: 26 % of the
- * convolution).  Returns 0 (nothing written) when the rows do not fit. */
+/* A vector of im2col values from the padded rows: LANES consecutive columns for stride 1, the
+ * even lanes of 2 * LANES for stride 2 (sW is the caller's) */
+#define FC_PAD_LOAD(SRC, LANES, LOADU, EVEN)                                                    \
+    (sW == 1 ? LOADU(SRC) : EVEN(LOADU(SRC), LOADU((SRC) + LANES)))
 /* seg values from src (in the padded rows) to dst + j: whole vectors where they stay within
  * the row's ld values (the excess is overwritten by the next segment or unused), else masked */
-#define FC_PAD_SEGMENT(SRC, SEG, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK)                                                           \
+#define FC_PAD_SEGMENT(SRC, SEG, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK)                    \
     for (ptrdiff_t q = 0; q < (SEG); q += LANES) {                                              \
-        VT v = sW == 1 ? LOADU((SRC) + q)                                                       \
-                       : EVEN(LOADU((SRC) + 2 * q), LOADU((SRC) + 2 * q + LANES));              \
+        VT v = FC_PAD_LOAD((SRC) + q * sW, LANES, LOADU, EVEN);                                 \
         if (j + q + LANES <= ld)                                                                \
             STOREU(dst + j + q, v);                                                             \
         else                                                                                    \
@@ -328,6 +325,12 @@ TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_
 #else
 #define FC_NO_LIBCALLS
 #endif
+/* The same columns for stride 1 or 2 along the width, through a zero-padded copy of the input
+ * rows the columns need, one channel at a time (FC_PAD_VALS values, stays in L1): every segment
+ * is then one unmasked load (two and an even-lane permute for stride 2) and one store, with no
+ * bounds arithmetic.  Segments are short on small images (a 14-wide output row: one vector), and
+ * there the masked path's per-segment set-up was most of im2col (LeNet's conv2: 26 % of the
+ * convolution).  Returns 0 (nothing written) when the rows do not fit. */
 static int fc_im2col_pad_on = 1;   /* 0: always the masked path (tests) */
 #define FC_IM2COL_PADDED(NAME, T, VT, LANES, TGT, MTYPE, MK, MLOADZ, MSTORE, STOREU, LOADU, EVEN) \
 TGT FC_NO_LIBCALLS static int NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,          \
@@ -362,17 +365,17 @@ TGT FC_NO_LIBCALLS static int NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff
                 ptrdiff_t j = 0;                                                                \
                 if (ow00 > 0) {                                     /* a partial first row */   \
                     ptrdiff_t seg = OW - ow00 < n ? OW - ow00 : n;                              \
-                    FC_PAD_SEGMENT(src + ow00 * sW, seg, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK);                                       \
+                    FC_PAD_SEGMENT(src + ow00 * sW, seg, VT, LANES, LOADU, EVEN, STOREU,      \
+                                   MSTORE, MK);                                                 \
                     j = seg;                                                                    \
                     src += rs;                                                                  \
                 }                                                                               \
                 for (; j + OW <= n && j + nv * LANES <= ld; j += OW, src += rs)   /* whole */   \
                     for (ptrdiff_t q = 0; q < nv * LANES; q += LANES)         /* rows */        \
-                        STOREU(dst + j + q, sW == 1 ? LOADU(src + q) : EVEN(LOADU(src + 2 * q), \
-                                                                    LOADU(src + 2 * q + LANES))); \
+                        STOREU(dst + j + q, FC_PAD_LOAD(src + q * sW, LANES, LOADU, EVEN));   \
                 for (; j < n; src += rs) {                          /* the rest, with masks */  \
                     ptrdiff_t seg = OW < n - j ? OW : n - j;                                    \
-                    FC_PAD_SEGMENT(src, seg, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK);                                                   \
+                    FC_PAD_SEGMENT(src, seg, VT, LANES, LOADU, EVEN, STOREU, MSTORE, MK);   \
                     j += seg;                                                                   \
                 }                                                                               \
             }                                                                                   \

@@ -91,9 +91,9 @@ cdef extern from "_simd.h":
     void fc_maxpool33s2_d(const double* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
                           Py_ssize_t OW, int pH, int pW, double* out) nogil
     int FC_MP33_ROW
+    int FC_MP33_BUF
     void fc_col2im_pair_f(float* d, const float* a, const float* b, Py_ssize_t n) nogil
     void fc_col2im_pair_d(double* d, const double* a, const double* b, Py_ssize_t n) nogil
-    int FC_MP33_BUF
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -379,7 +379,7 @@ cdef void col2im(const floating* col, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                  Py_ssize_t OH, Py_ssize_t OW, floating* x, Py_ssize_t ld) noexcept nogil:
     """Adjoint of im2col: x[c, ih, iw] += col[(c, kh, kw), (oh, ow)] (x must be initialised);
     rows of col are ld values apart."""
-    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld, lo1, hi1, a, b
+    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld, lo1, hi1, b
     cdef const floating* src
     cdef floating* dst
     for c in range(C):
@@ -394,19 +394,18 @@ cdef void col2im(const floating* col, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                     # interleaved vector pass (fc_col2im_pair) over their common range
                     # [lo, hi1) (tap kw + 1's range [lo1, hi1) starts and ends no later)
                     valid_range(off + 1, sW, W, OW, &lo1, &hi1)
-                    a = lo
-                    b = hi1 if hi1 > a else a
+                    b = hi1 if hi1 > lo else lo
                     for oh in range(OH):
                         ih = oh * sH - pH + kh * dH
                         if ih >= 0 and ih < H:
                             dst = x + (c * H + ih) * W + off
                             if floating is float:
-                                fc_col2im_pair_f(dst + 2 * a, src + a, src + P + a, b - a)
+                                fc_col2im_pair_f(dst + 2 * lo, src + lo, src + P + lo, b - lo)
                             else:
-                                fc_col2im_pair_d(dst + 2 * a, src + a, src + P + a, b - a)
+                                fc_col2im_pair_d(dst + 2 * lo, src + lo, src + P + lo, b - lo)
                             for ow in range(b, hi):
                                 dst[ow * 2] += src[ow]
-                            for ow in range(lo1, a if a < hi1 else hi1):
+                            for ow in range(lo1, lo if lo < hi1 else hi1):
                                 dst[ow * 2 + 1] += src[P + ow]
                         src += OW
                     kw += 2
