@@ -77,6 +77,25 @@ def test_winograd_non_finite_inputs(dtype):
     close(got[3], want[3], np.dtype(dtype))
 
 
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("h,w", [(16, 16), (16, 32), (32, 32)])
+def test_winograd_padded_tile_rows(dtype, threads, h, w):
+    """Tile counts whose rows of V and M would be a multiple of 512 bytes apart (64 tiles of
+    doubles, 128 or 256 of floats) are laid out one cache line wider (col_ld): the
+    transforms and the 16 GEMMs must agree on that stride, in the per-image path (2 images)
+    and in the batch-1 path that shares an image between the threads."""
+    r = np.random.default_rng(h * w + threads)
+    for n in (1, 2):
+        x = r.uniform(-1, 1, (n, 3, h, w)).astype(dtype)
+        wt = r.uniform(-1, 1, (4, 3, 3, 3)).astype(dtype)
+        b = r.uniform(-1, 1, 4).astype(dtype)
+        with num_threads(threads):
+            got = fc.conv2d(x, wt, b, padding=1)
+        close(got, ref.conv2d(x, wt, b, padding=1), np.dtype(dtype))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_winograd_default_thresholds_bench_shapes(dtype, monkeypatch):
     """The benchmark suite's shapes, at the default thresholds, against the im2col path

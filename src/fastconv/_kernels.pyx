@@ -329,9 +329,9 @@ cdef inline void tap_at(const Py_ssize_t* tab, Py_ssize_t t, Py_ssize_t off, Py_
 
 cdef inline Py_ssize_t col_ld(Py_ssize_t P, Py_ssize_t itemsize) noexcept nogil:
     """Row stride of an im2col matrix of P columns: P, or one cache line more when rows would
-    be a multiple of 2 KiB apart (the GEMM's packing then reads rows that all fall in the
+    be a multiple of 512 bytes apart (the GEMM's packing then reads rows that all fall in the
     same few L1 sets).  functional._col_ld is the same rule."""
-    if (P * itemsize) % 2048 == 0:
+    if (P * itemsize) % 512 == 0:
         return P + 64 // itemsize
     return P
 
@@ -564,16 +564,16 @@ cdef extern from "_winograd.h":
     bint fc_wino_finite_d(const double* x, Py_ssize_t n) nogil
     void fc_wino_input_f(const float* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t t0,
-                         Py_ssize_t nt, float* V, Py_ssize_t vs) nogil
+                         Py_ssize_t nt, Py_ssize_t ld, float* V, Py_ssize_t vs) nogil
     void fc_wino_input_d(const double* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t t0,
-                         Py_ssize_t nt, double* V, Py_ssize_t vs) nogil
+                         Py_ssize_t nt, Py_ssize_t ld, double* V, Py_ssize_t vs) nogil
     void fc_wino_output_f(const float* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
-                          Py_ssize_t nt, Py_ssize_t OH, Py_ssize_t OW, const float* b,
-                          float* out, Py_ssize_t ms) nogil
+                          Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
+                          const float* b, float* out, Py_ssize_t ms) nogil
     void fc_wino_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
-                          Py_ssize_t nt, Py_ssize_t OH, Py_ssize_t OW, const double* b,
-                          double* out, Py_ssize_t ms) nogil
+                          Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
+                          const double* b, double* out, Py_ssize_t ms) nogil
 
 
 cdef enum:
@@ -589,6 +589,7 @@ cdef void winograd_item(const floating* x, const floating* U, const floating* Up
     _winograd.h); an image with an infinity or NaN goes through im2col + GEMM instead, whose
     +-inf / NaN results are those of the definition."""
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, NT = TH * TW, xi, vs, ms
+    cdef Py_ssize_t ld = col_ld(NT, sizeof(floating))
     cdef floating* V = work
     cdef floating* M
     cdef bint ok
@@ -599,47 +600,49 @@ cdef void winograd_item(const floating* x, const floating* U, const floating* Up
     if not ok:
         conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
         return
-    vs = Cg * NT + WINO_PAD
-    ms = Lg * NT + WINO_PAD
+    vs = Cg * ld + WINO_PAD
+    ms = Lg * ld + WINO_PAD
     M = V + 16 * vs
     if floating is float:
-        fc_wino_input_f(x, Cg, H, W, pH, pW, TW, 0, NT, V, vs)
+        fc_wino_input_f(x, Cg, H, W, pH, pW, TW, 0, NT, ld, V, vs)
     else:
-        fc_wino_input_d(x, Cg, H, W, pH, pW, TW, 0, NT, V, vs)
+        fc_wino_input_d(x, Cg, H, W, pH, pW, TW, 0, NT, ld, V, vs)
     for xi in range(16):
-        wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT)
+        wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT, ld)
     if floating is float:
-        fc_wino_output_f(M, Lg, TW, 0, NT, OH, OW, b, out, ms)
+        fc_wino_output_f(M, Lg, TW, 0, NT, ld, OH, OW, b, out, ms)
     else:
-        fc_wino_output_d(M, Lg, TW, 0, NT, OH, OW, b, out, ms)
+        fc_wino_output_d(M, Lg, TW, 0, NT, ld, OH, OW, b, out, ms)
 
 
 cdef void wino_input_channel(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
                              Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t NT, floating* V,
                              Py_ssize_t vs) noexcept nogil:
     if floating is float:
-        fc_wino_input_f(x, 1, H, W, pH, pW, TW, 0, NT, V, vs)
+        fc_wino_input_f(x, 1, H, W, pH, pW, TW, 0, NT, NT, V, vs)
     else:
-        fc_wino_input_d(x, 1, H, W, pH, pW, TW, 0, NT, V, vs)
+        fc_wino_input_d(x, 1, H, W, pH, pW, TW, 0, NT, NT, V, vs)
 
 
 cdef void wino_output_channel(const floating* M, Py_ssize_t TW, Py_ssize_t NT, Py_ssize_t OH,
                               Py_ssize_t OW, const floating* b, floating* out,
                               Py_ssize_t ms) noexcept nogil:
     if floating is float:
-        fc_wino_output_f(M, 1, TW, 0, NT, OH, OW, b, out, ms)
+        fc_wino_output_f(M, 1, TW, 0, NT, NT, OH, OW, b, out, ms)
     else:
-        fc_wino_output_d(M, 1, TW, 0, NT, OH, OW, b, out, ms)
+        fc_wino_output_d(M, 1, TW, 0, NT, NT, OH, OW, b, out, ms)
 
 
 cdef void wino_gemm(const floating* U, const floating* Up, Py_ssize_t xi, const floating* V,
-                    floating* M, Py_ssize_t Lg, Py_ssize_t Cg, Py_ssize_t NT) noexcept nogil:
-    """M = U[xi] (Lg, Cg) @ V (Cg, NT): by the own GEMM from the packed Up when not NULL."""
+                    floating* M, Py_ssize_t Lg, Py_ssize_t Cg, Py_ssize_t NT,
+                    Py_ssize_t ld) noexcept nogil:
+    """M = U[xi] (Lg, Cg) @ V (Cg, NT), rows of V and M ld apart: by the own GEMM from the
+    packed Up when not NULL."""
     if Up != NULL:
-        own_gemm(Lg, 0, NT, Cg, Up + xi * fc_gemm_packed_size(Lg, Cg), V, NT, M, NT, NULL,
+        own_gemm(Lg, 0, NT, Cg, Up + xi * fc_gemm_packed_size(Lg, Cg), V, ld, M, ld, NULL,
                  False)
     else:
-        gemm_rm(False, False, Lg, NT, Cg, 1, U + xi * Lg * Cg, Cg, V, NT, 0, M, NT)
+        gemm_rm(False, False, Lg, NT, Cg, 1, U + xi * Lg * Cg, Cg, V, ld, 0, M, ld)
 
 
 cdef void winograd_item_shared(const floating* x, const floating* U, const floating* Up,
@@ -651,7 +654,8 @@ cdef void winograd_item_shared(const floating* x, const floating* U, const float
     """winograd_item with its work spread over num_threads (the same arithmetic; work is
     the first thread's scratch row, one item's worth)."""
     cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, NT = TH * TW, P = OH * OW
-    cdef Py_ssize_t vs = Cg * NT + WINO_PAD, ms = Lg * NT + WINO_PAD, c, xi, l
+    cdef Py_ssize_t ld = col_ld(NT, sizeof(floating))
+    cdef Py_ssize_t vs = Cg * ld + WINO_PAD, ms = Lg * ld + WINO_PAD, c, xi, l
     cdef floating* V = work
     cdef floating* M = work + 16 * vs
     cdef bint ok
@@ -666,11 +670,11 @@ cdef void winograd_item_shared(const floating* x, const floating* U, const float
     # once instead of three times
     with parallel(num_threads=num_threads):
         for c in prange(Cg, schedule='static'):
-            wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * NT, vs)
+            wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * ld, vs)
         for xi in prange(16, schedule='static'):
-            wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT)
+            wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT, ld)
         for l in prange(Lg, schedule='static'):
-            wino_output_channel(M + l * NT, TW, NT, OH, OW, b + l if b != NULL else NULL,
+            wino_output_channel(M + l * ld, TW, NT, OH, OW, b + l if b != NULL else NULL,
                                 out + l * P, ms)
 
 
@@ -702,7 +706,7 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg), xi
     if weight.shape[2] != 3 or weight.shape[3] != 3 or u_scratch.shape[0] < 16 * L * Cg:
         raise ValueError("conv2d_winograd_forward: 3x3 kernels and 16 L Cg weight scratch")
-    if ncol < 16 * (NT * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * col_ld(P, sizeof(floating)) or \
+    if ncol < 16 * (col_ld(NT, sizeof(floating)) * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * col_ld(P, sizeof(floating)) or \
             scratch.shape[0] < num_threads:
         raise ValueError("conv2d_winograd_forward: scratch too small")
     if psz > 0 and upack.shape[0] >= 16 * groups * psz:

@@ -139,8 +139,8 @@ ATTR static inline void fc_wino_in_tiles_##SUF(const T* restrict e0, const T* re
 /* only the image's values are copied for each channel.  Returns 0 (nothing written) when */   \
 /* one tile row's padded rows do not fit. */                                                   \
 ATTR static int fc_wino_input_padded_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,  \
-        ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, T* V,          \
-        ptrdiff_t CT) {                                                                      \
+        ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, ptrdiff_t ld,   \
+        T* V, ptrdiff_t CT) {                                                                      \
     T buf[FC_WINO_PAD_VALS];                                                                 \
     const ptrdiff_t S = TW + 1, Wp = 2 * S, rows = (FC_WINO_PAD_VALS / Wp - 2) / 2;           \
     if (nt <= 0 || rows < 1)                                                                 \
@@ -167,7 +167,7 @@ ATTR static int fc_wino_input_padded_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H,
                 if (ua & 1) O[ua / 2] = xr[ua];                 /* odd first column */       \
                 if (ub & 1) E[ub / 2] = xr[ub - 1];             /* even last column */       \
             }                                                                                \
-            T* vc = V + c * nt - t0;                                                         \
+            T* vc = V + c * ld - t0;                                                         \
             for (ptrdiff_t th = th0; th < th1; th++) {                                       \
                 ptrdiff_t ta = th * TW < t0 ? t0 - th * TW : 0;                              \
                 ptrdiff_t tb = (th + 1) * TW > t0 + nt ? t0 + nt - th * TW : TW;             \
@@ -188,17 +188,17 @@ ATTR static int fc_wino_input_padded_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H,
 }                                                                                            \
 ATTR static void fc_wino_input_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,          \
                                 ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0,     \
-                                ptrdiff_t nt, T* V, ptrdiff_t CT) {                          \
+                                ptrdiff_t nt, ptrdiff_t ld, T* V, ptrdiff_t CT) {            \
     /* tiles tw in [twa, twb) have all four columns in the image */                        \
     /* (within the tile row: twb <= TW; pW < 0 crops, as grad_x's convolution does) */      \
-    if (fc_wino_input_padded_##SUF(x, C, H, W, pH, pW, TW, t0, nt, V, CT))                  \
+    if (fc_wino_input_padded_##SUF(x, C, H, W, pH, pW, TW, t0, nt, ld, V, CT))                  \
         return;                                                                              \
     const ptrdiff_t twa = pW > 0 ? (pW + 1) / 2 : 0;                                         \
     ptrdiff_t twb = W - 4 + pW >= 0 ? (W - 4 + pW) / 2 + 1 : 0;                              \
     twb = twb < TW ? twb : TW;                                                               \
     for (ptrdiff_t c = 0; c < C; c++) {                                                      \
         const T* xc = x + c * H * W;                                                         \
-        T* vc = V + c * nt - t0;                                                             \
+        T* vc = V + c * ld - t0;                                                             \
         for (ptrdiff_t t = t0; t < t0 + nt; t++) {                                           \
             const ptrdiff_t th = t / TW, tw = t - th * TW;                                   \
             const ptrdiff_t h0 = 2 * th - pH;                                                \
@@ -261,8 +261,8 @@ ATTR static inline void fc_wino_out_row_##SUF(const T* restrict mp, ptrdiff_t LT
     }                                                                                        \
 }                                                                                            \
 ATTR static void fc_wino_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,        \
-                                 ptrdiff_t nt, ptrdiff_t OH, ptrdiff_t OW, const T* b,       \
-                                 T* out, ptrdiff_t LT) {                                     \
+                                 ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH, ptrdiff_t OW,     \
+                                 const T* b, T* out, ptrdiff_t LT) {                                     \
     for (ptrdiff_t l = 0; l < L; l++) {                                                      \
         const T bias = b ? b[l] : (T)0;                                                      \
         T* ol = out + l * OH * OW;                                                           \
@@ -270,13 +270,13 @@ ATTR static void fc_wino_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, ptr
             const ptrdiff_t th = t / TW, tw = t - th * TW;                                   \
             if (2 * th + 1 < OH && 2 * tw + 1 < OW) {    /* a run of whole tiles */          \
                 ptrdiff_t n = OW / 2 - tw < t0 + nt - t ? OW / 2 - tw : t0 + nt - t;         \
-                fc_wino_out_row_##SUF(M + l * nt + (t - t0), LT, n, bias,                    \
+                fc_wino_out_row_##SUF(M + l * ld + (t - t0), LT, n, bias,                    \
                                       ol + 2 * th * OW + 2 * tw, ol + (2 * th + 1) * OW + 2 * tw); \
                 t += n - 1;                                                                  \
                 continue;                                                                    \
             }                                                                                \
             {                                                                                \
-                const T* mp = M + l * nt + (t - t0);                                         \
+                const T* mp = M + l * ld + (t - t0);                                         \
                 T m[4][4], s[2][4];                                                          \
                 for (int i = 0; i < 4; i++)                                                  \
                     for (int j = 0; j < 4; j++) m[i][j] = mp[(i * 4 + j) * LT];              \
@@ -317,13 +317,13 @@ static int fc_wino_finite_##S(const T* x, ptrdiff_t n) {                        
 }                                                                                            \
 static void fc_wino_input_##S(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,             \
                               ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0,        \
-                              ptrdiff_t nt, T* V, ptrdiff_t CT) {                            \
-    FC_PICK(fc_wino_input_##S, x, C, H, W, pH, pW, TW, t0, nt, V, CT);                       \
+                              ptrdiff_t nt, ptrdiff_t ld, T* V, ptrdiff_t CT) {              \
+    FC_PICK(fc_wino_input_##S, x, C, H, W, pH, pW, TW, t0, nt, ld, V, CT);                       \
 }                                                                                            \
 static void fc_wino_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,          \
-                               ptrdiff_t nt, ptrdiff_t OH, ptrdiff_t OW, const T* b,         \
-                               T* out, ptrdiff_t LT) {                                       \
-    FC_PICK(fc_wino_output_##S, M, L, TW, t0, nt, OH, OW, b, out, LT);                       \
+                               ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH, ptrdiff_t OW,       \
+                               const T* b, T* out, ptrdiff_t LT) {                           \
+    FC_PICK(fc_wino_output_##S, M, L, TW, t0, nt, ld, OH, OW, b, out, LT);                       \
 }
 FC_WINO_DISPATCH(float, f)
 FC_WINO_DISPATCH(double, d)

@@ -388,7 +388,8 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn):
     Cg, Lg = wc.shape[1], wc.shape[0] // groups
     OH, OW = out.shape[2], out.shape[3]
     tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
-    scratch = _scratch(team, max(16 * (tiles * (Cg + Lg) + 32), 9 * Cg * _col_ld(OH * OW, dt)),
+    scratch = _scratch(team, max(16 * (_col_ld(tiles, dt) * (Cg + Lg) + 32),
+                                 9 * Cg * _col_ld(OH * OW, dt)),
                        dt, fn)
     u = _alloc((16 * wc.shape[0] * Cg,), dt, fn, "Winograd weights")
     _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, _wpack(Lg, Cg, 16 * groups, dt, fn),
@@ -397,9 +398,9 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn):
 
 def _col_ld(P, dtype):
     """Row stride of an im2col matrix with P columns: the kernels' col_ld (one cache line
-    more when rows would be a multiple of 2 KiB apart)."""
+    more when rows would be a multiple of 512 bytes apart)."""
     itemsize = np.dtype(dtype).itemsize
-    return P + 64 // itemsize if (P * itemsize) % 2048 == 0 else P
+    return P + 64 // itemsize if (P * itemsize) % 512 == 0 else P
 
 
 def _is_direct(geo, x):
