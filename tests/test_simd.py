@@ -10,6 +10,7 @@ import pytest
 import fastconv as fc
 from fastconv import _kernels
 import reference as ref
+from _helpers import num_threads
 
 LEVELS = ["baseline"] + (["avx2"] if _kernels.set_simd(True) == "avx2" else [])
 SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 255, 256, 257, 300, 1000]
@@ -197,6 +198,35 @@ def test_max_pool_2x2_stride2_forward(level, dtype):
             x[0, 1, :, : W // 2] = -np.inf
             x[1, 0, 0, :] = np.nan
             close(fc.max_pool2d(x, 2), ref.max_pool2d(x, 2), dtype)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pool_forward_stacked_planes(level, dtype, threads):
+    """Windows that tile the rows exactly (kernel == stride, no row padding, H = k * OH) pool
+    all planes as one tall plane, cut into blocks of whole planes (stacked_rows), and
+    fc_maxpool22 folds row pairs a whole number of vectors wide, reading into the next rows:
+    each plane here has its own offset, with NaN, -inf and large values on its first and last
+    rows, so a window or a fold that crossed into a neighbouring plane would show; odd widths
+    (the general row path), column padding, ceil_mode and a single plane (the per-plane
+    paths), max and average, against the reference."""
+    r = np.random.default_rng(17 + threads)
+    shapes = [((3, 5, 14, 14), 2, {}), ((2, 6, 8, 7), 2, {}), ((2, 3, 9, 10), 3, {}),
+              ((4, 4, 2, 2), 2, {}), ((2, 3, 6, 18), 2, dict(padding=(0, 1))),
+              ((2, 2, 4, 1000), 2, {}), ((2, 3, 7, 14), 2, dict(ceil_mode=True)),
+              ((1, 1, 14, 14), 2, {}), ((5, 7, 4, 30), 2, {})]
+    with simd(level), num_threads(threads):
+        for shape, k, kw in shapes:
+            x = r.integers(-3, 4, shape).astype(dtype)
+            x += 10 * np.arange(shape[0] * shape[1]).reshape(shape[:2] + (1, 1)).astype(dtype)
+            x[0, 0, -1, :] = 1e6
+            x[-1, -1, 0, ::2] = np.nan
+            x[0, -1, 0, :] = -np.inf
+            close(fc.max_pool2d(x, k, **kw), ref.max_pool2d(x, k, **kw), dtype)
+            y = fc.avg_pool2d(x, k, **kw)
+            close(y, ref.avg_pool2d(x, k, **kw), dtype)
 
 
 @pytest.mark.parametrize("level", LEVELS)

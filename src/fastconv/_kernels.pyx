@@ -1682,6 +1682,17 @@ cdef void max_pool_row(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
         ih = ih + dH
 
 
+cdef inline bint stacked_rows(Py_ssize_t planes, Py_ssize_t H, Py_ssize_t OH, Py_ssize_t kH,
+                              Py_ssize_t sH, Py_ssize_t pH, Py_ssize_t dH) noexcept nogil:
+    """Whether a pooling's planes can be processed as one plane of planes * H rows: windows
+    that tile the rows exactly (kernel == stride, no padding or dilation, H = kH * OH), so
+    that no window meets a row of another plane and every output row is alike.  Small
+    planes (14x14, 7x7) then cost one call per block instead of one per plane: the per-plane
+    set-up and the short rows' scalar tails were most of a 14x14 2x2 pool (0.64x ONNX
+    Runtime's time on an Intel Xeon)."""
+    return planes > 1 and kH == sH and pH == 0 and dH == 1 and H == kH * OH
+
+
 cdef void max_pool_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, floating* out,
                          long long* ind, Py_ssize_t OH, Py_ssize_t OW,
                          Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
@@ -1902,6 +1913,17 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
     cdef long long* ip = &indices_out[0, 0, 0, 0]
+    cdef Py_ssize_t nblk, blk, p0, p1
+    if not with_indices and stacked_rows(N * C, H, OH, kH, sH, pH, dH):
+        # the planes as one tall plane, cut into a few blocks of whole planes
+        nblk = min(N * C, 4 * num_threads)
+        with nogil:
+            for blk in prange(nblk, schedule='static', num_threads=num_threads):
+                p0 = blk * (N * C) // nblk
+                p1 = (blk + 1) * (N * C) // nblk
+                max_pool_plane(xp + p0 * H * W, (p1 - p0) * H, W, op + p0 * OH * OW, NULL,
+                               (p1 - p0) * OH, OW, kH, kW, sH, sW, pH, pW, dH, dW, False)
+        return
     with nogil:
         for plane in prange(N * C, schedule='guided', num_threads=num_threads):
             max_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW,
@@ -2165,6 +2187,17 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], plane
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
+    cdef Py_ssize_t nblk, blk, p0, p1
+    if stacked_rows(N * C, H, OH, kH, sH, pH, 1):
+        nblk = min(N * C, 4 * num_threads)         # as max_pool2d_forward
+        with nogil:
+            for blk in prange(nblk, schedule='static', num_threads=num_threads):
+                p0 = blk * (N * C) // nblk
+                p1 = (blk + 1) * (N * C) // nblk
+                avg_pool_plane(xp + p0 * H * W, (p1 - p0) * H, W, op + p0 * OH * OW,
+                               (p1 - p0) * OH, OW, kH, kW, sH, sW, pH, pW, count_include_pad,
+                               divisor_override)
+        return
     with nogil:
         for plane in prange(N * C, schedule='guided', num_threads=num_threads):
             avg_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW, OH, OW, kH, kW,

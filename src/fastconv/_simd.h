@@ -746,17 +746,23 @@ static void fc_avgpool22_d(const double* x0, const double* x1, ptrdiff_t OW, dou
    maximum can differ from the row-major scan.  Rows are folded in chunks of FC_MP22_BUF
    values (W <= FC_MP22_BUF). */
 #define FC_MP22_BUF 2048
+#define FC_MP22_PAD 16      /* Wr: W rounded up to a multiple of this (a 512-bit vector of floats) */
 #define FC_MAXPOOL22_FWD(T, NAME, ATTR)                                                      \
 ATTR static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restrict out) {     \
-    T vm[FC_MP22_BUF];                                                                       \
+    T vm[FC_MP22_BUF + FC_MP22_PAD];                                                         \
     ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;                                            \
+    ptrdiff_t Wr = (W + FC_MP22_PAD - 1) / FC_MP22_PAD * FC_MP22_PAD;                        \
     for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {                                         \
         ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;                                    \
+        /* row pairs other than the call's last one fold Wr >= W values (a whole number */  \
+        /* of vectors, no scalar tail: 6 of a 14-wide row's 14 were): the excess reads the */ \
+        /* next rows and lands on the next pair's values, rewritten by the next pass */      \
         for (ptrdiff_t r = 0; r < nr; r++) {                                                 \
             const T* a = x + 2 * (oh0 + r) * W;                                              \
             const T* b = a + W;                                                              \
             T* v = vm + r * W;                                                               \
-            for (ptrdiff_t w = 0; w < W; w++) {                                              \
+            ptrdiff_t n = oh0 + r + 1 < OH ? Wr : W;                                         \
+            for (ptrdiff_t w = 0; w < n; w++) {                                              \
                 T p = a[w], q = b[w];                                                        \
                 v[w] = (q > p) | (q != q) ? q : p;                                           \
             }                                                                                \
