@@ -229,6 +229,44 @@ def test_pool_forward_stacked_planes(level, dtype, threads):
             close(y, ref.avg_pool2d(x, k, **kw), dtype)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_max_pool_forward_small_planes_in_lanes(level, dtype, threads):
+    """Planes of at most 256 values and rows shorter than 16 are max-pooled 16 at a time,
+    one plane per vector lane (fc_maxpool_lanes), the remaining N*C % 16 planes by the
+    per-plane paths: kernels,
+    strides, paddings, dilations and ceil_mode overhangs on odd and even small planes, with
+    NaN (propagates), +-inf, ties and -0, in planes at every lane position, against the
+    reference (values; return_indices keeps the per-plane path and must agree)."""
+    r = np.random.default_rng(23 + threads)
+    cases = [((2, 17, 7, 7), dict(kernel_size=2)),
+             ((3, 16, 14, 14), dict(kernel_size=3, stride=2, padding=1)),
+             ((1, 33, 9, 11), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+             ((2, 8, 16, 15), dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0))),
+             ((1, 40, 6, 5), dict(kernel_size=3, stride=1, padding=1, dilation=2)),
+             ((4, 5, 1, 13), dict(kernel_size=(1, 3), stride=1)),
+             ((1, 16, 15, 17), dict(kernel_size=3, stride=3, ceil_mode=True)),
+             ((2, 9, 4, 4), dict(kernel_size=4)),
+             ((1, 18, 10, 10), dict(kernel_size=2, stride=1, padding=1))]
+    with simd(level), num_threads(threads):
+        for shape, kw in cases:
+            x = r.integers(-3, 4, shape).astype(dtype)
+            flat = x.reshape(-1, shape[2] * shape[3])
+            flat[1, r.integers(0, flat.shape[1])] = np.nan
+            flat[5, :] = -np.inf
+            flat[6, :: 2] = np.inf
+            flat[15, :] = np.nan
+            flat[-1, 0] = np.nan
+            flat[9] = np.where(flat[9] == 0, -0.0, flat[9])
+            expected = ref.max_pool2d(x, **kw)
+            y = fc.max_pool2d(x, **kw)
+            close(y, expected, dtype)
+            assert (np.signbit(y) == np.signbit(expected)).all()
+            close(fc.max_pool2d(x, return_indices=True, **kw)[0], expected, dtype)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pad", [0, 1, (0, 1), (1, 0)])

@@ -86,6 +86,15 @@ cdef extern from "_simd.h":
     void fc_maxpool22_f(const float* x, Py_ssize_t OH, Py_ssize_t W, float* out) nogil
     void fc_maxpool22_d(const double* x, Py_ssize_t OH, Py_ssize_t W, double* out) nogil
     int FC_MP22_BUF
+    enum: FC_POOL_LANE_VALS
+    void fc_maxpool_lanes_f(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                            Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
+                            Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
+                            Py_ssize_t dW, float* out) nogil
+    void fc_maxpool_lanes_d(const double* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                            Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
+                            Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
+                            Py_ssize_t dW, double* out) nogil
     void fc_maxpool33s2_f(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
                           Py_ssize_t OW, int pH, int pW, float* out) nogil
     void fc_maxpool33s2_d(const double* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
@@ -1979,8 +1988,23 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
                 max_pool_plane(xp + p0 * H * W, (p1 - p0) * H, W, op + p0 * OH * OW, NULL,
                                (p1 - p0) * OH, OW, kH, kW, sH, sW, pH, pW, dH, dW, False)
         return
+    cdef Py_ssize_t ngrp = 0
+    if (not with_indices and W < 16 and H * W <= FC_POOL_LANE_VALS
+            and OH * OW <= FC_POOL_LANE_VALS):
+        # small planes, rows shorter than a vector: 16 planes at a time in vector lanes
+        # (7x7 2x2: 4.3x, 14x14 3x3 s2: 2.8x faster than per plane; 16x16 3x3 s2: 0.64x, so
+        # rows of 16 and up stay with the per-plane paths)
+        ngrp = (N * C) // 16
+        with nogil:
+            for blk in prange(ngrp, schedule='static', num_threads=num_threads):
+                if floating is float:
+                    fc_maxpool_lanes_f(xp + blk * 16 * H * W, H, W, OH, OW, kH, kW, sH, sW,
+                                       pH, pW, dH, dW, op + blk * 16 * OH * OW)
+                else:
+                    fc_maxpool_lanes_d(xp + blk * 16 * H * W, H, W, OH, OW, kH, kW, sH, sW,
+                                       pH, pW, dH, dW, op + blk * 16 * OH * OW)
     with nogil:
-        for plane in prange(N * C, schedule='guided', num_threads=num_threads):
+        for plane in prange(ngrp * 16, N * C, schedule='guided', num_threads=num_threads):
             max_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW,
                            ip + plane * OH * OW if with_indices else NULL, OH, OW,
                            kH, kW, sH, sW, pH, pW, dH, dW, with_indices)

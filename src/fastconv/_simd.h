@@ -943,6 +943,73 @@ static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_
     FC_PICK(fc_maxpool33s2_d, x, H, W, OH, OW, pH, pW, out);
 }
 
+/* Max pooling of 16 small planes at once, values only, any window (kernel, stride, padding,
+   dilation): the planes are interleaved into buf (value (h, w) of plane l at
+   buf[(h * W + w) * 16 + l]), each window is scanned once with its 16 lanes as one vector
+   per tap, and the outputs are de-interleaved from obuf.  For planes too small for the
+   per-plane paths to run full vectors (7x7, 14x14: there the set-up and the scalar tails of
+   each plane cost 5-8x ONNX Runtime's time, which keeps channels in vector lanes too).  The
+   scan is the per-plane one: rows, then columns, ``v > m or isnan(v)``, from -inf.
+   Needs H * W <= FC_POOL_LANE_VALS and OH * OW <= FC_POOL_LANE_VALS (the caller checks). */
+#define FC_POOL_LANE_VALS 256
+#define FC_MAXPOOL_LANES(T, NAME, ATTR)                                                      \
+ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,           \
+                      ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW,  \
+                      ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH, ptrdiff_t dW, T* restrict out) {\
+    T buf[16 * FC_POOL_LANE_VALS], obuf[16 * FC_POOL_LANE_VALS];                             \
+    const ptrdiff_t HW = H * W, OHW = OH * OW;                                               \
+    for (ptrdiff_t i0 = 0; i0 < HW; i0 += 8) {       /* 8 columns of 16 planes at a time */  \
+        const ptrdiff_t n = HW - i0 < 8 ? HW - i0 : 8;                                       \
+        for (int l = 0; l < 16; l++) {                                                       \
+            const T* restrict xl = x + l * HW + i0;                                          \
+            T* restrict bl = buf + i0 * 16 + l;                                              \
+            for (ptrdiff_t i = 0; i < n; i++) bl[i * 16] = xl[i];                            \
+        }                                                                                    \
+    }                                                                                        \
+    for (ptrdiff_t oh = 0; oh < OH; oh++)                                                    \
+        for (ptrdiff_t ow = 0; ow < OW; ow++) {                                              \
+            /* the window's taps inside the plane: [kh0, kh1) x [kw0, kw1) (no branch */     \
+            /* in the tap loops, which kept gcc from vectorising the lane loop) */           \
+            const ptrdiff_t h0 = oh * sH - pH, w0 = ow * sW - pW;                            \
+            ptrdiff_t kh0 = 0, kh1 = kH, kw0 = 0, kw1 = kW;                                  \
+            while (kh0 < kH && h0 + kh0 * dH < 0) kh0++;                                     \
+            while (kh1 > kh0 && h0 + (kh1 - 1) * dH >= H) kh1--;                             \
+            while (kw0 < kW && w0 + kw0 * dW < 0) kw0++;                                     \
+            while (kw1 > kw0 && w0 + (kw1 - 1) * dW >= W) kw1--;                             \
+            T m[16];                                                                         \
+            for (int l = 0; l < 16; l++) m[l] = -INFINITY;                                   \
+            for (ptrdiff_t kh = kh0; kh < kh1; kh++)                                         \
+                for (ptrdiff_t kw = kw0; kw < kw1; kw++) {                                   \
+                    const T* restrict v = buf + ((h0 + kh * dH) * W + w0 + kw * dW) * 16;    \
+                    _Pragma("GCC unroll 1")    /* else unrolled, then not vectorised */      \
+                    for (int l = 0; l < 16; l++) {                                           \
+                        T a = v[l], c = m[l];                                                \
+                        m[l] = (a > c) | (a != a) ? a : c;                                   \
+                    }                                                                        \
+                }                                                                            \
+            T* restrict o = obuf + (oh * OW + ow) * 16;                                      \
+            for (int l = 0; l < 16; l++) o[l] = m[l];                                        \
+        }                                                                                    \
+    for (int l = 0; l < 16; l++) {                                                           \
+        T* restrict ol = out + l * OHW;                                                      \
+        for (ptrdiff_t i = 0; i < OHW; i++) ol[i] = obuf[i * 16 + l];                        \
+    }                                                                                        \
+}
+FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_base, )
+FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_avx2, FC_AVX2)
+FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_avx2, FC_AVX2)
+#endif
+#define FC_MAXPOOL_LANES_PICK(T, S)                                                          \
+static void fc_maxpool_lanes_##S(const T* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,         \
+        ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH,  \
+        ptrdiff_t pW, ptrdiff_t dH, ptrdiff_t dW, T* out) {                                  \
+    FC_PICK(fc_maxpool_lanes_##S, x, H, W, OH, OW, kH, kW, sH, sW, pH, pW, dH, dW, out);     \
+}
+FC_MAXPOOL_LANES_PICK(float, f)
+FC_MAXPOOL_LANES_PICK(double, d)
+
 /* col2im's scatter-add for stride 2 along the width, two adjacent taps (kw, kw + 1) at once:
    d[2i] += a[i], d[2i + 1] += b[i], which interleaves into contiguous vector adds instead of
    the stride-2 scalar adds one tap at a time (a quarter of a transposed convolution's time). */
