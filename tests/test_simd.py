@@ -267,6 +267,37 @@ def test_max_pool_forward_small_planes_in_lanes(level, dtype, threads):
             close(fc.max_pool2d(x, return_indices=True, **kw)[0], expected, dtype)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("count_include_pad", [True, False])
+def test_avg_pool_forward_small_planes_in_lanes(level, dtype, threads, count_include_pad):
+    """Average pooling of small planes 16 at a time in vector lanes (fc_avgpool_lanes, with
+    the divisors made once per call), the N*C % 16 others per plane: global pooling, padding
+    with and without counting it, divisor_override, ceil_mode overhangs (windows cut by the
+    image's edge and by the padding's), with NaN and +-inf in some planes, against the
+    reference."""
+    r = np.random.default_rng(29 + threads + 2 * count_include_pad)
+    cases = [((2, 40, 7, 7), dict(kernel_size=7)),
+             ((2, 17, 7, 7), dict(kernel_size=2)),
+             ((3, 16, 14, 14), dict(kernel_size=3, stride=2, padding=1)),
+             ((1, 33, 9, 11), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+             ((1, 20, 5, 6), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1),
+                                  divisor_override=5)),
+             ((1, 16, 15, 13), dict(kernel_size=4, stride=3, padding=2, ceil_mode=True)),
+             ((4, 5, 1, 13), dict(kernel_size=(1, 3), stride=1))]
+    with simd(level), num_threads(threads):
+        for shape, kw in cases:
+            x = r.uniform(-1, 1, shape).astype(dtype)
+            flat = x.reshape(-1, shape[2] * shape[3])
+            flat[1, r.integers(0, flat.shape[1])] = np.nan
+            flat[5, 0] = np.inf
+            flat[6, -1] = -np.inf
+            kw = dict(kw, count_include_pad=count_include_pad)
+            close(fc.avg_pool2d(x, **kw), ref.avg_pool2d(x, **kw), dtype)
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pad", [0, 1, (0, 1), (1, 0)])

@@ -95,6 +95,14 @@ cdef extern from "_simd.h":
                             Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
                             Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
                             Py_ssize_t dW, double* out) nogil
+    void fc_avgpool_lanes_f(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                            Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
+                            Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, const float* dv,
+                            const unsigned char* em, float* out) nogil
+    void fc_avgpool_lanes_d(const double* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                            Py_ssize_t OW, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
+                            Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, const double* dv,
+                            const unsigned char* em, double* out) nogil
     void fc_maxpool33s2_f(const float* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
                           Py_ssize_t OW, int pH, int pW, float* out) nogil
     void fc_maxpool33s2_d(const double* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
@@ -1746,6 +1754,21 @@ cdef void max_pool_row(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
         ih = ih + dH
 
 
+cdef inline bint in_lanes(Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW,
+                          Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                          Py_ssize_t pH, Py_ssize_t pW) noexcept nogil:
+    """Whether a pooling's planes go 16 at a time into vector lanes (fc_maxpool_lanes,
+    fc_avgpool_lanes): small planes whose rows are shorter than a vector, except 2x2 stride-2
+    windows on even widths, whose per-plane kernels run flat over the rows (stacked_rows).
+    Intel Xeon (EMR), max, against the per-plane paths: 7x7 2x2 4.3x, 5x5 3x3 s2 10x, 14x14
+    3x3 s2 2.8x, 12x12 3x3 s1 1.4x faster; 16x16 3x3 s2 0.64x, hence rows of 16 and up stay
+    per plane; global average pooling of 7x7 planes was 0.5x ONNX Runtime."""
+    if W >= 16 or H * W > FC_POOL_LANE_VALS or OH * OW > FC_POOL_LANE_VALS:
+        return False
+    return not (kH == 2 and kW == 2 and sH == 2 and sW == 2 and pH == 0 and pW == 0
+                and W == 2 * OW)
+
+
 cdef inline bint stacked_rows(Py_ssize_t planes, Py_ssize_t H, Py_ssize_t OH, Py_ssize_t kH,
                               Py_ssize_t sH, Py_ssize_t pH, Py_ssize_t dH) noexcept nogil:
     """Whether a pooling's planes can be processed as one plane of planes * H rows: windows
@@ -1978,7 +2001,8 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     cdef floating* op = &out[0, 0, 0, 0]
     cdef long long* ip = &indices_out[0, 0, 0, 0]
     cdef Py_ssize_t nblk, blk, p0, p1
-    if not with_indices and stacked_rows(N * C, H, OH, kH, sH, pH, dH):
+    cdef bint lanes = not with_indices and in_lanes(H, W, OH, OW, kH, kW, sH, sW, pH, pW)
+    if not with_indices and not lanes and stacked_rows(N * C, H, OH, kH, sH, pH, dH):
         # the planes as one tall plane, cut into a few blocks of whole planes
         nblk = min(N * C, 4 * num_threads)
         with nogil:
@@ -1989,11 +2013,7 @@ def max_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
                                (p1 - p0) * OH, OW, kH, kW, sH, sW, pH, pW, dH, dW, False)
         return
     cdef Py_ssize_t ngrp = 0
-    if (not with_indices and W < 16 and H * W <= FC_POOL_LANE_VALS
-            and OH * OW <= FC_POOL_LANE_VALS):
-        # small planes, rows shorter than a vector: 16 planes at a time in vector lanes
-        # (7x7 2x2: 4.3x, 14x14 3x3 s2: 2.8x faster than per plane; 16x16 3x3 s2: 0.64x, so
-        # rows of 16 and up stay with the per-plane paths)
+    if lanes:
         ngrp = (N * C) // 16
         with nogil:
             for blk in prange(ngrp, schedule='static', num_threads=num_threads):
@@ -2267,7 +2287,8 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef floating* op = &out[0, 0, 0, 0]
     cdef Py_ssize_t nblk, blk, p0, p1
-    if stacked_rows(N * C, H, OH, kH, sH, pH, 1):
+    cdef bint lanes = in_lanes(H, W, OH, OW, kH, kW, sH, sW, pH, pW)
+    if not lanes and stacked_rows(N * C, H, OH, kH, sH, pH, 1):
         nblk = min(N * C, 4 * num_threads)         # as max_pool2d_forward
         with nogil:
             for blk in prange(nblk, schedule='static', num_threads=num_threads):
@@ -2277,8 +2298,32 @@ def avg_pool2d_forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] ou
                                (p1 - p0) * OH, OW, kH, kW, sH, sW, pH, pW, count_include_pad,
                                divisor_override)
         return
+    cdef Py_ssize_t ngrp = 0, oh, ow, hs, he
+    cdef floating dv[FC_POOL_LANE_VALS]
+    cdef unsigned char em[FC_POOL_LANE_VALS]
+    cdef bint empty
+    if lanes:
+        # small planes 16 at a time in vector lanes, as max_pool2d_forward; the divisors
+        # once per call
+        for oh in range(OH):
+            hs = oh * sH - pH
+            he = min(hs + kH, H + pH)
+            for ow in range(OW):
+                dv[oh * OW + ow] = <floating>avg_divisor(
+                    hs, he, max(hs, 0), min(he, H), ow, kW, sW, pW, W, count_include_pad,
+                    divisor_override, &empty)
+                em[oh * OW + ow] = empty
+        ngrp = (N * C) // 16
+        with nogil:
+            for blk in prange(ngrp, schedule='static', num_threads=num_threads):
+                if floating is float:
+                    fc_avgpool_lanes_f(xp + blk * 16 * H * W, H, W, OH, OW, kH, kW, sH, sW,
+                                       pH, pW, dv, em, op + blk * 16 * OH * OW)
+                else:
+                    fc_avgpool_lanes_d(xp + blk * 16 * H * W, H, W, OH, OW, kH, kW, sH, sW,
+                                       pH, pW, dv, em, op + blk * 16 * OH * OW)
     with nogil:
-        for plane in prange(N * C, schedule='guided', num_threads=num_threads):
+        for plane in prange(ngrp * 16, N * C, schedule='guided', num_threads=num_threads):
             avg_pool_plane(xp + plane * H * W, H, W, op + plane * OH * OW, OH, OW, kH, kW,
                            sH, sW, pH, pW, count_include_pad, divisor_override)
 

@@ -952,12 +952,8 @@ static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_
    scan is the per-plane one: rows, then columns, ``v > m or isnan(v)``, from -inf.
    Needs H * W <= FC_POOL_LANE_VALS and OH * OW <= FC_POOL_LANE_VALS (the caller checks). */
 #define FC_POOL_LANE_VALS 256
-#define FC_MAXPOOL_LANES(T, NAME, ATTR)                                                      \
-ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,           \
-                      ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW,  \
-                      ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH, ptrdiff_t dW, T* restrict out) {\
-    T buf[16 * FC_POOL_LANE_VALS], obuf[16 * FC_POOL_LANE_VALS];                             \
-    const ptrdiff_t HW = H * W, OHW = OH * OW;                                               \
+/* the interleaving of 16 planes into buf and out of obuf (FC_MAXPOOL_LANES, FC_AVGPOOL_LANES) */
+#define FC_LANES_IN(T)                                                                       \
     for (ptrdiff_t i0 = 0; i0 < HW; i0 += 8) {       /* 8 columns of 16 planes at a time */  \
         const ptrdiff_t n = HW - i0 < 8 ? HW - i0 : 8;                                       \
         for (int l = 0; l < 16; l++) {                                                       \
@@ -965,7 +961,19 @@ ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t O
             T* restrict bl = buf + i0 * 16 + l;                                              \
             for (ptrdiff_t i = 0; i < n; i++) bl[i * 16] = xl[i];                            \
         }                                                                                    \
-    }                                                                                        \
+    }
+#define FC_LANES_OUT(T)                                                                      \
+    for (int l = 0; l < 16; l++) {                                                           \
+        T* restrict ol = out + l * OHW;                                                      \
+        for (ptrdiff_t i = 0; i < OHW; i++) ol[i] = obuf[i * 16 + l];                        \
+    }
+#define FC_MAXPOOL_LANES(T, NAME, ATTR)                                                      \
+ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,           \
+                      ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW,  \
+                      ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH, ptrdiff_t dW, T* restrict out) {\
+    T buf[16 * FC_POOL_LANE_VALS], obuf[16 * FC_POOL_LANE_VALS];                             \
+    const ptrdiff_t HW = H * W, OHW = OH * OW;                                               \
+    FC_LANES_IN(T)                                                                           \
     for (ptrdiff_t oh = 0; oh < OH; oh++)                                                    \
         for (ptrdiff_t ow = 0; ow < OW; ow++) {                                              \
             /* the window's taps inside the plane: [kh0, kh1) x [kw0, kw1) (no branch */     \
@@ -990,16 +998,54 @@ ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t O
             T* restrict o = obuf + (oh * OW + ow) * 16;                                      \
             for (int l = 0; l < 16; l++) o[l] = m[l];                                        \
         }                                                                                    \
-    for (int l = 0; l < 16; l++) {                                                           \
-        T* restrict ol = out + l * OHW;                                                      \
-        for (ptrdiff_t i = 0; i < OHW; i++) ol[i] = obuf[i * 16 + l];                        \
-    }                                                                                        \
+    FC_LANES_OUT(T)                                                                          \
+}
+/* Average pooling of 16 small planes at once (as FC_MAXPOOL_LANES): window sums over the
+   taps inside the plane, then out = sum / dv[o], or 0 where em[o] (an empty window); dv
+   and em per output position, the same for every plane, made by the caller with
+   avg_divisor's rules.  Needs the sizes FC_MAXPOOL_LANES needs. */
+#define FC_AVGPOOL_LANES(T, NAME, ATTR)                                                      \
+ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,           \
+                      ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW,  \
+                      ptrdiff_t pH, ptrdiff_t pW, const T* restrict dv,                      \
+                      const unsigned char* restrict em, T* restrict out) {                   \
+    T buf[16 * FC_POOL_LANE_VALS], obuf[16 * FC_POOL_LANE_VALS];                             \
+    const ptrdiff_t HW = H * W, OHW = OH * OW;                                               \
+    FC_LANES_IN(T)                                                                           \
+    for (ptrdiff_t oh = 0; oh < OH; oh++)                                                    \
+        for (ptrdiff_t ow = 0; ow < OW; ow++) {                                              \
+            const ptrdiff_t h0 = oh * sH - pH, w0 = ow * sW - pW;                            \
+            const ptrdiff_t ha = h0 > 0 ? h0 : 0, hb = h0 + kH < H ? h0 + kH : H;            \
+            const ptrdiff_t wa = w0 > 0 ? w0 : 0, wb = w0 + kW < W ? w0 + kW : W;            \
+            const ptrdiff_t o = oh * OW + ow;                                                \
+            T acc[16];                                                                       \
+            for (int l = 0; l < 16; l++) acc[l] = 0;                                         \
+            for (ptrdiff_t ih = ha; ih < hb; ih++)                                           \
+                for (ptrdiff_t iw = wa; iw < wb; iw++) {                                     \
+                    const T* restrict v = buf + (ih * W + iw) * 16;                          \
+                    _Pragma("GCC unroll 1")    /* else unrolled, then not vectorised */      \
+                    for (int l = 0; l < 16; l++) acc[l] += v[l];                             \
+                }                                                                            \
+            const T d = dv[o];                                                               \
+            T* restrict ob = obuf + o * 16;                                                  \
+            if (em[o])                                                                       \
+                for (int l = 0; l < 16; l++) ob[l] = 0;                                      \
+            else                                                                             \
+                for (int l = 0; l < 16; l++) ob[l] = acc[l] / d;                             \
+        }                                                                                    \
+    FC_LANES_OUT(T)                                                                          \
 }
 FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_base, )
 FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_base, )
 #ifdef FC_HAVE_AVX2_PATH
 FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_avx2, FC_AVX2)
 FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_avx2, FC_AVX2)
+#endif
+FC_AVGPOOL_LANES(float, fc_avgpool_lanes_f_base, )
+FC_AVGPOOL_LANES(double, fc_avgpool_lanes_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_AVGPOOL_LANES(float, fc_avgpool_lanes_f_avx2, FC_AVX2)
+FC_AVGPOOL_LANES(double, fc_avgpool_lanes_d_avx2, FC_AVX2)
 #endif
 #define FC_MAXPOOL_LANES_PICK(T, S)                                                          \
 static void fc_maxpool_lanes_##S(const T* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,         \
@@ -1009,6 +1055,14 @@ static void fc_maxpool_lanes_##S(const T* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t
 }
 FC_MAXPOOL_LANES_PICK(float, f)
 FC_MAXPOOL_LANES_PICK(double, d)
+#define FC_AVGPOOL_LANES_PICK(T, S)                                                          \
+static void fc_avgpool_lanes_##S(const T* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,         \
+        ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH,  \
+        ptrdiff_t pW, const T* dv, const unsigned char* em, T* out) {                        \
+    FC_PICK(fc_avgpool_lanes_##S, x, H, W, OH, OW, kH, kW, sH, sW, pH, pW, dv, em, out);     \
+}
+FC_AVGPOOL_LANES_PICK(float, f)
+FC_AVGPOOL_LANES_PICK(double, d)
 
 /* col2im's scatter-add for stride 2 along the width, two adjacent taps (kw, kw + 1) at once:
    d[2i] += a[i], d[2i + 1] += b[i], which interleaves into contiguous vector adds instead of
