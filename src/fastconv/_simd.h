@@ -953,7 +953,7 @@ static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_
    Needs H * W <= FC_POOL_LANE_VALS and OH * OW <= FC_POOL_LANE_VALS (the caller checks). */
 #define FC_POOL_LANE_VALS 256
 /* the interleaving of 16 planes into buf and out of obuf (FC_MAXPOOL_LANES, FC_AVGPOOL_LANES) */
-#define FC_LANES_IN(T)                                                                       \
+#define FC_LANES_IN(T, x, HW, buf)                                                           \
     for (ptrdiff_t i0 = 0; i0 < HW; i0 += 8) {       /* 8 columns of 16 planes at a time */  \
         const ptrdiff_t n = HW - i0 < 8 ? HW - i0 : 8;                                       \
         for (int l = 0; l < 16; l++) {                                                       \
@@ -967,13 +967,51 @@ static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_
         T* restrict ol = out + l * OHW;                                                      \
         for (ptrdiff_t i = 0; i < OHW; i++) ol[i] = obuf[i * 16 + l];                        \
     }
-#define FC_MAXPOOL_LANES(T, NAME, ATTR)                                                      \
+/* FC_LANES_IN for floats with AVX2: 8 values of 8 planes at a time by an 8x8 transpose in
+   registers (the scalar one stores one value at a time, 16 apart: most of a 7x7 pool) */
+#ifdef FC_HAVE_AVX2_PATH
+FC_AVX2 static inline void fc_lanes_in8_f(const float* x, ptrdiff_t HW, ptrdiff_t i0,
+                                          float* b) {
+    __m256 r0 = _mm256_loadu_ps(x + i0), r1 = _mm256_loadu_ps(x + HW + i0);
+    __m256 r2 = _mm256_loadu_ps(x + 2 * HW + i0), r3 = _mm256_loadu_ps(x + 3 * HW + i0);
+    __m256 r4 = _mm256_loadu_ps(x + 4 * HW + i0), r5 = _mm256_loadu_ps(x + 5 * HW + i0);
+    __m256 r6 = _mm256_loadu_ps(x + 6 * HW + i0), r7 = _mm256_loadu_ps(x + 7 * HW + i0);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    float* o = b + i0 * 16;                     /* column j of the 8 planes: o + 16 j */
+    _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(o + 48, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(o + 64, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(o + 80, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(o + 96, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(o + 112, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+#define FC_LANES_IN_AVX2F(T, x, HW, buf)                                                     \
+    {                                                                                        \
+        ptrdiff_t i0 = 0;                                                                    \
+        for (; i0 + 8 <= HW; i0 += 8) {                                                      \
+            fc_lanes_in8_f(x, HW, i0, buf);                                                  \
+            fc_lanes_in8_f(x + 8 * HW, HW, i0, buf + 8);                                     \
+        }                                                                                    \
+        for (int l = 0; l < 16; l++)                                                         \
+            for (ptrdiff_t i = i0; i < HW; i++) buf[i * 16 + l] = x[l * HW + i];             \
+    }
+#endif
+#define FC_MAXPOOL_LANES(T, NAME, ATTR, LANES_IN)                                            \
 ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,           \
                       ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW,  \
                       ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t dH, ptrdiff_t dW, T* restrict out) {\
     T buf[16 * FC_POOL_LANE_VALS], obuf[16 * FC_POOL_LANE_VALS];                             \
     const ptrdiff_t HW = H * W, OHW = OH * OW;                                               \
-    FC_LANES_IN(T)                                                                           \
+    LANES_IN(T, x, HW, buf)                                                                  \
     for (ptrdiff_t oh = 0; oh < OH; oh++)                                                    \
         for (ptrdiff_t ow = 0; ow < OW; ow++) {                                              \
             /* the window's taps inside the plane: [kh0, kh1) x [kw0, kw1) (no branch */     \
@@ -1004,14 +1042,14 @@ ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t O
    taps inside the plane, then out = sum / dv[o], or 0 where em[o] (an empty window); dv
    and em per output position, the same for every plane, made by the caller with
    avg_divisor's rules.  Needs the sizes FC_MAXPOOL_LANES needs. */
-#define FC_AVGPOOL_LANES(T, NAME, ATTR)                                                      \
+#define FC_AVGPOOL_LANES(T, NAME, ATTR, LANES_IN)                                            \
 ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,           \
                       ptrdiff_t OW, ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW,  \
                       ptrdiff_t pH, ptrdiff_t pW, const T* restrict dv,                      \
                       const unsigned char* restrict em, T* restrict out) {                   \
     T buf[16 * FC_POOL_LANE_VALS], obuf[16 * FC_POOL_LANE_VALS];                             \
     const ptrdiff_t HW = H * W, OHW = OH * OW;                                               \
-    FC_LANES_IN(T)                                                                           \
+    LANES_IN(T, x, HW, buf)                                                                  \
     for (ptrdiff_t oh = 0; oh < OH; oh++)                                                    \
         for (ptrdiff_t ow = 0; ow < OW; ow++) {                                              \
             const ptrdiff_t h0 = oh * sH - pH, w0 = ow * sW - pW;                            \
@@ -1035,17 +1073,15 @@ ATTR static void NAME(const T* restrict x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t O
         }                                                                                    \
     FC_LANES_OUT(T)                                                                          \
 }
-FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_base, )
-FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_base, )
+FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_base, , FC_LANES_IN)
+FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_base, , FC_LANES_IN)
+FC_AVGPOOL_LANES(float, fc_avgpool_lanes_f_base, , FC_LANES_IN)
+FC_AVGPOOL_LANES(double, fc_avgpool_lanes_d_base, , FC_LANES_IN)
 #ifdef FC_HAVE_AVX2_PATH
-FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_avx2, FC_AVX2)
-FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_avx2, FC_AVX2)
-#endif
-FC_AVGPOOL_LANES(float, fc_avgpool_lanes_f_base, )
-FC_AVGPOOL_LANES(double, fc_avgpool_lanes_d_base, )
-#ifdef FC_HAVE_AVX2_PATH
-FC_AVGPOOL_LANES(float, fc_avgpool_lanes_f_avx2, FC_AVX2)
-FC_AVGPOOL_LANES(double, fc_avgpool_lanes_d_avx2, FC_AVX2)
+FC_MAXPOOL_LANES(float, fc_maxpool_lanes_f_avx2, FC_AVX2, FC_LANES_IN_AVX2F)
+FC_MAXPOOL_LANES(double, fc_maxpool_lanes_d_avx2, FC_AVX2, FC_LANES_IN)
+FC_AVGPOOL_LANES(float, fc_avgpool_lanes_f_avx2, FC_AVX2, FC_LANES_IN_AVX2F)
+FC_AVGPOOL_LANES(double, fc_avgpool_lanes_d_avx2, FC_AVX2, FC_LANES_IN)
 #endif
 #define FC_MAXPOOL_LANES_PICK(T, S)                                                          \
 static void fc_maxpool_lanes_##S(const T* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,         \
