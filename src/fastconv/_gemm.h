@@ -33,6 +33,7 @@
 #include <string.h>
 
 #define FC_GEMM_KC 128
+#define FC_GEMM_RELU 2  /* in fc_gemm_*'s acc: max(C, 0) at the end (nn.ReLU fused) */
 
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
@@ -44,10 +45,11 @@ static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the t
 /* One micro-kernel: C[0:MR, 0:NR] (+)= A_panel (kc x MR) @ B[0:kc, 0:NR] (row stride ldb).
  * init != NULL: C starts at init[r] (bias or zeros) instead of being loaded.  MASKED: only
  * the first n columns exist (n < NR).  mrows: rows of C that exist (<= MR). */
-#define FC_UKR(NAME, T, VT, NV, LANES, MR, TGT, SET1, LOADU, STOREU, FMA, MTYPE, MLOAD, MSTORE) \
+#define FC_UKR(NAME, T, VT, NV, LANES, MR, TGT, SET1, LOADU, STOREU, FMA, MTYPE, MLOAD, MSTORE, \
+               RELU)                                                                            \
 TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptrdiff_t ldb,    \
                      T* restrict C, ptrdiff_t ldc, const T* init, int mrows, int masked,       \
-                     const MTYPE* mk) {                                                         \
+                     const MTYPE* mk, int relu) {                                               \
     VT c[MR][NV];                                                                               \
     _Pragma("GCC unroll 8")                                                                     \
     for (int r = 0; r < MR; r++) {                                                              \
@@ -92,6 +94,13 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptr
             B += ldb;                                                                           \
         }                                                                                       \
     }                                                                                           \
+    if (relu) {                        /* max(c, 0), NaN kept, -0 -> +0: nn.ReLU's numbers */ \
+        _Pragma("GCC unroll 8")                                                                 \
+        for (int r = 0; r < MR; r++) {                                                          \
+            _Pragma("GCC unroll 4")                                                             \
+            for (int v = 0; v < NV; v++) c[r][v] = RELU(c[r][v]);                               \
+        }                                                                                       \
+    }                                                                                           \
     _Pragma("GCC unroll 8")                                                                     \
     for (int r = 0; r < MR; r++) {                                                              \
         if (r < mrows) {                                                                        \
@@ -106,6 +115,14 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptr
     }                                                                                           \
 }
 
+/* max(c, 0) keeping NaN (c > 0 or unordered: _CMP_NLE_UQ) and turning -0 into +0 */
+#define FC_RELU_PS512(c) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((c), _mm512_setzero_ps(),     \
+                                                                _CMP_NLE_UQ), (c))
+#define FC_RELU_PD512(c) _mm512_maskz_mov_pd(_mm512_cmp_pd_mask((c), _mm512_setzero_pd(),     \
+                                                                _CMP_NLE_UQ), (c))
+#define FC_RELU_PS256(c) _mm256_and_ps((c), _mm256_cmp_ps((c), _mm256_setzero_ps(), _CMP_NLE_UQ))
+#define FC_RELU_PD256(c) _mm256_and_pd((c), _mm256_cmp_pd((c), _mm256_setzero_pd(), _CMP_NLE_UQ))
+
 /* ---- AVX-512F: masks are k-registers ---- */
 #define FC_T512 __attribute__((target("avx512f")))
 #define FC_MLOAD_PS512(p, m) _mm512_maskz_loadu_ps((m), (p))
@@ -113,13 +130,17 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptr
 #define FC_MLOAD_PD512(p, m) _mm512_maskz_loadu_pd((m), (p))
 #define FC_MSTORE_PD512(p, m, v) _mm512_mask_storeu_pd((p), (m), (v))
 FC_UKR(fc_ukr_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
-       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512)
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512)
 FC_UKR(fc_ukr_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
-       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512)
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512)
 FC_UKR(fc_ukrh_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
-       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512)
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512)
 FC_UKR(fc_ukrh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
-       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512)
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512)
 
 /* AVX-512 quarter-width kernels (256-bit vectors, AVX-512VL masks) for a last panel of at most
  * NR/4 columns: LeNet's 14x14 images leave 4 columns after six 32-wide panels, and the 16-wide
@@ -130,9 +151,11 @@ FC_UKR(fc_ukrh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_
 #define FC_MLOAD_PD512Q(p, m) _mm256_maskz_loadu_pd((m), (p))
 #define FC_MSTORE_PD512Q(p, m, v) _mm256_mask_storeu_pd((p), (m), (v))
 FC_UKR(fc_ukrq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
-       _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q)
+       _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q,
+       FC_RELU_PS256)
 FC_UKR(fc_ukrq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
-       _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q)
+       _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
+       FC_RELU_PD256)
 
 /* ---- AVX2+FMA: masks are integer vectors ---- */
 #define FC_T256 __attribute__((target("avx2,fma")))
@@ -141,13 +164,17 @@ FC_UKR(fc_ukrq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm25
 #define FC_MLOAD_PD256(p, m) _mm256_maskload_pd((p), (m))
 #define FC_MSTORE_PD256(p, m, v) _mm256_maskstore_pd((p), (m), (v))
 FC_UKR(fc_ukr_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
-       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256)
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256)
 FC_UKR(fc_ukr_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
-       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256)
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256)
 FC_UKR(fc_ukrh_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
-       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256)
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256)
 FC_UKR(fc_ukrh_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
-       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256)
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256)
 
 /* masks for the first n (0 <= n < NV * lanes) columns of a panel */
 static void fc_mask512_16(ptrdiff_t n, __mmask16 mk[2]) {
@@ -181,13 +208,14 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
 static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
                  const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias, int acc) {      \
     T init[MR];                                                                                 \
+    const int relu = acc & FC_GEMM_RELU;    /* max(C, 0) as the last K block is stored */      \
     MTYPE mk[2];                                                                                \
     QMTYPE qmk[2];                                                                              \
     MKMASK(0, mk);                                                                              \
     QMASK(0, qmk);                                                                              \
     for (ptrdiff_t pc = 0; pc < K; pc += FC_GEMM_KC) {                                          \
         ptrdiff_t kc = K - pc < FC_GEMM_KC ? K - pc : FC_GEMM_KC;                               \
-        int first = (pc == 0 && !acc);                                                          \
+        int first = (pc == 0 && !(acc & 1)), last_relu = relu && pc + kc >= K;                  \
         for (ptrdiff_t jr = n0; jr < n1; jr += NR) {                                            \
             int masked = n1 - jr < NR;                                                          \
             int half = n1 - jr <= NR / 2;        /* a tail of half a panel or less */           \
@@ -220,11 +248,11 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 }                                                                               \
                 if (quarter)                                                                    \
                     UKRQ(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb, C + ir * ldc + jr,  \
-                         ldc, first ? init : NULL, mr, masked, qmk);                            \
+                         ldc, first ? init : NULL, mr, masked, qmk, last_relu);                 \
                 else                                                                            \
                     (half ? UKRH : UKR)(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb,      \
                                         C + ir * ldc + jr, ldc, first ? init : NULL, mr,        \
-                                        masked, mk);                                            \
+                                        masked, mk, last_relu);                                 \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
@@ -539,7 +567,8 @@ static void NAME(const T* A, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t 
 FC_PACK_A(fc_gemm_pack_f, float)
 FC_PACK_A(fc_gemm_pack_d, double)
 
-/* C[:, n0:n1] = Ap @ B[:, n0:n1] + bias (acc = 0; bias NULL: no bias) or C += Ap @ B (acc = 1).
+/* C[:, n0:n1] = Ap @ B[:, n0:n1] + bias (acc = 0; bias NULL: no bias) or C += Ap @ B (acc = 1);
+ * acc | FC_GEMM_RELU: then C = max(C, 0) (NaN kept, -0 -> +0), applied as C is stored.
  * Only callable when fc_gemm_level() > 0, with Ap packed at that level. */
 static void fc_gemm_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const float* Ap,
                       const float* B, ptrdiff_t ldb, float* C, ptrdiff_t ldc, const float* bias,

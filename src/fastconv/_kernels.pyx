@@ -126,6 +126,7 @@ cdef extern from "_gemm.h":
     int fc_gemm_set(int level) nogil
     int fc_gemm_level() nogil
     int fc_gemm_mr() nogil
+    enum: GEMM_RELU "FC_GEMM_RELU"
     int fc_im2col_pad_on
     Py_ssize_t fc_gemm_nr(int dbl) nogil
     Py_ssize_t fc_gemm_packed_size(Py_ssize_t M, Py_ssize_t K) nogil
@@ -236,8 +237,9 @@ cdef inline void pack_a(const floating* A, Py_ssize_t rs, Py_ssize_t cs, Py_ssiz
 
 cdef inline void own_gemm(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K,
                           const floating* Ap, const floating* B, Py_ssize_t ldb, floating* C,
-                          Py_ssize_t ldc, const floating* bias, bint acc) noexcept nogil:
-    """C[:, n0:n1] = Ap @ B[:, n0:n1] (+ bias) (acc: C += Ap @ B), Ap packed by pack_a."""
+                          Py_ssize_t ldc, const floating* bias, int acc) noexcept nogil:
+    """C[:, n0:n1] = Ap @ B[:, n0:n1] (+ bias) (acc: C += Ap @ B), Ap packed by pack_a;
+    acc | GEMM_RELU: then max(C, 0), as nn.ReLU, applied as C is stored."""
     if floating is float:
         fc_gemm_f(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc)
     else:
@@ -564,13 +566,12 @@ cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
     cdef const floating* A = Ap + g * psz
     cdef const floating* b = bp + g * Lg if has_bias else NULL
     cdef floating* out = op + (n * L + g * Lg) * P
+    cdef int mode = GEMM_RELU if relu else 0    # the ReLU in the micro-kernel's last store
     if direct:
-        own_gemm(Lg, p0, p0 + w, K, A, x, P, out, P, b, False)
+        own_gemm(Lg, p0, p0 + w, K, A, x, P, out, P, b, mode)
     else:
         im2col_panel(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, w, col, ld)
-        own_gemm(Lg, 0, w, K, A, col, ld, out + p0, P, b, False)
-    if relu:
-        relu_rows(out + p0, Lg, P, w)
+        own_gemm(Lg, 0, w, K, A, col, ld, out + p0, P, b, mode)
 
 
 cdef extern from "_winograd.h":
