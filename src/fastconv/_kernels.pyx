@@ -488,8 +488,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                    Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                    Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
                    bint has_bias, int num_threads, bint relu=False):
-    """out = conv2d(x, weight) (+ bias), then max(out, 0) when relu (each work item's block
-    while it is still in cache); pH/pW are the top/left paddings.
+    """out = conv2d(x, weight) (+ bias), then max(out, 0) when relu (own GEMM: in the
+    micro-kernel's last store; BLAS: each image's output while it is still in cache); pH/pW
+    are the top/left paddings.
 
     scratch: (threads, Cg*kH*kW*OH*OW) for BLAS, (threads, gemm_block_scratch(...)) for the
     own GEMM; unused (may have 0 columns) for 1x1 stride-1 unpadded.

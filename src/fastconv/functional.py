@@ -460,9 +460,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
 
 
 def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu):
-    """conv2d, followed by max(y, 0) when relu: fused into the own GEMM's work items (the
-    block is still in cache), else one in-place pass; nn.Sequential uses it for Conv2d ->
-    ReLU."""
+    """conv2d, followed by max(y, 0) when relu: fused into the own GEMM's micro-kernel (as
+    the result is stored) or after each image on the BLAS path, else (Winograd, depthwise)
+    one in-place pass; nn.Sequential uses it for Conv2d -> ReLU."""
     fn = "conv2d"
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
