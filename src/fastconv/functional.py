@@ -35,6 +35,8 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # --------------------------------------------------------------------------------------------
 
 def _int(value, name, fn):
+    if type(value) is int and -_INT_MAX <= value <= _INT_MAX:     # the common case, at once
+        return value
     if isinstance(value, np.ndarray) and (value.ndim != 0 or value.dtype.kind not in "iu"):
         raise TypeError(f"{fn}: {name} must be an int, got an array of dtype {value.dtype} "
                         f"and shape {value.shape}")
@@ -49,6 +51,8 @@ def _int(value, name, fn):
 
 def _pair(value, name, fn, minimum):
     """An int or a pair of ints -> (int, int), each >= minimum."""
+    if type(value) is int and minimum <= value <= _INT_MAX:      # the common case, at once
+        return (value, value)
     if isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim == 1):
         if len(value) != 2:
             raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
