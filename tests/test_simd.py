@@ -359,6 +359,36 @@ def test_col2im_stride2_tap_pairs(level, dtype):
 
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_col2im_stride1_row_runs(level, dtype):
+    """col2im with stride 1 along the width adds each tap's valid rows in one call
+    (fc_col2im_s1): conv2d's input gradient (not Winograd: 5x5, 2x3, dilated, row stride 2)
+    and stride-1 transposed convolutions, paddings that clip rows and columns on both sides,
+    widths that give full vectors and tails, against the reference."""
+    r = np.random.default_rng(19)
+    with simd(level):
+        for h, w in ((3, 1), (5, 7), (6, 9), (14, 14), (4, 17), (2, 33)):
+            for k, p, s, d in (((5, 5), (2, 2), (1, 1), 1), ((2, 3), (0, 1), (2, 1), 1),
+                               ((3, 3), (2, 2), (1, 1), 2), ((1, 4), (0, 3), (1, 1), 1)):
+                if h + 2 * p[0] < d * (k[0] - 1) + 1 or w + 2 * p[1] < d * (k[1] - 1) + 1:
+                    continue
+                x = r.uniform(-1, 1, (2, 3, h, w)).astype(dtype)
+                wc = r.uniform(-1, 1, (4, 3) + k).astype(dtype)
+                ckw = dict(stride=s, padding=p, dilation=d)
+                y = fc.conv2d(x, wc, **ckw)
+                gy = r.uniform(-1, 1, y.shape).astype(dtype)
+                close(fc.conv2d_backward(gy, x, wc, **ckw)[0],
+                      ref.conv2d_backward(gy, x, wc, **ckw)[0], dtype)
+                wt = r.uniform(-1, 1, (3, 2) + k).astype(dtype)
+                tp = (min(p[0], k[0] - 1), min(p[1], k[1] - 1))
+                if h - 1 - 2 * tp[0] + k[0] < 1 or w - 1 - 2 * tp[1] + k[1] < 1:
+                    continue
+                tkw = dict(stride=(1, 1), padding=tp)
+                close(fc.conv_transpose2d(x, wt, **tkw), ref.conv_transpose2d(x, wt, **tkw),
+                      dtype)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_winograd_transforms(level, dtype, monkeypatch):
     """The Winograd transforms (_winograd.h, compiled for both levels): runs of interior
     tiles (vectorised across tiles) beside edge tiles, odd output sizes, paddings 0-2 and

@@ -111,6 +111,10 @@ cdef extern from "_simd.h":
     int FC_MP33_BUF
     void fc_col2im_pair_f(float* d, const float* a, const float* b, Py_ssize_t n) nogil
     void fc_col2im_pair_d(double* d, const double* a, const double* b, Py_ssize_t n) nogil
+    void fc_col2im_s1_f(float* d, Py_ssize_t ds, const float* s, Py_ssize_t OW,
+                        Py_ssize_t rows, Py_ssize_t lo, Py_ssize_t hi) nogil
+    void fc_col2im_s1_d(double* d, Py_ssize_t ds, const double* s, Py_ssize_t OW,
+                        Py_ssize_t rows, Py_ssize_t lo, Py_ssize_t hi) nogil
     int fc_simd_init() nogil
     int fc_simd_set(int on) nogil
     int fc_simd_level() nogil
@@ -399,7 +403,7 @@ cdef void col2im(const floating* col, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                  Py_ssize_t OH, Py_ssize_t OW, floating* x, Py_ssize_t ld) noexcept nogil:
     """Adjoint of im2col: x[c, ih, iw] += col[(c, kh, kw), (oh, ow)] (x must be initialised);
     rows of col are ld values apart."""
-    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld, lo1, hi1, b
+    cdef Py_ssize_t c, kh, kw, oh, ow, ih, off, lo, hi, P = ld, lo1, hi1, b, oh0, oh1
     cdef const floating* src
     cdef floating* dst
     for c in range(C):
@@ -430,16 +434,28 @@ cdef void col2im(const floating* col, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                         src += OW
                     kw += 2
                     continue
+                if sW == 1:
+                    # the rows oh whose ih = oh sH - pH + kh dH is in [0, H), in one call
+                    oh0 = 0
+                    while oh0 < OH and oh0 * sH - pH + kh * dH < 0:
+                        oh0 += 1
+                    oh1 = oh0
+                    while oh1 < OH and oh1 * sH - pH + kh * dH < H:
+                        oh1 += 1
+                    if oh1 > oh0 and hi > lo:
+                        dst = x + (c * H + oh0 * sH - pH + kh * dH) * W + off
+                        if floating is float:
+                            fc_col2im_s1_f(dst, sH * W, src + oh0 * OW, OW, oh1 - oh0, lo, hi)
+                        else:
+                            fc_col2im_s1_d(dst, sH * W, src + oh0 * OW, OW, oh1 - oh0, lo, hi)
+                    kw += 1
+                    continue
                 for oh in range(OH):
                     ih = oh * sH - pH + kh * dH
                     if ih >= 0 and ih < H:
                         dst = x + (c * H + ih) * W + off
-                        if sW == 1:
-                            for ow in range(lo, hi):
-                                dst[ow] += src[ow]
-                        else:
-                            for ow in range(lo, hi):
-                                dst[ow * sW] += src[ow]
+                        for ow in range(lo, hi):
+                            dst[ow * sW] += src[ow]
                     src += OW
                 kw += 1
 
