@@ -154,6 +154,31 @@ def conv2d_taps(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     return out
 
 
+def conv2d_weight_grad_taps(grad_out, x, weight_shape, stride=1, padding=0, dilation=1,
+                            groups=1):
+    """conv2d's weight gradient for shapes too large for the loops below:
+    grad_w[l, c, i, j] = sum over n, oh, ow of grad_out[n, l, oh, ow] *
+    x_pad[n, g*Cg + c, oh*sh + i*dh, ow*sw + j*dw], one float64 einsum per tap (i, j).
+    (tests/test_gemm.py checks it against conv2d_backward on small shapes.)"""
+    go, x = _f64(grad_out), _f64(x)
+    N, C, H, W = x.shape
+    L, Cg, kH, kW = weight_shape
+    (sh, sw), (dh, dw), (pt, pb, pl, pr), Ho, Wo = _conv_geometry(
+        H, W, kH, kW, stride, padding, dilation)
+    xp = np.zeros((N, C, H + pt + pb, W + pl + pr))
+    xp[:, :, pt:pt + H, pl:pl + W] = x
+    Lg = L // groups
+    gw = np.zeros((L, Cg, kH, kW))
+    for g in range(groups):
+        xg, gog = xp[:, g * Cg:(g + 1) * Cg], go[:, g * Lg:(g + 1) * Lg]
+        for i in range(kH):
+            for j in range(kW):
+                patch = xg[:, :, i * dh:i * dh + sh * (Ho - 1) + 1:sh,
+                           j * dw:j * dw + sw * (Wo - 1) + 1:sw]
+                gw[g * Lg:(g + 1) * Lg, :, i, j] = np.einsum("nlhw,nchw->lc", gog, patch)
+    return gw
+
+
 def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups=1):
     """Returns (grad_x, grad_weight, grad_bias) of conv2d."""
     go, x, w = _f64(grad_out), _f64(x), _f64(weight)

@@ -279,6 +279,64 @@ def test_gradients_and_transposed_match_reference(level, data):
         close(a, e, dtype)
 
 
+@given(n=st.integers(1, 2), c=st.integers(1, 3), l=st.integers(1, 3),
+       h=st.integers(1, 5), w=st.integers(1, 5), k=st.integers(1, 3),
+       groups=st.integers(1, 2), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**31))
+def test_weight_grad_taps_reference_is_the_loop_reference(n, c, l, h, w, k, groups, dtype,
+                                                          seed):
+    """The per-tap weight-gradient reference used for big shapes below is the loop one."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c * groups, h + k, w + k))
+    wt = rng.standard_normal((l * groups, c, k, k))
+    for kw in (dict(padding=1), dict(stride=2, dilation=(1, 2), padding=(0, 2))):
+        y = ref.conv2d(x, wt, groups=groups, **kw)
+        gy = rng.standard_normal(y.shape)
+        np.testing.assert_allclose(
+            ref.conv2d_weight_grad_taps(gy, x, wt.shape, groups=groups, **kw),
+            ref.conv2d_backward(gy, x, wt, groups=groups, **kw)[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [
+    # (N, C, H, W, L, k, stride, padding, groups).  The own GEMM (K >= 64 taps) reads the
+    # im2col matrix (or x) in place as A (K rows, in blocks of MR: tails of 3 and 0 rows) and
+    # grad_out transposed as B (L columns: a masked, a half and a quarter panel)
+    (2, 3, 9, 11, 19, 5, 1, 2, 1), (1, 8, 12, 12, 64, 3, 1, 1, 1),
+    # x itself as A (1x1, stride 1); 1x1 stride 2 (im2col); P = 144 and 196 cross the K block
+    (2, 64, 4, 5, 9, 1, 1, 0, 1), (1, 70, 6, 6, 33, 1, 2, 0, 1),
+    (2, 16, 7, 9, 12, 3, 2, 1, 2), (1, 32, 14, 14, 40, 5, 1, 2, 1),
+])
+def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, shape):
+    """conv2d_backward's weight and bias gradients by the own GEMM (im2col matrix read in
+    place, grad_out transposed; own=True) and by BLAS (own=False), against the reference."""
+    n, c, h, w, l, k, s, p, g = shape
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (l, c // g, k, k)).astype(dtype)
+    kw = dict(stride=s, padding=p, groups=g)
+    y = ref.conv2d_taps(x, wt, **kw)
+    gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+    old = _kernels.set_wgrad_own(own)
+    try:
+        with num_threads(threads):
+            gx, gw, gb = fc.conv2d_backward(gy, x, wt, **kw)
+            _, gw1, _ = fc.conv2d_backward(gy, x, wt, output_mask=(False, True, False), **kw)
+            gx1, _, _ = fc.conv2d_backward(gy, x, wt, output_mask=(True, False, False), **kw)
+    finally:
+        _kernels.set_wgrad_own(old)
+    expected = ref.conv2d_weight_grad_taps(gy, x, wt.shape, **kw)
+    close(gw, expected, dtype)
+    close(gw1, expected, dtype)
+    close(gb, gy.astype(np.float64).sum(axis=(0, 2, 3)), dtype)
+    # grad_out's transpose sits past the im2col matrix that grad_x's GEMM writes: grad_x is
+    # the same whether the weight gradient is computed in the same call or not
+    np.testing.assert_array_equal(gx, gx1)
+
+
 @pytest.fixture
 def small_blocks():
     """The forward convolution in im2col blocks of one panel (as with batch 1 on many

@@ -46,11 +46,17 @@ static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the t
  * init != NULL: C starts at init[r] (bias or zeros) instead of being loaded.  MASKED: only
  * the first n columns exist (n < NR).  mrows: rows of C that exist (<= MR). */
 #define FC_UKR(NAME, T, VT, NV, LANES, MR, TGT, SET1, LOADU, STOREU, FMA, MTYPE, MLOAD, MSTORE, \
-               RELU)                                                                            \
-TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptrdiff_t ldb,    \
-                     T* restrict C, ptrdiff_t ldc, const T* init, int mrows, int masked,       \
-                     const MTYPE* mk, int relu) {                                               \
+               RELU, INPLACE)                                                                   \
+TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* restrict B,    \
+                     ptrdiff_t ldb, T* restrict C, ptrdiff_t ldc, const T* init, int mrows,     \
+                     int masked, const MTYPE* mk, int relu) {                                   \
     VT c[MR][NV];                                                                               \
+    /* A's element (r, k): A[r + k * MR] packed, else A[r * lda + k] (rows past mrows: the */   \
+    /* last one again, computed and not stored) */                                              \
+    ptrdiff_t ar[MR];                                                                           \
+    _Pragma("GCC unroll 8")                                                                     \
+    for (int r = 0; r < MR; r++) ar[r] = INPLACE ? (r < mrows ? r : mrows - 1) * lda : r;      \
+    const ptrdiff_t as = INPLACE ? 1 : MR;                                                      \
     _Pragma("GCC unroll 8")                                                                     \
     for (int r = 0; r < MR; r++) {                                                              \
         _Pragma("GCC unroll 4")                                                                 \
@@ -72,11 +78,11 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptr
             for (int v = 0; v < NV; v++) b[v] = MLOAD(B + v * LANES, mk[v]);                    \
             _Pragma("GCC unroll 8")                                                             \
             for (int r = 0; r < MR; r++) {                                                      \
-                VT a = SET1(A[r]);                                                              \
+                VT a = SET1(A[ar[r]]);                                                              \
                 _Pragma("GCC unroll 4")                                                         \
                 for (int v = 0; v < NV; v++) c[r][v] = FMA(a, b[v], c[r][v]);                   \
             }                                                                                   \
-            A += MR;                                                                            \
+            A += as;                                                                            \
             B += ldb;                                                                           \
         }                                                                                       \
     } else {                                                                                    \
@@ -86,11 +92,11 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptr
             for (int v = 0; v < NV; v++) b[v] = LOADU(B + v * LANES);                           \
             _Pragma("GCC unroll 8")                                                             \
             for (int r = 0; r < MR; r++) {                                                      \
-                VT a = SET1(A[r]);                                                              \
+                VT a = SET1(A[ar[r]]);                                                              \
                 _Pragma("GCC unroll 4")                                                         \
                 for (int v = 0; v < NV; v++) c[r][v] = FMA(a, b[v], c[r][v]);                   \
             }                                                                                   \
-            A += MR;                                                                            \
+            A += as;                                                                            \
             B += ldb;                                                                           \
         }                                                                                       \
     }                                                                                           \
@@ -131,16 +137,28 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, const T* restrict B, ptr
 #define FC_MSTORE_PD512(p, m, v) _mm512_mask_storeu_pd((p), (m), (v))
 FC_UKR(fc_ukr_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
-       FC_RELU_PS512)
+       FC_RELU_PS512, 0)
+FC_UKR(fc_ukra_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512, 1)
 FC_UKR(fc_ukr_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
-       FC_RELU_PD512)
+       FC_RELU_PD512, 0)
+FC_UKR(fc_ukra_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512, 1)
 FC_UKR(fc_ukrh_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
-       FC_RELU_PS512)
+       FC_RELU_PS512, 0)
+FC_UKR(fc_ukrah_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512, 1)
 FC_UKR(fc_ukrh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
-       FC_RELU_PD512)
+       FC_RELU_PD512, 0)
+FC_UKR(fc_ukrah_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512, 1)
 
 /* AVX-512 quarter-width kernels (256-bit vectors, AVX-512VL masks) for a last panel of at most
  * NR/4 columns: LeNet's 14x14 images leave 4 columns after six 32-wide panels, and the 16-wide
@@ -152,10 +170,16 @@ FC_UKR(fc_ukrh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_
 #define FC_MSTORE_PD512Q(p, m, v) _mm256_mask_storeu_pd((p), (m), (v))
 FC_UKR(fc_ukrq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q,
-       FC_RELU_PS256)
+       FC_RELU_PS256, 0)
+FC_UKR(fc_ukraq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q,
+       FC_RELU_PS256, 1)
 FC_UKR(fc_ukrq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
-       FC_RELU_PD256)
+       FC_RELU_PD256, 0)
+FC_UKR(fc_ukraq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
+       FC_RELU_PD256, 1)
 
 /* ---- AVX2+FMA: masks are integer vectors ---- */
 #define FC_T256 __attribute__((target("avx2,fma")))
@@ -165,16 +189,28 @@ FC_UKR(fc_ukrq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm25
 #define FC_MSTORE_PD256(p, m, v) _mm256_maskstore_pd((p), (m), (v))
 FC_UKR(fc_ukr_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
-       FC_RELU_PS256)
+       FC_RELU_PS256, 0)
+FC_UKR(fc_ukra_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256, 1)
 FC_UKR(fc_ukr_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
-       FC_RELU_PD256)
+       FC_RELU_PD256, 0)
+FC_UKR(fc_ukra_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256, 1)
 FC_UKR(fc_ukrh_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
-       FC_RELU_PS256)
+       FC_RELU_PS256, 0)
+FC_UKR(fc_ukrah_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256, 1)
 FC_UKR(fc_ukrh_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
-       FC_RELU_PD256)
+       FC_RELU_PD256, 0)
+FC_UKR(fc_ukrah_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256, 1)
 
 /* masks for the first n (0 <= n < NV * lanes) columns of a panel */
 static void fc_mask512_16(ptrdiff_t n, __mmask16 mk[2]) {
@@ -204,9 +240,11 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
 
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
-#define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK, HASQ)   \
+#define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK, HASQ,   \
+                       INPLACE)                                                                 \
 static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
-                 const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias, int acc) {      \
+                 ptrdiff_t lda, const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias,  \
+                 int acc) {                                                                     \
     T init[MR];                                                                                 \
     const int relu = acc & FC_GEMM_RELU;    /* max(C, 0) as the last K block is stored */      \
     MTYPE mk[2];                                                                                \
@@ -246,26 +284,35 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                     for (int r = 0; r < MR; r++)                                                \
                         init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
                 }                                                                               \
+                const T* a = INPLACE ? Ap + ir * lda + pc : Ap + ir * K + pc * MR;              \
                 if (quarter)                                                                    \
-                    UKRQ(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb, C + ir * ldc + jr,  \
-                         ldc, first ? init : NULL, mr, masked, qmk, last_relu);                 \
+                    UKRQ(kc, a, lda, B + pc * ldb + jr, ldb, C + ir * ldc + jr, ldc,            \
+                         first ? init : NULL, mr, masked, qmk, last_relu);                      \
                 else                                                                            \
-                    (half ? UKRH : UKR)(kc, Ap + ir * K + pc * MR, B + pc * ldb + jr, ldb,      \
-                                        C + ir * ldc + jr, ldc, first ? init : NULL, mr,        \
-                                        masked, mk, last_relu);                                 \
+                    (half ? UKRH : UKR)(kc, a, lda, B + pc * ldb + jr, ldb, C + ir * ldc + jr,  \
+                                        ldc, first ? init : NULL, mr, masked, mk, last_relu);   \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
 }
 
 FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, fc_ukrq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1)
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0)
 FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1)
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0)
 FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0)
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0)
 FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0)
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0)
+/* the same with A read in place (rows lda apart): the weight gradient's im2col matrix */
+FC_GEMM_DRIVER(fc_gemma_f_512, float, fc_ukra_f_512, fc_ukrah_f_512, fc_ukraq_f_512, 8, 32,
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1)
+FC_GEMM_DRIVER(fc_gemma_d_512, double, fc_ukra_d_512, fc_ukrah_d_512, fc_ukraq_d_512, 8, 16,
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1)
+FC_GEMM_DRIVER(fc_gemma_f_256, float, fc_ukra_f_256, fc_ukrah_f_256, fc_ukrah_f_256, 6, 16,
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1)
+FC_GEMM_DRIVER(fc_gemma_d_256, double, fc_ukra_d_256, fc_ukrah_d_256, fc_ukrah_d_256, 6, 8,
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1)
 
 /* Columns [p0, p0 + n) of im2col (n <= ld): col[(c, kh, kw), j] =
  * x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] for the output pixel p0 + j = oh*OW + ow, and 0
@@ -575,9 +622,9 @@ static void fc_gemm_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, cons
                       int acc) {
 #ifdef FC_HAVE_GEMM
     if (fc_gemm_on == 2)
-        fc_gemm_f_512(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+        fc_gemm_f_512(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
     else if (fc_gemm_on == 1)
-        fc_gemm_f_256(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+        fc_gemm_f_256(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
 #endif
 }
 static void fc_gemm_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* Ap,
@@ -585,9 +632,117 @@ static void fc_gemm_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, cons
                       const double* bias, int acc) {
 #ifdef FC_HAVE_GEMM
     if (fc_gemm_on == 2)
-        fc_gemm_d_512(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+        fc_gemm_d_512(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
     else if (fc_gemm_on == 1)
-        fc_gemm_d_256(M, n0, n1, K, Ap, B, ldb, C, ldc, bias, acc);
+        fc_gemm_d_256(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
+#endif
+}
+
+/* dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: grad_out's block transposed
+ * for the weight gradient's GEMM, by 8x8 (float) or 4x4 (double) register transposes (a
+ * scalar loop, one store every ldd values, took 2/3 of LeNet conv1's weight gradient). */
+#ifdef FC_HAVE_GEMM
+FC_T256 static void fc_transpose_f_256(const float* src, ptrdiff_t rows, ptrdiff_t cols,
+                                       ptrdiff_t lds, float* dst, ptrdiff_t ldd) {
+    ptrdiff_t i = 0, j;
+    for (; i + 8 <= rows; i += 8) {
+        const float* s = src + i * lds;
+        for (j = 0; j + 8 <= cols; j += 8) {
+            __m256 r0 = _mm256_loadu_ps(s + j), r1 = _mm256_loadu_ps(s + lds + j);
+            __m256 r2 = _mm256_loadu_ps(s + 2 * lds + j), r3 = _mm256_loadu_ps(s + 3 * lds + j);
+            __m256 r4 = _mm256_loadu_ps(s + 4 * lds + j), r5 = _mm256_loadu_ps(s + 5 * lds + j);
+            __m256 r6 = _mm256_loadu_ps(s + 6 * lds + j), r7 = _mm256_loadu_ps(s + 7 * lds + j);
+            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+            __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float* o = dst + j * ldd + i;
+            _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
+            _mm256_storeu_ps(o + ldd, _mm256_permute2f128_ps(s1, s5, 0x20));
+            _mm256_storeu_ps(o + 2 * ldd, _mm256_permute2f128_ps(s2, s6, 0x20));
+            _mm256_storeu_ps(o + 3 * ldd, _mm256_permute2f128_ps(s3, s7, 0x20));
+            _mm256_storeu_ps(o + 4 * ldd, _mm256_permute2f128_ps(s0, s4, 0x31));
+            _mm256_storeu_ps(o + 5 * ldd, _mm256_permute2f128_ps(s1, s5, 0x31));
+            _mm256_storeu_ps(o + 6 * ldd, _mm256_permute2f128_ps(s2, s6, 0x31));
+            _mm256_storeu_ps(o + 7 * ldd, _mm256_permute2f128_ps(s3, s7, 0x31));
+        }
+        for (; j < cols; j++)
+            for (int r = 0; r < 8; r++) dst[j * ldd + i + r] = s[r * lds + j];
+    }
+    for (; i < rows; i++)
+        for (j = 0; j < cols; j++) dst[j * ldd + i] = src[i * lds + j];
+}
+FC_T256 static void fc_transpose_d_256(const double* src, ptrdiff_t rows, ptrdiff_t cols,
+                                       ptrdiff_t lds, double* dst, ptrdiff_t ldd) {
+    ptrdiff_t i = 0, j;
+    for (; i + 4 <= rows; i += 4) {
+        const double* s = src + i * lds;
+        for (j = 0; j + 4 <= cols; j += 4) {
+            __m256d r0 = _mm256_loadu_pd(s + j), r1 = _mm256_loadu_pd(s + lds + j);
+            __m256d r2 = _mm256_loadu_pd(s + 2 * lds + j), r3 = _mm256_loadu_pd(s + 3 * lds + j);
+            __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+            __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+            double* o = dst + j * ldd + i;
+            _mm256_storeu_pd(o, _mm256_permute2f128_pd(t0, t2, 0x20));
+            _mm256_storeu_pd(o + ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
+            _mm256_storeu_pd(o + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
+            _mm256_storeu_pd(o + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
+        }
+        for (; j < cols; j++)
+            for (int r = 0; r < 4; r++) dst[j * ldd + i + r] = s[r * lds + j];
+    }
+    for (; i < rows; i++)
+        for (j = 0; j < cols; j++) dst[j * ldd + i] = src[i * lds + j];
+}
+#endif
+static void fc_transpose_f(const float* src, ptrdiff_t rows, ptrdiff_t cols, ptrdiff_t lds,
+                           float* dst, ptrdiff_t ldd) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on > 0) {
+        fc_transpose_f_256(src, rows, cols, lds, dst, ldd);
+        return;
+    }
+#endif
+    for (ptrdiff_t i = 0; i < rows; i++)
+        for (ptrdiff_t j = 0; j < cols; j++) dst[j * ldd + i] = src[i * lds + j];
+}
+static void fc_transpose_d(const double* src, ptrdiff_t rows, ptrdiff_t cols, ptrdiff_t lds,
+                           double* dst, ptrdiff_t ldd) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on > 0) {
+        fc_transpose_d_256(src, rows, cols, lds, dst, ldd);
+        return;
+    }
+#endif
+    for (ptrdiff_t i = 0; i < rows; i++)
+        for (ptrdiff_t j = 0; j < cols; j++) dst[j * ldd + i] = src[i * lds + j];
+}
+
+/* C[:, n0:n1] (+)= A @ B[:, n0:n1] as fc_gemm_*, with A (M x K) read in place, rows lda
+ * apart (no packing: the weight gradient's im2col matrix, whose packing was a quarter of
+ * OpenBLAS's time on LeNet's conv2).  Only callable when fc_gemm_level() > 0. */
+static void fc_gemma_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const float* A,
+                       ptrdiff_t lda, const float* B, ptrdiff_t ldb, float* C, ptrdiff_t ldc,
+                       int acc) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2)
+        fc_gemma_f_512(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
+    else if (fc_gemm_on == 1)
+        fc_gemma_f_256(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
+#endif
+}
+static void fc_gemma_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* A,
+                       ptrdiff_t lda, const double* B, ptrdiff_t ldb, double* C, ptrdiff_t ldc,
+                       int acc) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2)
+        fc_gemma_d_512(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
+    else if (fc_gemm_on == 1)
+        fc_gemma_d_256(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
 #endif
 }
 

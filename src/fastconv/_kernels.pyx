@@ -154,6 +154,16 @@ cdef extern from "_gemm.h":
     void fc_gemm_d(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const double* Ap,
                    const double* B, Py_ssize_t ldb, double* C, Py_ssize_t ldc,
                    const double* bias, int acc) nogil
+    void fc_transpose_f(const float* src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lds,
+                        float* dst, Py_ssize_t ldd) nogil
+    void fc_transpose_d(const double* src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lds,
+                        double* dst, Py_ssize_t ldd) nogil
+    void fc_gemma_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* A,
+                    Py_ssize_t lda, const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc,
+                    int acc) nogil
+    void fc_gemma_d(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const double* A,
+                    Py_ssize_t lda, const double* B, Py_ssize_t ldb, double* C, Py_ssize_t ldc,
+                    int acc) nogil
 
 
 fc_gemm_init()
@@ -218,6 +228,36 @@ def gemm_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t items, Py_ssize_t 
                        Py_ssize_t itemsize):
     """Values of one thread's im2col block for the own GEMM's forward convolution."""
     return K * col_ld(gemm_block_cols(P, items, threads, itemsize), itemsize)
+
+
+# conv2d_backward's weight gradient by the own GEMM with the im2col matrix read in place
+cdef bint WGRAD_OWN = True
+
+
+def set_wgrad_own(bint on):
+    """Whether conv2d_backward may compute the weight gradient by the own GEMM (else BLAS);
+    returns the previous setting.  For tests and A/B timing, while no kernel runs."""
+    global WGRAD_OWN
+    old = WGRAD_OWN
+    WGRAD_OWN = on
+    return old
+
+
+def wgrad_scratch(Py_ssize_t Lg, Py_ssize_t P, Py_ssize_t itemsize):
+    """Values a thread's conv2d_backward workspace needs past the im2col matrix for the
+    weight gradient by the own GEMM (grad_out's (Lg, P) block transposed); 0 at level
+    'blas'."""
+    return P * col_ld(Lg, itemsize) if fc_gemm_level() > 0 else 0
+
+
+cdef inline void own_gemm_a(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
+                            Py_ssize_t lda, const floating* B, Py_ssize_t ldb, floating* C,
+                            Py_ssize_t ldc) noexcept nogil:
+    """C += A @ B, A (M x K) read in place (rows lda apart); level > 0 only."""
+    if floating is float:
+        fc_gemma_f(M, 0, N, K, A, lda, B, ldb, C, ldc, 1)
+    else:
+        fc_gemma_d(M, 0, N, K, A, lda, B, ldb, C, ldc, 1)
 
 
 def gemm_nr(Py_ssize_t itemsize):
@@ -857,7 +897,8 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     written when need_x: channel c starts at ``init[c]`` when has_init (else 0) and receives
     col2im(weight^T @ grad_out); this is exactly the forward pass of a transposed convolution.
     grad_w_part (threads, L*K) and grad_b_part (threads, L) must be zeroed: thread t adds its
-    share to row t, and the caller sums the rows.  wpack: groups * gemm_packed_size(K, L/groups)
+    share to row t, and the caller sums the rows.  Returns True when those rows hold each
+    group's grad_w transposed, (K, L/groups) (the own GEMM's layout), False for (L/groups, K).  wpack: groups * gemm_packed_size(K, L/groups)
     values, for weight^T packed for the own GEMM of grad_x; smaller (empty): BLAS.
     """
     cdef Py_ssize_t N = grad_out.shape[0], L = grad_out.shape[1]
@@ -889,6 +930,14 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef floating acc
     cdef Py_ssize_t item, n, g, l, i, tid, psz = fc_gemm_packed_size(K, Lg)
     cdef floating* Ap = NULL
+    # the weight gradient by the own GEMM: grad_w[g]^T (K, Lg) += col (K, P) @ grad_out^T
+    # (P, Lg), the im2col matrix (or x) read in place, grad_out's block transposed after it
+    cdef Py_ssize_t ldt = col_ld(Lg, sizeof(floating)), cend = 0 if direct else K * ld
+    # (K >= 64: with fewer taps, transposing grad_out costs as much as the GEMM saves; LeNet's
+    # conv1, K = 25: 0.88x BLAS)
+    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
+                      and ncol >= cend + P * ldt)
+    cdef floating* gyt
     if has_init:
         ip = &init[0]
     if need_x and psz > 0 and wpack.shape[0] >= groups * psz:
@@ -915,9 +964,19 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                 if not direct:
                     im2col(src, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
                     src = col
-                # grad_w[g] (Lg, K) += grad_out[n, g] (Lg, P) @ col^T (P, K)
-                gemm_rm(False, True, Lg, K, P, 1, gyg, P, src, P if direct else ld, 1,
-                        gw + g * Lg * K, K)
+                if wown:
+                    gyt = col + cend
+                    if floating is float:
+                        fc_transpose_f(gyg, Lg, P, P, gyt, ldt)
+                    else:
+                        fc_transpose_d(gyg, Lg, P, P, gyt, ldt)
+                    # grad_w[g]^T (K, Lg) += col (K, P) @ grad_out[n, g]^T (P, Lg)
+                    own_gemm_a(K, Lg, P, src, P if direct else ld, gyt, ldt, gw + g * Lg * K,
+                               Lg)
+                else:
+                    # grad_w[g] (Lg, K) += grad_out[n, g] (Lg, P) @ col^T (P, K)
+                    gemm_rm(False, True, Lg, K, P, 1, gyg, P, src, P if direct else ld, 1,
+                            gw + g * Lg * K, K)
             if need_b:
                 for l in range(Lg):
                     acc = 0
@@ -946,6 +1005,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     gemm_rm(True, False, K, P, Lg, 1, wp + g * Lg * K, K, gyg, P, 0, col, ld)
                     fill_channels(gxg, Cg, H * W, (ip + g * Cg) if has_init else NULL)
                     col2im(col, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, gxg, ld)
+    return wown
 
 
 def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,

@@ -577,6 +577,8 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     direct = _is_direct(geo, x)
     ncol = 0 if direct or not (need_w or need_x) else K * _col_ld(OH * OW, dt)
+    if need_w:   # grad_out's block transposed, for the weight gradient by the own GEMM
+        ncol += _kernels.wgrad_scratch(L // g, OH * OW, dt.itemsize)
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
     bpart = _alloc((team, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
@@ -592,17 +594,24 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
             _winograd(_c(grad_out, dt), wt, np.zeros(0, dt), gx, 2 - pad[0], 2 - pad[2], g,
                       _team(16 * N * g, N * L * OH * OW * K), dt, fn)
         need_x = False
+    wtrans = False
     if N > 0 and (need_x or need_w or need_b):
         gyc, wc = _c(grad_out, dt), _c(weight, dt)
         xc = _c(x, dt) if need_w or not need_x else _dummy(dt)
         (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
         with blas_threads(nblas):
             wpack = _wpack(K, L // g, g, dt, fn) if need_x else _EMPTY[np.dtype(dt).char]
-            _kernels.conv2d_backward(gyc, xc, wc, np.zeros(0, dt),
+            wtrans = _kernels.conv2d_backward(gyc, xc, wc, np.zeros(0, dt),
                                      gx if need_x else _dummy(dt), wpart, bpart, scratch,
                                      wpack, sH, sW, pad[0], pad[2], dH, dW, g,
                                      need_x, need_w, need_b, False, team)
-    gw = _sum_partials(wpart, weight.shape, dt) if need_w else None
+    gw = None
+    if need_w:
+        gw = _sum_partials(wpart, weight.shape, dt)
+        if wtrans:   # each group's (K, L/g) block, as the own GEMM wrote it
+            Lg = L // g
+            gw = np.ascontiguousarray(gw.reshape(g, K, Lg).transpose(0, 2, 1)).reshape(
+                weight.shape)
     gb = _sum_partials(bpart, (L,), dt) if need_b else None
     return gx, gw, gb
 
