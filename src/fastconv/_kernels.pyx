@@ -881,6 +881,23 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
                           op + (n * L + g * Lg) * P, work, Cg, H, W, Lg, pH, pW, OH, OW)
 
 
+cdef inline floating row_sum(const floating* a, Py_ssize_t n) noexcept nogil:
+    """a[0] + ... + a[n-1] in four interleaved partial sums (one serial chain of adds was 3 %
+    of a LeNet training step: 4 cycles of latency per value)."""
+    cdef floating s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 = s0 + a[i]
+        s1 = s1 + a[i + 1]
+        s2 = s2 + a[i + 2]
+        s3 = s3 + a[i + 3]
+        i = i + 4
+    while i < n:
+        s0 = s0 + a[i]
+        i = i + 1
+    return (s0 + s1) + (s2 + s3)
+
+
 def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,
                     const floating[:, :, :, ::1] weight, const floating[::1] init,
                     floating[:, :, :, ::1] grad_x_out,
@@ -927,7 +944,6 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef floating* gxg
     cdef const floating* gyg
     cdef const floating* src
-    cdef floating acc
     cdef Py_ssize_t item, n, g, l, i, tid, psz = fc_gemm_packed_size(K, Lg)
     cdef floating* Ap = NULL
     # the weight gradient by the own GEMM: grad_w[g]^T (K, Lg) += col (K, P) @ grad_out^T
@@ -979,10 +995,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                             gw + g * Lg * K, K)
             if need_b:
                 for l in range(Lg):
-                    acc = 0
-                    for i in range(P):
-                        acc = acc + gyg[l * P + i]
-                    gb[g * Lg + l] += acc
+                    gb[g * Lg + l] += row_sum(gyg + l * P, P)
             if need_x:
                 gxg = gxp + (n * C + g * Cg) * H * W
                 if Ap != NULL:
