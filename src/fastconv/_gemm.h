@@ -588,7 +588,7 @@ static ptrdiff_t fc_gemm_packed_size(ptrdiff_t M, ptrdiff_t K) {
 /* Pack A (M x K; element (i, k) at A[i * rs + k * cs]: rs = lda, cs = 1 for A, rs = 1,
  * cs = lda for a transposed one) into panels of MR rows: Ap[p][k][r] = A[p*MR + r, k], zero
  * past M. */
-#define FC_PACK_A(NAME, T)                                                                      \
+#define FC_PACK_A(NAME, T, TRANSPOSE)                                                           \
 static void NAME(const T* A, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t K, T* Ap) {    \
     int mr = fc_gemm_mr();                                                                      \
     for (ptrdiff_t i = 0; i < M; i += mr) {                                                     \
@@ -596,7 +596,9 @@ static void NAME(const T* A, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t 
         int rows = M - i < mr ? (int)(M - i) : mr;                                              \
         if (rows < mr)                                                                          \
             memset(dst, 0, sizeof(T) * (size_t)mr * (size_t)K);                                \
-        if (cs == 1) {              /* rows of A contiguous: read them one by one */            \
+        if (cs == 1 && rows == mr) {   /* a whole panel from contiguous rows: a transpose */    \
+            TRANSPOSE(A + i * rs, mr, K, rs, dst, mr);                                          \
+        } else if (cs == 1) {       /* rows of A contiguous: read them one by one */            \
             for (int r = 0; r < rows; r++) {                                                    \
                 const T* a = A + (i + r) * rs;                                                  \
                 for (ptrdiff_t k = 0; k < K; k++)                                               \
@@ -611,8 +613,7 @@ static void NAME(const T* A, ptrdiff_t rs, ptrdiff_t cs, ptrdiff_t M, ptrdiff_t 
         }                                                                                       \
     }                                                                                           \
 }
-FC_PACK_A(fc_gemm_pack_f, float)
-FC_PACK_A(fc_gemm_pack_d, double)
+
 
 /* C[:, n0:n1] = Ap @ B[:, n0:n1] + bias (acc = 0; bias NULL: no bias) or C += Ap @ B (acc = 1);
  * acc | FC_GEMM_RELU: then C = max(C, 0) (NaN kept, -0 -> +0), applied as C is stored.
@@ -721,6 +722,11 @@ static void fc_transpose_d(const double* src, ptrdiff_t rows, ptrdiff_t cols, pt
     for (ptrdiff_t i = 0; i < rows; i++)
         for (ptrdiff_t j = 0; j < cols; j++) dst[j * ldd + i] = src[i * lds + j];
 }
+
+/* (the packing's whole panels are transposes: 8 float rows by 8x8 register transposes; a
+ * scalar loop, one store every MR values, was 8 % of a batch-1 Winograd convolution) */
+FC_PACK_A(fc_gemm_pack_f, float, fc_transpose_f)
+FC_PACK_A(fc_gemm_pack_d, double, fc_transpose_d)
 
 /* C[:, n0:n1] (+)= A @ B[:, n0:n1] as fc_gemm_*, with A (M x K) read in place, rows lda
  * apart (no packing: the weight gradient's im2col matrix, whose packing was a quarter of
