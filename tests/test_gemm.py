@@ -337,6 +337,40 @@ def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, sh
     np.testing.assert_array_equal(gx, gx1)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("own", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [
+    # (N, Cin, H, W, Cout, k, stride, padding, output_padding, groups): K = Cout/g * k * k
+    # >= 64 taps take the own GEMM (A: im2col of grad_out in place; B: x's block transposed)
+    (2, 19, 5, 6, 4, 4, 2, 1, 0, 1), (1, 9, 7, 7, 75, 1, 1, 0, 0, 1),
+    (2, 12, 4, 5, 16, 3, 2, 1, 1, 2), (1, 33, 6, 9, 8, 3, 1, 1, 0, 1),
+])
+def test_conv_transpose2d_weight_gradient_matches_reference(level, own, threads, dtype, shape):
+    """conv_transpose2d_backward's weight gradient by the own GEMM and by BLAS, against the
+    per-tap reference (the weight gradient of the convolution whose input gradient the
+    transposed convolution is: grad_out and x swap roles)."""
+    n, cin, h, w, cout, k, s, p, op, g = shape
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (n, cin, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (cin, cout // g, k, k)).astype(dtype)
+    kw = dict(stride=s, padding=p, groups=g)
+    with num_threads(threads):
+        y = fc.conv_transpose2d(x, wt, output_padding=op, **kw)
+    gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+    old = _kernels.set_wgrad_own(own)
+    try:
+        with num_threads(threads):
+            gx, gw, _ = fc.conv_transpose2d_backward(gy, x, wt, output_padding=op, **kw)
+            gx1, _, _ = fc.conv_transpose2d_backward(gy, x, wt, output_padding=op,
+                                                     output_mask=(True, False, False), **kw)
+    finally:
+        _kernels.set_wgrad_own(old)
+    close(gw, ref.conv2d_weight_grad_taps(x, gy, wt.shape, **kw), dtype)
+    np.testing.assert_array_equal(gx, gx1)
+
+
 @pytest.fixture
 def small_blocks():
     """The forward convolution in im2col blocks of one panel (as with batch 1 on many

@@ -250,14 +250,18 @@ def wgrad_scratch(Py_ssize_t Lg, Py_ssize_t P, Py_ssize_t itemsize):
     return P * col_ld(Lg, itemsize) if fc_gemm_level() > 0 else 0
 
 
-cdef inline void own_gemm_a(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating* A,
-                            Py_ssize_t lda, const floating* B, Py_ssize_t ldb, floating* C,
-                            Py_ssize_t ldc) noexcept nogil:
-    """C += A @ B, A (M x K) read in place (rows lda apart); level > 0 only."""
+cdef inline void wgrad_own(const floating* col, Py_ssize_t lda, Py_ssize_t K,
+                           const floating* b, Py_ssize_t R, Py_ssize_t P, floating* bt,
+                           Py_ssize_t ldt, floating* gwt) noexcept nogil:
+    """A weight gradient by the own GEMM (level > 0 only): gwt (K, R) += col (K, P, rows lda
+    apart, read in place) @ b^T, b (R, P) transposed into bt (P rows ldt >= R apart) first.
+    The BLAS form, gw (R, K) += b @ col^T, had OpenBLAS repack col for every image."""
     if floating is float:
-        fc_gemma_f(M, 0, N, K, A, lda, B, ldb, C, ldc, 1)
+        fc_transpose_f(b, R, P, P, bt, ldt)
+        fc_gemma_f(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
     else:
-        fc_gemma_d(M, 0, N, K, A, lda, B, ldb, C, ldc, 1)
+        fc_transpose_d(b, R, P, P, bt, ldt)
+        fc_gemma_d(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
 
 
 def gemm_nr(Py_ssize_t itemsize):
@@ -953,7 +957,6 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     # conv1, K = 25: 0.88x BLAS)
     cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
                       and ncol >= cend + P * ldt)
-    cdef floating* gyt
     if has_init:
         ip = &init[0]
     if need_x and psz > 0 and wpack.shape[0] >= groups * psz:
@@ -981,14 +984,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     im2col(src, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
                     src = col
                 if wown:
-                    gyt = col + cend
-                    if floating is float:
-                        fc_transpose_f(gyg, Lg, P, P, gyt, ldt)
-                    else:
-                        fc_transpose_d(gyg, Lg, P, P, gyt, ldt)
                     # grad_w[g]^T (K, Lg) += col (K, P) @ grad_out[n, g]^T (P, Lg)
-                    own_gemm_a(K, Lg, P, src, P if direct else ld, gyt, ldt, gw + g * Lg * K,
-                               Lg)
+                    wgrad_own(src, P if direct else ld, K, gyg, Lg, P, col + cend, ldt,
+                              gw + g * Lg * K)
                 else:
                     # grad_w[g] (Lg, K) += grad_out[n, g] (Lg, P) @ col^T (P, K)
                     gemm_rm(False, True, Lg, K, P, 1, gyg, P, src, P if direct else ld, 1,
@@ -1037,7 +1035,9 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     grad_x[n, g] = weight[g] (Cin_g, K) @ cols, grad_w[g] += x[n, g] (Cin_g, HW) @ cols^T.
     weight is (Cin, Cout_g, kH, kW); grad_w_part (threads, Cin*K) zeroed.  wpack: groups *
     gemm_packed_size(Cin/groups, K) values for weight packed for the own GEMM of grad_x;
-    smaller (empty): BLAS.
+    smaller (empty): BLAS.  Returns True when grad_w_part's rows hold each group's grad_w
+    transposed, (K, Cin/groups) (the own GEMM's layout; scratch rows have wgrad_scratch
+    more values), False for (Cin/groups, K).
     """
     cdef Py_ssize_t N = x.shape[0], Cin = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t Cout = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
@@ -1058,6 +1058,10 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef const floating* src
     cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Cig, K)
     cdef floating* Ap = NULL
+    # the weight gradient by the own GEMM as in conv2d_backward (x's block transposed)
+    cdef Py_ssize_t ldt = col_ld(Cig, sizeof(floating)), cend = 0 if direct else K * ld
+    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
+                      and ncol >= cend + P * ldt)
     if not direct and ncol < K * ld:
         raise ValueError("conv_transpose2d_backward: scratch is smaller than one im2col matrix")
     if need_x and psz > 0 and wpack.shape[0] >= groups * psz:
@@ -1082,9 +1086,14 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
             elif need_x:
                 gemm_rm(False, False, Cig, P, K, 1, wp + g * Cig * K, K, src,
                         P if direct else ld, 0, gxp + (n * Cin + g * Cig) * P, P)
-            if need_w:
+            if need_w and wown:
+                # grad_w[g]^T (K, Cig) += cols (K, P) @ x[n, g]^T (P, Cig)
+                wgrad_own(src, P if direct else ld, K, xp + (n * Cin + g * Cig) * P, Cig, P,
+                          col + cend, ldt, gw + g * Cig * K)
+            elif need_w:
                 gemm_rm(False, True, Cig, K, P, 1, xp + (n * Cin + g * Cig) * P, P, src,
                         P if direct else ld, 1, gw + g * Cig * K, K)
+    return wown
 
 
 # Every prange body below only computes pointers and calls a per-plane cdef function: the

@@ -362,6 +362,16 @@ def _sum_partials(part, shape, dtype):
     return out.reshape(shape)
 
 
+def _wgrad_sum(part, shape, groups, K, transposed, dtype):
+    """A weight gradient from its per-thread partial rows: each group's (R, K) block, or its
+    (K, R) transpose as the own GEMM writes it (transposed)."""
+    gw = _sum_partials(part, shape, dtype)
+    if not transposed:
+        return gw
+    R = shape[0] // groups
+    return np.ascontiguousarray(gw.reshape(groups, K, R).transpose(0, 2, 1)).reshape(shape)
+
+
 def _dummy(dtype):
     return np.zeros((1, 1, 1, 1), dtype)
 
@@ -605,13 +615,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
                                      gx if need_x else _dummy(dt), wpart, bpart, scratch,
                                      wpack, sH, sW, pad[0], pad[2], dH, dW, g,
                                      need_x, need_w, need_b, False, team)
-    gw = None
-    if need_w:
-        gw = _sum_partials(wpart, weight.shape, dt)
-        if wtrans:   # each group's (K, L/g) block, as the own GEMM wrote it
-            Lg = L // g
-            gw = np.ascontiguousarray(gw.reshape(g, K, Lg).transpose(0, 2, 1)).reshape(
-                weight.shape)
+    gw = _wgrad_sum(wpart, weight.shape, g, K, wtrans, dt) if need_w else None
     gb = _sum_partials(bpart, (L,), dt) if need_b else None
     return gx, gw, gb
 
@@ -727,22 +731,25 @@ def conv_transpose2d_backward(grad_out, x, weight, stride=1, padding=0, output_p
     gx = _alloc(x.shape, dt, fn, "grad_x") if need_x else None
     ncol = (0 if _is_direct(geo, x) or not (need_x or need_w)
             else K * _col_ld(x.shape[2] * x.shape[3], dt))
+    if need_w:   # x's block transposed, for the weight gradient by the own GEMM
+        ncol += _kernels.wgrad_scratch(Cin // g, x.shape[2] * x.shape[3], dt.itemsize)
     scratch = _scratch(team, ncol, dt, fn)
     wpart = _alloc((team, Cin * K if need_w else 0), dt, fn, "weight-gradient partials",
                    zero=True)
     gyc = _c(grad_out, dt) if N > 0 else None
+    wtrans = False
     if N > 0 and (need_x or need_w):
         (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
         with blas_threads(nblas):
             wpack = (_wpack(Cin // g, K, g, dt, fn) if need_x
                      else _EMPTY[np.dtype(dt).char])
-            _kernels.conv_transpose2d_backward(gyc, _c(x, dt), _c(weight, dt),
+            wtrans = _kernels.conv_transpose2d_backward(gyc, _c(x, dt), _c(weight, dt),
                                                gx if need_x else _dummy(dt), wpart, scratch,
                                                wpack, sH, sW, pad[0], pad[2], dH, dW, g,
                                                need_x, need_w, team)
     gw = gb = None
     if need_w:
-        gw = _sum_partials(wpart, weight.shape, dt)
+        gw = _wgrad_sum(wpart, weight.shape, g, K, wtrans, dt)
     if need_b:
         gb = np.zeros(L, dt)
         if N > 0:
