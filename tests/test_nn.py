@@ -295,6 +295,40 @@ def test_sequential_fuses_conv2d_relu_with_the_same_numbers(dtype):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sequential_relu_maxpool_backward_is_fused_with_the_same_numbers(dtype):
+    """Sequential's backward through ReLU -> MaxPool2d applies ReLU's mask to grad_out on the
+    pooled values (the windows' maxima) and skips ReLU's own pass: gradients bit for bit those
+    of the layers run one by one, with NaN, -0, windows of only non-positive values,
+    overlapping and padded windows, ceil_mode, and after a fused Conv2d -> ReLU."""
+    rng = np.random.default_rng(9)
+    for pool, conv in ((nn.MaxPool2d(2), None), (nn.MaxPool2d(3, 2, padding=1), None),
+                       (nn.MaxPool2d(2, ceil_mode=True), None),
+                       (nn.MaxPool2d(2), nn.Conv2d(3, 4, 5, padding=2, dtype=dtype, rng=1))):
+        relu, flat = nn.ReLU(), nn.Flatten()
+        layers = ([conv] if conv is not None else []) + [relu, pool, flat]
+        model = nn.Sequential(*layers)
+        x = rng.uniform(-1, 1, (2, 3, 9, 11)).astype(dtype)
+        x[0, 0, 1, 1] = np.nan
+        x[0, 1, :4, :4] = -rng.uniform(0, 1, (4, 4))      # windows with no positive value
+        x[-1, -1, 2:6, 2:6] = -0.0
+        y = model(x)
+        g = rng.uniform(-1, 1, y.shape).astype(dtype)
+        model.zero_grad()
+        gx = model.backward(g)
+        grads = [p.grad.copy() for p in model.parameters()]
+        model.zero_grad()
+        h = x if conv is None else conv.forward(x)          # unfused: one layer at a time
+        flat.forward(pool.forward(relu.forward(h)))
+        gh = relu.backward(pool.backward(flat.backward(g)))
+        gx1 = gh if conv is None else conv.backward(gh)
+        np.testing.assert_array_equal(gx, gx1)
+        np.testing.assert_array_equal(np.signbit(gx), np.signbit(gx1))
+        for a, b in zip(grads, [p.grad for p in model.parameters()]):
+            np.testing.assert_array_equal(a, b)
+        assert (gh == 0).any() and (gh != 0).any()
+
+
 def test_double_converts_a_float32_model():
     m32 = small_cnn(np.float32, rng=4)
     m64 = small_cnn(np.float32, rng=4).double()

@@ -318,6 +318,7 @@ class Sequential(Module):
 
     def forward(self, x):
         mods = list(self._modules.values())
+        self._pooled = {}
         i = 0
         while i < len(mods):
             m = mods[i]
@@ -329,6 +330,8 @@ class Sequential(Module):
                 i += 2
             else:
                 x = m(x)
+                if i > 0 and type(m) is MaxPool2d and type(mods[i - 1]) is ReLU:
+                    self._pooled[i] = x     # for ReLU's backward on the pooled values
                 i += 1
         return x
 
@@ -340,11 +343,22 @@ class Sequential(Module):
         None is then returned.
         """
         mods = list(self._modules.values())
-        for i in range(len(mods) - 1, -1, -1):
+        pooled = self.__dict__.get("_pooled") or {}
+        i = len(mods) - 1
+        while i >= 0:
             m = mods[i]
             if i == 0 and not need_input_grad and getattr(m, "_skips_input_grad", False):
                 return m.backward(grad_out, need_input_grad=False)
+            if i in pooled:
+                # ReLU -> MaxPool2d: the max-pool's gradient lands only on its windows' maxima,
+                # which are its outputs, so ReLU's mask (zero where the value <= 0) is applied
+                # to grad_out on the pooled values first, a quarter of the pass (2x2) and the
+                # same numbers; ReLU's own backward is then skipped
+                grad_out = m.backward(_relu_grad(pooled[i], grad_out))
+                i -= 2
+                continue
             grad_out = m.backward(grad_out)
+            i -= 1
         return grad_out
 
     _skips_input_grad = True
@@ -742,17 +756,21 @@ class ReLU(Module):
         return self._y
 
     def backward(self, grad_out):
-        y = self._cached("_y")
-        g = np.asarray(grad_out)
-        if (g.shape == y.shape and g.dtype == y.dtype and g.dtype in (np.float32, np.float64)
-                and g.size > 0):
-            # one pass, no temporaries (a vectorised select in the kernels)
-            out = np.empty(y.shape, y.dtype)
-            F._kernels.relu_backward(np.ascontiguousarray(y).reshape(-1),
-                                     np.ascontiguousarray(g).reshape(-1), out.reshape(-1),
-                                     F._team(-(-y.size // 16384), y.size))
-            return out
-        return np.where(y <= 0, g.dtype.type(0), g)   # as threshold_backward: NaN passes
+        return _relu_grad(self._cached("_y"), grad_out)
+
+
+def _relu_grad(y, grad_out):
+    """ReLU's backward given its output y: grad_out where y > 0 (or NaN), else 0."""
+    g = np.asarray(grad_out)
+    if (g.shape == y.shape and g.dtype == y.dtype and g.dtype in (np.float32, np.float64)
+            and g.size > 0):
+        # one pass, no temporaries (a vectorised select in the kernels)
+        out = np.empty(y.shape, y.dtype)
+        F._kernels.relu_backward(np.ascontiguousarray(y).reshape(-1),
+                                 np.ascontiguousarray(g).reshape(-1), out.reshape(-1),
+                                 F._team(-(-y.size // 16384), y.size))
+        return out
+    return np.where(y <= 0, g.dtype.type(0), g)   # as threshold_backward: NaN passes
 
 
 class Flatten(Module):
