@@ -207,17 +207,30 @@ def set_gemm_block(Py_ssize_t ncols):
     return old
 
 
-cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t items, Py_ssize_t threads,
-                                       Py_ssize_t itemsize) noexcept nogil:
+# bytes of an im2col block above which the forward convolution splits an image's columns
+DEF IM2COL_BLOCK_MAX = 786432
+
+
+cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t K, Py_ssize_t items,
+                                       Py_ssize_t threads, Py_ssize_t itemsize) noexcept nogil:
     """Columns per im2col block of the forward convolution by the own GEMM.  A whole image
     when there are at least as many (image, group) items as threads: measured fastest (blocks
-    of 64-256 KiB were 5-25 % slower on one thread).  With fewer items (batch 1), blocks of
-    whole panels, about 4 per thread, so that the threads share the images."""
+    of 64-256 KiB were 5-25 % slower on one thread), unless its im2col matrix (K rows) would
+    pass 768 KiB: it is then read from beyond L2 (a 2 MiB L2 also holds the packed weights
+    and the output), and blocks of 256-416 columns were 1.07-1.08x faster on the strided
+    64->128 3x3 (1.8 MiB a whole image).  With fewer items (batch 1), blocks of whole panels,
+    about 4 per thread, so that the threads share the images."""
     cdef Py_ssize_t nr = fc_gemm_nr(itemsize == 8), nb, per
     if GEMM_BLOCK_COLS > 0:
         nb = (GEMM_BLOCK_COLS + nr - 1) // nr * nr
     elif items >= threads:
-        return P
+        if K * P * itemsize <= IM2COL_BLOCK_MAX:
+            return P
+        nb = IM2COL_BLOCK_MAX // (K * itemsize) // nr * nr
+        nb = nb if nb > nr else nr
+        # as many blocks as that needs, evened out
+        per = (P + nb - 1) // nb
+        nb = ((P + per - 1) // per + nr - 1) // nr * nr
     else:
         per = (4 * threads + items - 1) // items
         nb = ((P + per - 1) // per + nr - 1) // nr * nr
@@ -227,7 +240,7 @@ cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t items, Py_ssize_
 def gemm_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t items, Py_ssize_t threads,
                        Py_ssize_t itemsize):
     """Values of one thread's im2col block for the own GEMM's forward convolution."""
-    return K * col_ld(gemm_block_cols(P, items, threads, itemsize), itemsize)
+    return K * col_ld(gemm_block_cols(P, K, items, threads, itemsize), itemsize)
 
 
 # conv2d_backward's weight gradient by the own GEMM with the im2col matrix read in place
@@ -586,7 +599,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     if Ap != NULL:
         # work items: (image, group, block of columns); each block's im2col is made into the
         # thread's buffer and multiplied at once
-        nb = gemm_block_cols(P, N * groups, num_threads, sizeof(floating))
+        nb = gemm_block_cols(P, K, N * groups, num_threads, sizeof(floating))
         nblk = (P + nb - 1) // nb
         if not direct and ncol < K * col_ld(nb, sizeof(floating)):
             raise ValueError("conv2d_forward: scratch is smaller than one im2col block")
