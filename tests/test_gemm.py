@@ -380,6 +380,41 @@ def small_blocks():
     _kernels.set_gemm_block(old)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [
+    # (N, C, H, W, L, k, stride, padding, dilation, groups): K >= 64 (weight gradient by the
+    # own GEMM, so the blocks apply to it too) and K < 64 (grad_x only in blocks)
+    (2, 8, 9, 10, 9, 5, 1, 2, 1, 1), (1, 12, 11, 9, 10, 3, 2, 1, 1, 1),
+    (2, 16, 8, 7, 12, 3, 1, 2, 2, 2), (1, 3, 7, 8, 5, 3, 1, 1, 1, 1),
+])
+def test_conv2d_backward_in_row_blocks_matches_reference(rows, threads, dtype, shape):
+    """conv2d_backward with its im2col matrix in blocks of `rows` output rows (as a big
+    image's is: each block's col2im is the image's with the padding shifted), every
+    output_mask, against the loop reference, at the best GEMM level."""
+    n, c, h, w, l, k, s, p, d, g = shape
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (l, c // g, k, k)).astype(dtype)
+    kw = dict(stride=s, padding=p, dilation=d, groups=g)
+    y = ref.conv2d(x, wt, **kw)
+    gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+    expected = ref.conv2d_backward(gy, x, wt, **kw)
+    old = _kernels.set_gemm_block(rows * y.shape[3])
+    try:
+        with num_threads(threads):
+            got = [fc.conv2d_backward(gy, x, wt, output_mask=m, **kw)
+                   for m in ((True, True, True), (True, False, False), (False, True, False))]
+    finally:
+        _kernels.set_gemm_block(old)
+    for out in got:
+        for a, e in zip(out, expected):
+            if a is not None:
+                close(a, e, dtype)
+
+
 @pytest.mark.usefixtures("tiny_grain", "small_blocks")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -247,6 +247,19 @@ def gemm_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t items, Py_ssize_t 
 cdef bint WGRAD_OWN = True
 
 
+# conv2d_backward in blocks of output rows when the im2col matrix is big (block_rows)
+cdef bint BACKWARD_BLOCKS = True
+
+
+def set_backward_blocks(bint on):
+    """Whether conv2d_backward may split a big im2col matrix into blocks of output rows;
+    returns the previous setting.  For tests and A/B timing, while no kernel runs."""
+    global BACKWARD_BLOCKS
+    old = BACKWARD_BLOCKS
+    BACKWARD_BLOCKS = on
+    return old
+
+
 def set_wgrad_own(bint on):
     """Whether conv2d_backward may compute the weight gradient by the own GEMM (else BLAS);
     returns the previous setting.  For tests and A/B timing, while no kernel runs."""
@@ -264,17 +277,62 @@ def wgrad_scratch(Py_ssize_t Lg, Py_ssize_t P, Py_ssize_t itemsize):
 
 
 cdef inline void wgrad_own(const floating* col, Py_ssize_t lda, Py_ssize_t K,
-                           const floating* b, Py_ssize_t R, Py_ssize_t P, floating* bt,
-                           Py_ssize_t ldt, floating* gwt) noexcept nogil:
+                           const floating* b, Py_ssize_t R, Py_ssize_t P, Py_ssize_t lds,
+                           floating* bt, Py_ssize_t ldt, floating* gwt) noexcept nogil:
     """A weight gradient by the own GEMM (level > 0 only): gwt (K, R) += col (K, P, rows lda
-    apart, read in place) @ b^T, b (R, P) transposed into bt (P rows ldt >= R apart) first.
-    The BLAS form, gw (R, K) += b @ col^T, had OpenBLAS repack col for every image."""
+    apart, read in place) @ b^T, b (R, P, rows lds apart) transposed into bt (P rows ldt >= R
+    apart) first.  The BLAS form, gw (R, K) += b @ col^T, had OpenBLAS repack col for every
+    image."""
     if floating is float:
-        fc_transpose_f(b, R, P, P, bt, ldt)
+        fc_transpose_f(b, R, P, lds, bt, ldt)
         fc_gemma_f(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
     else:
-        fc_transpose_d(b, R, P, P, bt, ldt)
+        fc_transpose_d(b, R, P, lds, bt, ldt)
         fc_gemma_d(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
+
+
+cdef inline Py_ssize_t block_rows(Py_ssize_t K, Py_ssize_t OH, Py_ssize_t OW,
+                                  Py_ssize_t itemsize) noexcept nogil:
+    """Output rows per block of a backward pass's im2col matrix (K rows): all OH unless the
+    whole matrix would pass IM2COL_BLOCK_MAX (it is then written and read beyond L2), else
+    evened-out blocks of whole output rows under it (set_gemm_block: about that many columns,
+    for the tests)."""
+    cdef Py_ssize_t rb, nbk
+    if GEMM_BLOCK_COLS > 0:
+        rb = GEMM_BLOCK_COLS // OW
+        return rb if rb > 1 else 1
+    if K * OH * OW * itemsize <= IM2COL_BLOCK_MAX:
+        return OH
+    rb = IM2COL_BLOCK_MAX // (K * OW * itemsize)
+    rb = rb if rb > 1 else 1
+    nbk = (OH + rb - 1) // rb
+    return (OH + nbk - 1) // nbk
+
+
+cdef void backward_blocks(const floating* x, const floating* gy, const floating* A,
+                          floating* gx, floating* gwt, floating* col, floating* bt,
+                          Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
+                          Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                          Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t rb, Py_ssize_t ldt,
+                          bint need_w, bint need_x) noexcept nogil:
+    """conv2d_backward's own-GEMM work for one (image, group) in blocks of rb output rows:
+    gwt (K, Lg) += im2col(x)[:, block] @ gy[:, block]^T when need_w, and gx (initialised)
+    += col2im(A @ gy[:, block]) when need_x (A: weight^T packed), each block's im2col matrix
+    made in col (it stays in L2).  col2im of a block is the whole image's with the padding
+    shifted by the block's first row."""
+    cdef Py_ssize_t K = Cg * kH * kW, P = OH * OW, r0, nr, ldk = col_ld(rb * OW, sizeof(floating))
+    r0 = 0
+    while r0 < OH:
+        nr = OH - r0 if OH - r0 < rb else rb
+        if need_w:
+            im2col_panel(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, r0 * OW, nr * OW,
+                         col, ldk)
+            wgrad_own(col, ldk, K, gy + r0 * OW, Lg, nr * OW, P, bt, ldt, gwt)
+        if need_x:
+            own_gemm(K, 0, nr * OW, Lg, A, gy + r0 * OW, P, col, ldk, NULL, False)
+            col2im(col, Cg, H, W, kH, kW, sH, sW, pH - r0 * sH, pW, dH, dW, nr, OW, gx, ldk)
+        r0 = r0 + nr
 
 
 def gemm_nr(Py_ssize_t itemsize):
@@ -970,6 +1028,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     # conv1, K = 25: 0.88x BLAS)
     cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
                       and ncol >= cend + P * ldt)
+    # a big im2col matrix in blocks of output rows, where every part runs the own GEMM
+    cdef Py_ssize_t rb = block_rows(K, OH, OW, sizeof(floating))
+    cdef bint bw = False, bx = False
     if has_init:
         ip = &init[0]
     if need_x and psz > 0 and wpack.shape[0] >= groups * psz:
@@ -979,6 +1040,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
             pack_a(wp + g * Lg * K, 1, K, K, Lg, Ap + g * psz)
     if (need_w or need_x) and not direct and ncol < K * ld:
         raise ValueError("conv2d_backward: scratch is smaller than one im2col matrix")
+    # which parts run in blocks (each part's numbers do not depend on the other's presence)
+    bw = rb < OH and not direct and BACKWARD_BLOCKS and need_w and wown
+    bx = rb < OH and not direct and BACKWARD_BLOCKS and need_x and Ap != NULL
     if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < L * K)) \
             or (need_b and (grad_b_part.shape[0] < num_threads or nb < L)):
         raise ValueError("conv2d_backward: workspaces need one row per thread")
@@ -991,14 +1055,21 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
             n = item // groups
             g = item % groups
             gyg = gyp + (n * L + g * Lg) * P
-            if need_w:
+            if bw or bx:
+                gxg = gxp + (n * C + g * Cg) * H * W
+                if bx:
+                    fill_channels(gxg, Cg, H * W, (ip + g * Cg) if has_init else NULL)
+                backward_blocks(xp + (n * C + g * Cg) * H * W, gyg, Ap + g * psz, gxg,
+                                gw + g * Lg * K, col, col + cend, Cg, H, W, Lg, kH, kW, sH, sW,
+                                pH, pW, dH, dW, OH, OW, rb, ldt, bw, bx)
+            if need_w and not bw:
                 src = xp + (n * C + g * Cg) * H * W
                 if not direct:
                     im2col(src, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
                     src = col
                 if wown:
                     # grad_w[g]^T (K, Lg) += col (K, P) @ grad_out[n, g]^T (P, Lg)
-                    wgrad_own(src, P if direct else ld, K, gyg, Lg, P, col + cend, ldt,
+                    wgrad_own(src, P if direct else ld, K, gyg, Lg, P, P, col + cend, ldt,
                               gw + g * Lg * K)
                 else:
                     # grad_w[g] (Lg, K) += grad_out[n, g] (Lg, P) @ col^T (P, K)
@@ -1007,7 +1078,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
             if need_b:
                 for l in range(Lg):
                     gb[g * Lg + l] += row_sum(gyg + l * P, P)
-            if need_x:
+            if need_x and not bx:
                 gxg = gxp + (n * C + g * Cg) * H * W
                 if Ap != NULL:
                     # the same products by the own GEMM, the init values as its bias
@@ -1102,7 +1173,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
             if need_w and wown:
                 # grad_w[g]^T (K, Cig) += cols (K, P) @ x[n, g]^T (P, Cig)
                 wgrad_own(src, P if direct else ld, K, xp + (n * Cin + g * Cig) * P, Cig, P,
-                          col + cend, ldt, gw + g * Cig * K)
+                          P, col + cend, ldt, gw + g * Cig * K)
             elif need_w:
                 gemm_rm(False, True, Cig, K, P, 1, xp + (n * Cin + g * Cig) * P, P, src,
                         P if direct else ld, 1, gw + g * Cig * K, K)
