@@ -137,18 +137,36 @@ def test_cross_entropy_special_values_match_torch(level, dtype):
     np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-6, atol=1e-7)
 
 
+# the GEMM levels this CPU has: at "avx512" the 3x3 stride-2 max-pool backward runs its
+# AVX-512 kernel (_gemm.h), below it the portable / AVX2 rows (_simd.h)
+GEMM_LEVELS = [lv for lv in ("avx512", "avx2") if _kernels.set_gemm(lv) == lv]
+_kernels.set_gemm("avx512")
+
+
+@contextlib.contextmanager
+def gemm_level(level):
+    before = _kernels.gemm_level()
+    try:
+        _kernels.set_gemm(level)
+        yield
+    finally:
+        _kernels.set_gemm(before)
+
+
+@pytest.mark.parametrize("gemm", GEMM_LEVELS or ["blas"])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k,pad", [(3, 0), (3, 1), (2, 0)])
 @pytest.mark.parametrize("ceil_mode", [False, True])
-def test_max_pool_stride2_backward(level, dtype, k, pad, ceil_mode):
+def test_max_pool_stride2_backward(gemm, level, dtype, k, pad, ceil_mode):
     """The stride-2 max-pool backward rows: 3x3 (fc_maxpool33s2_bwd: vector argmax over nine
-    taps, accumulation without a scatter) and 2x2 (fc_maxpool22_bwd: one write per element)
-    on widths that give full vectors, tails and only edge windows, with ties, NaN (the last
-    NaN wins), -inf windows, +inf beside -inf, padding rows and ceil_mode overhangs, against
-    the reference."""
+    taps, accumulation without a scatter; fc_mp33_bwd at the AVX-512 GEMM level: the same in
+    one pass on mask registers) and 2x2 (fc_maxpool22_bwd: one write per element) on widths
+    that give full vectors, tails and only edge windows, with ties, NaN (the last NaN wins),
+    -inf windows, +inf beside -inf, padding rows and ceil_mode overhangs, against the
+    reference."""
     r = np.random.default_rng(7 + pad + 2 * ceil_mode + 4 * k)
-    with simd(level):
+    with simd(level), gemm_level(gemm):
         for W in (3, 4, 5, 6, 9, 17, 18, 19, 33, 34, 35, 70):
             H = int(r.integers(3, 9))
             x = r.integers(-2, 3, (2, 2, H, W)).astype(dtype)          # many ties
@@ -162,6 +180,29 @@ def test_max_pool_stride2_backward(level, dtype, k, pad, ceil_mode):
             gy = r.uniform(-1, 1, y.shape).astype(dtype)
             close(fc.max_pool2d_backward(gy, x, **kw),
                   ref.max_pool2d_backward(gy, x, **kw), dtype)
+
+
+@pytest.mark.skipif(len(GEMM_LEVELS) < 2, reason="needs AVX-512")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_3x3_stride2_backward_same_numbers_at_each_level(dtype):
+    """The AVX-512 3x3 stride-2 max-pool backward makes the same argmax choices and the same
+    additions in the same order as the AVX2 / portable rows: bit for bit equal results, on
+    widths with 0-3 whole vectors of windows and tails, NaN, -inf planes and ties."""
+    r = np.random.default_rng(11)
+    for W in (5, 33, 34, 35, 64, 65, 66, 67, 97, 130):
+        x = r.integers(-3, 4, (2, 3, 11, W)).astype(dtype)
+        x[0, 0, 2, 3] = np.nan
+        x[0, 1, :5] = -np.inf
+        x[1, 2] = r.standard_normal((11, W))
+        for pad, ceil_mode in ((1, False), (0, True), (1, True)):
+            kw = dict(kernel_size=3, stride=2, padding=pad, ceil_mode=ceil_mode)
+            gy = r.uniform(-1, 1, fc.max_pool2d(x, **kw).shape).astype(dtype)
+            got = {}
+            for lv in ("avx512", "avx2"):
+                with gemm_level(lv):
+                    got[lv] = fc.max_pool2d_backward(gy, x, **kw)
+            np.testing.assert_array_equal(got["avx512"], got["avx2"])
+            close(got["avx512"], ref.max_pool2d_backward(gy, x, **kw), dtype)
 
 
 @pytest.mark.parametrize("level", LEVELS)

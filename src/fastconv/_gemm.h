@@ -728,6 +728,120 @@ static void fc_transpose_d(const double* src, ptrdiff_t rows, ptrdiff_t cols, pt
 FC_PACK_A(fc_gemm_pack_f, float, fc_transpose_f)
 FC_PACK_A(fc_gemm_pack_d, double, fc_transpose_d)
 
+/* Max-pool backward for 3x3 windows, stride 2, one output row (as fc_maxpool33s2_bwd in
+ * _simd.h, same argmax rule and the same order of additions, so the same numbers): windows
+ * i in [lo, hi) whose columns 2i .. 2i+2 of x0, x1, x2 lie in the rows; gx_r[2i + k] +=
+ * g[i] where window i's argmax is tap 3r + k.  AVX-512, LANES windows at a time in one pass:
+ * taps k = 0 and 1 are the even and odd lanes of x_r[2i ..), k = 2 the even lanes from
+ * 2i + 2; the argmax scan on mask registers; then per row the even columns get tap 0 of
+ * window i plus tap 2 of window i - 1 (a one-lane shift), the odd ones tap 1, interleaved
+ * and added to gx_r in two vectors.  (gcc's vectorisation of the portable loops, with
+ * blendv selects and three separate accumulation passes, took ~13 cycles a window.) */
+#define FC_MP33_512(NAME, T, VT, L, MT, MK, LOADU, MLOADZ, STOREU, MSTORE, SET1, PERM, IT,    \
+                    SETIDX, EVEN, ODD, ILO, IHI, CMP, MMOV, MZMOV, ADD, SHIFT1)              \
+FC_T512 static void NAME(const T* x0, const T* x1, const T* x2, const T* g, ptrdiff_t lo,     \
+                         ptrdiff_t hi, T first, T* gx0, T* gx1, T* gx2) {                     \
+    const T* xs[3] = {x0, x1, x2};                                                            \
+    T* gs[3] = {gx0, gx1, gx2};                                                               \
+    const IT ie = SETIDX EVEN, io = SETIDX ODD, il = SETIDX ILO, ih = SETIDX IHI;             \
+    VT prev[3] = {SET1((T)0), SET1((T)0), SET1((T)0)};                                        \
+    T carry[3] = {0, 0, 0};                                                                   \
+    for (ptrdiff_t i = lo; i < hi; i += L) {                                                  \
+        ptrdiff_t n = hi - i < L ? hi - i : L;                                                \
+        int full = i + L < hi;     /* else masked: read nothing past window hi - 1's taps */   \
+        MT ma1 = MK(0, 2 * n + 1), ma2 = MK(0, 2 * n + 1 - L);                                \
+        MT mb1 = MK(0, 2 * n - 1), mb2 = MK(0, 2 * n - 1 - L);                                \
+        VT m = SET1((T)-INFINITY), s = SET1(first), gv = MLOADZ(MK(0, n), g + i);            \
+        VT v[9];                                                                              \
+        for (int r = 0; r < 3; r++) {                                                         \
+            const T* a = xs[r] + 2 * i;                                                       \
+            VT a1 = full ? LOADU(a) : MLOADZ(ma1, a);                                             \
+            VT a2 = full ? LOADU(a + L) : MLOADZ(ma2, a + L);                                     \
+            VT b1 = full ? LOADU(a + 2) : MLOADZ(mb1, a + 2);                                     \
+            VT b2 = full ? LOADU(a + 2 + L) : MLOADZ(mb2, a + 2 + L);                             \
+            v[3 * r] = PERM(a1, ie, a2);                                                      \
+            v[3 * r + 1] = PERM(a1, io, a2);                                                  \
+            v[3 * r + 2] = PERM(b1, ie, b2);                                                  \
+        }                                                                                     \
+        for (int t = 0; t < 9; t++) {                                                         \
+            MT k = CMP(v[t], m, _CMP_GT_OQ) | CMP(v[t], v[t], _CMP_UNORD_Q);                  \
+            m = MMOV(m, k, v[t]);                                                             \
+            s = MMOV(s, k, SET1((T)t));                                                       \
+        }                                                                                     \
+        for (int r = 0; r < 3; r++) {                                                         \
+            VT c0 = MZMOV(CMP(s, SET1((T)(3 * r)), _CMP_EQ_OQ), gv);                          \
+            VT c1 = MZMOV(CMP(s, SET1((T)(3 * r + 1)), _CMP_EQ_OQ), gv);                      \
+            VT c2 = MZMOV(CMP(s, SET1((T)(3 * r + 2)), _CMP_EQ_OQ), gv);                      \
+            VT e = ADD(c0, SHIFT1(c2, prev[r]));    /* tap 2 of window i - 1 in lane i */     \
+            prev[r] = c2;                                                                     \
+            T* o = gs[r] + 2 * i;                                                             \
+            VT lo2 = PERM(e, il, c1), hi2 = PERM(e, ih, c1);                                  \
+            if (full) {                                                                       \
+                STOREU(o, ADD(LOADU(o), lo2));                                                \
+                STOREU(o + L, ADD(LOADU(o + L), hi2));                                        \
+            } else {                                                                          \
+                MT w1 = MK(0, 2 * n), w2 = MK(0, 2 * n - L);                                  \
+                MSTORE(o, w1, ADD(MLOADZ(w1, o), lo2));                                       \
+                MSTORE(o + L, w2, ADD(MLOADZ(w2, o + L), hi2));                               \
+                T tmp[L];                                                                     \
+                STOREU(tmp, c2);                                                              \
+                carry[r] = tmp[n - 1];                                                        \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    if (hi > lo)                                                                              \
+        for (int r = 0; r < 3; r++) gs[r][2 * hi] += carry[r];                                \
+}
+#define FC_MZLOAD_PS(m, p) _mm512_maskz_loadu_ps((m), (p))
+#define FC_MZLOAD_PD(m, p) _mm512_maskz_loadu_pd((m), (p))
+#define FC_MP33_CMP_PS(a, b, p) _mm512_cmp_ps_mask((a), (b), (p))
+#define FC_MP33_CMP_PD(a, b, p) _mm512_cmp_pd_mask((a), (b), (p))
+#define FC_MP33_SHIFT_PS(cur, prev) _mm512_castsi512_ps(_mm512_alignr_epi32(                   \
+    _mm512_castps_si512(cur), _mm512_castps_si512(prev), 15))
+#define FC_MP33_SHIFT_PD(cur, prev) _mm512_castsi512_pd(_mm512_alignr_epi64(                   \
+    _mm512_castpd_si512(cur), _mm512_castpd_si512(prev), 7))
+#ifdef FC_HAVE_GEMM
+FC_MP33_512(fc_mp33_bwd_f_512, float, __m512, 16, __mmask16, fc_lanes16, _mm512_loadu_ps,
+            FC_MZLOAD_PS, _mm512_storeu_ps, _mm512_mask_storeu_ps, _mm512_set1_ps,
+            _mm512_permutex2var_ps, __m512i, _mm512_setr_epi32,
+            (0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+            (1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31),
+            (0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+            (8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31),
+            FC_MP33_CMP_PS, _mm512_mask_mov_ps, _mm512_maskz_mov_ps, _mm512_add_ps,
+            FC_MP33_SHIFT_PS)
+FC_MP33_512(fc_mp33_bwd_d_512, double, __m512d, 8, __mmask8, fc_lanes8, _mm512_loadu_pd,
+            FC_MZLOAD_PD, _mm512_storeu_pd, _mm512_mask_storeu_pd, _mm512_set1_pd,
+            _mm512_permutex2var_pd, __m512i, _mm512_setr_epi64,
+            (0, 2, 4, 6, 8, 10, 12, 14), (1, 3, 5, 7, 9, 11, 13, 15),
+            (0, 8, 1, 9, 2, 10, 3, 11), (4, 12, 5, 13, 6, 14, 7, 15),
+            FC_MP33_CMP_PD, _mm512_mask_mov_pd, _mm512_maskz_mov_pd, _mm512_add_pd,
+            FC_MP33_SHIFT_PD)
+#endif
+/* 1: done by the AVX-512 kernel (GEMM level 2); 0: the caller runs the portable/AVX2 one */
+static int fc_mp33_bwd_f(const float* x0, const float* x1, const float* x2, const float* g,
+                         ptrdiff_t lo, ptrdiff_t hi, float first, float* gx0, float* gx1,
+                         float* gx2) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2) {
+        fc_mp33_bwd_f_512(x0, x1, x2, g, lo, hi, first, gx0, gx1, gx2);
+        return 1;
+    }
+#endif
+    return 0;
+}
+static int fc_mp33_bwd_d(const double* x0, const double* x1, const double* x2,
+                         const double* g, ptrdiff_t lo, ptrdiff_t hi, double first,
+                         double* gx0, double* gx1, double* gx2) {
+#ifdef FC_HAVE_GEMM
+    if (fc_gemm_on == 2) {
+        fc_mp33_bwd_d_512(x0, x1, x2, g, lo, hi, first, gx0, gx1, gx2);
+        return 1;
+    }
+#endif
+    return 0;
+}
+
 /* C[:, n0:n1] (+)= A @ B[:, n0:n1] as fc_gemm_*, with A (M x K) read in place, rows lda
  * apart (no packing: the weight gradient's im2col matrix, whose packing was a quarter of
  * OpenBLAS's time on LeNet's conv2).  Only callable when fc_gemm_level() > 0. */

@@ -158,6 +158,12 @@ cdef extern from "_gemm.h":
                         float* dst, Py_ssize_t ldd) nogil
     void fc_transpose_d(const double* src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t lds,
                         double* dst, Py_ssize_t ldd) nogil
+    int fc_mp33_bwd_f(const float* x0, const float* x1, const float* x2, const float* g,
+                      Py_ssize_t lo, Py_ssize_t hi, float first, float* gx0, float* gx1,
+                      float* gx2) nogil
+    int fc_mp33_bwd_d(const double* x0, const double* x1, const double* x2, const double* g,
+                      Py_ssize_t lo, Py_ssize_t hi, double first, double* gx0, double* gx1,
+                      double* gx2) nogil
     void fc_gemma_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* A,
                     Py_ssize_t lda, const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc,
                     int acc) nogil
@@ -2146,11 +2152,15 @@ cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, fl
             continue
         if hi > lo:
             if floating is float:
-                fc_maxpool33s2_bwd_f(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
-                                     <float>(3 * rfirst), sel, c2, gr[0], gr[1], gr[2])
+                if not fc_mp33_bwd_f(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
+                                     <float>(3 * rfirst), gr[0], gr[1], gr[2]):
+                    fc_maxpool33s2_bwd_f(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
+                                         <float>(3 * rfirst), sel, c2, gr[0], gr[1], gr[2])
             else:
-                fc_maxpool33s2_bwd_d(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
-                                     <double>(3 * rfirst), sel, c2, gr[0], gr[1], gr[2])
+                if not fc_mp33_bwd_d(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
+                                     <double>(3 * rfirst), gr[0], gr[1], gr[2]):
+                    fc_maxpool33s2_bwd_d(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
+                                         <double>(3 * rfirst), sel, c2, gr[0], gr[1], gr[2])
         for ow in range(OW):
             if lo <= ow < hi:
                 continue
