@@ -339,34 +339,40 @@ def test_avg_pool_forward_small_planes_in_lanes(level, dtype, threads, count_inc
             close(fc.avg_pool2d(x, **kw), ref.avg_pool2d(x, **kw), dtype)
 
 
+@pytest.mark.parametrize("x512", [True, False])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pad", [0, 1, (0, 1), (1, 0)])
 @pytest.mark.parametrize("ceil_mode", [False, True])
-def test_max_pool_3x3_stride2_forward(level, dtype, pad, ceil_mode):
+def test_max_pool_3x3_stride2_forward(x512, level, dtype, pad, ceil_mode):
     """The 3x3 stride-2 max-pool forward (fc_maxpool33s2: rows reduced horizontally once,
     then three rows; the flat path for even widths with column padding 1) on widths that
     give vector bodies, tails and single windows, heights that give several row blocks
     (W = 1000, 999), odd and even sizes, both paddings and ceil_mode overhangs, with NaN
     (propagates), -inf rows, +inf beside -inf and ties, against the reference; values only
-    (return_indices keeps the general path, checked against the same reference)."""
+    (return_indices keeps the general path, checked against the same reference).  x512: the
+    float64 build for AVX-512 where the CPU has it (set_simd512), else the AVX2 one."""
     r = np.random.default_rng(11 + 2 * ceil_mode + (hash(str(pad)) % 5))
-    with simd(level):
-        for H, W in ((1, 1), (2, 2), (3, 3), (2, 5), (4, 6), (5, 7), (6, 8), (3, 17), (7, 18),
-                     (8, 34), (9, 35), (5, 56), (40, 70), (20, 1000), (19, 999), (9, 2)):
-            ph, pw = (pad, pad) if isinstance(pad, int) else pad
-            if H + 2 * ph < 3 or W + 2 * pw < 3:
-                continue                                    # no window fits
-            x = r.integers(-2, 3, (2, 2, H, W)).astype(dtype)
-            x[0, 0, r.integers(0, H), r.integers(0, W)] = np.nan
-            x[0, 1, r.integers(0, H), :] = np.nan
-            x[1, 0, : (H + 1) // 2, :] = -np.inf
-            x[1, 0, -1, ::2] = np.inf
-            x[1, 1] = -np.inf
-            kw = dict(kernel_size=3, stride=2, padding=pad, ceil_mode=ceil_mode)
-            expected = ref.max_pool2d(x, **kw)
-            close(fc.max_pool2d(x, **kw), expected, dtype)
-            close(fc.max_pool2d(x, return_indices=True, **kw)[0], expected, dtype)
+    old512 = _kernels.set_simd512(x512)
+    try:
+        with simd(level):
+            for H, W in ((1, 1), (2, 2), (3, 3), (2, 5), (4, 6), (5, 7), (6, 8), (3, 17), (7, 18),
+                         (8, 34), (9, 35), (5, 56), (40, 70), (20, 1000), (19, 999), (9, 2)):
+                ph, pw = (pad, pad) if isinstance(pad, int) else pad
+                if H + 2 * ph < 3 or W + 2 * pw < 3:
+                    continue                                    # no window fits
+                x = r.integers(-2, 3, (2, 2, H, W)).astype(dtype)
+                x[0, 0, r.integers(0, H), r.integers(0, W)] = np.nan
+                x[0, 1, r.integers(0, H), :] = np.nan
+                x[1, 0, : (H + 1) // 2, :] = -np.inf
+                x[1, 0, -1, ::2] = np.inf
+                x[1, 1] = -np.inf
+                kw = dict(kernel_size=3, stride=2, padding=pad, ceil_mode=ceil_mode)
+                expected = ref.max_pool2d(x, **kw)
+                close(fc.max_pool2d(x, **kw), expected, dtype)
+                close(fc.max_pool2d(x, return_indices=True, **kw)[0], expected, dtype)
+    finally:
+        _kernels.set_simd512(old512)
 
 
 @pytest.mark.parametrize("level", LEVELS)

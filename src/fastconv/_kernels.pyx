@@ -38,6 +38,8 @@ cdef extern from *:
 
 
 cdef extern from "_simd.h":
+    int fc_simd512_set(int on) nogil
+    int fc_avx512_on
     # hand-vectorised rows of the log-sum-exp and softmax gradient: portable code plus an
     # AVX2+FMA version chosen at import (see the header)
     float fc_expf_nonpos(float x) nogil
@@ -386,6 +388,15 @@ cdef inline void im2col_panel(const floating* x, Py_ssize_t C, Py_ssize_t H, Py_
 def simd_level():
     """'avx2' when the AVX2+FMA loops are in use, else 'baseline'."""
     return "avx2" if fc_simd_level() else "baseline"
+
+
+def set_simd512(bint on):
+    """Whether the loops that also have an AVX-512 build (float64 3x3 stride-2 max pooling)
+    use it, where the CPU has it and AVX2 is on; returns the previous setting.  For tests and
+    A/B timing, while no kernel runs."""
+    old = fc_avx512_on != 0
+    fc_simd512_set(1 if on else 0)
+    return old
 
 
 def set_simd(bint on):
