@@ -31,6 +31,7 @@
 
 #include <stddef.h>
 #include <string.h>
+#include "_simd.h"      /* fc_tr8x8_ps */
 
 #define FC_GEMM_KC 128
 #define FC_GEMM_RELU 2  /* in fc_gemm_*'s acc: max(C, 0) at the end (nn.ReLU fused) */
@@ -648,29 +649,8 @@ FC_T256 static void fc_transpose_f_256(const float* src, ptrdiff_t rows, ptrdiff
     ptrdiff_t i = 0, j;
     for (; i + 8 <= rows; i += 8) {
         const float* s = src + i * lds;
-        for (j = 0; j + 8 <= cols; j += 8) {
-            __m256 r0 = _mm256_loadu_ps(s + j), r1 = _mm256_loadu_ps(s + lds + j);
-            __m256 r2 = _mm256_loadu_ps(s + 2 * lds + j), r3 = _mm256_loadu_ps(s + 3 * lds + j);
-            __m256 r4 = _mm256_loadu_ps(s + 4 * lds + j), r5 = _mm256_loadu_ps(s + 5 * lds + j);
-            __m256 r6 = _mm256_loadu_ps(s + 6 * lds + j), r7 = _mm256_loadu_ps(s + 7 * lds + j);
-            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-            __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            float* o = dst + j * ldd + i;
-            _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
-            _mm256_storeu_ps(o + ldd, _mm256_permute2f128_ps(s1, s5, 0x20));
-            _mm256_storeu_ps(o + 2 * ldd, _mm256_permute2f128_ps(s2, s6, 0x20));
-            _mm256_storeu_ps(o + 3 * ldd, _mm256_permute2f128_ps(s3, s7, 0x20));
-            _mm256_storeu_ps(o + 4 * ldd, _mm256_permute2f128_ps(s0, s4, 0x31));
-            _mm256_storeu_ps(o + 5 * ldd, _mm256_permute2f128_ps(s1, s5, 0x31));
-            _mm256_storeu_ps(o + 6 * ldd, _mm256_permute2f128_ps(s2, s6, 0x31));
-            _mm256_storeu_ps(o + 7 * ldd, _mm256_permute2f128_ps(s3, s7, 0x31));
-        }
+        for (j = 0; j + 8 <= cols; j += 8)
+            fc_tr8x8_ps(s + j, lds, dst + j * ldd + i, ldd);
         for (; j < cols; j++)
             for (int r = 0; r < 8; r++) dst[j * ldd + i + r] = s[r * lds + j];
     }

@@ -995,12 +995,14 @@ static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_
 /* FC_LANES_IN for floats with AVX2: 8 values of 8 planes at a time by an 8x8 transpose in
    registers (the scalar one stores one value at a time, 16 apart: most of a 7x7 pool) */
 #ifdef FC_HAVE_AVX2_PATH
-FC_AVX2 static inline void fc_lanes_in8_f(const float* x, ptrdiff_t HW, ptrdiff_t i0,
-                                          float* b) {
-    __m256 r0 = _mm256_loadu_ps(x + i0), r1 = _mm256_loadu_ps(x + HW + i0);
-    __m256 r2 = _mm256_loadu_ps(x + 2 * HW + i0), r3 = _mm256_loadu_ps(x + 3 * HW + i0);
-    __m256 r4 = _mm256_loadu_ps(x + 4 * HW + i0), r5 = _mm256_loadu_ps(x + 5 * HW + i0);
-    __m256 r6 = _mm256_loadu_ps(x + 6 * HW + i0), r7 = _mm256_loadu_ps(x + 7 * HW + i0);
+/* o[j * ldo + r] = s[r * lds + j] for r, j < 8: an 8x8 transpose in registers (also the own
+   GEMM's transposes, _gemm.h) */
+FC_AVX2 static inline void fc_tr8x8_ps(const float* s, ptrdiff_t lds, float* o,
+                                       ptrdiff_t ldo) {
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds);
+    __m256 r2 = _mm256_loadu_ps(s + 2 * lds), r3 = _mm256_loadu_ps(s + 3 * lds);
+    __m256 r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds);
+    __m256 r6 = _mm256_loadu_ps(s + 6 * lds), r7 = _mm256_loadu_ps(s + 7 * lds);
     __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
     __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
     __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -1009,15 +1011,18 @@ FC_AVX2 static inline void fc_lanes_in8_f(const float* x, ptrdiff_t HW, ptrdiff_
     __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
     __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
     __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    float* o = b + i0 * 16;                     /* column j of the 8 planes: o + 16 j */
     _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
-    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(s1, s5, 0x20));
-    _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(s2, s6, 0x20));
-    _mm256_storeu_ps(o + 48, _mm256_permute2f128_ps(s3, s7, 0x20));
-    _mm256_storeu_ps(o + 64, _mm256_permute2f128_ps(s0, s4, 0x31));
-    _mm256_storeu_ps(o + 80, _mm256_permute2f128_ps(s1, s5, 0x31));
-    _mm256_storeu_ps(o + 96, _mm256_permute2f128_ps(s2, s6, 0x31));
-    _mm256_storeu_ps(o + 112, _mm256_permute2f128_ps(s3, s7, 0x31));
+    _mm256_storeu_ps(o + ldo, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(o + 2 * ldo, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(o + 3 * ldo, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(o + 4 * ldo, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(o + 5 * ldo, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(o + 6 * ldo, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(o + 7 * ldo, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+FC_AVX2 static inline void fc_lanes_in8_f(const float* x, ptrdiff_t HW, ptrdiff_t i0,
+                                          float* b) {
+    fc_tr8x8_ps(x + i0, HW, b + i0 * 16, 16);   /* column j of the 8 planes: b + 16 j */
 }
 #define FC_LANES_IN_AVX2F(T, x, HW, buf)                                                     \
     {                                                                                        \
