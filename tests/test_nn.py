@@ -327,6 +327,12 @@ def test_sequential_relu_maxpool_backward_is_fused_with_the_same_numbers(dtype):
         for a, b in zip(grads, [p.grad for p in model.parameters()]):
             np.testing.assert_array_equal(a, b)
         assert (gh == 0).any() and (gh != 0).any()
+    # a grad_out of the wrong shape (here one that would broadcast against the pooled values)
+    # gets the max-pool's error, as without the fusion
+    model = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2))
+    y = model(rng.uniform(-1, 1, (2, 3, 8, 8)).astype(dtype))
+    with pytest.raises(ValueError, match="grad_out"):
+        model.backward(np.ones((1,) + y.shape[1:], dtype))
 
 
 def test_double_converts_a_float32_model():

@@ -349,11 +349,12 @@ class Sequential(Module):
             m = mods[i]
             if i == 0 and not need_input_grad and getattr(m, "_skips_input_grad", False):
                 return m.backward(grad_out, need_input_grad=False)
-            if i in pooled:
+            if i in pooled and np.shape(grad_out) == pooled[i].shape:
                 # ReLU -> MaxPool2d: the max-pool's gradient lands only on its windows' maxima,
                 # which are its outputs, so ReLU's mask (zero where the value <= 0) is applied
                 # to grad_out on the pooled values first, a quarter of the pass (2x2) and the
-                # same numbers; ReLU's own backward is then skipped
+                # same numbers; ReLU's own backward is then skipped.  (A grad_out of another
+                # shape goes the unfused way, to the max-pool's own error.)
                 grad_out = m.backward(_relu_grad(pooled[i], grad_out))
                 i -= 2
                 continue
