@@ -1053,7 +1053,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef floating* gxg
     cdef const floating* gyg
     cdef const floating* src
-    cdef Py_ssize_t item, n, g, l, i, tid, psz = fc_gemm_packed_size(K, Lg)
+    cdef Py_ssize_t item, n, g, l, tid, psz = fc_gemm_packed_size(K, Lg)
     cdef floating* Ap = NULL
     # the weight gradient by the own GEMM: grad_w[g]^T (K, Lg) += col (K, P) @ grad_out^T
     # (P, Lg), the im2col matrix (or x) read in place, grad_out's block transposed after it
