@@ -67,6 +67,7 @@ def _conv(name, xs, ws, bias, **geo):
 _conv("groups", (4, 9, 8), (6, 2, 3, 3), True, stride=2, padding=1, groups=2)
 _conv("same-dilated", (3, 7, 6), (5, 3, 3, 2), False, padding="same", dilation=2)
 _conv("1x1", (3, 5, 6), (4, 3, 1, 1), True)
+_conv("winograd", (16, 10, 9), (16, 16, 3, 3), True, padding=1)   # the caller-runs pool
 _conv("depthwise", (4, 7, 7), (8, 1, 3, 3), True, padding=1, groups=4)
 _conv("strided-asym", (2, 10, 9), (3, 2, 4, 2), True, stride=(3, 2), padding=(2, 1),
       dilation=(1, 2))

@@ -19,6 +19,7 @@ BLAS calls are row-major wrappers over ``scipy.linalg.cython_blas`` (C^T = B^T A
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.string cimport memset, memcpy
+from libc.stdlib cimport calloc, free
 from libc.math cimport exp, log, isnan, INFINITY, NAN
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -748,57 +749,61 @@ cdef enum:
     WINO_PAD = 16    # values between the 16 transformed planes, keeping them off 4 KiB strides
 
 
-cdef void winograd_item(const floating* x, const floating* U, const floating* Up,
-                        const floating* w, const floating* b, floating* out, floating* work,
-                        Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
-                        Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW
-                        ) noexcept nogil:
-    """One (image, group) of a 3x3 stride-1 convolution by Winograd F(2x2, 3x3) (see
-    _winograd.h); an image with an infinity or NaN goes through im2col + GEMM instead, whose
-    +-inf / NaN results are those of the definition."""
-    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, NT = TH * TW, xi, vs, ms
-    cdef Py_ssize_t ld = col_ld(NT, sizeof(floating))
+cdef Py_ssize_t wino_chunk = 0       # tiles per chunk; 0: chosen by wino_chunk_tiles
+
+
+def set_wino_chunk(Py_ssize_t tiles):
+    """Tiles per Winograd chunk (0: the default rule of wino_chunk_tiles); returns the previous
+    value.  For tests and benchmarks."""
+    global wino_chunk
+    old = wino_chunk
+    wino_chunk = max(tiles, 0)
+    return old
+
+
+cdef inline Py_ssize_t wino_chunk_tiles(Py_ssize_t NT, Py_ssize_t items, int threads,
+                                        Py_ssize_t nr) noexcept nogil:
+    """Tiles per chunk for `items` (image, group) pairs of NT tiles each: whole images when
+    there are at least two per thread (a chunk re-reads all 16 transformed weight matrices:
+    a 128-channel float64 conv ran 0.95x in 64-tile chunks).  Fewer items (batch 1): about
+    4 chunks per thread, each of whole GEMM column panels (nr tiles; 56-tile chunks, a panel
+    and 3/4 each, made a 128-channel conv 0.88x), so that a worker that wakes late still
+    finds work (the caller takes chunks too) and each chunk's transformed input and products
+    stay in one core's cache (1.05x on 1 thread)."""
+    cdef Py_ssize_t per, want
+    if wino_chunk > 0:
+        return wino_chunk
+    if items >= 2 * threads:
+        return max(NT, 1)
+    want = (4 * threads + items - 1) // items
+    per = (NT + want - 1) // want
+    return max((per + nr - 1) // nr, 1) * nr
+
+
+cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
+                     const floating* b, floating* out, floating* work,
+                     Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
+                     Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
+                     Py_ssize_t t0, Py_ssize_t nt) noexcept nogil:
+    """Tiles [t0, t0 + nt) of one (image, group) by Winograd F(2x2, 3x3) (see _winograd.h):
+    their input transform, the 16 GEMMs and the output transform, in work."""
+    cdef Py_ssize_t TW = (OW + 1) // 2, xi
+    cdef Py_ssize_t ld = col_ld(nt, sizeof(floating))
+    cdef Py_ssize_t vs = Cg * ld + WINO_PAD, ms = Lg * ld + WINO_PAD
     cdef floating* V = work
-    cdef floating* M
-    cdef bint ok
-    if floating is float:
-        ok = fc_wino_finite_f(x, Cg * H * W)
-    else:
-        ok = fc_wino_finite_d(x, Cg * H * W)
-    if not ok:
-        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
+    cdef floating* M = work + 16 * vs
+    if nt <= 0:
         return
-    vs = Cg * ld + WINO_PAD
-    ms = Lg * ld + WINO_PAD
-    M = V + 16 * vs
     if floating is float:
-        fc_wino_input_f(x, Cg, H, W, pH, pW, TW, 0, NT, ld, V, vs)
+        fc_wino_input_f(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
     else:
-        fc_wino_input_d(x, Cg, H, W, pH, pW, TW, 0, NT, ld, V, vs)
+        fc_wino_input_d(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
     for xi in range(16):
-        wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT, ld)
+        wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, nt, ld)
     if floating is float:
-        fc_wino_output_f(M, Lg, TW, 0, NT, ld, OH, OW, b, out, ms)
+        fc_wino_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
     else:
-        fc_wino_output_d(M, Lg, TW, 0, NT, ld, OH, OW, b, out, ms)
-
-
-cdef void wino_input_channel(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
-                             Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t NT, floating* V,
-                             Py_ssize_t vs) noexcept nogil:
-    if floating is float:
-        fc_wino_input_f(x, 1, H, W, pH, pW, TW, 0, NT, NT, V, vs)
-    else:
-        fc_wino_input_d(x, 1, H, W, pH, pW, TW, 0, NT, NT, V, vs)
-
-
-cdef void wino_output_channel(const floating* M, Py_ssize_t TW, Py_ssize_t NT, Py_ssize_t OH,
-                              Py_ssize_t OW, const floating* b, floating* out,
-                              Py_ssize_t ms) noexcept nogil:
-    if floating is float:
-        fc_wino_output_f(M, 1, TW, 0, NT, NT, OH, OW, b, out, ms)
-    else:
-        fc_wino_output_d(M, 1, TW, 0, NT, NT, OH, OW, b, out, ms)
+        fc_wino_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
 
 
 cdef void wino_gemm(const floating* U, const floating* Up, Py_ssize_t xi, const floating* V,
@@ -813,79 +818,97 @@ cdef void wino_gemm(const floating* U, const floating* Up, Py_ssize_t xi, const 
         gemm_rm(False, False, Lg, NT, Cg, 1, U + xi * Lg * Cg, Cg, V, ld, 0, M, ld)
 
 
-cdef void winograd_item_shared(const floating* x, const floating* U, const floating* Up,
-                               const floating* w, const floating* b, floating* out,
-                               floating* work,
-                               Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
-                               Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
-                               int num_threads) noexcept nogil:
-    """winograd_item with its work spread over num_threads (the same arithmetic; work is
-    the first thread's scratch row, one item's worth)."""
-    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, NT = TH * TW, P = OH * OW
-    cdef Py_ssize_t ld = col_ld(NT, sizeof(floating))
-    cdef Py_ssize_t vs = Cg * ld + WINO_PAD, ms = Lg * ld + WINO_PAD, c, xi, l
-    cdef floating* V = work
-    cdef floating* M = work + 16 * vs
-    cdef bint ok
-    if floating is float:
-        ok = fc_wino_finite_f(x, Cg * H * W)
-    else:
-        ok = fc_wino_finite_d(x, Cg * H * W)
-    if not ok:
-        conv_item(x, w, b, out, work, Cg, H, W, Lg, 3, 3, 1, 1, pH, pW, 1, 1, OH, OW, False)
+cdef extern from "_pool.h":
+    # a caller-runs thread pool (see the header)
+    ctypedef void (*fc_pool_fn)(void* ctx, Py_ssize_t i, int tid) noexcept nogil
+    void fc_pool_run(int nthreads, fc_pool_fn fn, void* ctx, Py_ssize_t n) nogil
+    void fc_pool_set_spin_ns(long ns) nogil
+    int fc_pool_threaded() nogil
+    bint fc_once_begin(unsigned char* f) nogil
+    void fc_once_set(unsigned char* f, bint yes) nogil
+    bint fc_once_get(unsigned char* f) nogil
+
+
+def set_pool_spin(long ns):
+    """How long (ns) an idle worker of the caller-runs pool spins before it sleeps (default
+    20000).  For benchmarks."""
+    fc_pool_set_spin_ns(ns)
+
+
+cdef struct WinoJob:
+    # conv2d_winograd_forward on the pool (_pool.h) in two jobs.  Phase 0: the weights'
+    # transform and packing in blocks of wb output channels (groups * nwb items).  Phase 1:
+    # every (image, group) in chunks of tiles (wino_tiles; N * groups * nch items), each in
+    # the scratch row of the thread that runs it, so that a chunk's transformed input and
+    # GEMM results stay in one core's cache.  The first chunk of an (image, group) to run
+    # checks it for infinities and NaN (fin, fc_once_*: the others wait for the answer);
+    # if it has some, that chunk convolves it whole by im2col + GEMM and the others skip.
+    const void* x
+    const void* w
+    void* U
+    void* Up
+    const void* b
+    void* out
+    void* work
+    unsigned char* fin
+    Py_ssize_t ncol, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per, nch, psz, wb, nwb
+    int phase
+    bint dbl
+
+
+cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
+    cdef floating* U = <floating*> j.U
+    cdef floating* Up = <floating*> j.Up
+    cdef const floating* x = <const floating*> j.x
+    cdef const floating* w = <const floating*> j.w
+    cdef const floating* b = <const floating*> j.b
+    cdef Py_ssize_t l0, l1, xi, t0, g, n, k, item, Lg = j.Lg, Cg = j.Cg, HW = j.H * j.W
+    if j.phase == 0:
+        g = i // j.nwb
+        l0 = (i % j.nwb) * j.wb
+        l1 = min(l0 + j.wb, Lg)
+        U = U + g * 16 * Lg * Cg
+        if floating is float:
+            fc_wino_weights_f(w + g * Lg * Cg * 9, Lg, Cg, l0, l1, U)
+        else:
+            fc_wino_weights_d(w + g * Lg * Cg * 9, Lg, Cg, l0, l1, U)
+        if Up != NULL:
+            for xi in range(16):
+                pack_a(U + xi * Lg * Cg + l0 * Cg, Cg, 1, l1 - l0, Cg,
+                       Up + (g * 16 + xi) * j.psz + l0 * Cg)
         return
-    # one team for the three phases (each prange ends in a barrier): waking the threads
-    # once instead of three times
-    with parallel(num_threads=num_threads):
-        for c in prange(Cg, schedule='static'):
-            wino_input_channel(x + c * H * W, H, W, pH, pW, TW, NT, V + c * ld, vs)
-        for xi in prange(16, schedule='static'):
-            wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT, ld)
-        for l in prange(Lg, schedule='static'):
-            wino_output_channel(M + l * ld, TW, NT, OH, OW, b + l if b != NULL else NULL,
-                                out + l * P, ms)
+    item = i // j.nch
+    k = i % j.nch
+    n = item // j.groups
+    g = item % j.groups
+    x = x + (n * j.C + g * Cg) * HW
+    b = b + g * Lg if b != NULL else NULL
+    cdef floating* out = <floating*> j.out + (n * j.L + g * Lg) * j.OH * j.OW
+    cdef floating* work = <floating*> j.work + tid * j.ncol
+    cdef bint ok
+    if fc_once_begin(j.fin + item):
+        if floating is float:
+            ok = fc_wino_finite_f(x, Cg * HW)
+        else:
+            ok = fc_wino_finite_d(x, Cg * HW)
+        fc_once_set(j.fin + item, ok)
+        if not ok:
+            conv_item(x, w + g * Lg * Cg * 9, b, out, work, Cg, j.H, j.W, Lg, 3, 3, 1, 1,
+                      j.pH, j.pW, 1, 1, j.OH, j.OW, False)
+            return
+    elif not fc_once_get(j.fin + item):
+        return
+    t0 = k * j.per
+    wino_tiles(x, U + g * 16 * Lg * Cg, Up + g * 16 * j.psz if Up != NULL else NULL, b, out,
+               work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0, min(j.per, j.NT - t0))
 
 
-cdef void winograd_one_shared(const floating* x, const floating* w, floating* U,
-                              floating* Up, const floating* b, floating* out, floating* work,
-                              Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
-                              Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
-                              int num_threads) noexcept nogil:
-    """The whole call for a single (image, group) spread over num_threads in one parallel
-    region: the weights' transform and packing (blocks of output channels, one packed panel
-    each) share its first phase with the input transform, then the 16 GEMMs, then the output
-    transform; three barriers in all, where the separate weight region and its packing pass
-    made six team hand-overs.  A hand-over that finds the other thread asleep costs a futex
-    wake-up: 55-75 us on the Intel Xeon VM these were measured on, against a 0.5 ms call."""
-    cdef Py_ssize_t TH = (OH + 1) // 2, TW = (OW + 1) // 2, NT = TH * TW, P = OH * OW
-    cdef Py_ssize_t ld = col_ld(NT, sizeof(floating))
-    cdef Py_ssize_t vs = Cg * ld + WINO_PAD, ms = Lg * ld + WINO_PAD, j, xi, l, l0, l1
-    cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg)
-    cdef Py_ssize_t wb = fc_gemm_mr() if Up != NULL else 8     # a block: one packed panel
-    cdef Py_ssize_t nwb = (Lg + wb - 1) // wb
-    cdef floating* V = work
-    cdef floating* M = work + 16 * vs
-    with parallel(num_threads=num_threads):
-        for j in prange(nwb + Cg, schedule='dynamic'):
-            if j < nwb:
-                l0 = j * wb
-                l1 = min(l0 + wb, Lg)
-                if floating is float:
-                    fc_wino_weights_f(w, Lg, Cg, l0, l1, U)
-                else:
-                    fc_wino_weights_d(w, Lg, Cg, l0, l1, U)
-                if Up != NULL:
-                    for xi in range(16):
-                        pack_a(U + xi * Lg * Cg + l0 * Cg, Cg, 1, l1 - l0, Cg,
-                               Up + xi * psz + l0 * Cg)
-            else:
-                wino_input_channel(x + (j - nwb) * H * W, H, W, pH, pW, TW, NT,
-                                   V + (j - nwb) * ld, vs)
-        for xi in prange(16, schedule='static'):
-            wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, NT, ld)
-        for l in prange(Lg, schedule='static'):
-            wino_output_channel(M + l * ld, TW, NT, OH, OW, b + l if b != NULL else NULL,
-                                out + l * P, ms)
+cdef void wino_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
+    cdef WinoJob* j = <WinoJob*> ctx
+    if j.dbl:
+        wino_job_run(j, i, tid, <double*> NULL)
+    else:
+        wino_job_run(j, i, tid, <float*> NULL)
 
 
 def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
@@ -899,22 +922,24 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     u_scratch: 16 * L * Cg (the transformed weights); upack: 16 * groups *
     gemm_packed_size(L/groups, Cg) for them packed for the own GEMM, smaller (empty): BLAS
     does the 16 GEMMs; scratch: (threads, n) with
-    n >= max(16 * (ceil(OH/2) * ceil(OW/2) * (Cg + Lg) + 32), 9 * Cg * OH * OW)."""
+    n >= max(16 * (ceil(OH/2) * ceil(OW/2) * (Cg + Lg) + 32), 9 * Cg * OH * OW).
+
+    Runs on the caller-runs pool (see WinoJob), not in OpenMP regions: a batch-1 call is
+    short enough (0.4 ms) that waiting for a sleeping OpenMP worker at the region's barriers
+    made it slower on 2 threads than on 1."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], P = OH * OW
     cdef Py_ssize_t Lg = L // groups, NT = ((OH + 1) // 2) * ((OW + 1) // 2)
-    cdef Py_ssize_t ncol = scratch.shape[1], item, n, g
+    cdef Py_ssize_t ncol = scratch.shape[1]
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &weight[0, 0, 0, 0]
     cdef const floating* bp = &bias[0] if has_bias else NULL
     cdef floating* up = &u_scratch[0]
     cdef floating* op = &out[0, 0, 0, 0]
     cdef floating* sp = &scratch[0, 0]
-    cdef floating* work
     cdef floating* Up = NULL
-    cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg), xi
-    cdef bint ok
+    cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg)
     if weight.shape[2] != 3 or weight.shape[3] != 3 or u_scratch.shape[0] < 16 * L * Cg:
         raise ValueError("conv2d_winograd_forward: 3x3 kernels and 16 L Cg weight scratch")
     if ncol < 16 * (col_ld(NT, sizeof(floating)) * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * col_ld(P, sizeof(floating)) or \
@@ -922,55 +947,43 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
         raise ValueError("conv2d_winograd_forward: scratch too small")
     if psz > 0 and upack.shape[0] >= 16 * groups * psz:
         Up = &upack[0]
-    if N * groups == 1 and num_threads > 1:
-        with nogil:
-            if floating is float:
-                ok = fc_wino_finite_f(xp, C * H * W)
-            else:
-                ok = fc_wino_finite_d(xp, C * H * W)
-        if ok:
-            with nogil:
-                winograd_one_shared(xp, wp, up, Up, bp, op, sp, C, H, W, L, pH, pW, OH, OW,
-                                    num_threads)
-            return
-    # the weights' transform and packing: shared by the threads when the images are fewer
-    # than the threads (batch-1 latency: they were a tenth of the call, run serially)
-    cdef int wthreads = num_threads if N * groups < num_threads else 1
-    cdef Py_ssize_t nlb = (Lg + 7) // 8, blk, l0
-    with nogil, parallel(num_threads=wthreads):
-        for blk in prange(groups * nlb, schedule='static'):
-            g = blk // nlb
-            l0 = (blk % nlb) * 8
-            if floating is float:
-                fc_wino_weights_f(wp + g * Lg * Cg * 9, Lg, Cg, l0, min(l0 + 8, Lg),
-                                  up + g * 16 * Lg * Cg)
-            else:
-                fc_wino_weights_d(wp + g * Lg * Cg * 9, Lg, Cg, l0, min(l0 + 8, Lg),
-                                  up + g * 16 * Lg * Cg)
-        if Up != NULL:
-            for xi in prange(16 * groups, schedule='static'):
-                pack_a(up + xi * Lg * Cg, Cg, 1, Lg, Cg, Up + xi * psz)
-    if N * groups < num_threads:
-        # fewer items than threads (batch-1 latency): the threads share each item's
-        # transforms (by channel) and its 16 GEMMs, one item after another
-        with nogil:
-            for item in range(N * groups):
-                n = item // groups
-                g = item % groups
-                winograd_item_shared(xp + (n * C + g * Cg) * H * W, up + g * 16 * Lg * Cg,
-                                     Up + g * 16 * psz if Up != NULL else NULL,
-                                     wp + g * Lg * Cg * 9, bp + g * Lg if has_bias else NULL,
-                                     op + (n * L + g * Lg) * P, sp, Cg, H, W, Lg, pH, pW, OH,
-                                     OW, num_threads)
-        return
-    with nogil, parallel(num_threads=num_threads):
-        work = sp + threadid() * ncol
-        for item in prange(N * groups, schedule='dynamic', chunksize=1):
-            n = item // groups
-            g = item % groups
-            winograd_item(xp + (n * C + g * Cg) * H * W, up + g * 16 * Lg * Cg,
-                          Up + g * 16 * psz if Up != NULL else NULL, wp + g * Lg * Cg * 9, bp + g * Lg if has_bias else NULL,
-                          op + (n * L + g * Lg) * P, work, Cg, H, W, Lg, pH, pW, OH, OW)
+    cdef WinoJob j
+    cdef unsigned char* fin = <unsigned char*> calloc(max(N * groups, 1), 1)
+    if fin == NULL:
+        raise MemoryError("conv2d_winograd_forward: finiteness flags")
+    j.x = xp
+    j.w = wp
+    j.U = up
+    j.Up = Up
+    j.b = bp
+    j.out = op
+    j.work = sp
+    j.fin = fin
+    j.ncol = ncol
+    j.C = C
+    j.H = H
+    j.W = W
+    j.L = L
+    j.Cg = Cg
+    j.Lg = Lg
+    j.groups = groups
+    j.pH = pH
+    j.pW = pW
+    j.OH = OH
+    j.OW = OW
+    j.NT = NT
+    j.per = wino_chunk_tiles(NT, N * groups, num_threads, fc_gemm_nr(floating is double))
+    j.nch = (NT + j.per - 1) // j.per
+    j.psz = psz
+    j.wb = fc_gemm_mr() if Up != NULL else 8
+    j.nwb = (Lg + j.wb - 1) // j.wb
+    j.dbl = floating is double
+    with nogil:
+        j.phase = 0
+        fc_pool_run(num_threads, wino_job_item, &j, groups * j.nwb)
+        j.phase = 1
+        fc_pool_run(num_threads, wino_job_item, &j, N * groups * j.nch)
+    free(fin)
 
 
 cdef inline double row_sum_double(const floating* a, Py_ssize_t n) noexcept nogil:
@@ -2768,7 +2781,6 @@ cdef void ce_label_row_backward(const floating* z, long long y, const floating* 
     cdef floating m, ls
     cdef floating a = <floating>(scale * ((1 - smoothing) * w[y] + smoothing / C * wsum))
     cdef floating b = <floating>(scale * smoothing / C)
-    cdef Py_ssize_t c
     # g = scale * ((1-eps) w_y (p - onehot) + eps/C (p sum(w) - w)), p = exp((z - m) - ls)
     m = <floating>row_max(z, C)
     if m == m and m != INFINITY and m != -INFINITY:     # one exp per element
