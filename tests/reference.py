@@ -25,6 +25,7 @@ __all__ = [
     "avg_pool2d", "avg_pool2d_backward",
     "upsample_nearest2d", "upsample_nearest2d_backward",
     "cross_entropy", "cross_entropy_backward",
+    "linear", "linear_backward",
 ]
 
 
@@ -622,3 +623,36 @@ def cross_entropy_backward(logits, target, weight=None, reduction="mean", label_
                 d_smooth = p[c] * wsum_all - w[c]
                 grad[n, c] = scale * ((1.0 - eps) * d_nll + (eps / C) * d_smooth)
     return grad
+
+
+# ---------------------------------------------------------------- fully connected
+
+def linear(x, weight, bias=None):
+    """y[n, o] = sum_i x[n, i] weight[o, i] + bias[o] (x of shape (N, I))."""
+    x, weight = _f64(x), _f64(weight)
+    N, I = x.shape
+    O = weight.shape[0]
+    y = np.zeros((N, O))
+    for n in range(N):
+        for o in range(O):
+            acc = 0.0 if bias is None else float(bias[o])
+            for i in range(I):
+                acc += x[n, i] * weight[o, i]
+            y[n, o] = acc
+    return y
+
+
+def linear_backward(grad_out, x, weight):
+    """(grad_x, grad_weight, grad_bias): grad_x[n, i] = sum_o g[n, o] weight[o, i],
+    grad_weight[o, i] = sum_n g[n, o] x[n, i], grad_bias[o] = sum_n g[n, o]."""
+    g, x, weight = _f64(grad_out), _f64(x), _f64(weight)
+    N, I = x.shape
+    O = weight.shape[0]
+    gx, gw, gb = np.zeros((N, I)), np.zeros((O, I)), np.zeros(O)
+    for n in range(N):
+        for o in range(O):
+            gb[o] += g[n, o]
+            for i in range(I):
+                gx[n, i] += g[n, o] * weight[o, i]
+                gw[o, i] += g[n, o] * x[n, i]
+    return gx, gw, gb

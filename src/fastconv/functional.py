@@ -1313,3 +1313,50 @@ def cross_entropy_backward(logits, target, weight=None, reduction="mean", label_
             _kernels.cross_entropy_labels_backward(lc, tc, wc, eps, ign, scale, grad,
                                                    _team(N, 8 * lc.size))
     return grad
+
+
+# --------------------------------------------------------------------------------------------
+# fully connected (nn.Linear's arithmetic; nn.Linear validates)
+# --------------------------------------------------------------------------------------------
+
+def _linear_sizes(fn, *shape):
+    for d in shape:
+        if d > _INT_MAX:
+            raise ValueError(f"{fn}: size {d} of shape {shape} does not fit BLAS (< 2**31)")
+
+
+def _linear(x2, weight, bias):
+    """x2 (N, I) @ weight (O, I)^T (+ bias (O,)), all of one float dtype, by the kernels'
+    blocks on fastconv's threads with BLAS held at one thread (numpy's matmul would leave
+    OpenBLAS threads spinning, slowing the next multi-threaded kernel by up to 2x)."""
+    N, I = x2.shape
+    O = weight.shape[0]
+    dt = weight.dtype
+    _linear_sizes("linear", N, I, O)
+    out = _alloc((N, O), dt, "linear", "output")
+    if I == 0:
+        out[...] = 0 if bias is None else bias
+        return out
+    xc, wc = _c(x2, dt), _c(weight, dt)
+    bc = _c(bias, dt) if bias is not None else _EMPTY[dt.char]
+    with blas_threads(1):
+        _kernels.linear_forward(xc, wc, bc, out, bias is not None, _team(N * O, N * I * O))
+    return out
+
+
+def _linear_backward(g2, x2, weight, need_w, need_x):
+    """(grad_x2 (N, I) or None, grad_weight (O, I) or None) of _linear for grad_out g2
+    (N, O)."""
+    N, I = x2.shape
+    O = weight.shape[0]
+    dt = weight.dtype
+    _linear_sizes("linear_backward", N, I, O)
+    gw = _alloc((O, I), dt, "linear_backward", "weight gradient") if need_w else None
+    gx = _alloc((N, I), dt, "linear_backward", "input gradient") if need_x else None
+    if need_w or need_x:
+        dummy = np.zeros((1, 1), dt)
+        with blas_threads(1):
+            _kernels.linear_backward(_c(g2, dt), _c(x2, dt), _c(weight, dt),
+                                     gw if need_w else dummy, gx if need_x else dummy,
+                                     need_w, need_x, _team(I, N * I * O))
+    return gx, gw

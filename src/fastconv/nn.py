@@ -713,10 +713,9 @@ class Linear(Module):
         _check_dtype("Linear", x, self.weight.dtype)
         x = x.astype(self.weight.dtype, copy=False)
         self._x = x
-        y = x @ self.weight.data.T
-        if self.bias is not None:
-            y += self.bias.data
-        return y
+        y = F._linear(x.reshape(-1, self.in_features), self.weight.data,
+                      None if self.bias is None else self.bias.data)
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
     _skips_input_grad = True
 
@@ -727,10 +726,11 @@ class Linear(Module):
             raise ValueError(f"Linear.backward: grad_out must have shape "
                              f"{x.shape[:-1] + (self.out_features,)}, got {g.shape}")
         g2, x2 = g.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
-        self.weight.accumulate(g2.T @ x2)
+        gx, gw = F._linear_backward(g2, x2, self.weight.data, True, need_input_grad)
+        self.weight.accumulate(gw)
         if self.bias is not None:
             self.bias.accumulate(g2.sum(axis=0))
-        return g @ self.weight.data if need_input_grad else None
+        return gx.reshape(x.shape) if need_input_grad else None
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
