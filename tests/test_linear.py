@@ -3,29 +3,47 @@ fastconv's threads, BLAS itself held at one thread) against the naive reference:
 and column blocks with partial last blocks, 1-3 threads, both dtypes, bias or none,
 non-contiguous and read-only inputs through the layer, leading batch dimensions; and the
 reason it exists: no OpenBLAS thread is left spinning after a Linear layer."""
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv.nn as nn
+from fastconv import _kernels
 from fastconv import functional as F
 import reference as ref
 from _helpers import close, num_threads
 
+LEVELS = [lv for lv in ("blas", "avx2", "avx512")
+          if _kernels.set_gemm(lv) == lv or lv == "blas"]
+_kernels.set_gemm("avx512")
+BEST = _kernels.gemm_level()
+
+
+@contextlib.contextmanager
+def gemm_at(level):
+    """The backward's products by the own GEMM at this level, or by BLAS ('blas')."""
+    _kernels.set_gemm(level)
+    try:
+        yield
+    finally:
+        _kernels.set_gemm(BEST)
+
 
 @pytest.mark.usefixtures("tiny_grain")
-@given(n=st.integers(0, 70), i=st.integers(1, 70), o=st.integers(1, 70),
+@given(n=st.integers(0, 70), i=st.integers(1, 150), o=st.integers(1, 70),
        bias=st.booleans(), need_x=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2, 3]),
-       seed=st.integers(0, 2**32 - 1))
-def test_linear_kernels_match_reference(n, i, o, bias, need_x, dtype, threads, seed):
+       level=st.sampled_from(LEVELS), seed=st.integers(0, 2**32 - 1))
+def test_linear_kernels_match_reference(n, i, o, bias, need_x, dtype, threads, level, seed):
     r = np.random.default_rng(seed)
     x = r.uniform(-1, 1, (n, i)).astype(dtype)
     w = r.uniform(-1, 1, (o, i)).astype(dtype)
     b = r.uniform(-1, 1, o).astype(dtype) if bias else None
     g = r.uniform(-1, 1, (n, o)).astype(dtype)
-    with num_threads(threads):
+    with num_threads(threads), gemm_at(level):
         y = F._linear(x, w, b)
         gx, gw = F._linear_backward(g, x, w, True, need_x)
     close(y, ref.linear(x, w, b), np.dtype(dtype))

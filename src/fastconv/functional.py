@@ -1355,8 +1355,11 @@ def _linear_backward(g2, x2, weight, need_w, need_x):
     gx = _alloc((N, I), dt, "linear_backward", "input gradient") if need_x else None
     if need_w or need_x:
         dummy = np.zeros((1, 1), dt)
+        npk = _kernels.gemm_packed_size(O, N) + _kernels.gemm_packed_size(N, O)
+        packed = (_scratch(1, npk, dt, "linear_backward", "lpack")[0] if npk
+                  else _EMPTY[dt.char])
         with blas_threads(1):
             _kernels.linear_backward(_c(g2, dt), _c(x2, dt), _c(weight, dt),
                                      gw if need_w else dummy, gx if need_x else dummy,
-                                     need_w, need_x, _team(I, N * I * O))
+                                     packed, need_w, need_x, _team(I, N * I * O))
     return gx, gw
