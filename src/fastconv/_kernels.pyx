@@ -823,7 +823,6 @@ cdef extern from "_pool.h":
     ctypedef void (*fc_pool_fn)(void* ctx, Py_ssize_t i, int tid) noexcept nogil
     void fc_pool_run(int nthreads, fc_pool_fn fn, void* ctx, Py_ssize_t n) nogil
     void fc_pool_set_spin_ns(long ns) nogil
-    int fc_pool_threaded() nogil
     bint fc_once_begin(unsigned char* f) nogil
     void fc_once_set(unsigned char* f, bint yes) nogil
     bint fc_once_get(unsigned char* f) nogil

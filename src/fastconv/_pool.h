@@ -19,8 +19,9 @@
  * so that the next phase of the same call finds them awake, then sleep on a condition
  * variable.  One caller at a time: a call that finds the pool busy (another Python thread
  * in a nogil kernel) runs its items on its own thread.  After fork() the child starts with
- * no workers (pthread_atfork).  Without POSIX threads (Windows) or without OpenMP
- * (FASTCONV_OPENMP 0: a serial build) every job runs on the caller.
+ * no workers (pthread_atfork).  Without POSIX threads or C11 atomics (Windows; or
+ * FC_POOL_NO_PTHREADS, to test that build) a job is an OpenMP loop, and in a serial build
+ * (FASTCONV_OPENMP 0) it runs on the caller.
  */
 #ifndef FASTCONV_POOL_H
 #define FASTCONV_POOL_H
@@ -31,6 +32,7 @@
 typedef void (*fc_pool_fn)(void *ctx, ptrdiff_t i, int tid);
 
 #if defined(FASTCONV_OPENMP) && FASTCONV_OPENMP && !defined(_WIN32) && \
+    !defined(FC_POOL_NO_PTHREADS) && \
     defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__)
 #define FC_POOL_THREADS 1
 #include <pthread.h>
@@ -222,7 +224,6 @@ static void fc_pool_run(int nthreads, fc_pool_fn fn, void *ctx, ptrdiff_t n)
 }
 
 static void fc_pool_set_spin_ns(long ns) { atomic_store(&fc_pool.spin_ns, ns < 0 ? 0 : ns); }
-static int fc_pool_threaded(void) { return 1; }
 
 /* A fact about an item that the first of the items' claimers decides and the others wait
  * for (a few us): *f is 0 while undecided, 1 while being decided, then 2 + the answer. */
@@ -244,21 +245,59 @@ static int fc_once_get(unsigned char *f)
     return v - 2;
 }
 
-#else  /* no threads: every job on the caller */
+#else  /* no POSIX threads or C11 atomics (Windows): an OpenMP loop when built with OpenMP */
 
+#if defined(FASTCONV_OPENMP) && FASTCONV_OPENMP && defined(_OPENMP)
+#include <omp.h>
+static void fc_pool_run(int nthreads, fc_pool_fn fn, void *ctx, ptrdiff_t n)
+{
+    if (nthreads > 1 && n > 1 && n <= 0x7fffffff) {
+        int m = (int)n, i;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (i = 0; i < m; i++)
+            fn(ctx, i, omp_get_thread_num());
+        return;
+    }
+    for (ptrdiff_t i = 0; i < n; i++)
+        fn(ctx, i, 0);
+}
+static int fc_once_begin(unsigned char *f)
+{
+    int r = 0;
+    #pragma omp critical(fc_once)
+    {
+        if (*f == 0) { *f = 1; r = 1; }
+    }
+    return r;
+}
+static void fc_once_set(unsigned char *f, int yes)
+{
+    #pragma omp critical(fc_once)
+    *f = (unsigned char)(2 + (yes != 0));
+}
+static int fc_once_get(unsigned char *f)
+{
+    for (;;) {
+        unsigned char v;
+        #pragma omp critical(fc_once)
+        v = *f;
+        if (v >= 2)
+            return v - 2;
+    }
+}
+#else  /* serial build: every job on the caller */
 static void fc_pool_run(int nthreads, fc_pool_fn fn, void *ctx, ptrdiff_t n)
 {
     (void)nthreads;
     for (ptrdiff_t i = 0; i < n; i++)
         fn(ctx, i, 0);
 }
-
-static void fc_pool_set_spin_ns(long ns) { (void)ns; }
-static int fc_pool_threaded(void) { return 0; }
-
 static int fc_once_begin(unsigned char *f) { if (*f) return 0; *f = 1; return 1; }
 static void fc_once_set(unsigned char *f, int yes) { *f = (unsigned char)(2 + (yes != 0)); }
 static int fc_once_get(unsigned char *f) { return *f - 2; }
+#endif
+
+static void fc_pool_set_spin_ns(long ns) { (void)ns; }
 
 #endif
 #endif
