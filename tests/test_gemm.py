@@ -299,7 +299,7 @@ def test_weight_grad_taps_reference_is_the_loop_reference(n, c, l, h, w, k, grou
 
 @pytest.mark.usefixtures("tiny_grain")
 @pytest.mark.parametrize("own", [True, False])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [
     # (N, C, H, W, L, k, stride, padding, groups).  The own GEMM (K >= 64 taps) reads the
@@ -309,6 +309,10 @@ def test_weight_grad_taps_reference_is_the_loop_reference(n, c, l, h, w, k, grou
     # x itself as A (1x1, stride 1); 1x1 stride 2 (im2col); P = 144 and 196 cross the K block
     (2, 64, 4, 5, 9, 1, 1, 0, 1), (1, 70, 6, 6, 33, 1, 2, 0, 1),
     (2, 16, 7, 9, 12, 3, 2, 1, 2), (1, 32, 14, 14, 40, 5, 1, 2, 1),
+    # fewer (image, group) items than threads: the weight gradient shared by blocks of input
+    # channels (9: one-channel blocks; 2 groups on 3 threads), grad_out transposed in column
+    # blocks (P = 552: two of them)
+    (1, 9, 24, 23, 5, 3, 1, 1, 1), (1, 18, 10, 10, 8, 3, 1, 1, 2),
 ])
 def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, shape):
     """conv2d_backward's weight and bias gradients by the own GEMM (im2col matrix read in

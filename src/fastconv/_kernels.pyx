@@ -19,7 +19,7 @@ BLAS calls are row-major wrappers over ``scipy.linalg.cython_blas`` (C^T = B^T A
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from libc.string cimport memset, memcpy
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.math cimport exp, log, isnan, INFINITY, NAN
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
@@ -1019,6 +1019,78 @@ cdef inline floating row_sum(const floating* a, Py_ssize_t n) noexcept nogil:
     return (s0 + s1) + (s2 + s3)
 
 
+cdef struct WgJob:
+    # conv2d_backward's weight (and bias) gradient when the (image, group) items are fewer
+    # than the threads, on the caller-runs pool.  Phase 0: grad_out transposed into T, in
+    # column blocks of pc output positions (items * npc items), then the bias sums (items
+    # more).  Phase 1: (item, block of cb input channels): that block's rows of the im2col
+    # matrix, made in the thread's scratch row, times T: rows of grad_w^T, which no other
+    # item touches.
+    const void* x
+    const void* gy
+    void* T
+    void* gw
+    void* gb
+    void* col
+    Py_ssize_t C, H, W, L, Cg, Lg, groups, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW
+    Py_ssize_t P, ld, ldt, items, pc, npc, cb, ncb, ncol, nw, nb
+    bint need_b
+    int phase
+    bint dbl
+
+
+cdef void wg_run(WgJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
+    cdef Py_ssize_t item, n, g, p0, p1, c0, c1, l, k0, P = j.P, Lg = j.Lg, K = j.Cg * j.kH * j.kW
+    cdef const floating* gy
+    cdef floating* T = <floating*> j.T
+    cdef floating* col
+    cdef Py_ssize_t ldk
+    if j.phase == 0:
+        if i < j.items * j.npc:
+            item = i // j.npc
+            p0 = (i % j.npc) * j.pc
+            p1 = min(p0 + j.pc, P)
+            n = item // j.groups
+            g = item % j.groups
+            gy = <const floating*> j.gy + (n * j.L + g * Lg) * P
+            if floating is float:
+                fc_transpose_f(gy + p0, Lg, p1 - p0, P, T + (item * P + p0) * j.ldt, j.ldt)
+            else:
+                fc_transpose_d(gy + p0, Lg, p1 - p0, P, T + (item * P + p0) * j.ldt, j.ldt)
+        else:
+            item = i - j.items * j.npc
+            n = item // j.groups
+            g = item % j.groups
+            gy = <const floating*> j.gy + (n * j.L + g * Lg) * P
+            for l in range(Lg):
+                (<floating*> j.gb)[tid * j.nb + g * Lg + l] += row_sum(gy + l * P, P)
+        return
+    item = i // j.ncb
+    c0 = (i % j.ncb) * j.cb
+    c1 = min(c0 + j.cb, j.Cg)
+    n = item // j.groups
+    g = item % j.groups
+    col = <floating*> j.col + tid * j.ncol
+    k0 = c0 * j.kH * j.kW
+    im2col(<const floating*> j.x + (n * j.C + g * j.Cg + c0) * j.H * j.W, c1 - c0, j.H, j.W,
+           j.kH, j.kW, j.sH, j.sW, j.pH, j.pW, j.dH, j.dW, j.OH, j.OW, col, j.ld)
+    # grad_w[g]^T rows k0.. (K, Lg) += col ((c1 - c0) kH kW, P) @ T[item] (P, Lg)
+    if floating is float:
+        fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt, j.ldt,
+                   <floating*> j.gw + tid * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+    else:
+        fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt, j.ldt,
+                   <floating*> j.gw + tid * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+
+
+cdef void wg_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
+    cdef WgJob* j = <WgJob*> ctx
+    if j.dbl:
+        wg_run(j, i, tid, <double*> NULL)
+    else:
+        wg_run(j, i, tid, <float*> NULL)
+
+
 def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,
                     const floating[:, :, :, ::1] weight, const floating[::1] init,
                     floating[:, :, :, ::1] grad_x_out,
@@ -1026,7 +1098,8 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     floating[:, ::1] scratch, floating[::1] wpack,
                     Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                     Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
-                    bint need_x, bint need_w, bint need_b, bint has_init, int num_threads):
+                    bint need_x, bint need_w, bint need_b, bint has_init, int num_threads,
+                    int wthreads=0):
     """Gradients of y = conv2d(x, weight): any of grad_x, grad_weight, grad_bias.
 
     The geometry comes from ``grad_out`` (N, L, OH, OW) and from ``grad_x_out`` when need_x,
@@ -1035,7 +1108,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     written when need_x: channel c starts at ``init[c]`` when has_init (else 0) and receives
     col2im(weight^T @ grad_out); this is exactly the forward pass of a transposed convolution.
     grad_w_part (threads, L*K) and grad_b_part (threads, L) must be zeroed: thread t adds its
-    share to row t, and the caller sums the rows.  Returns True when those rows hold each
+    share to row t, and the caller sums the rows.  wthreads > N * groups: the weight and bias
+    gradients by that many threads in blocks of input channels (WgJob; the own GEMM's
+    weight gradient only), the workspaces then need max(num_threads, wthreads) rows.  Returns True when those rows hold each
     group's grad_w transposed, (K, L/groups) (the own GEMM's layout), False for (L/groups, K).  wpack: groups * gemm_packed_size(K, L/groups)
     values, for weight^T packed for the own GEMM of grad_x; smaller (empty): BLAS.
     """
@@ -1086,12 +1161,47 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
             pack_a(wp + g * Lg * K, 1, K, K, Lg, Ap + g * psz)
     if (need_w or need_x) and not direct and ncol < K * ld:
         raise ValueError("conv2d_backward: scratch is smaller than one im2col matrix")
+    cdef int rows = max(num_threads, wthreads)
+    if scratch.shape[0] < rows or (need_w and (grad_w_part.shape[0] < rows or nw < L * K)) \
+            or (need_b and (grad_b_part.shape[0] < rows or nb < L)):
+        raise ValueError("conv2d_backward: workspaces need one row per thread")
+    cdef WgJob wj
+    cdef floating* T
+    if wown and not direct and N * groups < wthreads:
+        # fewer (image, group) items than threads (batch 1): the weight gradient in blocks of
+        # input channels on the pool (the item loop below would leave the other threads idle)
+        T = <floating*> malloc(N * groups * P * ldt * sizeof(floating))
+        if T == NULL:
+            raise MemoryError("conv2d_backward: transposed grad_out")
+        wj.x = xp
+        wj.gy = gyp
+        wj.T = T
+        wj.gw = gwp
+        wj.gb = gbp
+        wj.col = sp
+        wj.C, wj.H, wj.W, wj.L, wj.Cg, wj.Lg, wj.groups = C, H, W, L, Cg, Lg, groups
+        wj.kH, wj.kW, wj.sH, wj.sW, wj.pH, wj.pW, wj.dH, wj.dW = kH, kW, sH, sW, pH, pW, dH, dW
+        wj.OH, wj.OW, wj.P, wj.ld, wj.ldt = OH, OW, P, ld, ldt
+        wj.items = N * groups
+        wj.npc = max(1, min(4 * wthreads // wj.items, P // 256))
+        wj.pc = (P + wj.npc - 1) // wj.npc
+        wj.npc = (P + wj.pc - 1) // wj.pc
+        wj.cb = max(1, Cg * wj.items // (4 * wthreads))
+        wj.cb = min(wj.cb, max(1, IM2COL_BLOCK_MAX // (kH * kW * ld * sizeof(floating))))
+        wj.ncb = (Cg + wj.cb - 1) // wj.cb
+        wj.ncol, wj.nw, wj.nb = ncol, nw, nb
+        wj.dbl = floating is double
+        with nogil:
+            wj.phase = 0
+            fc_pool_run(wthreads, wg_item, &wj, wj.items * (wj.npc + (1 if need_b else 0)))
+            wj.phase = 1
+            fc_pool_run(wthreads, wg_item, &wj, wj.items * wj.ncb)
+        free(T)
+        need_w = False
+        need_b = False
     # which parts run in blocks (each part's numbers do not depend on the other's presence)
     bw = rb < OH and not direct and BACKWARD_BLOCKS and need_w and wown
     bx = rb < OH and not direct and BACKWARD_BLOCKS and need_x and Ap != NULL
-    if scratch.shape[0] < num_threads or (need_w and (grad_w_part.shape[0] < num_threads or nw < L * K)) \
-            or (need_b and (grad_b_part.shape[0] < num_threads or nb < L)):
-        raise ValueError("conv2d_backward: workspaces need one row per thread")
     with nogil, parallel(num_threads=num_threads):
         tid = threadid()
         col = sp + tid * ncol

@@ -585,13 +585,18 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
                                         _team(g, N * L * OH * OW * K))
         return gx, gw, gb
     team, nblas = _threads(N * g, N * L * OH * OW * K)
+    # fewer (image, group) items than threads: the kernel may share the weight gradient
+    # among wteam threads by blocks of input channels
+    wteam = _team(N * weight.shape[1], N * L * OH * OW * K) if need_w and N * g < \
+        get_num_threads() else 0
+    rows = max(team, wteam)
     direct = _is_direct(geo, x)
     ncol = 0 if direct or not (need_w or need_x) else K * _col_ld(OH * OW, dt)
     if need_w:   # grad_out's block transposed, for the weight gradient by the own GEMM
         ncol += _kernels.wgrad_scratch(L // g, OH * OW, dt.itemsize)
-    scratch = _scratch(team, ncol, dt, fn)
-    wpart = _alloc((team, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
-    bpart = _alloc((team, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
+    scratch = _scratch(rows, ncol, dt, fn)
+    wpart = _alloc((rows, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
+    bpart = _alloc((rows, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
     if N > 0 and need_x and _use_winograd(geo, weight, backward=True):
         # grad_x is the 3x3 stride-1 convolution of grad_out by the flipped, transposed kernel
         # with the complementary padding: Winograd too
@@ -614,7 +619,7 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
             wtrans = _kernels.conv2d_backward(gyc, xc, wc, np.zeros(0, dt),
                                      gx if need_x else _dummy(dt), wpart, bpart, scratch,
                                      wpack, sH, sW, pad[0], pad[2], dH, dW, g,
-                                     need_x, need_w, need_b, False, team)
+                                     need_x, need_w, need_b, False, team, wteam)
     gw = _wgrad_sum(wpart, weight.shape, g, K, wtrans, dt) if need_w else None
     gb = _sum_partials(bpart, (L,), dt) if need_b else None
     return gx, gw, gb
