@@ -269,6 +269,19 @@ def set_backward_blocks(bint on):
     return old
 
 
+cdef bint WGRAD_SPLIT = True
+
+
+def set_wgrad_split(bint on):
+    """Share a batch-1 weight gradient among the threads by blocks of input channels (True,
+    the default) or leave it to one thread; returns the previous setting.  For tests and
+    benchmarks."""
+    global WGRAD_SPLIT
+    old = WGRAD_SPLIT
+    WGRAD_SPLIT = on
+    return old
+
+
 def set_wgrad_own(bint on):
     """Whether conv2d_backward may compute the weight gradient by the own GEMM (else BLAS);
     returns the previous setting.  For tests and A/B timing, while no kernel runs."""
@@ -1167,7 +1180,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
         raise ValueError("conv2d_backward: workspaces need one row per thread")
     cdef WgJob wj
     cdef floating* T
-    if wown and not direct and N * groups < wthreads:
+    if wown and not direct and N * groups < wthreads and WGRAD_SPLIT:
         # fewer (image, group) items than threads (batch 1): the weight gradient in blocks of
         # input channels on the pool (the item loop below would leave the other threads idle)
         T = <floating*> malloc(N * groups * P * ldt * sizeof(floating))
