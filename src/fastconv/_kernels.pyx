@@ -644,6 +644,45 @@ cdef void conv_item(const floating* x, const floating* w, const floating* b, flo
     gemm_rm(False, False, Lg, P, K, 1, w, K, src, ld, beta, out, P)
 
 
+cdef extern from "_pool.h":
+    # a caller-runs thread pool (see the header)
+    ctypedef void (*fc_pool_fn)(void* ctx, Py_ssize_t i, int tid) noexcept nogil
+    void fc_pool_run(int nthreads, fc_pool_fn fn, void* ctx, Py_ssize_t n) nogil
+    void fc_pool_set_spin_ns(long ns) nogil
+    bint fc_once_begin(unsigned char* f) nogil
+    void fc_once_set(unsigned char* f, bint yes) nogil
+    bint fc_once_get(unsigned char* f) nogil
+
+
+cdef struct ConvJob:
+    # conv2d_forward by the own GEMM on the caller-runs pool: item = (image, group, block of
+    # nb output columns), each in the scratch row of the thread that runs it
+    const void* x
+    const void* A
+    const void* b
+    void* out
+    void* col
+    Py_ssize_t ncol, nblk, nb, C, Cg, H, W, L, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW
+    Py_ssize_t groups, psz
+    bint has_bias, direct, relu, dbl
+
+
+cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
+    conv_block(<const floating*> j.x, <const floating*> j.A, <const floating*> j.b,
+               <floating*> j.out, <floating*> j.col + tid * j.ncol, i // j.nblk,
+               (i % j.nblk) * j.nb, j.nb, j.C, j.Cg, j.H, j.W, j.L, j.Lg, j.kH, j.kW, j.sH,
+               j.sW, j.pH, j.pW, j.dH, j.dW, j.OH, j.OW, j.groups, j.has_bias, j.direct,
+               j.psz, j.relu)
+
+
+cdef void conv_block_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
+    cdef ConvJob* j = <ConvJob*> ctx
+    if j.dbl:
+        conv_block_run(j, i, tid, <double*> NULL)
+    else:
+        conv_block_run(j, i, tid, <float*> NULL)
+
+
 def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                    const floating[::1] bias, floating[:, :, :, ::1] out,
                    floating[:, ::1] scratch, floating[::1] wpack,
@@ -677,6 +716,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef floating* Ap = NULL
     cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Lg, K)
     cdef Py_ssize_t nb, nblk
+    cdef ConvJob cj
     if has_bias:
         bp = &bias[0]
     if scratch.shape[0] < num_threads:
@@ -692,12 +732,13 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         nblk = (P + nb - 1) // nb
         if not direct and ncol < K * col_ld(nb, sizeof(floating)):
             raise ValueError("conv2d_forward: scratch is smaller than one im2col block")
-        with nogil, parallel(num_threads=num_threads):
-            col = sp + threadid() * ncol
-            for item in prange(N * groups * nblk, schedule='dynamic', chunksize=1):
-                conv_block(xp, Ap, bp, op, col, item // nblk, (item % nblk) * nb, nb, C, Cg,
-                           H, W, L, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, groups,
-                           has_bias, direct, psz, relu)
+        cj.x, cj.A, cj.b, cj.out, cj.col = xp, Ap, bp, op, sp
+        cj.ncol, cj.nblk, cj.nb, cj.C, cj.Cg, cj.H, cj.W, cj.L, cj.Lg = ncol, nblk, nb, C, Cg, H, W, L, Lg
+        cj.kH, cj.kW, cj.sH, cj.sW, cj.pH, cj.pW, cj.dH, cj.dW = kH, kW, sH, sW, pH, pW, dH, dW
+        cj.OH, cj.OW, cj.groups, cj.psz = OH, OW, groups, psz
+        cj.has_bias, cj.direct, cj.relu, cj.dbl = has_bias, direct, relu, floating is double
+        with nogil:
+            fc_pool_run(num_threads, conv_block_item, &cj, N * groups * nblk)
         return
     if not direct and ncol < K * ld:
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
@@ -829,16 +870,6 @@ cdef void wino_gemm(const floating* U, const floating* Up, Py_ssize_t xi, const 
                  False)
     else:
         gemm_rm(False, False, Lg, NT, Cg, 1, U + xi * Lg * Cg, Cg, V, ld, 0, M, ld)
-
-
-cdef extern from "_pool.h":
-    # a caller-runs thread pool (see the header)
-    ctypedef void (*fc_pool_fn)(void* ctx, Py_ssize_t i, int tid) noexcept nogil
-    void fc_pool_run(int nthreads, fc_pool_fn fn, void* ctx, Py_ssize_t n) nogil
-    void fc_pool_set_spin_ns(long ns) nogil
-    bint fc_once_begin(unsigned char* f) nogil
-    void fc_once_set(unsigned char* f, bint yes) nogil
-    bint fc_once_get(unsigned char* f) nogil
 
 
 def set_pool_spin(long ns):
