@@ -220,6 +220,13 @@ def set_gemm_block(Py_ssize_t ncols):
 DEF IM2COL_BLOCK_MAX = 786432
 
 
+cdef inline Py_ssize_t block_len(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t align) noexcept nogil:
+    """Block length cutting n in about `parts` blocks: ceil(n / parts) rounded up to a
+    multiple of align (at least 1; the last block shorter)."""
+    cdef Py_ssize_t per = (n + parts - 1) // parts
+    return max((per + align - 1) // align * align, 1)
+
+
 cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t K, Py_ssize_t items,
                                        Py_ssize_t threads, Py_ssize_t itemsize) noexcept nogil:
     """Columns per im2col block of the forward convolution by the own GEMM.  A whole image
@@ -241,8 +248,7 @@ cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t K, Py_ssize_t it
         per = (P + nb - 1) // nb
         nb = ((P + per - 1) // per + nr - 1) // nr * nr
     else:
-        per = (4 * threads + items - 1) // items
-        nb = ((P + per - 1) // per + nr - 1) // nr * nr
+        nb = block_len(P, (4 * threads + items - 1) // items, nr)
     return nb if nb < P else P
 
 
@@ -824,14 +830,11 @@ cdef inline Py_ssize_t wino_chunk_tiles(Py_ssize_t NT, Py_ssize_t items, int thr
     and 3/4 each, made a 128-channel conv 0.88x), so that a worker that wakes late still
     finds work (the caller takes chunks too) and each chunk's transformed input and products
     stay in one core's cache (1.05x on 1 thread)."""
-    cdef Py_ssize_t per, want
     if wino_chunk > 0:
         return wino_chunk
     if items >= 2 * threads:
         return max(NT, 1)
-    want = (4 * threads + items - 1) // items
-    per = (NT + want - 1) // want
-    return max((per + nr - 1) // nr, 1) * nr
+    return block_len(NT, (4 * threads + items - 1) // items, nr)
 
 
 cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
@@ -1088,7 +1091,6 @@ cdef void wg_run(WgJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
     cdef const floating* gy
     cdef floating* T = <floating*> j.T
     cdef floating* col
-    cdef Py_ssize_t ldk
     if j.phase == 0:
         if i < j.items * j.npc:
             item = i // j.npc
@@ -1792,13 +1794,6 @@ cdef void lin_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
         lin_run(j, i, <float*> NULL)
 
 
-cdef inline Py_ssize_t lin_block(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t align) noexcept nogil:
-    """Block length cutting n in about `parts` blocks, a multiple of align (the last one
-    shorter)."""
-    cdef Py_ssize_t per = (n + parts - 1) // parts
-    return max((per + align - 1) // align * align, 1)
-
-
 def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
                    const floating[::1] bias, floating[:, ::1] out, bint has_bias,
                    int num_threads):
@@ -1825,9 +1820,9 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
     if num_threads <= 1:
         j.rblk, j.cblk = N, O
     elif N > O:             # row blocks: each reads all of weight (O x I), once per block
-        j.rblk, j.cblk = lin_block(N, 2 * num_threads, 8), O
+        j.rblk, j.cblk = block_len(N, 2 * num_threads, 8), O
     else:                   # column blocks: each reads all of x (N x I)
-        j.rblk, j.cblk = N, lin_block(O, 2 * num_threads, 16)
+        j.rblk, j.cblk = N, block_len(O, 2 * num_threads, 16)
     j.ncb = (O + j.cblk - 1) // j.cblk
     nrb = (N + j.rblk - 1) // j.rblk
     with nogil:
@@ -1879,7 +1874,7 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
             if need_x:
                 pack_a(&grad_out[0, 0], O, 1, N, O, &packed[pw])
                 j.Ax = &packed[pw]
-    j.cblk = I if num_threads <= 1 else lin_block(I, 4 * num_threads,
+    j.cblk = I if num_threads <= 1 else block_len(I, 4 * num_threads,
                                                   max(fc_gemm_nr(floating is double), 16))
     nblk = (I + j.cblk - 1) // j.cblk
     j.ngw = nblk if need_w else 0
