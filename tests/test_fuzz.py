@@ -1091,7 +1091,8 @@ def _worker_lifetime():
 
 
 NOT_FUZZED = {"set_num_threads", "get_num_threads", "show_config"}   # no kernel behind them
-NOT_LAYERS = {"Parameter", "Module", "Sequential", "manual_seed"}
+NOT_LAYERS = {"Parameter", "Module", "Sequential", "manual_seed",
+              "no_grad", "is_grad_enabled"}          # a mode, not a layer
 
 
 def test_every_public_function_and_layer_is_fuzzed():

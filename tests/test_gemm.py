@@ -205,6 +205,65 @@ def test_conv2d_fused_relu(level, blocks, dtype):
         _kernels.set_gemm_block(old)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", VARIANTS)
+@given(data=st.data())
+def test_conv2d_fused_maxpool_matches_reference(level, data):
+    """conv2d [+ ReLU] + a max-pool whose windows tile the output (nn.Sequential's Conv2d ->
+    [ReLU ->] MaxPool2d in one call): each block of output rows pooled while in cache, with
+    the convolution's output kept or only in the thread's scratch, blocks of whole bands
+    (forced small: one band per block) or whole images, 1-3 threads, rows and columns past
+    the last whole window dropped, NaN and -0 inputs; against the loop reference, and bit
+    for bit equal to conv2d then max_pool2d.  On the BLAS level (and for Winograd /
+    depthwise shapes) the pooling is a max_pool2d call after the convolution."""
+    from fastconv.functional import _conv2d
+    draw = data.draw
+    groups = draw(st.integers(1, 2), label="groups")
+    cg, lg = draw(st.integers(1, 6), label="cg"), draw(st.integers(1, 9), label="lg")
+    k = draw(st.sampled_from([1, 3, 5]), label="k")
+    s = draw(st.sampled_from([1, 2]), label="stride")
+    p = draw(st.integers(0, k // 2), label="padding")
+    pk = (draw(st.integers(1, 3), label="pool kH"), draw(st.integers(1, 3), label="pool kW"))
+    h, w = draw(st.integers(k, 13), label="h"), draw(st.integers(k, 13), label="w")
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    n = draw(st.integers(0, 3), label="N")
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    threads = draw(st.integers(1, 3), label="threads")
+    relu, keep = draw(st.booleans(), label="relu"), draw(st.booleans(), label="keep")
+    blocks = draw(st.sampled_from([0, 1, 40]), label="block columns")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    if n and draw(st.booleans(), label="nan"):
+        x[0, 0, h // 2, w // 2] = np.nan
+        x[-1, -1, 0] = -0.0
+    wt = rng.uniform(-1, 1, (lg * groups, cg, k, k)).astype(dtype)
+    b = rng.uniform(-1, 1, lg * groups).astype(dtype)
+    args = (s, p, 1, groups)
+    old = _kernels.set_gemm_block(blocks)
+    try:
+        with num_threads(threads), gemm_at(level):
+            if oh < pk[0] or ow < pk[1]:      # the max-pool's own error
+                with pytest.raises(ValueError, match="max_pool2d"):
+                    _conv2d(x, wt, b, *args, None, relu, pk, keep)
+                return
+            y, pooled = _conv2d(x, wt, b, *args, None, relu, pk, keep)
+            y0 = _conv2d(x, wt, b, *args, None, relu)
+            p0 = fc.max_pool2d(y0, pk)
+    finally:
+        _kernels.set_gemm_block(old)
+    assert (y is None) != keep
+    if keep:
+        np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(pooled, p0)
+    expected = ref.conv2d(x, wt, b, stride=s, padding=p, groups=groups)
+    if relu:
+        expected = np.maximum(expected, 0)
+    expected = ref.max_pool2d(expected, pk)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(pooled), nan)
+    close(np.where(nan, 0, pooled), np.where(nan, 0, expected), dtype)
+
+
 def test_conv2d_writes_nothing_outside_out(level):
     """The masked tails store nothing past the output: out= inside a larger array keeps the
     values around it."""

@@ -335,6 +335,96 @@ def test_sequential_relu_maxpool_backward_is_fused_with_the_same_numbers(dtype):
         model.backward(np.ones((1,) + y.shape[1:], dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sequential_fuses_conv2d_relu_maxpool_with_the_same_numbers(dtype):
+    """Sequential runs Conv2d [-> ReLU] -> MaxPool2d whose windows tile the output as one
+    call (each block pooled while in cache): outputs and gradients bit for bit those of the
+    layers one by one, also under no_grad() (where the convolution's output is never
+    stored), with odd sizes (rows past the last window dropped), NaN and -0; pools that do
+    not tile (overlapping, padded, ceil_mode) and Winograd / depthwise convolutions take
+    their own paths with the same numbers."""
+    rng = np.random.default_rng(10)
+    cases = ((nn.Conv2d(3, 12, 5, padding=2, dtype=dtype, rng=1), True, nn.MaxPool2d(2),
+              (3, 3, 9, 11)),
+             (nn.Conv2d(3, 8, 3, stride=2, dtype=dtype, rng=2), False, nn.MaxPool2d((3, 2)),
+              (2, 3, 15, 12)),
+             (nn.Conv2d(8, 5, 1, bias=False, dtype=dtype, rng=3), True,
+              nn.MaxPool2d(2, stride=(2, 2)), (2, 8, 6, 7)),
+             (nn.Conv2d(16, 16, 3, padding=1, dtype=dtype, rng=4), True, nn.MaxPool2d(2),
+              (2, 16, 8, 8)),                                                   # Winograd
+             (nn.Conv2d(6, 6, 3, padding=1, groups=6, dtype=dtype, rng=5), True,
+              nn.MaxPool2d(2), (2, 6, 7, 7)),                                   # depthwise
+             (nn.Conv2d(3, 4, 3, padding=1, dtype=dtype, rng=6), True, nn.MaxPool2d(3, 2),
+              (2, 3, 9, 9)),                                                    # overlapping
+             (nn.Conv2d(3, 4, 3, padding=1, dtype=dtype, rng=7), True,
+              nn.MaxPool2d(2, ceil_mode=True), (2, 3, 9, 9)))
+    for conv, with_relu, pool, shape in cases:
+        relu, flat = nn.ReLU(), nn.Flatten()
+        layers = [conv] + ([relu] if with_relu else []) + [pool, flat]
+        model = nn.Sequential(*layers)
+        x = rng.uniform(-1, 1, shape).astype(dtype)
+        x[0, 0, 1, 1] = np.nan
+        x[-1, -1, 2:6, 2:6] = -0.0
+        h = conv.forward(x)                                 # unfused: one layer at a time
+        if with_relu:
+            h = relu.forward(h)
+        expected = flat.forward(pool.forward(h))
+        g = rng.uniform(-1, 1, expected.shape).astype(dtype)
+        gh = pool.backward(flat.backward(g))
+        gx1 = conv.backward(relu.backward(gh) if with_relu else gh)
+        grads1 = [p.grad.copy() for p in model.parameters()]
+        model.zero_grad()
+        y = model(x)
+        np.testing.assert_array_equal(y, expected)
+        np.testing.assert_array_equal(np.signbit(y), np.signbit(expected))
+        assert np.isnan(y).any()
+        gx = model.backward(g)
+        np.testing.assert_array_equal(gx, gx1)
+        for a, b in zip(grads1, [p.grad for p in model.parameters()]):
+            np.testing.assert_array_equal(a, b)
+        model.zero_grad()
+        with nn.no_grad():
+            y2 = model(x)
+        np.testing.assert_array_equal(y2, expected)
+        assert all(m.__dict__.get(a) is None for m in layers for a in m._cache_attrs)
+
+
+def test_no_grad_keeps_nothing_and_backward_says_so():
+    """Under no_grad() modules keep no activations (nested and decorator forms restore the
+    mode; it is per Python thread), and backward afterwards raises RuntimeError."""
+    import threading
+    model = small_cnn(np.float64, rng=2)
+    x, _ = batch(3)
+    y = model(x)
+    assert nn.is_grad_enabled()
+    with nn.no_grad():
+        assert not nn.is_grad_enabled()
+        with nn.no_grad():
+            pass
+        assert not nn.is_grad_enabled()
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(nn.is_grad_enabled()))
+        t.start()
+        t.join()
+        assert seen == [True]
+        y2 = model(x)
+    assert nn.is_grad_enabled()
+    np.testing.assert_array_equal(y, y2)
+    assert all(m.__dict__.get(a) is None for m in model for a in m._cache_attrs)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model.backward(np.ones_like(y))
+
+    @nn.no_grad()
+    def predict(inp):
+        assert not nn.is_grad_enabled()
+        return model(inp)
+
+    np.testing.assert_array_equal(predict(x), y)
+    assert nn.is_grad_enabled()
+    model(x)                                     # and training works again afterwards
+    assert model.backward(np.ones_like(y)).shape == x.shape
+
+
 def test_double_converts_a_float32_model():
     m32 = small_cnn(np.float32, rng=4)
     m64 = small_cnn(np.float32, rng=4).double()

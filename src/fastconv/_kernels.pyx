@@ -252,12 +252,6 @@ cdef inline Py_ssize_t gemm_block_cols(Py_ssize_t P, Py_ssize_t K, Py_ssize_t it
     return nb if nb < P else P
 
 
-def gemm_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t items, Py_ssize_t threads,
-                       Py_ssize_t itemsize):
-    """Values of one thread's im2col block for the own GEMM's forward convolution."""
-    return K * col_ld(gemm_block_cols(P, K, items, threads, itemsize), itemsize)
-
-
 # conv2d_backward's weight gradient by the own GEMM with the im2col matrix read in place
 cdef bint WGRAD_OWN = True
 
@@ -662,23 +656,75 @@ cdef extern from "_pool.h":
 
 cdef struct ConvJob:
     # conv2d_forward by the own GEMM on the caller-runs pool: item = (image, group, block of
-    # nb output columns), each in the scratch row of the thread that runs it
+    # nb output columns), each in the scratch row of the thread that runs it.  With pooling
+    # (pkH > 0: a max-pool whose windows tile the output, kernel == stride), blocks hold whole
+    # bands of pkH output rows and each block is pooled while it is in cache; keep: the
+    # convolution's output is also stored in out, else only in the thread's scratch (ncol
+    # values of im2col, then Lg * nb of output)
     const void* x
     const void* A
     const void* b
     void* out
     void* col
+    void* pool
     Py_ssize_t ncol, nblk, nb, C, Cg, H, W, L, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW
-    Py_ssize_t groups, psz
-    bint has_bias, direct, relu, dbl
+    Py_ssize_t groups, psz, pkH, pkW, POH, POW, cbuf
+    bint has_bias, direct, relu, dbl, keep
 
 
 cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
-    conv_block(<const floating*> j.x, <const floating*> j.A, <const floating*> j.b,
-               <floating*> j.out, <floating*> j.col + tid * j.ncol, i // j.nblk,
-               (i % j.nblk) * j.nb, j.nb, j.C, j.Cg, j.H, j.W, j.L, j.Lg, j.kH, j.kW, j.sH,
-               j.sW, j.pH, j.pW, j.dH, j.dW, j.OH, j.OW, j.groups, j.has_bias, j.direct,
-               j.psz, j.relu)
+    """Output columns [p0, p0 + nb) of item ng = n * groups + g of the forward convolution
+    by the own GEMM: their im2col into the thread's scratch (K rows, col_ld(nb) apart), then
+    the GEMM; then, with pooling, the block's bands of rows max-pooled."""
+    cdef Py_ssize_t ng = i // j.nblk, p0 = (i % j.nblk) * j.nb
+    cdef Py_ssize_t n = ng // j.groups, g = ng % j.groups, K = j.Cg * j.kH * j.kW
+    cdef Py_ssize_t P = j.OH * j.OW, Lg = j.Lg
+    cdef Py_ssize_t w = P - p0 if P - p0 < j.nb else j.nb
+    cdef Py_ssize_t ld = col_ld(j.nb, sizeof(floating))
+    cdef floating* col = <floating*> j.col + tid * j.ncol
+    cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * j.W
+    cdef const floating* A = <const floating*> j.A + g * j.psz
+    cdef const floating* b = <const floating*> j.b + g * Lg if j.has_bias else NULL
+    cdef floating* out
+    cdef Py_ssize_t ldc = P
+    cdef int mode = GEMM_RELU if j.relu else 0    # the ReLU in the micro-kernel's last store
+    if j.keep:
+        out = <floating*> j.out + (n * j.L + g * Lg) * P + p0
+    else:
+        out, ldc = col + j.cbuf, w      # the block's output planes, contiguous (pooling)
+    if j.direct:
+        own_gemm(Lg, 0, w, K, A, x + p0, P, out, ldc, b, mode)
+    else:
+        im2col_panel(x, j.Cg, j.H, j.W, j.kH, j.kW, j.sH, j.sW, j.pH, j.pW, j.dH, j.dW, j.OW,
+                     p0, w, col, ld)
+        own_gemm(Lg, 0, w, K, A, col, ld, out, ldc, b, mode)
+    if j.pkH > 0:
+        pool_band(out, ldc, Lg, p0 // j.OW, w // j.OW, j.OW,
+                  <floating*> j.pool + (n * j.L + g * Lg) * j.POH * j.POW,
+                  j.POH, j.POW, j.pkH, j.pkW)
+
+
+cdef void pool_band(const floating* y, Py_ssize_t ystride, Py_ssize_t planes, Py_ssize_t r0,
+                    Py_ssize_t nrows, Py_ssize_t OW, floating* pout, Py_ssize_t POH,
+                    Py_ssize_t POW, Py_ssize_t kH, Py_ssize_t kW) noexcept nogil:
+    """Max-pool rows [r0, r0 + nrows) of `planes` planes (channel c's rows at y + c * ystride,
+    OW wide; r0 a multiple of kH) with kH x kW windows at stride (kH, kW), no padding, into
+    output rows [r0 / kH, ...) of the planes at pout (POH x POW each); rows past the last
+    whole window are dropped (floor mode).  One call for all planes when they lie end to end
+    and the band is every output row (stacked_rows)."""
+    cdef Py_ssize_t pr0 = r0 // kH, pr1 = (r0 + nrows) // kH, c, rows
+    if pr1 > POH:
+        pr1 = POH
+    if pr1 <= pr0:
+        return
+    rows = (pr1 - pr0) * kH
+    if ystride == rows * OW and pr1 - pr0 == POH:
+        max_pool_plane(y, planes * rows, OW, pout, NULL, planes * POH, POW, kH, kW, kH, kW,
+                       0, 0, 1, 1, False)
+        return
+    for c in range(planes):
+        max_pool_plane(y + c * ystride, rows, OW, pout + c * POH * POW + pr0 * POW, NULL,
+                       pr1 - pr0, POW, kH, kW, kH, kW, 0, 0, 1, 1, False)
 
 
 cdef void conv_block_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -689,60 +735,108 @@ cdef void conv_block_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
         conv_block_run(j, i, tid, <float*> NULL)
 
 
+cdef inline Py_ssize_t pool_block_cols(Py_ssize_t P, Py_ssize_t K, Py_ssize_t items,
+                                       Py_ssize_t threads, Py_ssize_t itemsize,
+                                       Py_ssize_t band) noexcept nogil:
+    """gemm_block_cols rounded up to whole bands of `band` output values (a pooling's rows
+    of windows; 0: no pooling)."""
+    cdef Py_ssize_t nb = gemm_block_cols(P, K, items, threads, itemsize)
+    if band > 0:
+        nb = (nb + band - 1) // band * band
+    return nb if nb < P else P
+
+
+def conv_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t Lg, Py_ssize_t items,
+                       Py_ssize_t threads, Py_ssize_t itemsize, Py_ssize_t band, bint direct,
+                       bint keep):
+    """Values of one thread's scratch row for the own GEMM's forward convolution: one im2col
+    block (none when direct), then, pooling (band > 0) without keeping the output, the
+    block's Lg output planes."""
+    cdef Py_ssize_t nb = pool_block_cols(P, K, items, threads, itemsize, band)
+    cdef Py_ssize_t n = 0 if direct else K * col_ld(nb, itemsize)
+    if band > 0 and not keep:
+        n += Lg * nb
+    return n
+
+
 def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                    const floating[::1] bias, floating[:, :, :, ::1] out,
                    floating[:, ::1] scratch, floating[::1] wpack,
                    Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
                    Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
-                   bint has_bias, int num_threads, bint relu=False):
+                   bint has_bias, int num_threads, bint relu=False,
+                   floating[:, :, :, ::1] pool_out=None, Py_ssize_t pkH=0, Py_ssize_t pkW=0,
+                   Py_ssize_t OH=0, Py_ssize_t OW=0):
     """out = conv2d(x, weight) (+ bias), then max(out, 0) when relu (own GEMM: in the
     micro-kernel's last store; BLAS: each image's output while it is still in cache); pH/pW
     are the top/left paddings.
 
-    scratch: (threads, Cg*kH*kW*OH*OW) for BLAS, (threads, gemm_block_scratch(...)) for the
-    own GEMM; unused (may have 0 columns) for 1x1 stride-1 unpadded.
+    scratch: (threads, Cg*kH*kW*OH*OW) for BLAS, (threads, conv_block_scratch(...)) for the
+    own GEMM; unused (may have 0 columns) for 1x1 stride-1 unpadded without pooling.
     wpack: groups * gemm_packed_size(L/groups, K) values for the own GEMM's packed weights;
     smaller (e.g. empty): BLAS does the GEMMs.  The own GEMM's work items are blocks of
     output columns of an (image, group), so threads share images when there are few.
+
+    pool_out (own GEMM only): also pool_out = max_pool2d(out, (pkH, pkW)) (stride = kernel, no
+    padding, floor mode), each block of the convolution pooled while it is in cache; out may
+    then be None (the convolution's output is not kept; OH, OW give its size).
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
     cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3]
-    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef bint keep = out is not None
+    if keep:
+        OH, OW = out.shape[2], out.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, P = OH * OW
     cdef Py_ssize_t ncol = scratch.shape[1], ld = col_ld(P, sizeof(floating))
     cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
                         and OH == H and OW == W)
+    cdef bint pooled = pool_out is not None
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &weight[0, 0, 0, 0]
     cdef const floating* bp = NULL
-    cdef floating* op = &out[0, 0, 0, 0]
+    cdef floating* op = &out[0, 0, 0, 0] if keep else NULL
     cdef floating* sp = &scratch[0, 0]
     cdef floating* col
     cdef floating* Ap = NULL
     cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Lg, K)
-    cdef Py_ssize_t nb, nblk
+    cdef Py_ssize_t nb, nblk, band = pkH * OW if pooled else 0
     cdef ConvJob cj
     if has_bias:
         bp = &bias[0]
     if scratch.shape[0] < num_threads:
         raise ValueError("conv2d_forward: scratch needs one row per thread")
+    if pooled and (pkH < 1 or pkW < 1 or pool_out.shape[2] != OH // pkH
+                   or pool_out.shape[3] != OW // pkW or pool_out.shape[2] < 1
+                   or pool_out.shape[3] < 1 or pool_out.shape[1] != L):
+        raise ValueError("conv2d_forward: pool_out does not match the pooled output")
+    if not keep and not pooled:
+        raise ValueError("conv2d_forward: out may be None only with pool_out")
     if psz > 0 and wpack.shape[0] >= groups * psz:
         Ap = &wpack[0]
         for g in range(groups):
             pack_a(wp + g * Lg * K, K, 1, Lg, K, Ap + g * psz)
+    elif pooled:
+        raise ValueError("conv2d_forward: pooling needs the own GEMM (wpack)")
     if Ap != NULL:
         # work items: (image, group, block of columns); each block's im2col is made into the
         # thread's buffer and multiplied at once
-        nb = gemm_block_cols(P, K, N * groups, num_threads, sizeof(floating))
+        nb = pool_block_cols(P, K, N * groups, num_threads, sizeof(floating), band)
         nblk = (P + nb - 1) // nb
-        if not direct and ncol < K * col_ld(nb, sizeof(floating)):
+        if ncol < conv_block_scratch(K, P, Lg, N * groups, num_threads, sizeof(floating),
+                                     band, direct, keep):
             raise ValueError("conv2d_forward: scratch is smaller than one im2col block")
         cj.x, cj.A, cj.b, cj.out, cj.col = xp, Ap, bp, op, sp
+        cj.pool = &pool_out[0, 0, 0, 0] if pooled else NULL
         cj.ncol, cj.nblk, cj.nb, cj.C, cj.Cg, cj.H, cj.W, cj.L, cj.Lg = ncol, nblk, nb, C, Cg, H, W, L, Lg
         cj.kH, cj.kW, cj.sH, cj.sW, cj.pH, cj.pW, cj.dH, cj.dW = kH, kW, sH, sW, pH, pW, dH, dW
         cj.OH, cj.OW, cj.groups, cj.psz = OH, OW, groups, psz
+        cj.pkH, cj.pkW, cj.POH, cj.POW = 0, 0, 0, 0
+        if pooled:
+            cj.pkH, cj.pkW, cj.POH, cj.POW = pkH, pkW, pool_out.shape[2], pool_out.shape[3]
+        cj.cbuf = 0 if direct else K * col_ld(nb, sizeof(floating))
         cj.has_bias, cj.direct, cj.relu, cj.dbl = has_bias, direct, relu, floating is double
+        cj.keep = keep
         with nogil:
             fc_pool_run(num_threads, conv_block_item, &cj, N * groups * nblk)
         return
@@ -758,30 +852,6 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                       Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct)
             if relu:
                 relu_rows(op + (n * L + g * Lg) * P, 1, 0, Lg * P)
-
-
-cdef void conv_block(const floating* xp, const floating* Ap, const floating* bp,
-                     floating* op, floating* col, Py_ssize_t ng, Py_ssize_t p0, Py_ssize_t nb,
-                     Py_ssize_t C, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
-                     Py_ssize_t Lg, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH,
-                     Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
-                     Py_ssize_t dW, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t groups,
-                     bint has_bias, bint direct, Py_ssize_t psz, bint relu) noexcept nogil:
-    """Output columns [p0, p0 + nb) of item ng = n * groups + g of the forward convolution
-    by the own GEMM: their im2col into col (K rows, col_ld(nb) apart), then the GEMM."""
-    cdef Py_ssize_t n = ng // groups, g = ng % groups, K = Cg * kH * kW, P = OH * OW
-    cdef Py_ssize_t w = P - p0 if P - p0 < nb else nb
-    cdef Py_ssize_t ld = col_ld(nb, sizeof(floating))
-    cdef const floating* x = xp + (n * C + g * Cg) * H * W
-    cdef const floating* A = Ap + g * psz
-    cdef const floating* b = bp + g * Lg if has_bias else NULL
-    cdef floating* out = op + (n * L + g * Lg) * P
-    cdef int mode = GEMM_RELU if relu else 0    # the ReLU in the micro-kernel's last store
-    if direct:
-        own_gemm(Lg, p0, p0 + w, K, A, x, P, out, P, b, mode)
-    else:
-        im2col_panel(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, p0, w, col, ld)
-        own_gemm(Lg, 0, w, K, A, col, ld, out + p0, P, b, mode)
 
 
 cdef extern from "_winograd.h":

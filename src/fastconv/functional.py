@@ -473,10 +473,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
     return _conv2d(x, weight, bias, stride, padding, dilation, groups, out, False)
 
 
-def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu):
+def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=None,
+            keep=True):
     """conv2d, followed by max(y, 0) when relu: fused into the own GEMM's micro-kernel (as
     the result is stored) or after each image on the BLAS path, else (Winograd, depthwise)
-    one in-place pass; nn.Sequential uses it for Conv2d -> ReLU."""
+    one in-place pass; nn.Sequential uses it for Conv2d -> ReLU.
+
+    pool=(kH, kW): also a max-pool of the result with windows that tile it (stride = kernel,
+    no padding, floor mode; nn.Sequential's Conv2d -> [ReLU ->] MaxPool2d): returns
+    (y, pooled), y None unless keep.  The own GEMM pools each block of the convolution while
+    it is in cache (without keep, y is never stored); the other paths call max_pool2d."""
     fn = "conv2d"
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
@@ -484,11 +490,26 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu):
     dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
                                                            else []))
     N, L, OH, OW = x.shape[0], geo["L"], geo["OH"], geo["OW"]
-    out, done = _out(out, (N, L, OH, OW), dt, fn, x, weight, b)
-    if N == 0:
-        return done(out)
+    if pool is not None:        # (no out=: Sequential's use)
+        pkH, pkW = pool
+        if OH < pkH or OW < pkW:     # the max-pool's own error
+            y = _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu)
+            return y, max_pool2d(y, pool)
+    if pool is None or keep:
+        out, done = _out(out, (N, L, OH, OW), dt, fn, x, weight, b)
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    wpack = _wpack(L // g, K, g, dt, fn)
+    if pool is not None and (_is_depthwise(geo, weight) or _use_winograd(geo, weight)
+                             or not wpack.size):
+        y = _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu)
+        return (y if keep else None), max_pool2d(y, pool)
+    if pool is not None:
+        pooled = _alloc((N, L, OH // pkH, OW // pkW), dt, fn, "pooled output")
+        if N == 0:
+            return (out if keep else None), pooled
+    elif N == 0:
+        return done(out)
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(b, dt) if b is not None else np.zeros(0, dt)
     (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
@@ -503,20 +524,26 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu):
         with blas_threads(1):
             _winograd(xc, wc, bc, out, pad[0], pad[2], g, wino_team, dt, fn)
         return done(_relu_inplace(out) if relu else out)
-    ncol = 0 if _is_direct(geo, x) else K * _col_ld(OH * OW, dt)
-    wpack = _wpack(L // g, K, g, dt, fn)
+    direct = _is_direct(geo, x)
+    ncol = 0 if direct else K * _col_ld(OH * OW, dt)
     if wpack.size:
         # the own GEMM: im2col one block of columns at a time; threads share images by blocks
         itemsize = np.dtype(dt).itemsize
         team, nblas = _threads(N * g * -(-OH * OW // _kernels.gemm_nr(itemsize)),
                                N * L * OH * OW * K)
-        ncol = (0 if _is_direct(geo, x)
-                else _kernels.gemm_block_scratch(K, OH * OW, N * g, team, itemsize))
+        band = pkH * OW if pool is not None else 0
+        ncol = _kernels.conv_block_scratch(K, OH * OW, L // g, N * g, team, itemsize, band,
+                                           direct, keep)
     scratch = _scratch(team, ncol, dt, fn)
     with blas_threads(nblas):
-        _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
-                                dH, dW, g, b is not None, team, relu)
-    return done(out)
+        if pool is None:
+            _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
+                                    dH, dW, g, b is not None, team, relu)
+            return done(out)
+        _kernels.conv2d_forward(xc, wc, bc, out if keep else None, scratch, wpack, sH, sW,
+                                pad[0], pad[2], dH, dW, g, b is not None, team, relu, pooled,
+                                pkH, pkW, OH, OW)
+    return (done(out) if keep else None), pooled
 
 
 def _relu_inplace(y):

@@ -7,7 +7,9 @@ clear them with ``zero_grad()`` or the optimizer's).  Parameter names, layouts a
 initialisation follow PyTorch, so ``state_dict()`` keys (``'0.weight'``, ``'3.bias'``) and arrays
 move between the two libraries unchanged.
 """
+import functools
 import math
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -17,7 +19,48 @@ from . import functional as F
 __all__ = [
     "Parameter", "Module", "Sequential", "Conv2d", "ConvTranspose2d", "MaxPool2d", "AvgPool2d",
     "Upsample", "Linear", "ReLU", "Flatten", "Dropout", "CrossEntropyLoss", "manual_seed",
+    "no_grad", "is_grad_enabled",
 ]
+
+_grad_mode = threading.local()
+
+
+def is_grad_enabled():
+    """False inside :class:`no_grad` (in this Python thread), else True."""
+    return getattr(_grad_mode, "enabled", True)
+
+
+class no_grad:
+    """Context manager (or decorator) for inference, as ``torch.no_grad``: modules called
+    inside it keep nothing for ``backward`` (which then raises), so a forward pass holds no
+    activations, and ``Sequential`` runs Conv2d -> ReLU -> MaxPool2d as one kernel call that
+    never stores the convolution's output.  The numbers are the same.  Per Python thread.
+
+    Examples
+    --------
+    >>> import numpy as np, fastconv.nn as nn
+    >>> layer = nn.Linear(4, 2, rng=0)
+    >>> with nn.no_grad():
+    ...     y = layer(np.ones((3, 4), np.float32))
+    >>> y.shape, nn.is_grad_enabled()
+    ((3, 2), True)
+    """
+
+    def __enter__(self):
+        self._prev = is_grad_enabled()
+        _grad_mode.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        _grad_mode.enabled = self._prev
+        return False
+
+    def __call__(self, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return fn(*args, **kwargs)
+        return wrapper
 
 _default_rng = np.random.default_rng()
 
@@ -144,8 +187,14 @@ class Module:
         object.__setattr__(self, name, value)
 
     # ---- running
+    _cache_attrs = ()    # what forward keeps for backward: dropped under no_grad()
+
     def __call__(self, x):
-        return self.forward(x)
+        y = self.forward(x)
+        if self._cache_attrs and not is_grad_enabled():
+            for a in self._cache_attrs:
+                object.__setattr__(self, a, None)
+        return y
 
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
@@ -157,7 +206,7 @@ class Module:
         value = self.__dict__.get(attr)
         if value is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before forward(): "
-                               "run the module on an input first")
+                               "run the module on an input first (outside no_grad())")
         return value
 
     # ---- parameters
@@ -287,6 +336,8 @@ class Sequential(Module):
     (5, 2)
     """
 
+    _cache_attrs = ("_pooled",)
+
     def __init__(self, *modules):
         super().__init__()
         if len(modules) == 1 and isinstance(modules[0], OrderedDict):
@@ -318,21 +369,41 @@ class Sequential(Module):
 
     def forward(self, x):
         mods = list(self._modules.values())
+        grad = is_grad_enabled()
         self._pooled = {}
         i = 0
         while i < len(mods):
             m = mods[i]
-            if i + 1 < len(mods) and type(m) is Conv2d and type(mods[i + 1]) is ReLU:
-                # Conv2d -> ReLU in one kernel call: the ReLU is applied to each block of
-                # the convolution's output while it is in cache, and no second array is made;
-                # the ReLU layer keeps that output for its backward, as if it had run
-                x = mods[i + 1]._y = m._forward(x, relu=True)
-                i += 2
-            else:
-                x = m(x)
-                if i > 0 and type(m) is MaxPool2d and type(mods[i - 1]) is ReLU:
-                    self._pooled[i] = x     # for ReLU's backward on the pooled values
-                i += 1
+            if type(m) is Conv2d and i + 1 < len(mods):
+                relu = type(mods[i + 1]) is ReLU
+                j = i + 2 if relu else i + 1
+                pool = (_tiling_pool(mods[j]) if j < len(mods) and type(mods[j]) is MaxPool2d
+                        else None)
+                if pool is not None:
+                    # Conv2d [-> ReLU] -> MaxPool2d in one kernel call: each block of the
+                    # convolution's output is pooled while it is in cache; under no_grad()
+                    # that output is never stored.  The ReLU and the max-pool keep for their
+                    # backward what they would have kept, as if they had run.
+                    y, x = m._forward(x, relu=relu, pool=pool, keep=grad)
+                    mods[j]._x = y                  # None under no_grad()
+                    if relu:
+                        mods[i + 1]._y = y
+                        if grad:
+                            self._pooled[j] = x     # for ReLU's backward on the pooled values
+                    i = j + 1
+                    continue
+                if relu:
+                    # Conv2d -> ReLU in one kernel call: the ReLU is applied to each block of
+                    # the convolution's output while it is in cache, and no second array is
+                    # made; the ReLU layer keeps that output for its backward, as if it had run
+                    x = m._forward(x, relu=True)
+                    mods[i + 1]._y = x if grad else None
+                    i += 2
+                    continue
+            x = m(x)
+            if grad and i > 0 and type(m) is MaxPool2d and type(mods[i - 1]) is ReLU:
+                self._pooled[i] = x     # for ReLU's backward on the pooled values
+            i += 1
         return x
 
     def backward(self, grad_out, *, need_input_grad=True):
@@ -365,6 +436,22 @@ class Sequential(Module):
     _skips_input_grad = True
 
 
+def _tiling_pool(mp):
+    """(kH, kW) when the MaxPool2d's windows tile its input (stride = kernel, no padding or
+    dilation, floor mode): the pooling that Conv2d's kernel call can fuse; else None (then
+    also for arguments the max-pool itself would reject)."""
+    try:
+        k = F._pair(mp.kernel_size, "kernel_size", "MaxPool2d", 1)
+        s = k if mp.stride is None else F._pair(mp.stride, "stride", "MaxPool2d", 1)
+        p = F._pair(mp.padding, "padding", "MaxPool2d", 0)
+        d = F._pair(mp.dilation, "dilation", "MaxPool2d", 1)
+    except (TypeError, ValueError):
+        return None
+    if s != k or p != (0, 0) or d != (1, 1) or mp.ceil_mode:
+        return None
+    return k
+
+
 def _check_channels(who, x, expected, what="channels"):
     x = np.asarray(x) if not isinstance(x, np.ndarray) else x
     if x.ndim != 4:
@@ -381,6 +468,8 @@ def _check_dtype(who, x, dtype):
 
 
 class _ConvNd(Module):
+    _cache_attrs = ("_x",)
+
     def _init_params(self, wshape, fan_in, bias, dtype, rng):
         bound = 1.0 / math.sqrt(fan_in)   # kaiming_uniform_(a=sqrt(5)) as in PyTorch
         self.weight = Parameter(rng.uniform(-bound, bound, wshape).astype(dtype))
@@ -404,17 +493,19 @@ class _ConvNd(Module):
     def forward(self, x):
         return self._forward(x)
 
-    def _forward(self, x, relu=False):
+    def _forward(self, x, relu=False, pool=None, keep=True):
         name = type(self).__name__
         x = _check_channels(f"{name}({self.in_channels}, {self.out_channels})", x,
                             self.in_channels)
         _check_dtype(name, x, self.weight.dtype)
-        self._x = x
+        self._x = x if is_grad_enabled() else None
         b = None if self.bias is None else self.bias.data
-        if relu:     # Conv2d only (Sequential): max(conv, 0) fused into the kernel call
+        if relu or pool is not None:
+            # Conv2d only (Sequential): max(conv, 0) and / or a tiling max-pool fused into
+            # the kernel call (see F._conv2d)
             kw = self._kw()
             return F._conv2d(x, self.weight.data, b, kw["stride"], kw["padding"],
-                             kw["dilation"], kw["groups"], None, True)
+                             kw["dilation"], kw["groups"], None, relu, pool, keep)
         return self._forward_fn(x, self.weight.data, b, **self._kw())
 
     def backward(self, grad_out, *, need_input_grad=True):
@@ -577,6 +668,8 @@ class MaxPool2d(Module):
            [13., 15.]])
     """
 
+    _cache_attrs = ("_x",)
+
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -609,6 +702,8 @@ class AvgPool2d(Module):
     array([[ 2.5,  4.5],
            [10.5, 12.5]])
     """
+
+    _cache_attrs = ("_x",)
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
                  count_include_pad=True, divisor_override=None):
@@ -644,6 +739,8 @@ class Upsample(Module):
     >>> nn.Upsample(scale_factor=2)(np.ones((1, 1, 2, 3))).shape
     (1, 1, 4, 6)
     """
+
+    _cache_attrs = ("_ran",)
 
     def __init__(self, scale_factor, mode="nearest"):
         super().__init__()
@@ -688,6 +785,8 @@ class Linear(Module):
     >>> fc1(np.ones((3, 4), np.float32)).shape
     (3, 2)
     """
+
+    _cache_attrs = ("_x",)
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
         super().__init__()
@@ -747,6 +846,8 @@ class ReLU(Module):
     (array([0., 2.]), array([0., 5.]))
     """
 
+    _cache_attrs = ("_y",)
+
     def __init__(self):
         super().__init__()
         self._y = None
@@ -783,6 +884,8 @@ class Flatten(Module):
     >>> nn.Flatten()(np.zeros((2, 3, 4, 5))).shape
     (2, 60)
     """
+
+    _cache_attrs = ("_shape",)
 
     def __init__(self, start_dim=1, end_dim=-1):
         super().__init__()
@@ -822,6 +925,8 @@ class Dropout(Module):
     >>> d(np.ones(3))
     array([1., 1., 1.])
     """
+
+    _cache_attrs = ("_mask",)
 
     def __init__(self, p=0.5, rng=None):
         super().__init__()

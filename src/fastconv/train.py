@@ -196,9 +196,12 @@ class Trainer:
         return self.history
 
     def _logits(self, X, batch_size):
+        from .nn import no_grad
+
         self.model.eval()
         try:
-            outs = [self.model(X[i:i + batch_size]) for i in _batches(len(X), batch_size)]
+            with no_grad():       # no activations kept: nothing calls backward on these
+                outs = [self.model(X[i:i + batch_size]) for i in _batches(len(X), batch_size)]
         finally:
             self.model.train()
         if not outs:

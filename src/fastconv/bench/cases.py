@@ -273,7 +273,10 @@ def build_fastconv(case, mode, d, threads):
         model = lenet_fastconv(x.dtype, 0)
         model.load_state_dict(d["state"])
         if mode == "fwd":
-            return lambda: (model(x),)
+            def run():
+                with nn.no_grad():          # inference, as PyTorch's under torch.no_grad()
+                    return (model(x),)
+            return run
         loss_fn = nn.CrossEntropyLoss()
         opt = optim.SGD(model.parameters(), lr=MODEL_LR)
         t = d["target"]
