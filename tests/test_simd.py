@@ -184,18 +184,20 @@ def test_max_pool_stride2_backward(gemm, level, dtype, k, pad, ceil_mode):
 
 @pytest.mark.skipif(len(GEMM_LEVELS) < 2, reason="needs AVX-512")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_max_pool_3x3_stride2_backward_same_numbers_at_each_level(dtype):
-    """The AVX-512 3x3 stride-2 max-pool backward makes the same argmax choices and the same
-    additions in the same order as the AVX2 / portable rows: bit for bit equal results, on
-    widths with 0-3 whole vectors of windows and tails, NaN, -inf planes and ties."""
+def test_max_pool_stride2_backward_same_numbers_at_each_level(dtype):
+    """The AVX-512 3x3 and 2x2 stride-2 max-pool backward kernels make the same argmax
+    choices and the same additions in the same order as the AVX2 / portable rows: bit for bit
+    equal results, on widths with 0-3 whole vectors of windows and tails (2x2: 14x14 planes'
+    7 windows a row, odd widths), NaN, -inf planes and ties."""
     r = np.random.default_rng(11)
-    for W in (5, 33, 34, 35, 64, 65, 66, 67, 97, 130):
+    for W in (5, 14, 15, 16, 17, 28, 29, 33, 34, 35, 64, 65, 66, 67, 97, 130):
         x = r.integers(-3, 4, (2, 3, 11, W)).astype(dtype)
         x[0, 0, 2, 3] = np.nan
         x[0, 1, :5] = -np.inf
         x[1, 2] = r.standard_normal((11, W))
-        for pad, ceil_mode in ((1, False), (0, True), (1, True)):
-            kw = dict(kernel_size=3, stride=2, padding=pad, ceil_mode=ceil_mode)
+        for k, pad, ceil_mode in ((3, 1, False), (3, 0, True), (3, 1, True), (2, 0, False),
+                                  (2, 0, True)):
+            kw = dict(kernel_size=k, stride=2, padding=pad, ceil_mode=ceil_mode)
             gy = r.uniform(-1, 1, fc.max_pool2d(x, **kw).shape).astype(dtype)
             got = {}
             for lv in ("avx512", "avx2"):
