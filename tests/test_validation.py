@@ -639,3 +639,24 @@ def test_overflowing_output_is_a_value_error_without_allocating(fn, args, kwargs
         tracemalloc.stop()
     assert elapsed < 1.0
     assert peak < 64 * 2**20, f"{fn} allocated {peak} bytes before failing"
+
+
+def test_kept_geometries_do_not_skip_checks():
+    """conv_setup keeps the geometry of valid calls with plain int/str/pair arguments: the
+    same call again gives the same result, while a call that differs only by a bool or a
+    NumPy integer (equal and hashing alike) or by a list still goes through its checks;
+    the store stays bounded."""
+    F = fastconv.functional
+    x = np.ones((1, 2, 5, 5), np.float32)
+    w = np.ones((3, 2, 3, 3), np.float32)
+    a = fastconv.conv2d(x, w, stride=1, padding=1)
+    np.testing.assert_array_equal(fastconv.conv2d(x, w, stride=1, padding=1), a)
+    assert any(k[0] == "conv2d" and k[1] == x.shape for k in F._SETUPS)
+    with pytest.raises(TypeError, match="stride"):
+        fastconv.conv2d(x, w, stride=True, padding=1)
+    with pytest.raises(TypeError, match="groups"):
+        fastconv.conv2d(x, w, stride=1, padding=1, groups=True)
+    np.testing.assert_array_equal(fastconv.conv2d(x, w, stride=np.int64(1), padding=[1, 1]), a)
+    for i in range(F._SETUPS_MAX + 5):
+        F._conv_setup("conv2d", x, w, 1, i, 1, 1)
+    assert len(F._SETUPS) <= F._SETUPS_MAX

@@ -10,6 +10,7 @@ The forward functions also take a keyword-only ``out=`` array to write the resul
 NumPy's ufuncs (see ``_out``): checked with the other arguments, returned itself, and right even
 when it overlaps an input.
 """
+import contextlib
 import operator
 import threading
 
@@ -28,6 +29,7 @@ __all__ = [
 _INT_MAX = 2**31 - 1      # BLAS takes C ints; every size and parameter must fit one
 _MAX_BYTES = 2**62        # a size beyond this is an overflow, not a memory shortage
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = _FLOATS
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +79,10 @@ def _array(a, name, fn):
 def _float_dtype(fn, named):
     """The one floating dtype of the operands: float32/float64 kept, float16 -> float32,
     integers alone -> float64; float32 mixed with float64 is a TypeError."""
+    if len(named) <= 3:       # the common case at once: all float32 or all float64
+        dt = named[0][1].dtype
+        if (dt == _F32 or dt == _F64) and all(a.dtype == dt for _, a in named):
+            return dt
     floats = {}
     for name, arr in named:
         if arr.dtype.kind == "f":
@@ -220,9 +226,45 @@ def _conv_padding(padding, k, s, d, fn):
     return (p[0], p[0], p[1], p[1])
 
 
+def _plain(v):
+    """v when it is an int, a str or a tuple of two ints (exactly those types: a bool or a
+    NumPy integer is not, so that it still meets its own check), else None."""
+    t = type(v)
+    if t is int or t is str or (t is tuple and len(v) == 2 and type(v[0]) is int
+                                and type(v[1]) is int):
+        return v
+    return None
+
+
+_SETUPS = {}          # (fn, shapes, arguments) -> geometry of calls that passed validation
+_SETUPS_MAX = 512
+
+
 def _conv_setup(fn, x, weight, stride, padding, dilation, groups, transposed=False,
                 output_padding=0):
-    """Validate a (transposed) convolution; return its normalised geometry."""
+    """Validate a (transposed) convolution; return its normalised geometry (a dict the
+    callers only read).  Geometries of valid calls with plain arguments are kept (the same
+    layer called again is only looked up: the checks were ~10 us of a batch-1 call)."""
+    key = None
+    if (_plain(stride) is not None and _plain(padding) is not None
+            and _plain(dilation) is not None and type(groups) is int
+            and _plain(output_padding) is not None and type(transposed) is bool):
+        key = (fn, x.shape, weight.shape, transposed, stride, padding, dilation, groups,
+               output_padding)
+        geo = _SETUPS.get(key)
+        if geo is not None:
+            return geo
+    geo = _conv_setup_checked(fn, x, weight, stride, padding, dilation, groups, transposed,
+                              output_padding)
+    if key is not None:
+        if len(_SETUPS) >= _SETUPS_MAX:
+            _SETUPS.clear()
+        _SETUPS[key] = geo
+    return geo
+
+
+def _conv_setup_checked(fn, x, weight, stride, padding, dilation, groups, transposed,
+                        output_padding):
     _check_4d(x, "x", fn)
     wdesc = "(in_channels, out_channels/groups, kH, kW)" if transposed else \
         "(out_channels, in_channels/groups, kH, kW)"
@@ -344,6 +386,7 @@ def _wpack(M, K, groups, dtype, fn):
 
 
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}
+_NO_BLAS = contextlib.nullcontext()
 
 
 def _is_depthwise(geo, weight):
@@ -398,7 +441,8 @@ def _use_winograd(geo, weight, backward=False):
 
 def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn):
     """out = the 3x3 stride-1 convolution of xc by wc (+ bc) with these top/left paddings
-    (negative: cropping), by the Winograd kernel; the caller holds the BLAS threads at 1."""
+    (negative: cropping), by the Winograd kernel (BLAS held at one thread when it does the
+    GEMMs, that is without the own GEMM)."""
     Cg, Lg = wc.shape[1], wc.shape[0] // groups
     OH, OW = out.shape[2], out.shape[3]
     tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
@@ -406,8 +450,10 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn):
                                  9 * Cg * _col_ld(OH * OW, dt)),
                        dt, fn)
     u = _alloc((16 * wc.shape[0] * Cg,), dt, fn, "Winograd weights")
-    _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, _wpack(Lg, Cg, 16 * groups, dt, fn),
-                                     scratch, pad_top, pad_left, groups, bc.shape[0] > 0, team)
+    wpack = _wpack(Lg, Cg, 16 * groups, dt, fn)
+    with blas_threads(1) if not wpack.size else _NO_BLAS:
+        _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, wpack, scratch, pad_top, pad_left,
+                                         groups, bc.shape[0] > 0, team)
 
 
 def _col_ld(P, dtype):
@@ -499,9 +545,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         out, done = _out(out, (N, L, OH, OW), dt, fn, x, weight, b)
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    wpack = _wpack(L // g, K, g, dt, fn)
-    if pool is not None and (_is_depthwise(geo, weight) or _use_winograd(geo, weight)
-                             or not wpack.size):
+    depthwise = _is_depthwise(geo, weight)
+    wino = not depthwise and _use_winograd(geo, weight)
+    wpack = _EMPTY[dt.char] if depthwise or wino else _wpack(L // g, K, g, dt, fn)
+    if pool is not None and (depthwise or wino or not wpack.size):
         y = _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu)
         return (y if keep else None), max_pool2d(y, pool)
     if pool is not None:
@@ -513,16 +560,15 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(b, dt) if b is not None else np.zeros(0, dt)
     (sH, sW), (dH, dW), pad = geo["s"], geo["d"], geo["pad"]
-    if _is_depthwise(geo, weight):
+    if depthwise:
         _kernels.depthwise_forward(xc, wc, bc, out, sH, sW, pad[0], pad[2], dH, dW,
                                    b is not None, _team(N * L, N * L * OH * OW * K))
         return done(_relu_inplace(out) if relu else out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
-    wino_team = _team(16 * N * g, N * L * OH * OW * K)
-    if _use_winograd(geo, weight):
+    if wino:
         # fewer images than threads: the kernel shares each image's work among them
-        with blas_threads(1):
-            _winograd(xc, wc, bc, out, pad[0], pad[2], g, wino_team, dt, fn)
+        _winograd(xc, wc, bc, out, pad[0], pad[2], g, _team(16 * N * g, N * L * OH * OW * K),
+                  dt, fn)
         return done(_relu_inplace(out) if relu else out)
     direct = _is_direct(geo, x)
     ncol = 0 if direct else K * _col_ld(OH * OW, dt)
@@ -535,7 +581,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         ncol = _kernels.conv_block_scratch(K, OH * OW, L // g, N * g, team, itemsize, band,
                                            direct, keep)
     scratch = _scratch(team, ncol, dt, fn)
-    with blas_threads(nblas):
+    with blas_threads(nblas) if not wpack.size else _NO_BLAS:    # (the own GEMM: no BLAS)
         if pool is None:
             _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
                                     dH, dW, g, b is not None, team, relu)
@@ -632,9 +678,8 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
             weight.reshape(g, Lg, Cg, 3, 3).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
             .reshape(g * Cg, Lg, 3, 3), dtype=dt)
         pad = geo["pad"]
-        with blas_threads(1):
-            _winograd(_c(grad_out, dt), wt, np.zeros(0, dt), gx, 2 - pad[0], 2 - pad[2], g,
-                      _team(16 * N * g, N * L * OH * OW * K), dt, fn)
+        _winograd(_c(grad_out, dt), wt, np.zeros(0, dt), gx, 2 - pad[0], 2 - pad[2], g,
+                  _team(16 * N * g, N * L * OH * OW * K), dt, fn)
         need_x = False
     wtrans = False
     if N > 0 and (need_x or need_w or need_b):
