@@ -264,6 +264,39 @@ def test_conv2d_fused_maxpool_matches_reference(level, data):
     close(np.where(nan, 0, pooled), np.where(nan, 0, expected), dtype)
 
 
+@pytest.mark.skipif(BEST != "avx512", reason="the tail kernel is AVX-512 float32")
+@pytest.mark.parametrize("relu", [False, True])
+def test_gemm_tail_kernel_same_numbers(relu):
+    """The own GEMM's last panel of 1-4 float32 columns by the rows-in-lanes tail kernel (32
+    rows a call over all of K): bit for bit the quarter-width kernel's numbers and close to
+    the reference, for 1-70 output channels (row groups of 1-4 panels, rows past M), K across
+    the K block, with and without bias and the fused ReLU; conv2d_backward's grad_x (the
+    same GEMM with P columns) too."""
+    from fastconv.functional import _conv2d
+    rng = np.random.default_rng(21)
+    try:
+        for l in (1, 7, 8, 9, 17, 31, 32, 33, 64, 70):
+            for (h, w), c, k in (((1, 33), 3, 1), ((2, 17), 20, 3), ((5, 7), 2, 3),
+                                 ((14, 14), 9, 5), ((2, 2), 150, 1), ((6, 6), 3, 3)):
+                x = rng.uniform(-1, 1, (2, c, h, w)).astype(np.float32)
+                wt = rng.uniform(-1, 1, (l, c, k, k)).astype(np.float32)
+                b = rng.uniform(-1, 1, l).astype(np.float32) if l % 2 else None
+                got = {}
+                gy = rng.uniform(-1, 1, (2, l, h + 2 * (k // 2) - k + 1,
+                                         w + 2 * (k // 2) - k + 1)).astype(np.float32)
+                for on in (True, False):
+                    _kernels.set_gemm_tail(on)
+                    y = _conv2d(x, wt, b, 1, k // 2, 1, 1, None, relu)
+                    got[on] = (y, fc.conv2d_backward(gy, x, wt, padding=k // 2,
+                                                     output_mask=(True, False, False))[0])
+                np.testing.assert_array_equal(got[True][0], got[False][0])
+                np.testing.assert_array_equal(got[True][1], got[False][1])
+                expected = ref.conv2d_taps(x, wt, b, padding=k // 2)
+                close(got[True][0], np.maximum(expected, 0) if relu else expected, np.float32)
+    finally:
+        _kernels.set_gemm_tail(True)
+
+
 def test_conv2d_writes_nothing_outside_out(level):
     """The masked tails store nothing past the output: out= inside a larger array keeps the
     values around it."""

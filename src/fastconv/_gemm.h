@@ -182,6 +182,96 @@ FC_UKR(fc_ukraq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm2
        _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
        FC_RELU_PD256, 1)
 
+/* The last panel of C when it has at most 4 columns (a 14x14 image: 196 = 6 x 32 + 4), 32 rows
+ * (4 panels of packed A) at a time over all of K: rows in the vector lanes, one accumulator per
+ * (16 rows, column), 8 for 32 rows, enough to hide the FMA latency.  The quarter-width kernel
+ * spent 8 FMAs per k on 8 rows x 4 useful columns (5.5 % of LeNet's conv2 for 2 % of its
+ * columns); this one 8 per k for 32 rows.  Each element still gets its FMAs in order k = 0 ..
+ * K-1 from the same start (bias, 0 or C), so the numbers are those of the panel kernels. */
+/* two 8-float halves in one vector (AVX-512F: insertf32x8 is AVX-512DQ) */
+#define FC_JOIN8(lo, hi) _mm512_castpd_ps(_mm512_insertf64x4(                                  \
+    _mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1))
+FC_T512 static void fc_ukrt_f_512(ptrdiff_t K, const float* A, ptrdiff_t ps, const float* B,
+                                  ptrdiff_t ldb, float* C, ptrdiff_t ldc, const float* bias,
+                                  int acc, int n, int rows) {
+    int npan = (rows + 7) / 8;                   /* panels of 8 rows: 1 .. 4 */
+    __m512 c[2][4];
+    float tmp[32];
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < 4; j++) c[h][j] = _mm512_setzero_ps();
+    if (acc & 1) {
+        for (int j = 0; j < n; j++) {
+            for (int r = 0; r < 32; r++) tmp[r] = r < rows ? C[r * ldc + j] : 0.0f;
+            c[0][j] = _mm512_loadu_ps(tmp);
+            c[1][j] = _mm512_loadu_ps(tmp + 16);
+        }
+    } else if (bias != NULL) {
+        for (int r = 0; r < 32; r++) tmp[r] = r < rows ? bias[r] : 0.0f;
+        for (int j = 0; j < 4; j++) {
+            c[0][j] = _mm512_loadu_ps(tmp);
+            c[1][j] = _mm512_loadu_ps(tmp + 16);
+        }
+    }
+    /* columns past n read column n - 1 again (computed, not stored) */
+    const float* b0 = B;
+    const float* b1 = B + (n > 1 ? 1 : 0);
+    const float* b2 = B + (n > 2 ? 2 : n - 1);
+    const float* b3 = B + (n > 3 ? 3 : n - 1);
+    /* panels past the last: the last again (computed, not stored) */
+    const float* a0 = A;
+    const float* a1 = A + (npan > 1 ? 1 : 0) * ps;
+    const float* a2 = A + (npan > 2 ? 2 : npan - 1) * ps;
+    const float* a3 = A + (npan > 3 ? 3 : npan - 1) * ps;
+    if (npan > 2) {
+        for (ptrdiff_t k = 0; k < K; k++) {
+            __m512 v0 = FC_JOIN8(_mm256_loadu_ps(a0 + 8 * k), _mm256_loadu_ps(a1 + 8 * k));
+            __m512 v1 = FC_JOIN8(_mm256_loadu_ps(a2 + 8 * k), _mm256_loadu_ps(a3 + 8 * k));
+            ptrdiff_t o = k * ldb;
+            __m512 w0 = _mm512_set1_ps(b0[o]), w1 = _mm512_set1_ps(b1[o]);
+            __m512 w2 = _mm512_set1_ps(b2[o]), w3 = _mm512_set1_ps(b3[o]);
+            c[0][0] = _mm512_fmadd_ps(v0, w0, c[0][0]);
+            c[1][0] = _mm512_fmadd_ps(v1, w0, c[1][0]);
+            c[0][1] = _mm512_fmadd_ps(v0, w1, c[0][1]);
+            c[1][1] = _mm512_fmadd_ps(v1, w1, c[1][1]);
+            c[0][2] = _mm512_fmadd_ps(v0, w2, c[0][2]);
+            c[1][2] = _mm512_fmadd_ps(v1, w2, c[1][2]);
+            c[0][3] = _mm512_fmadd_ps(v0, w3, c[0][3]);
+            c[1][3] = _mm512_fmadd_ps(v1, w3, c[1][3]);
+        }
+    } else {
+        for (ptrdiff_t k = 0; k < K; k++) {
+            __m512 v0 = FC_JOIN8(_mm256_loadu_ps(a0 + 8 * k), _mm256_loadu_ps(a1 + 8 * k));
+            ptrdiff_t o = k * ldb;
+            c[0][0] = _mm512_fmadd_ps(v0, _mm512_set1_ps(b0[o]), c[0][0]);
+            c[0][1] = _mm512_fmadd_ps(v0, _mm512_set1_ps(b1[o]), c[0][1]);
+            c[0][2] = _mm512_fmadd_ps(v0, _mm512_set1_ps(b2[o]), c[0][2]);
+            c[0][3] = _mm512_fmadd_ps(v0, _mm512_set1_ps(b3[o]), c[0][3]);
+        }
+    }
+    for (int j = 0; j < n; j++) {
+        for (int h = 0; h < 2; h++) {
+            __m512 v = c[h][j];
+            if (acc & FC_GEMM_RELU) v = FC_RELU_PS512(v);
+            _mm512_storeu_ps(tmp + 16 * h, v);
+        }
+        for (int r = 0; r < rows; r++) C[r * ldc + j] = tmp[r];
+    }
+}
+/* (placeholders for the drivers without a tail kernel: never called) */
+static void fc_no_tail_f(ptrdiff_t K, const float* A, ptrdiff_t ps, const float* B,
+                         ptrdiff_t ldb, float* C, ptrdiff_t ldc, const float* bias, int acc,
+                         int n, int rows) {
+    (void)K; (void)A; (void)ps; (void)B; (void)ldb; (void)C; (void)ldc; (void)bias;
+    (void)acc; (void)n; (void)rows;
+}
+static void fc_no_tail_d(ptrdiff_t K, const double* A, ptrdiff_t ps, const double* B,
+                         ptrdiff_t ldb, double* C, ptrdiff_t ldc, const double* bias, int acc,
+                         int n, int rows) {
+    (void)K; (void)A; (void)ps; (void)B; (void)ldb; (void)C; (void)ldc; (void)bias;
+    (void)acc; (void)n; (void)rows;
+}
+static int fc_gemm_tail_on = 1;   /* 0: the last panel of <= 4 columns by the quarter kernel */
+
 /* ---- AVX2+FMA: masks are integer vectors ---- */
 #define FC_T256 __attribute__((target("avx2,fma")))
 #define FC_MLOAD_PS256(p, m) _mm256_maskload_ps((p), (m))
@@ -242,7 +332,7 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
 #define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK, HASQ,   \
-                       INPLACE)                                                                 \
+                       INPLACE, TAIL, TAILN)                                                    \
 static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
                  ptrdiff_t lda, const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias,  \
                  int acc) {                                                                     \
@@ -252,6 +342,16 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     QMTYPE qmk[2];                                                                              \
     MKMASK(0, mk);                                                                              \
     QMASK(0, qmk);                                                                              \
+    if (TAILN > 0 && fc_gemm_tail_on && n1 > n0) {  /* a last panel of <= TAILN columns */     \
+        ptrdiff_t jt = n0 + (n1 - n0 - 1) / NR * NR;                                            \
+        if (n1 - jt <= TAILN) {                                                                 \
+            for (ptrdiff_t ir = 0; ir < M; ir += 4 * MR)                                        \
+                TAIL(K, Ap + ir * K, MR * K, B + jt, ldb, C + ir * ldc + jt, ldc,               \
+                     bias != NULL ? bias + ir : NULL, acc, (int)(n1 - jt),                      \
+                     (int)(M - ir < 4 * MR ? M - ir : 4 * MR));                                 \
+            n1 = jt;                                                                            \
+        }                                                                                       \
+    }                                                                                           \
     for (ptrdiff_t pc = 0; pc < K; pc += FC_GEMM_KC) {                                          \
         ptrdiff_t kc = K - pc < FC_GEMM_KC ? K - pc : FC_GEMM_KC;                               \
         int first = (pc == 0 && !(acc & 1)), last_relu = relu && pc + kc >= K;                  \
@@ -298,22 +398,22 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
 }
 
 FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, fc_ukrq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0)
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4)
 FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0)
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0)
 FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0)
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0)
 FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0)
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0)
 /* the same with A read in place (rows lda apart): the weight gradient's im2col matrix */
 FC_GEMM_DRIVER(fc_gemma_f_512, float, fc_ukra_f_512, fc_ukrah_f_512, fc_ukraq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1)
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0)
 FC_GEMM_DRIVER(fc_gemma_d_512, double, fc_ukra_d_512, fc_ukrah_d_512, fc_ukraq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1)
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_d, 0)
 FC_GEMM_DRIVER(fc_gemma_f_256, float, fc_ukra_f_256, fc_ukrah_f_256, fc_ukrah_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1)
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0)
 FC_GEMM_DRIVER(fc_gemma_d_256, double, fc_ukra_d_256, fc_ukrah_d_256, fc_ukrah_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1)
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1, fc_no_tail_d, 0)
 
 /* Columns [p0, p0 + n) of im2col (n <= ld): col[(c, kh, kw), j] =
  * x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] for the output pixel p0 + j = oh*OW + ow, and 0

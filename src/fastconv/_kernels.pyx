@@ -167,6 +167,7 @@ cdef extern from "_gemm.h":
     int fc_mp33_bwd_d(const double* x0, const double* x1, const double* x2, const double* g,
                       Py_ssize_t lo, Py_ssize_t hi, double first, double* gx0, double* gx1,
                       double* gx2) nogil
+    int fc_gemm_tail_on
     int fc_mp22_bwd_f(const float* x0, const float* x1, const float* g, Py_ssize_t OW,
                       float* gx0, float* gx1) nogil
     int fc_mp22_bwd_d(const double* x0, const double* x1, const double* g, Py_ssize_t OW,
@@ -208,6 +209,16 @@ def set_im2col_padded(bint on):
     global fc_im2col_pad_on
     old = fc_im2col_pad_on != 0
     fc_im2col_pad_on = 1 if on else 0
+    return old
+
+
+def set_gemm_tail(bint on):
+    """Whether the own GEMM's last panel of at most 4 float32 columns goes through the
+    rows-in-lanes tail kernel (else the quarter-width one); returns the previous setting.
+    For tests and A/B timing, while no kernel runs."""
+    global fc_gemm_tail_on
+    old = fc_gemm_tail_on != 0
+    fc_gemm_tail_on = 1 if on else 0
     return old
 
 
