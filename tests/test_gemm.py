@@ -297,6 +297,56 @@ def test_gemm_tail_kernel_same_numbers(relu):
         _kernels.set_gemm_tail(True)
 
 
+@pytest.mark.skipif(BEST != "avx512", reason="the shared im2col rows are AVX-512 only")
+@pytest.mark.usefixtures("tiny_grain")
+@given(data=st.data())
+def test_conv2d_shared_im2col_rows_same_numbers(data):
+    """Stride-1 (along the height) forward convolutions make im2col rows once per (channel,
+    column tap) and read row tap kh as a shift of kh * dH * OW columns: bit for bit the
+    numbers of the whole im2col matrix, and the reference's, for kernels 2-5 high (1-5 wide),
+    column strides 1-2, dilation, asymmetric 'same' padding, groups, blocks of columns
+    (forced small and whole images), 1-3 threads, bias, the fused ReLU and max-pool."""
+    from fastconv.functional import _conv2d
+    draw = data.draw
+    groups = draw(st.integers(1, 2), label="groups")
+    cg, lg = draw(st.integers(1, 6), label="cg"), draw(st.integers(1, 12), label="lg")
+    kh, kw = draw(st.integers(2, 5), label="kH"), draw(st.integers(1, 5), label="kW")
+    sw = draw(st.integers(1, 2), label="sW")
+    d = (draw(st.integers(1, 2), label="dH"), draw(st.integers(1, 2), label="dW"))
+    same = sw == 1 and draw(st.booleans(), label="same")
+    p = "same" if same else (draw(st.integers(0, 2), label="pH"), draw(st.integers(0, 2), "pW"))
+    h = d[0] * (kh - 1) + 1 + draw(st.integers(0, 12), label="dh")
+    w = d[1] * (kw - 1) + 1 + draw(st.integers(0, 30), label="dw")
+    n = draw(st.integers(1, 3), label="N")
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    threads = draw(st.integers(1, 3), label="threads")
+    blocks = draw(st.sampled_from([0, 1, 40]), label="block columns")
+    relu = draw(st.booleans(), label="relu")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
+    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    args = ((1, sw), p, d, groups)
+    got = {}
+    old = _kernels.set_gemm_block(blocks)
+    try:
+        with num_threads(threads):
+            for on in (True, False):
+                _kernels.set_im2col_rows(on)
+                y = _conv2d(x, wt, b, *args, None, relu)
+                pooled = (_conv2d(x, wt, b, *args, None, relu, (2, 1), False)[1]
+                          if y.shape[2] >= 2 else None)
+                got[on] = (y, pooled)
+    finally:
+        _kernels.set_im2col_rows(True)
+        _kernels.set_gemm_block(old)
+    np.testing.assert_array_equal(got[True][0], got[False][0])
+    if got[True][1] is not None:
+        np.testing.assert_array_equal(got[True][1], got[False][1])
+    expected = ref.conv2d_taps(x, wt, b, stride=(1, sw), padding=p, dilation=d, groups=groups)
+    close(got[True][0], np.maximum(expected, 0) if relu else expected, dtype)
+
+
 def test_conv2d_writes_nothing_outside_out(level):
     """The masked tails store nothing past the output: out= inside a larger array keeps the
     values around it."""

@@ -47,10 +47,13 @@ static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the t
  * init != NULL: C starts at init[r] (bias or zeros) instead of being loaded.  MASKED: only
  * the first n columns exist (n < NR).  mrows: rows of C that exist (<= MR). */
 #define FC_UKR(NAME, T, VT, NV, LANES, MR, TGT, SET1, LOADU, STOREU, FMA, MTYPE, MLOAD, MSTORE, \
-               RELU, INPLACE)                                                                   \
+               RELU, INPLACE, TABLE)                                                            \
 TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* restrict B,    \
                      ptrdiff_t ldb, T* restrict C, ptrdiff_t ldc, const T* init, int mrows,     \
-                     int masked, const MTYPE* mk, int relu) {                                   \
+                     int masked, const MTYPE* mk, int relu, const ptrdiff_t* restrict bo) {     \
+    /* TABLE: B's row k at B + bo[k] (rows of the im2col matrix that are shifts of one */       \
+    /* another, made once: see fc_im2col_rows), else at B + k * ldb */                          \
+    const T* const B0 = B;                                                                      \
     VT c[MR][NV];                                                                               \
     /* A's element (r, k): A[r + k * MR] packed, else A[r * lda + k] (rows past mrows: the */   \
     /* last one again, computed and not stored) */                                              \
@@ -75,8 +78,9 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
     if (masked) {                                                                               \
         for (ptrdiff_t k = 0; k < kc; k++) {                                                    \
             VT b[NV];                                                                           \
+            const T* bk = TABLE ? B0 + bo[k] : B;                                               \
             _Pragma("GCC unroll 4")                                                             \
-            for (int v = 0; v < NV; v++) b[v] = MLOAD(B + v * LANES, mk[v]);                    \
+            for (int v = 0; v < NV; v++) b[v] = MLOAD(bk + v * LANES, mk[v]);                   \
             _Pragma("GCC unroll 8")                                                             \
             for (int r = 0; r < MR; r++) {                                                      \
                 VT a = SET1(A[ar[r]]);                                                              \
@@ -89,8 +93,9 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
     } else {                                                                                    \
         for (ptrdiff_t k = 0; k < kc; k++) {                                                    \
             VT b[NV];                                                                           \
+            const T* bk = TABLE ? B0 + bo[k] : B;                                               \
             _Pragma("GCC unroll 4")                                                             \
-            for (int v = 0; v < NV; v++) b[v] = LOADU(B + v * LANES);                           \
+            for (int v = 0; v < NV; v++) b[v] = LOADU(bk + v * LANES);                          \
             _Pragma("GCC unroll 8")                                                             \
             for (int r = 0; r < MR; r++) {                                                      \
                 VT a = SET1(A[ar[r]]);                                                              \
@@ -138,28 +143,28 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
 #define FC_MSTORE_PD512(p, m, v) _mm512_mask_storeu_pd((p), (m), (v))
 FC_UKR(fc_ukr_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
-       FC_RELU_PS512, 0)
+       FC_RELU_PS512, 0, 0)
 FC_UKR(fc_ukra_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
-       FC_RELU_PS512, 1)
+       FC_RELU_PS512, 1, 0)
 FC_UKR(fc_ukr_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
-       FC_RELU_PD512, 0)
+       FC_RELU_PD512, 0, 0)
 FC_UKR(fc_ukra_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
-       FC_RELU_PD512, 1)
+       FC_RELU_PD512, 1, 0)
 FC_UKR(fc_ukrh_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
-       FC_RELU_PS512, 0)
+       FC_RELU_PS512, 0, 0)
 FC_UKR(fc_ukrah_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
-       FC_RELU_PS512, 1)
+       FC_RELU_PS512, 1, 0)
 FC_UKR(fc_ukrh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
-       FC_RELU_PD512, 0)
+       FC_RELU_PD512, 0, 0)
 FC_UKR(fc_ukrah_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
-       FC_RELU_PD512, 1)
+       FC_RELU_PD512, 1, 0)
 
 /* AVX-512 quarter-width kernels (256-bit vectors, AVX-512VL masks) for a last panel of at most
  * NR/4 columns: LeNet's 14x14 images leave 4 columns after six 32-wide panels, and the 16-wide
@@ -171,16 +176,36 @@ FC_UKR(fc_ukrah_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512
 #define FC_MSTORE_PD512Q(p, m, v) _mm256_mask_storeu_pd((p), (m), (v))
 FC_UKR(fc_ukrq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q,
-       FC_RELU_PS256, 0)
+       FC_RELU_PS256, 0, 0)
 FC_UKR(fc_ukraq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q,
-       FC_RELU_PS256, 1)
+       FC_RELU_PS256, 1, 0)
 FC_UKR(fc_ukrq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
-       FC_RELU_PD256, 0)
+       FC_RELU_PD256, 0, 0)
 FC_UKR(fc_ukraq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
-       FC_RELU_PD256, 1)
+       FC_RELU_PD256, 1, 0)
+
+/* the same kernels reading B's rows through a table of offsets (AVX-512, A packed) */
+FC_UKR(fc_ukrb_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512, 0, 1)
+FC_UKR(fc_ukrbh_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512, 0, 1)
+FC_UKR(fc_ukrbq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q,
+       FC_RELU_PS256, 0, 1)
+FC_UKR(fc_ukrb_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512, 0, 1)
+FC_UKR(fc_ukrbh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512, 0, 1)
+FC_UKR(fc_ukrbq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
+       FC_RELU_PD256, 0, 1)
 
 /* The last panel of C when it has at most 4 columns (a 14x14 image: 196 = 6 x 32 + 4), 32 rows
  * (4 panels of packed A) at a time over all of K: rows in the vector lanes, one accumulator per
@@ -193,7 +218,7 @@ FC_UKR(fc_ukraq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm2
     _mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1))
 FC_T512 static void fc_ukrt_f_512(ptrdiff_t K, const float* A, ptrdiff_t ps, const float* B,
                                   ptrdiff_t ldb, float* C, ptrdiff_t ldc, const float* bias,
-                                  int acc, int n, int rows) {
+                                  int acc, int n, int rows, const ptrdiff_t* bo) {
     int npan = (rows + 7) / 8;                   /* panels of 8 rows: 1 .. 4 */
     __m512 c[2][4];
     float tmp[32];
@@ -226,7 +251,7 @@ FC_T512 static void fc_ukrt_f_512(ptrdiff_t K, const float* A, ptrdiff_t ps, con
         for (ptrdiff_t k = 0; k < K; k++) {
             __m512 v0 = FC_JOIN8(_mm256_loadu_ps(a0 + 8 * k), _mm256_loadu_ps(a1 + 8 * k));
             __m512 v1 = FC_JOIN8(_mm256_loadu_ps(a2 + 8 * k), _mm256_loadu_ps(a3 + 8 * k));
-            ptrdiff_t o = k * ldb;
+            ptrdiff_t o = bo != NULL ? bo[k] : k * ldb;
             __m512 w0 = _mm512_set1_ps(b0[o]), w1 = _mm512_set1_ps(b1[o]);
             __m512 w2 = _mm512_set1_ps(b2[o]), w3 = _mm512_set1_ps(b3[o]);
             c[0][0] = _mm512_fmadd_ps(v0, w0, c[0][0]);
@@ -241,7 +266,7 @@ FC_T512 static void fc_ukrt_f_512(ptrdiff_t K, const float* A, ptrdiff_t ps, con
     } else {
         for (ptrdiff_t k = 0; k < K; k++) {
             __m512 v0 = FC_JOIN8(_mm256_loadu_ps(a0 + 8 * k), _mm256_loadu_ps(a1 + 8 * k));
-            ptrdiff_t o = k * ldb;
+            ptrdiff_t o = bo != NULL ? bo[k] : k * ldb;
             c[0][0] = _mm512_fmadd_ps(v0, _mm512_set1_ps(b0[o]), c[0][0]);
             c[0][1] = _mm512_fmadd_ps(v0, _mm512_set1_ps(b1[o]), c[0][1]);
             c[0][2] = _mm512_fmadd_ps(v0, _mm512_set1_ps(b2[o]), c[0][2]);
@@ -260,15 +285,15 @@ FC_T512 static void fc_ukrt_f_512(ptrdiff_t K, const float* A, ptrdiff_t ps, con
 /* (placeholders for the drivers without a tail kernel: never called) */
 static void fc_no_tail_f(ptrdiff_t K, const float* A, ptrdiff_t ps, const float* B,
                          ptrdiff_t ldb, float* C, ptrdiff_t ldc, const float* bias, int acc,
-                         int n, int rows) {
+                         int n, int rows, const ptrdiff_t* bo) {
     (void)K; (void)A; (void)ps; (void)B; (void)ldb; (void)C; (void)ldc; (void)bias;
-    (void)acc; (void)n; (void)rows;
+    (void)acc; (void)n; (void)rows; (void)bo;
 }
 static void fc_no_tail_d(ptrdiff_t K, const double* A, ptrdiff_t ps, const double* B,
                          ptrdiff_t ldb, double* C, ptrdiff_t ldc, const double* bias, int acc,
-                         int n, int rows) {
+                         int n, int rows, const ptrdiff_t* bo) {
     (void)K; (void)A; (void)ps; (void)B; (void)ldb; (void)C; (void)ldc; (void)bias;
-    (void)acc; (void)n; (void)rows;
+    (void)acc; (void)n; (void)rows; (void)bo;
 }
 static int fc_gemm_tail_on = 1;   /* 0: the last panel of <= 4 columns by the quarter kernel */
 
@@ -280,28 +305,28 @@ static int fc_gemm_tail_on = 1;   /* 0: the last panel of <= 4 columns by the qu
 #define FC_MSTORE_PD256(p, m, v) _mm256_maskstore_pd((p), (m), (v))
 FC_UKR(fc_ukr_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
-       FC_RELU_PS256, 0)
+       FC_RELU_PS256, 0, 0)
 FC_UKR(fc_ukra_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
-       FC_RELU_PS256, 1)
+       FC_RELU_PS256, 1, 0)
 FC_UKR(fc_ukr_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
-       FC_RELU_PD256, 0)
+       FC_RELU_PD256, 0, 0)
 FC_UKR(fc_ukra_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
-       FC_RELU_PD256, 1)
+       FC_RELU_PD256, 1, 0)
 FC_UKR(fc_ukrh_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
-       FC_RELU_PS256, 0)
+       FC_RELU_PS256, 0, 0)
 FC_UKR(fc_ukrah_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
-       FC_RELU_PS256, 1)
+       FC_RELU_PS256, 1, 0)
 FC_UKR(fc_ukrh_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
-       FC_RELU_PD256, 0)
+       FC_RELU_PD256, 0, 0)
 FC_UKR(fc_ukrah_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
-       FC_RELU_PD256, 1)
+       FC_RELU_PD256, 1, 0)
 
 /* masks for the first n (0 <= n < NV * lanes) columns of a panel */
 static void fc_mask512_16(ptrdiff_t n, __mmask16 mk[2]) {
@@ -332,10 +357,11 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
 #define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK, HASQ,   \
-                       INPLACE, TAIL, TAILN)                                                    \
+                       INPLACE, TAIL, TAILN, TABLE)                                             \
 static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
                  ptrdiff_t lda, const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias,  \
-                 int acc) {                                                                     \
+                 int acc, const ptrdiff_t* bo) {                                                \
+    /* TABLE: B's row k at B + bo[k] (ldb unused) */                                            \
     T init[MR];                                                                                 \
     const int relu = acc & FC_GEMM_RELU;    /* max(C, 0) as the last K block is stored */      \
     MTYPE mk[2];                                                                                \
@@ -348,7 +374,7 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
             for (ptrdiff_t ir = 0; ir < M; ir += 4 * MR)                                        \
                 TAIL(K, Ap + ir * K, MR * K, B + jt, ldb, C + ir * ldc + jt, ldc,               \
                      bias != NULL ? bias + ir : NULL, acc, (int)(n1 - jt),                      \
-                     (int)(M - ir < 4 * MR ? M - ir : 4 * MR));                                 \
+                     (int)(M - ir < 4 * MR ? M - ir : 4 * MR), TABLE ? bo : NULL);              \
             n1 = jt;                                                                            \
         }                                                                                       \
     }                                                                                           \
@@ -386,34 +412,41 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                         init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
                 }                                                                               \
                 const T* a = INPLACE ? Ap + ir * lda + pc : Ap + ir * K + pc * MR;              \
+                const T* bp = TABLE ? B + jr : B + pc * ldb + jr;                               \
+                const ptrdiff_t* bop = TABLE ? bo + pc : NULL;                                  \
                 if (quarter)                                                                    \
-                    UKRQ(kc, a, lda, B + pc * ldb + jr, ldb, C + ir * ldc + jr, ldc,            \
-                         first ? init : NULL, mr, masked, qmk, last_relu);                      \
+                    UKRQ(kc, a, lda, bp, ldb, C + ir * ldc + jr, ldc,                           \
+                         first ? init : NULL, mr, masked, qmk, last_relu, bop);                 \
                 else                                                                            \
-                    (half ? UKRH : UKR)(kc, a, lda, B + pc * ldb + jr, ldb, C + ir * ldc + jr,  \
-                                        ldc, first ? init : NULL, mr, masked, mk, last_relu);   \
+                    (half ? UKRH : UKR)(kc, a, lda, bp, ldb, C + ir * ldc + jr,                 \
+                                        ldc, first ? init : NULL, mr, masked, mk, last_relu,    \
+                                        bop);                                                   \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
 }
 
 FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, fc_ukrq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4)
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4, 0)
+FC_GEMM_DRIVER(fc_gemmb_f_512, float, fc_ukrb_f_512, fc_ukrbh_f_512, fc_ukrbq_f_512, 8, 32,
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4, 1)
+FC_GEMM_DRIVER(fc_gemmb_d_512, double, fc_ukrb_d_512, fc_ukrbh_d_512, fc_ukrbq_d_512, 8, 16,
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 1)
 FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0)
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 0)
 FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0)
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 0)
 FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0)
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 0)
 /* the same with A read in place (rows lda apart): the weight gradient's im2col matrix */
 FC_GEMM_DRIVER(fc_gemma_f_512, float, fc_ukra_f_512, fc_ukrah_f_512, fc_ukraq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0)
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0, 0)
 FC_GEMM_DRIVER(fc_gemma_d_512, double, fc_ukra_d_512, fc_ukrah_d_512, fc_ukraq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_d, 0)
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_d, 0, 0)
 FC_GEMM_DRIVER(fc_gemma_f_256, float, fc_ukra_f_256, fc_ukrah_f_256, fc_ukrah_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0)
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0, 0)
 FC_GEMM_DRIVER(fc_gemma_d_256, double, fc_ukra_d_256, fc_ukrah_d_256, fc_ukrah_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1, fc_no_tail_d, 0)
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1, fc_no_tail_d, 0, 0)
 
 /* Columns [p0, p0 + n) of im2col (n <= ld): col[(c, kh, kw), j] =
  * x[c, oh*sH - pH + kh*dH, ow*sW - pW + kw*dW] for the output pixel p0 + j = oh*OW + ow, and 0
@@ -724,9 +757,9 @@ static void fc_gemm_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, cons
                       int acc) {
 #ifdef FC_HAVE_GEMM
     if (fc_gemm_on == 2)
-        fc_gemm_f_512(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
+        fc_gemm_f_512(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc, NULL);
     else if (fc_gemm_on == 1)
-        fc_gemm_f_256(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
+        fc_gemm_f_256(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc, NULL);
 #endif
 }
 static void fc_gemm_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* Ap,
@@ -734,9 +767,9 @@ static void fc_gemm_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, cons
                       const double* bias, int acc) {
 #ifdef FC_HAVE_GEMM
     if (fc_gemm_on == 2)
-        fc_gemm_d_512(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
+        fc_gemm_d_512(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc, NULL);
     else if (fc_gemm_on == 1)
-        fc_gemm_d_256(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc);
+        fc_gemm_d_256(M, n0, n1, K, Ap, 0, B, ldb, C, ldc, bias, acc, NULL);
 #endif
 }
 
@@ -1008,6 +1041,32 @@ static int fc_mp22_bwd_d(const double* x0, const double* x1, const double* g, pt
     return -1;
 }
 
+/* fc_gemm_* with B's row k at B + bo[k]: the forward convolution's im2col rows made once per
+ * (channel, column tap) and shared by the kH row taps as shifts of kh * dH * OW columns (stride
+ * 1 along the height), kH times fewer im2col values to write (fc_im2col_rows_ok: AVX-512). */
+static int fc_im2col_rows_on = 1;     /* 0: always the whole im2col matrix (tests, A/B) */
+static int fc_im2col_rows_ok(void) {
+#ifdef FC_HAVE_GEMM
+    return fc_gemm_on == 2 && fc_im2col_rows_on;
+#else
+    return 0;
+#endif
+}
+static void fc_gemmb_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const float* Ap,
+                       const float* B, const ptrdiff_t* bo, float* C, ptrdiff_t ldc,
+                       const float* bias, int acc) {
+#ifdef FC_HAVE_GEMM
+    fc_gemmb_f_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+#endif
+}
+static void fc_gemmb_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* Ap,
+                       const double* B, const ptrdiff_t* bo, double* C, ptrdiff_t ldc,
+                       const double* bias, int acc) {
+#ifdef FC_HAVE_GEMM
+    fc_gemmb_d_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+#endif
+}
+
 /* C[:, n0:n1] (+)= A @ B[:, n0:n1] as fc_gemm_*, with A (M x K) read in place, rows lda
  * apart (no packing: the weight gradient's im2col matrix, whose packing was a quarter of
  * OpenBLAS's time on LeNet's conv2).  Only callable when fc_gemm_level() > 0. */
@@ -1016,9 +1075,9 @@ static void fc_gemma_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, con
                        int acc) {
 #ifdef FC_HAVE_GEMM
     if (fc_gemm_on == 2)
-        fc_gemma_f_512(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
+        fc_gemma_f_512(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc, NULL);
     else if (fc_gemm_on == 1)
-        fc_gemma_f_256(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
+        fc_gemma_f_256(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc, NULL);
 #endif
 }
 static void fc_gemma_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* A,
@@ -1026,9 +1085,9 @@ static void fc_gemma_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, con
                        int acc) {
 #ifdef FC_HAVE_GEMM
     if (fc_gemm_on == 2)
-        fc_gemma_d_512(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
+        fc_gemma_d_512(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc, NULL);
     else if (fc_gemm_on == 1)
-        fc_gemma_d_256(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc);
+        fc_gemma_d_256(M, n0, n1, K, A, lda, B, ldb, C, ldc, NULL, acc, NULL);
 #endif
 }
 

@@ -168,6 +168,14 @@ cdef extern from "_gemm.h":
                       Py_ssize_t lo, Py_ssize_t hi, double first, double* gx0, double* gx1,
                       double* gx2) nogil
     int fc_gemm_tail_on
+    int fc_im2col_rows_on
+    int fc_im2col_rows_ok() nogil
+    void fc_gemmb_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* Ap,
+                    const float* B, const Py_ssize_t* bo, float* C, Py_ssize_t ldc,
+                    const float* bias, int acc) nogil
+    void fc_gemmb_d(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K,
+                    const double* Ap, const double* B, const Py_ssize_t* bo, double* C,
+                    Py_ssize_t ldc, const double* bias, int acc) nogil
     int fc_mp22_bwd_f(const float* x0, const float* x1, const float* g, Py_ssize_t OW,
                       float* gx0, float* gx1) nogil
     int fc_mp22_bwd_d(const double* x0, const double* x1, const double* g, Py_ssize_t OW,
@@ -209,6 +217,17 @@ def set_im2col_padded(bint on):
     global fc_im2col_pad_on
     old = fc_im2col_pad_on != 0
     fc_im2col_pad_on = 1 if on else 0
+    return old
+
+
+def set_im2col_rows(bint on):
+    """Whether the forward convolution (stride 1 along the height, AVX-512 own GEMM) makes
+    im2col rows once per (channel, column tap) and lets the GEMM read the row taps as shifts
+    of them, or always the whole im2col matrix; returns the previous setting.  For tests and
+    A/B timing, while no kernel runs."""
+    global fc_im2col_rows_on
+    old = fc_im2col_rows_on != 0
+    fc_im2col_rows_on = 1 if on else 0
     return old
 
 
@@ -683,7 +702,8 @@ cdef struct ConvJob:
     void* col
     void* pool
     Py_ssize_t ncol, nblk, nb, C, Cg, H, W, L, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW
-    Py_ssize_t groups, psz, pkH, pkW, POH, POW, cbuf
+    Py_ssize_t groups, psz, pkH, pkW, POH, POW, cbuf, lde
+    const Py_ssize_t* bo     # im2col rows shared by the row taps: B's row k at col + bo[k]
     bint has_bias, direct, relu, dbl, keep
 
 
@@ -709,6 +729,15 @@ cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexc
         out, ldc = col + j.cbuf, w      # the block's output planes, contiguous (pooling)
     if j.direct:
         own_gemm(Lg, 0, w, K, A, x + p0, P, out, ldc, b, mode)
+    elif j.bo != NULL:
+        # the im2col rows of row tap 0 for the block's columns and (kH - 1) dH more output
+        # rows; tap (kh, kw) of channel c is row (c, kw) shifted by kh dH OW columns
+        im2col_panel(x, j.Cg, j.H, j.W, 1, j.kW, 1, j.sW, j.pH, j.pW, j.dH, j.dW, j.OW, p0,
+                     w + (j.kH - 1) * j.dH * j.OW, col, j.lde)
+        if floating is float:
+            fc_gemmb_f(Lg, 0, w, K, A, col, j.bo, out, ldc, b, mode)
+        else:
+            fc_gemmb_d(Lg, 0, w, K, A, col, j.bo, out, ldc, b, mode)
     else:
         im2col_panel(x, j.Cg, j.H, j.W, j.kH, j.kW, j.sH, j.sW, j.pH, j.pW, j.dH, j.dW, j.OW,
                      p0, w, col, ld)
@@ -815,7 +844,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef floating* col
     cdef floating* Ap = NULL
     cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Lg, K)
-    cdef Py_ssize_t nb, nblk, band = pkH * OW if pooled else 0
+    cdef Py_ssize_t nb, nblk, band = pkH * OW if pooled else 0, k
+    cdef Py_ssize_t* bo = NULL
     cdef ConvJob cj
     if has_bias:
         bp = &bias[0]
@@ -852,8 +882,19 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         cj.cbuf = 0 if direct else K * col_ld(nb, sizeof(floating))
         cj.has_bias, cj.direct, cj.relu, cj.dbl = has_bias, direct, relu, floating is double
         cj.keep = keep
+        cj.bo = NULL
+        cj.lde = col_ld(nb + (kH - 1) * dH * OW, sizeof(floating))
+        if (not direct and sH == 1 and kH > 1 and fc_im2col_rows_ok()
+                and Cg * kW * cj.lde <= K * col_ld(nb, sizeof(floating))):
+            bo = <Py_ssize_t*> malloc(K * sizeof(Py_ssize_t))
+            if bo == NULL:
+                raise MemoryError("conv2d_forward: im2col row table")
+            for k in range(K):      # k = (c kH + kh) kW + kw
+                bo[k] = ((k // (kH * kW)) * kW + k % kW) * cj.lde + ((k // kW) % kH) * dH * OW
+            cj.bo = bo
         with nogil:
             fc_pool_run(num_threads, conv_block_item, &cj, N * groups * nblk)
+        free(bo)
         return
     if not direct and ncol < K * ld:
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
