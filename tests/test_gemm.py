@@ -301,9 +301,10 @@ def test_gemm_tail_kernel_same_numbers(relu):
 @pytest.mark.usefixtures("tiny_grain")
 @given(data=st.data())
 def test_conv2d_shared_im2col_rows_same_numbers(data):
-    """Stride-1 (along the height) forward convolutions make im2col rows once per (channel,
-    column tap) and read row tap kh as a shift of kh * dH * OW columns: bit for bit the
-    numbers of the whole im2col matrix, and the reference's, for kernels 2-5 high (1-5 wide),
+    """Stride-1 (along the height) forward convolutions and weight gradients make im2col rows
+    once per (channel, column tap) and read row tap kh as a shift of kh * dH * OW columns:
+    bit for bit the numbers of the whole im2col matrix (every gradient), and the reference's
+    (output and weight gradient), for kernels 2-5 high (1-5 wide),
     column strides 1-2, dilation, asymmetric 'same' padding, groups, blocks of columns
     (forced small and whole images), 1-3 threads, bias, the fused ReLU and max-pool."""
     from fastconv.functional import _conv2d
@@ -336,15 +337,20 @@ def test_conv2d_shared_im2col_rows_same_numbers(data):
                 y = _conv2d(x, wt, b, *args, None, relu)
                 pooled = (_conv2d(x, wt, b, *args, None, relu, (2, 1), False)[1]
                           if y.shape[2] >= 2 else None)
-                got[on] = (y, pooled)
+                gy = gy if on is False else rng.uniform(-1, 1, y.shape).astype(dtype)
+                grads = fc.conv2d_backward(gy, x, wt, stride=(1, sw), padding=p, dilation=d,
+                                           groups=groups)
+                got[on] = (y, pooled) + tuple(grads)
     finally:
         _kernels.set_im2col_rows(True)
         _kernels.set_gemm_block(old)
-    np.testing.assert_array_equal(got[True][0], got[False][0])
-    if got[True][1] is not None:
-        np.testing.assert_array_equal(got[True][1], got[False][1])
-    expected = ref.conv2d_taps(x, wt, b, stride=(1, sw), padding=p, dilation=d, groups=groups)
+    for a, e in zip(got[True], got[False]):
+        if a is not None:
+            np.testing.assert_array_equal(a, e)
+    kw = dict(stride=(1, sw), padding=p, dilation=d, groups=groups)
+    expected = ref.conv2d_taps(x, wt, b, **kw)
     close(got[True][0], np.maximum(expected, 0) if relu else expected, dtype)
+    close(got[True][3], ref.conv2d_weight_grad_taps(gy, x, wt.shape, **kw), dtype)
 
 
 def test_conv2d_writes_nothing_outside_out(level):

@@ -51,15 +51,18 @@ static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the t
 TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* restrict B,    \
                      ptrdiff_t ldb, T* restrict C, ptrdiff_t ldc, const T* init, int mrows,     \
                      int masked, const MTYPE* mk, int relu, const ptrdiff_t* restrict bo) {     \
-    /* TABLE: B's row k at B + bo[k] (rows of the im2col matrix that are shifts of one */       \
-    /* another, made once: see fc_im2col_rows), else at B + k * ldb */                          \
+    /* TABLE 1: B's row k at B + bo[k] (rows of the im2col matrix that are shifts of one */     \
+    /* another, made once: see fc_im2col_rows), else at B + k * ldb; TABLE 2 (INPLACE): A's */  \
+    /* row r at A + bo[r] */                                                                    \
     const T* const B0 = B;                                                                      \
     VT c[MR][NV];                                                                               \
     /* A's element (r, k): A[r + k * MR] packed, else A[r * lda + k] (rows past mrows: the */   \
     /* last one again, computed and not stored) */                                              \
     ptrdiff_t ar[MR];                                                                           \
     _Pragma("GCC unroll 8")                                                                     \
-    for (int r = 0; r < MR; r++) ar[r] = INPLACE ? (r < mrows ? r : mrows - 1) * lda : r;      \
+    for (int r = 0; r < MR; r++)                                                                \
+        ar[r] = !INPLACE ? r : TABLE == 2 ? bo[r < mrows ? r : mrows - 1]                       \
+                                          : (r < mrows ? r : mrows - 1) * lda;                   \
     const ptrdiff_t as = INPLACE ? 1 : MR;                                                      \
     _Pragma("GCC unroll 8")                                                                     \
     for (int r = 0; r < MR; r++) {                                                              \
@@ -78,7 +81,7 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
     if (masked) {                                                                               \
         for (ptrdiff_t k = 0; k < kc; k++) {                                                    \
             VT b[NV];                                                                           \
-            const T* bk = TABLE ? B0 + bo[k] : B;                                               \
+            const T* bk = TABLE == 1 ? B0 + bo[k] : B;                                               \
             _Pragma("GCC unroll 4")                                                             \
             for (int v = 0; v < NV; v++) b[v] = MLOAD(bk + v * LANES, mk[v]);                   \
             _Pragma("GCC unroll 8")                                                             \
@@ -93,7 +96,7 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
     } else {                                                                                    \
         for (ptrdiff_t k = 0; k < kc; k++) {                                                    \
             VT b[NV];                                                                           \
-            const T* bk = TABLE ? B0 + bo[k] : B;                                               \
+            const T* bk = TABLE == 1 ? B0 + bo[k] : B;                                               \
             _Pragma("GCC unroll 4")                                                             \
             for (int v = 0; v < NV; v++) b[v] = LOADU(bk + v * LANES);                          \
             _Pragma("GCC unroll 8")                                                             \
@@ -206,6 +209,27 @@ FC_UKR(fc_ukrbh_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512
 FC_UKR(fc_ukrbq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
        FC_RELU_PD256, 0, 1)
+
+/* and with A read in place through a table of row offsets (the weight gradient's shared
+ * im2col rows) */
+FC_UKR(fc_ukrc_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512, 1, 2)
+FC_UKR(fc_ukrch_f_512, float, __m512, 1, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+       _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+       FC_RELU_PS512, 1, 2)
+FC_UKR(fc_ukrcq_f_512, float, __m256, 1, 8, 8, FC_T512VL, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __mmask8, FC_MLOAD_PS512Q, FC_MSTORE_PS512Q,
+       FC_RELU_PS256, 1, 2)
+FC_UKR(fc_ukrc_d_512, double, __m512d, 2, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512, 1, 2)
+FC_UKR(fc_ukrch_d_512, double, __m512d, 1, 8, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+       _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+       FC_RELU_PD512, 1, 2)
+FC_UKR(fc_ukrcq_d_512, double, __m256d, 1, 4, 8, FC_T512VL, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __mmask8, FC_MLOAD_PD512Q, FC_MSTORE_PD512Q,
+       FC_RELU_PD256, 1, 2)
 
 /* The last panel of C when it has at most 4 columns (a 14x14 image: 196 = 6 x 32 + 4), 32 rows
  * (4 panels of packed A) at a time over all of K: rows in the vector lanes, one accumulator per
@@ -374,7 +398,7 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
             for (ptrdiff_t ir = 0; ir < M; ir += 4 * MR)                                        \
                 TAIL(K, Ap + ir * K, MR * K, B + jt, ldb, C + ir * ldc + jt, ldc,               \
                      bias != NULL ? bias + ir : NULL, acc, (int)(n1 - jt),                      \
-                     (int)(M - ir < 4 * MR ? M - ir : 4 * MR), TABLE ? bo : NULL);              \
+                     (int)(M - ir < 4 * MR ? M - ir : 4 * MR), TABLE == 1 ? bo : NULL);         \
             n1 = jt;                                                                            \
         }                                                                                       \
     }                                                                                           \
@@ -411,9 +435,10 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                     for (int r = 0; r < MR; r++)                                                \
                         init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
                 }                                                                               \
-                const T* a = INPLACE ? Ap + ir * lda + pc : Ap + ir * K + pc * MR;              \
-                const T* bp = TABLE ? B + jr : B + pc * ldb + jr;                               \
-                const ptrdiff_t* bop = TABLE ? bo + pc : NULL;                                  \
+                const T* a = TABLE == 2 ? Ap + pc : INPLACE ? Ap + ir * lda + pc                \
+                                                            : Ap + ir * K + pc * MR;            \
+                const T* bp = TABLE == 1 ? B + jr : B + pc * ldb + jr;                          \
+                const ptrdiff_t* bop = TABLE == 1 ? bo + pc : TABLE == 2 ? bo + ir : NULL;      \
                 if (quarter)                                                                    \
                     UKRQ(kc, a, lda, bp, ldb, C + ir * ldc + jr, ldc,                           \
                          first ? init : NULL, mr, masked, qmk, last_relu, bop);                 \
@@ -432,6 +457,10 @@ FC_GEMM_DRIVER(fc_gemmb_f_512, float, fc_ukrb_f_512, fc_ukrbh_f_512, fc_ukrbq_f_
                __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4, 1)
 FC_GEMM_DRIVER(fc_gemmb_d_512, double, fc_ukrb_d_512, fc_ukrbh_d_512, fc_ukrbq_d_512, 8, 16,
                __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 1)
+FC_GEMM_DRIVER(fc_gemmc_f_512, float, fc_ukrc_f_512, fc_ukrch_f_512, fc_ukrcq_f_512, 8, 32,
+               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0, 2)
+FC_GEMM_DRIVER(fc_gemmc_d_512, double, fc_ukrc_d_512, fc_ukrch_d_512, fc_ukrcq_d_512, 8, 16,
+               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_d, 0, 2)
 FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, 8, 16,
                __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 0)
 FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, 6, 16,
@@ -1057,6 +1086,21 @@ static void fc_gemmb_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, con
                        const float* bias, int acc) {
 #ifdef FC_HAVE_GEMM
     fc_gemmb_f_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+#endif
+}
+/* C (+)= A @ B with A's row r at A + ao[r] (read in place; fc_im2col_rows_ok) */
+static void fc_gemmc_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const float* A,
+                       const ptrdiff_t* ao, const float* B, ptrdiff_t ldb, float* C,
+                       ptrdiff_t ldc, int acc) {
+#ifdef FC_HAVE_GEMM
+    fc_gemmc_f_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
+#endif
+}
+static void fc_gemmc_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* A,
+                       const ptrdiff_t* ao, const double* B, ptrdiff_t ldb, double* C,
+                       ptrdiff_t ldc, int acc) {
+#ifdef FC_HAVE_GEMM
+    fc_gemmc_d_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
 #endif
 }
 static void fc_gemmb_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* Ap,

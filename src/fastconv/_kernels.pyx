@@ -170,6 +170,12 @@ cdef extern from "_gemm.h":
     int fc_gemm_tail_on
     int fc_im2col_rows_on
     int fc_im2col_rows_ok() nogil
+    void fc_gemmc_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* A,
+                    const Py_ssize_t* ao, const float* B, Py_ssize_t ldb, float* C,
+                    Py_ssize_t ldc, int acc) nogil
+    void fc_gemmc_d(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const double* A,
+                    const Py_ssize_t* ao, const double* B, Py_ssize_t ldb, double* C,
+                    Py_ssize_t ldc, int acc) nogil
     void fc_gemmb_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* Ap,
                     const float* B, const Py_ssize_t* bo, float* C, Py_ssize_t ldc,
                     const float* bias, int acc) nogil
@@ -345,6 +351,39 @@ cdef inline void wgrad_own(const floating* col, Py_ssize_t lda, Py_ssize_t K,
     else:
         fc_transpose_d(b, R, P, lds, bt, ldt)
         fc_gemma_d(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
+
+
+cdef Py_ssize_t* tap_rows(Py_ssize_t Cg, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t dH,
+                         Py_ssize_t OW, Py_ssize_t lde) noexcept nogil:
+    """Offsets of the im2col rows k = (c kH + kh) kW + kw in the shared rows of
+    fc_im2col_rows (row (c, kw), lde values apart, shifted by kh dH OW columns); malloc'd
+    (NULL when out of memory)."""
+    cdef Py_ssize_t K = Cg * kH * kW, k
+    cdef Py_ssize_t* bo = <Py_ssize_t*> malloc(K * sizeof(Py_ssize_t))
+    if bo != NULL:
+        for k in range(K):
+            bo[k] = ((k // (kH * kW)) * kW + k % kW) * lde + ((k // kW) % kH) * dH * OW
+    return bo
+
+
+cdef inline void wgrad_rows(const floating* x, Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W,
+                            Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sW, Py_ssize_t pH,
+                            Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
+                            Py_ssize_t OW, const Py_ssize_t* bo, Py_ssize_t lde,
+                            floating* col, const floating* b, Py_ssize_t R, floating* bt,
+                            Py_ssize_t ldt, floating* gwt) noexcept nogil:
+    """wgrad_own for stride 1 along the height with the im2col rows shared by the row taps
+    (fc_im2col_rows_ok): the rows of row tap 0 for (kH - 1) dH more output rows into col,
+    then gwt (K, R) += those rows through bo @ b^T."""
+    cdef Py_ssize_t P = OH * OW, K = Cg * kH * kW
+    im2col_panel(x, Cg, H, W, 1, kW, 1, sW, pH, pW, dH, dW, OW, 0, P + (kH - 1) * dH * OW,
+                 col, lde)
+    if floating is float:
+        fc_transpose_f(b, R, P, P, bt, ldt)
+        fc_gemmc_f(K, 0, R, P, col, bo, bt, ldt, gwt, R, 1)
+    else:
+        fc_transpose_d(b, R, P, P, bt, ldt)
+        fc_gemmc_d(K, 0, R, P, col, bo, bt, ldt, gwt, R, 1)
 
 
 cdef inline Py_ssize_t block_rows(Py_ssize_t K, Py_ssize_t OH, Py_ssize_t OW,
@@ -844,7 +883,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     cdef floating* col
     cdef floating* Ap = NULL
     cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Lg, K)
-    cdef Py_ssize_t nb, nblk, band = pkH * OW if pooled else 0, k
+    cdef Py_ssize_t nb, nblk, band = pkH * OW if pooled else 0
     cdef Py_ssize_t* bo = NULL
     cdef ConvJob cj
     if has_bias:
@@ -886,11 +925,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         cj.lde = col_ld(nb + (kH - 1) * dH * OW, sizeof(floating))
         if (not direct and sH == 1 and kH > 1 and fc_im2col_rows_ok()
                 and Cg * kW * cj.lde <= K * col_ld(nb, sizeof(floating))):
-            bo = <Py_ssize_t*> malloc(K * sizeof(Py_ssize_t))
+            bo = tap_rows(Cg, kH, kW, dH, OW, cj.lde)
             if bo == NULL:
                 raise MemoryError("conv2d_forward: im2col row table")
-            for k in range(K):      # k = (c kH + kh) kW + kw
-                bo[k] = ((k // (kH * kW)) * kW + k % kW) * cj.lde + ((k // kW) % kH) * dH * OW
             cj.bo = bo
         with nogil:
             fc_pool_run(num_threads, conv_block_item, &cj, N * groups * nblk)
@@ -1374,6 +1411,14 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     # which parts run in blocks (each part's numbers do not depend on the other's presence)
     bw = rb < OH and not direct and BACKWARD_BLOCKS and need_w and wown
     bx = rb < OH and not direct and BACKWARD_BLOCKS and need_x and Ap != NULL
+    # the weight gradient from im2col rows shared by the row taps (see conv2d_forward)
+    cdef Py_ssize_t lde = col_ld(P + (kH - 1) * dH * OW, sizeof(floating))
+    cdef Py_ssize_t* bo = NULL
+    if (need_w and wown and not bw and not direct and sH == 1 and kH > 1
+            and fc_im2col_rows_ok() and Cg * kW * lde <= cend):
+        bo = tap_rows(Cg, kH, kW, dH, OW, lde)
+        if bo == NULL:
+            raise MemoryError("conv2d_backward: im2col row table")
     with nogil, parallel(num_threads=num_threads):
         tid = threadid()
         col = sp + tid * ncol
@@ -1390,7 +1435,11 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                 backward_blocks(xp + (n * C + g * Cg) * H * W, gyg, Ap + g * psz, gxg,
                                 gw + g * Lg * K, col, col + cend, Cg, H, W, Lg, kH, kW, sH, sW,
                                 pH, pW, dH, dW, OH, OW, rb, ldt, bw, bx)
-            if need_w and not bw:
+            if need_w and not bw and bo != NULL:
+                wgrad_rows(xp + (n * C + g * Cg) * H * W, Cg, H, W, kH, kW, sW, pH, pW, dH,
+                           dW, OH, OW, bo, lde, col, gyg, Lg, col + cend, ldt,
+                           gw + g * Lg * K)
+            elif need_w and not bw:
                 src = xp + (n * C + g * Cg) * H * W
                 if not direct:
                     im2col(src, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, col, ld)
@@ -1428,6 +1477,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     gemm_rm(True, False, K, P, Lg, 1, wp + g * Lg * K, K, gyg, P, 0, col, ld)
                     fill_channels(gxg, Cg, H * W, (ip + g * Cg) if has_init else NULL)
                     col2im(col, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, gxg, ld)
+    free(bo)
     return wown
 
 
