@@ -297,10 +297,11 @@ def test_gemm_tail_kernel_same_numbers(relu):
         _kernels.set_gemm_tail(True)
 
 
-@pytest.mark.skipif(BEST != "avx512", reason="the shared im2col rows are AVX-512 only")
 @pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM here"))])
 @given(data=st.data())
-def test_conv2d_shared_im2col_rows_same_numbers(data):
+def test_conv2d_shared_im2col_rows_same_numbers(level, data):
     """Stride-1 (along the height) forward convolutions and weight gradients make im2col rows
     once per (channel, column tap) and read row tap kh as a shift of kh * dH * OW columns:
     bit for bit the numbers of the whole im2col matrix (every gradient), and the reference's
@@ -331,7 +332,7 @@ def test_conv2d_shared_im2col_rows_same_numbers(data):
     got = {}
     old = _kernels.set_gemm_block(blocks)
     try:
-        with num_threads(threads):
+        with num_threads(threads), gemm_at(level):
             for on in (True, False):
                 _kernels.set_im2col_rows(on)
                 y = _conv2d(x, wt, b, *args, None, relu)

@@ -352,6 +352,32 @@ FC_UKR(fc_ukrah_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
        FC_RELU_PD256, 1, 0)
 
+/* the AVX2 kernels reading B's rows (TABLE 1) or A's rows (TABLE 2) through offsets */
+FC_UKR(fc_ukrb_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256, 0, 1)
+FC_UKR(fc_ukrbh_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256, 0, 1)
+FC_UKR(fc_ukrb_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256, 0, 1)
+FC_UKR(fc_ukrbh_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256, 0, 1)
+FC_UKR(fc_ukrc_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256, 1, 2)
+FC_UKR(fc_ukrch_f_256, float, __m256, 1, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+       _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+       FC_RELU_PS256, 1, 2)
+FC_UKR(fc_ukrc_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256, 1, 2)
+FC_UKR(fc_ukrch_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+       _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+       FC_RELU_PD256, 1, 2)
+
 /* masks for the first n (0 <= n < NV * lanes) columns of a panel */
 static void fc_mask512_16(ptrdiff_t n, __mmask16 mk[2]) {
     for (int v = 0; v < 2; v++) {
@@ -468,6 +494,14 @@ FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256,
 FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, 6, 8,
                __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 0)
 /* the same with A read in place (rows lda apart): the weight gradient's im2col matrix */
+FC_GEMM_DRIVER(fc_gemmb_f_256, float, fc_ukrb_f_256, fc_ukrbh_f_256, fc_ukrbh_f_256, 6, 16,
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 1)
+FC_GEMM_DRIVER(fc_gemmb_d_256, double, fc_ukrb_d_256, fc_ukrbh_d_256, fc_ukrbh_d_256, 6, 8,
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 1)
+FC_GEMM_DRIVER(fc_gemmc_f_256, float, fc_ukrc_f_256, fc_ukrch_f_256, fc_ukrch_f_256, 6, 16,
+               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0, 2)
+FC_GEMM_DRIVER(fc_gemmc_d_256, double, fc_ukrc_d_256, fc_ukrch_d_256, fc_ukrch_d_256, 6, 8,
+               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1, fc_no_tail_d, 0, 2)
 FC_GEMM_DRIVER(fc_gemma_f_512, float, fc_ukra_f_512, fc_ukrah_f_512, fc_ukraq_f_512, 8, 32,
                __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0, 0)
 FC_GEMM_DRIVER(fc_gemma_d_512, double, fc_ukra_d_512, fc_ukrah_d_512, fc_ukraq_d_512, 8, 16,
@@ -1072,11 +1106,12 @@ static int fc_mp22_bwd_d(const double* x0, const double* x1, const double* g, pt
 
 /* fc_gemm_* with B's row k at B + bo[k]: the forward convolution's im2col rows made once per
  * (channel, column tap) and shared by the kH row taps as shifts of kh * dH * OW columns (stride
- * 1 along the height), kH times fewer im2col values to write (fc_im2col_rows_ok: AVX-512). */
+ * 1 along the height), kH times fewer im2col values to write (fc_im2col_rows_ok: the own
+ * GEMM's AVX-512 and AVX2 levels). */
 static int fc_im2col_rows_on = 1;     /* 0: always the whole im2col matrix (tests, A/B) */
 static int fc_im2col_rows_ok(void) {
 #ifdef FC_HAVE_GEMM
-    return fc_gemm_on == 2 && fc_im2col_rows_on;
+    return fc_gemm_on >= 1 && fc_im2col_rows_on;
 #else
     return 0;
 #endif
@@ -1085,7 +1120,10 @@ static void fc_gemmb_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, con
                        const float* B, const ptrdiff_t* bo, float* C, ptrdiff_t ldc,
                        const float* bias, int acc) {
 #ifdef FC_HAVE_GEMM
-    fc_gemmb_f_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+    if (fc_gemm_on == 2)
+        fc_gemmb_f_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+    else if (fc_gemm_on == 1)
+        fc_gemmb_f_256(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
 #endif
 }
 /* C (+)= A @ B with A's row r at A + ao[r] (read in place; fc_im2col_rows_ok) */
@@ -1093,21 +1131,30 @@ static void fc_gemmc_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, con
                        const ptrdiff_t* ao, const float* B, ptrdiff_t ldb, float* C,
                        ptrdiff_t ldc, int acc) {
 #ifdef FC_HAVE_GEMM
-    fc_gemmc_f_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
+    if (fc_gemm_on == 2)
+        fc_gemmc_f_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
+    else if (fc_gemm_on == 1)
+        fc_gemmc_f_256(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
 #endif
 }
 static void fc_gemmc_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* A,
                        const ptrdiff_t* ao, const double* B, ptrdiff_t ldb, double* C,
                        ptrdiff_t ldc, int acc) {
 #ifdef FC_HAVE_GEMM
-    fc_gemmc_d_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
+    if (fc_gemm_on == 2)
+        fc_gemmc_d_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
+    else if (fc_gemm_on == 1)
+        fc_gemmc_d_256(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
 #endif
 }
 static void fc_gemmb_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* Ap,
                        const double* B, const ptrdiff_t* bo, double* C, ptrdiff_t ldc,
                        const double* bias, int acc) {
 #ifdef FC_HAVE_GEMM
-    fc_gemmb_d_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+    if (fc_gemm_on == 2)
+        fc_gemmb_d_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+    else if (fc_gemm_on == 1)
+        fc_gemmb_d_256(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
 #endif
 }
 

@@ -1235,7 +1235,9 @@ cdef struct WgJob:
     # column blocks of pc output positions (items * npc items), then the bias sums (items
     # more).  Phase 1: (item, block of cb input channels): that block's rows of the im2col
     # matrix, made in the thread's scratch row, times T: rows of grad_w^T, which no other
-    # item touches.
+    # item touches.  Image n's sums go to partial row n (not the running thread's: with
+    # dynamic scheduling two images' sums then met in one row in either order, and the
+    # results changed from run to run in the last bits); there are more rows than images.
     const void* x
     const void* gy
     void* T
@@ -1272,7 +1274,7 @@ cdef void wg_run(WgJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
             g = item % j.groups
             gy = <const floating*> j.gy + (n * j.L + g * Lg) * P
             for l in range(Lg):
-                (<floating*> j.gb)[tid * j.nb + g * Lg + l] += row_sum(gy + l * P, P)
+                (<floating*> j.gb)[n * j.nb + g * Lg + l] += row_sum(gy + l * P, P)
         return
     item = i // j.ncb
     c0 = (i % j.ncb) * j.cb
@@ -1286,10 +1288,10 @@ cdef void wg_run(WgJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
     # grad_w[g]^T rows k0.. (K, Lg) += col ((c1 - c0) kH kW, P) @ T[item] (P, Lg)
     if floating is float:
         fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt, j.ldt,
-                   <floating*> j.gw + tid * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+                   <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
     else:
         fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt, j.ldt,
-                   <floating*> j.gw + tid * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+                   <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
 
 
 cdef void wg_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
