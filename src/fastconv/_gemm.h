@@ -38,6 +38,8 @@
 
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
+static int fc_gemm_tail_on = 1; /* 0: a last panel of <= 4 float columns by the quarter kernel */
+static int fc_im2col_pad_on = 1; /* 0: im2col always by the masked path (tests) */
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define FC_HAVE_GEMM 1
@@ -319,7 +321,6 @@ static void fc_no_tail_d(ptrdiff_t K, const double* A, ptrdiff_t ps, const doubl
     (void)K; (void)A; (void)ps; (void)B; (void)ldb; (void)C; (void)ldc; (void)bias;
     (void)acc; (void)n; (void)rows; (void)bo;
 }
-static int fc_gemm_tail_on = 1;   /* 0: the last panel of <= 4 columns by the quarter kernel */
 
 /* ---- AVX2+FMA: masks are integer vectors ---- */
 #define FC_T256 __attribute__((target("avx2,fma")))
@@ -617,7 +618,6 @@ TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_
  * bounds arithmetic.  Segments are short on small images (a 14-wide output row: one vector), and
  * there the masked path's per-segment set-up was most of im2col (LeNet's conv2: 26 % of the
  * convolution).  Returns 0 (nothing written) when the rows do not fit. */
-static int fc_im2col_pad_on = 1;   /* 0: always the masked path (tests) */
 #define FC_IM2COL_PADDED(NAME, T, VT, LANES, TGT, MTYPE, MK, MLOADZ, MSTORE, STOREU, LOADU, EVEN) \
 TGT FC_NO_LIBCALLS static int NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,          \
                     ptrdiff_t kH, ptrdiff_t kW, ptrdiff_t sH, ptrdiff_t sW, ptrdiff_t pH,       \
@@ -1116,47 +1116,30 @@ static int fc_im2col_rows_ok(void) {
     return 0;
 #endif
 }
-static void fc_gemmb_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const float* Ap,
-                       const float* B, const ptrdiff_t* bo, float* C, ptrdiff_t ldc,
-                       const float* bias, int acc) {
+/* fc_gemmb_*: C (+)= Ap @ B with B's row k at B + bo[k] (Ap packed; fc_im2col_rows_ok).
+ * fc_gemmc_*: C (+)= A @ B with A's row r at A + ao[r] (read in place; fc_im2col_rows_ok). */
 #ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2)
-        fc_gemmb_f_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
-    else if (fc_gemm_on == 1)
-        fc_gemmb_f_256(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
+#define FC_AT_LEVEL(F, ...)                                                                     \
+    do {                                                                                        \
+        if (fc_gemm_on == 2) F##_512(__VA_ARGS__);                                              \
+        else if (fc_gemm_on == 1) F##_256(__VA_ARGS__);                                         \
+    } while (0)
+#else
+#define FC_AT_LEVEL(F, ...) do { } while (0)
 #endif
+#define FC_GEMM_TABLES(S, T)                                                                    \
+static void fc_gemmb_##S(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,    \
+                         const T* B, const ptrdiff_t* bo, T* C, ptrdiff_t ldc, const T* bias,  \
+                         int acc) {                                                             \
+    FC_AT_LEVEL(fc_gemmb_##S, M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);               \
+}                                                                                               \
+static void fc_gemmc_##S(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* A,     \
+                         const ptrdiff_t* ao, const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc,  \
+                         int acc) {                                                             \
+    FC_AT_LEVEL(fc_gemmc_##S, M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);               \
 }
-/* C (+)= A @ B with A's row r at A + ao[r] (read in place; fc_im2col_rows_ok) */
-static void fc_gemmc_f(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const float* A,
-                       const ptrdiff_t* ao, const float* B, ptrdiff_t ldb, float* C,
-                       ptrdiff_t ldc, int acc) {
-#ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2)
-        fc_gemmc_f_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
-    else if (fc_gemm_on == 1)
-        fc_gemmc_f_256(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
-#endif
-}
-static void fc_gemmc_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* A,
-                       const ptrdiff_t* ao, const double* B, ptrdiff_t ldb, double* C,
-                       ptrdiff_t ldc, int acc) {
-#ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2)
-        fc_gemmc_d_512(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
-    else if (fc_gemm_on == 1)
-        fc_gemmc_d_256(M, n0, n1, K, A, 0, B, ldb, C, ldc, NULL, acc, ao);
-#endif
-}
-static void fc_gemmb_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const double* Ap,
-                       const double* B, const ptrdiff_t* bo, double* C, ptrdiff_t ldc,
-                       const double* bias, int acc) {
-#ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2)
-        fc_gemmb_d_512(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
-    else if (fc_gemm_on == 1)
-        fc_gemmb_d_256(M, n0, n1, K, Ap, 0, B, 0, C, ldc, bias, acc, bo);
-#endif
-}
+FC_GEMM_TABLES(f, float)
+FC_GEMM_TABLES(d, double)
 
 /* C[:, n0:n1] (+)= A @ B[:, n0:n1] as fc_gemm_*, with A (M x K) read in place, rows lda
  * apart (no packing: the weight gradient's im2col matrix, whose packing was a quarter of
