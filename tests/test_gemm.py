@@ -354,6 +354,27 @@ def test_conv2d_shared_im2col_rows_same_numbers(level, data):
     close(got[True][3], ref.conv2d_weight_grad_taps(gy, x, wt.shape, **kw), dtype)
 
 
+def test_conv2d_forward_rejects_a_pool_out_of_another_shape():
+    """The fused max-pool's output array must match (N, L, OH // pkH, OW // pkW) exactly:
+    fewer images, channels, rows or columns is a ValueError, not a write past its end."""
+    x = np.ones((4, 2, 8, 8), np.float32)
+    w = np.ones((3, 2, 3, 3), np.float32)
+    b = np.zeros(3, np.float32)
+    if not _kernels.gemm_packed_size(3, 18):
+        pytest.skip("no own GEMM here")
+    wp = np.empty(_kernels.gemm_packed_size(3, 18), np.float32)
+    sc = np.empty((1, _kernels.conv_block_scratch(18, 64, 3, 4, 1, 4, 16, False, False)),
+                  np.float32)
+    ok = np.empty((4, 3, 4, 4), np.float32)
+    _kernels.conv2d_forward(x, w, b, None, sc, wp, 1, 1, 1, 1, 1, 1, 1, False, 1, False, ok,
+                            2, 2, 8, 8)
+    np.testing.assert_array_equal(ok, np.full(ok.shape, 18.0, np.float32))  # 18 ones inside
+    for shape in ((2, 3, 4, 4), (4, 2, 4, 4), (4, 3, 3, 4), (4, 3, 4, 5)):
+        with pytest.raises(ValueError, match="pool_out"):
+            _kernels.conv2d_forward(x, w, b, None, sc, wp, 1, 1, 1, 1, 1, 1, 1, False, 1,
+                                    False, np.empty(shape, np.float32), 2, 2, 8, 8)
+
+
 def test_conv2d_writes_nothing_outside_out(level):
     """The masked tails store nothing past the output: out= inside a larger array keeps the
     values around it."""

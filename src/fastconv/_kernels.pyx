@@ -892,7 +892,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         raise ValueError("conv2d_forward: scratch needs one row per thread")
     if pooled and (pkH < 1 or pkW < 1 or pool_out.shape[2] != OH // pkH
                    or pool_out.shape[3] != OW // pkW or pool_out.shape[2] < 1
-                   or pool_out.shape[3] < 1 or pool_out.shape[1] != L):
+                   or pool_out.shape[3] < 1 or pool_out.shape[1] != L
+                   or pool_out.shape[0] != N):
         raise ValueError("conv2d_forward: pool_out does not match the pooled output")
     if not keep and not pooled:
         raise ValueError("conv2d_forward: out may be None only with pool_out")
