@@ -608,3 +608,74 @@ def test_conv2d_blocks_match_reference(level, threads, dtype, shape):
     with num_threads(threads):
         y = fc.conv2d(x, wt, b, padding=p, stride=s)
     close(y, ref.conv2d_taps(x, wt, b, padding=p, stride=s), dtype)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM here"))])
+@given(data=st.data())
+def test_gemm_strip_packing_same_numbers(level, data):
+    """The own GEMM copies each K block's strip of B into a contiguous buffer when B is read
+    in place with rows far apart (a big image in a 1x1 convolution, grad_out in the data
+    gradient, x and the weight in Linear's backward): forced here for every row distance,
+    bit for bit the numbers of the unpacked path and close to the reference, for M across
+    4 * MR (the packing's lower bound), K across the K block and the 64-row minimum, column
+    tails of every panel width, groups, bias, the fused ReLU, 1-3 threads, both dtypes."""
+    from fastconv.functional import _conv2d, _linear_backward
+    draw = data.draw
+    groups = draw(st.integers(1, 2), label="groups")
+    cg = draw(st.sampled_from([1, 7, 63, 64, 65, 130]), label="cg")
+    lg = draw(st.sampled_from([1, 8, 33, 40, 41, 70]), label="lg")
+    h, w = draw(st.integers(1, 2), label="H"), draw(st.integers(1, 40), label="W")
+    n = draw(st.integers(1, 2), label="N")
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    threads = draw(st.integers(1, 3), label="threads")
+    relu = draw(st.booleans(), label="relu")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (lg * groups, cg, 1, 1)).astype(dtype)
+    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    gy = rng.uniform(-1, 1, (n, lg * groups, h, w)).astype(dtype)
+    tw = rng.uniform(-1, 1, (cg * groups, lg, 1, 1)).astype(dtype)    # transposed layout
+    # Linear's backward: grad_w's K is the batch, grad_x's the output features
+    ln = draw(st.sampled_from([3, 64, 70]), label="rows")
+    lo = draw(st.sampled_from([5, 40, 66]), label="out")
+    li = draw(st.integers(1, 80), label="in")
+    lx = rng.uniform(-1, 1, (ln, li)).astype(dtype)
+    lw = rng.uniform(-1, 1, (lo, li)).astype(dtype)
+    lg2 = rng.uniform(-1, 1, (ln, lo)).astype(dtype)
+    got = {}
+    try:
+        with num_threads(threads), gemm_at(level):
+            for on in (1, 0):
+                _kernels.set_gemm_packb(on)
+                y = _conv2d(x, wt, b, 1, 0, 1, groups, None, relu)
+                gx = fc.conv2d_backward(gy, x, wt, groups=groups,
+                                        output_mask=(True, False, False))[0]
+                tx = fc.conv_transpose2d_backward(gy, x, tw, groups=groups,
+                                                  output_mask=(True, False, False))[0]
+                got[on] = (y, gx, tx) + tuple(_linear_backward(lg2, lx, lw, True, True))
+    finally:
+        _kernels.set_gemm_packb(2048)
+    for a, e in zip(got[1], got[0]):
+        if a is not None:
+            np.testing.assert_array_equal(a, e)
+    y, gx, tx, lgx, lgw = got[1]
+    # a 1x1 convolution and its gradients are matrix products over the channels (float64
+    # einsums per group here: the naive reference's loops over 130 channels took seconds)
+
+    def per_group(m, a, gin):      # out[n, g*mo + o, ...] = sum_i m[g][o, i] a[n, g*gin + i]
+        m = m.astype(np.float64).reshape(groups, -1, gin)
+        a = a.astype(np.float64).reshape(a.shape[0], groups, gin, -1)
+        return np.einsum("goi,ngip->ngop", m, a).reshape(a.shape[0], -1, h, w)
+
+    expected = per_group(wt[:, :, 0, 0], x, cg)
+    if b is not None:
+        expected += b.astype(np.float64)[None, :, None, None]
+    close(y, np.maximum(expected, 0) if relu else expected, dtype)
+    wg = wt[:, :, 0, 0].reshape(groups, lg, cg).transpose(0, 2, 1).reshape(groups * cg, lg)
+    close(gx, per_group(wg, gy, lg), dtype)
+    close(tx, per_group(tw[:, :, 0, 0], gy, lg), dtype)
+    g64, x64, w64 = lg2.astype(np.float64), lx.astype(np.float64), lw.astype(np.float64)
+    close(lgx, g64 @ w64, dtype)
+    close(lgw, g64.T @ x64, dtype)

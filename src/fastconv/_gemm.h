@@ -35,11 +35,16 @@
 
 #define FC_GEMM_KC 128
 #define FC_GEMM_RELU 2  /* in fc_gemm_*'s acc: max(C, 0) at the end (nn.ReLU fused) */
+#define FC_GEMM_PACKB 4 /* in fc_gemm_*'s acc: B is read from memory, not just written (see
+                           fc_gemm_packb_min) */
 
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
 static int fc_gemm_tail_on = 1; /* 0: a last panel of <= 4 float columns by the quarter kernel */
 static int fc_im2col_pad_on = 1; /* 0: im2col always by the masked path (tests) */
+/* B's rows at least this many bytes apart: the plain drivers copy each K block's NR-wide strip
+   of B into a contiguous buffer before the micro-kernels that reuse it (0: never) */
+static ptrdiff_t fc_gemm_packb_min = 2048;
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define FC_HAVE_GEMM 1
@@ -405,6 +410,25 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
     }
 }
 
+/* Rows [0, kc) of a strip of B (w <= nr columns from b, rows ldb apart) into dst (rows nr
+ * apart); next, when not NULL, is the next strip: its rows are prefetched meanwhile. */
+#define FC_PACK_STRIP(T)                                                                        \
+static inline void fc_pack_strip_##T(const T* b, ptrdiff_t ldb, ptrdiff_t kc, ptrdiff_t w,     \
+                                     ptrdiff_t nr, T* restrict dst, const T* next) {            \
+    for (ptrdiff_t k = 0; k < kc; k++) {                                                        \
+        if (next != NULL) {                                                                     \
+            __builtin_prefetch(next + k * ldb, 0, 3);                                           \
+            __builtin_prefetch(next + k * ldb + nr - 1, 0, 3);                                  \
+        }                                                                                       \
+        if (w == nr)                                                                            \
+            memcpy(dst + k * nr, b + k * ldb, sizeof(T) * (size_t)nr);                          \
+        else                                                                                    \
+            memcpy(dst + k * nr, b + k * ldb, sizeof(T) * (size_t)w);                           \
+    }                                                                                           \
+}
+FC_PACK_STRIP(float)
+FC_PACK_STRIP(double)
+
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
 #define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK, HASQ,   \
@@ -419,6 +443,11 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     QMTYPE qmk[2];                                                                              \
     MKMASK(0, mk);                                                                              \
     QMASK(0, qmk);                                                                              \
+    /* B's strip copied (rows far apart, as a big image's in a 1x1 convolution: every row */   \
+    /* its own page, and more pages than the L1 TLB holds in a K block) */                     \
+    T bpk[FC_GEMM_KC * NR] __attribute__((aligned(64)));                                       \
+    const int packb = TABLE == 0 && !INPLACE && (acc & FC_GEMM_PACKB) && M > 4 * MR &&            \
+                      fc_gemm_packb_min > 0 && ldb * (ptrdiff_t)sizeof(T) >= fc_gemm_packb_min; \
     if (TAILN > 0 && fc_gemm_tail_on && n1 > n0) {  /* a last panel of <= TAILN columns */     \
         ptrdiff_t jt = n0 + (n1 - n0 - 1) / NR * NR;                                            \
         if (n1 - jt <= TAILN) {                                                                 \
@@ -432,6 +461,8 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     for (ptrdiff_t pc = 0; pc < K; pc += FC_GEMM_KC) {                                          \
         ptrdiff_t kc = K - pc < FC_GEMM_KC ? K - pc : FC_GEMM_KC;                               \
         int first = (pc == 0 && !(acc & 1)), last_relu = relu && pc + kc >= K;                  \
+        /* (fewer rows: as many pages as the L1 TLB holds, and the copy did not pay) */        \
+        const int pack = packb && kc >= 64;                                                     \
         for (ptrdiff_t jr = n0; jr < n1; jr += NR) {                                            \
             int masked = n1 - jr < NR;                                                          \
             int half = n1 - jr <= NR / 2;        /* a tail of half a panel or less */           \
@@ -465,12 +496,20 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 const T* a = TABLE == 2 ? Ap + pc : INPLACE ? Ap + ir * lda + pc                \
                                                             : Ap + ir * K + pc * MR;            \
                 const T* bp = TABLE == 1 ? B + jr : B + pc * ldb + jr;                          \
+                ptrdiff_t bld = ldb;                                                            \
+                if (pack) {                                                                     \
+                    if (ir == 0)                                                                \
+                        fc_pack_strip_##T(bp, ldb, kc, n1 - jr < NR ? n1 - jr : NR, NR, bpk,    \
+                                          jr + 2 * NR <= n1 ? bp + NR : NULL);                  \
+                    bp = bpk;                                                                   \
+                    bld = NR;                                                                   \
+                }                                                                               \
                 const ptrdiff_t* bop = TABLE == 1 ? bo + pc : TABLE == 2 ? bo + ir : NULL;      \
                 if (quarter)                                                                    \
-                    UKRQ(kc, a, lda, bp, ldb, C + ir * ldc + jr, ldc,                           \
+                    UKRQ(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
                          first ? init : NULL, mr, masked, qmk, last_relu, bop);                 \
                 else                                                                            \
-                    (half ? UKRH : UKR)(kc, a, lda, bp, ldb, C + ir * ldc + jr,                 \
+                    (half ? UKRH : UKR)(kc, a, lda, bp, bld, C + ir * ldc + jr,                 \
                                         ldc, first ? init : NULL, mr, masked, mk, last_relu,    \
                                         bop);                                                   \
             }                                                                                   \

@@ -134,6 +134,7 @@ cdef extern from "_gemm.h":
     int fc_gemm_level() nogil
     int fc_gemm_mr() nogil
     enum: GEMM_RELU "FC_GEMM_RELU"
+    enum: GEMM_PACKB "FC_GEMM_PACKB"
     int fc_im2col_pad_on
     Py_ssize_t fc_gemm_nr(int dbl) nogil
     Py_ssize_t fc_gemm_packed_size(Py_ssize_t M, Py_ssize_t K) nogil
@@ -168,6 +169,7 @@ cdef extern from "_gemm.h":
                       Py_ssize_t lo, Py_ssize_t hi, double first, double* gx0, double* gx1,
                       double* gx2) nogil
     int fc_gemm_tail_on
+    Py_ssize_t fc_gemm_packb_min
     int fc_im2col_rows_on
     int fc_im2col_rows_ok() nogil
     void fc_gemmc_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* A,
@@ -244,6 +246,16 @@ def set_gemm_tail(bint on):
     global fc_gemm_tail_on
     old = fc_gemm_tail_on != 0
     fc_gemm_tail_on = 1 if on else 0
+    return old
+
+
+def set_gemm_packb(Py_ssize_t nbytes):
+    """Row distance (bytes) of B from which the own GEMM copies each strip of B into a
+    contiguous buffer before using it (0: never); returns the previous value.  For tests and
+    A/B timing, while no kernel runs."""
+    global fc_gemm_packb_min
+    old = fc_gemm_packb_min
+    fc_gemm_packb_min = nbytes if nbytes > 0 else 0
     return old
 
 
@@ -425,7 +437,7 @@ cdef void backward_blocks(const floating* x, const floating* gy, const floating*
                          col, ldk)
             wgrad_own(col, ldk, K, gy + r0 * OW, Lg, nr * OW, P, bt, ldt, gwt)
         if need_x:
-            own_gemm(K, 0, nr * OW, Lg, A, gy + r0 * OW, P, col, ldk, NULL, False)
+            own_gemm(K, 0, nr * OW, Lg, A, gy + r0 * OW, P, col, ldk, NULL, GEMM_PACKB)
             col2im(col, Cg, H, W, kH, kW, sH, sW, pH - r0 * sH, pW, dH, dW, nr, OW, gx, ldk)
         r0 = r0 + nr
 
@@ -767,7 +779,7 @@ cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexc
     else:
         out, ldc = col + j.cbuf, w      # the block's output planes, contiguous (pooling)
     if j.direct:
-        own_gemm(Lg, 0, w, K, A, x + p0, P, out, ldc, b, mode)
+        own_gemm(Lg, 0, w, K, A, x + p0, P, out, ldc, b, mode | GEMM_PACKB)
     elif j.bo != NULL:
         # the im2col rows of row tap 0 for the block's columns and (kH - 1) dH more output
         # rows; tap (kh, kw) of channel c is row (c, kw) shifted by kh dH OW columns
@@ -1464,9 +1476,9 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                     # the same products by the own GEMM, the init values as its bias
                     if direct:
                         own_gemm(K, 0, P, Lg, Ap + g * psz, gyg, P, gxg, P,
-                                 (ip + g * Cg) if has_init else NULL, False)
+                                 (ip + g * Cg) if has_init else NULL, GEMM_PACKB)
                     else:
-                        own_gemm(K, 0, P, Lg, Ap + g * psz, gyg, P, col, ld, NULL, False)
+                        own_gemm(K, 0, P, Lg, Ap + g * psz, gyg, P, col, ld, NULL, GEMM_PACKB)
                         fill_channels(gxg, Cg, H * W, (ip + g * Cg) if has_init else NULL)
                         col2im(col, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, gxg,
                                ld)
@@ -1547,7 +1559,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
                 src = col
             if need_x and Ap != NULL:
                 own_gemm(Cig, 0, P, K, Ap + g * psz, src, P if direct else ld,
-                         gxp + (n * Cin + g * Cig) * P, P, NULL, False)
+                         gxp + (n * Cin + g * Cig) * P, P, NULL, GEMM_PACKB if direct else 0)
             elif need_x:
                 gemm_rm(False, False, Cig, P, K, 1, wp + g * Cig * K, K, src,
                         P if direct else ld, 0, gxp + (n * Cin + g * Cig) * P, P)
@@ -1950,7 +1962,8 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
         c0 = i * j.cblk
         c1 = min(c0 + j.cblk, I)
         if j.Aw != NULL:
-            own_gemm(O, c0, c1, N, <const floating*> j.Aw, x, I, <floating*> j.gw, I, NULL, 0)
+            own_gemm(O, c0, c1, N, <const floating*> j.Aw, x, I, <floating*> j.gw, I, NULL,
+                     GEMM_PACKB)
         else:
             gemm_rm(True, False, O, c1 - c0, N, 1, g, O, x + c0, I, 0,
                     <floating*> j.gw + c0, I)
@@ -1959,7 +1972,8 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
         c0 = (i - j.ngw) * j.cblk
         c1 = min(c0 + j.cblk, I)
         if j.Ax != NULL:
-            own_gemm(N, c0, c1, O, <const floating*> j.Ax, w, I, <floating*> j.gx, I, NULL, 0)
+            own_gemm(N, c0, c1, O, <const floating*> j.Ax, w, I, <floating*> j.gx, I, NULL,
+                     GEMM_PACKB)
         else:
             gemm_rm(False, False, N, c1 - c0, O, 1, g, O, w + c0, I, 0,
                     <floating*> j.gx + c0, I)
