@@ -92,6 +92,7 @@ def _extensions():
         "fastconv._kernels",
         ["src/fastconv/_kernels.pyx"],
         depends=["src/fastconv/_simd.h", "src/fastconv/_gemm.h", "src/fastconv/_winograd.h",
+                 "src/fastconv/_direct.h",
                  "src/fastconv/_pool.h"],
         extra_compile_args=cargs,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

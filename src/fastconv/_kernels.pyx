@@ -960,6 +960,163 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                 relu_rows(op + (n * L + g * Lg) * P, 1, 0, Lg * P)
 
 
+cdef extern from "_direct.h":
+    enum: FC_DIRECT_NP
+    bint fc_direct_ok() nogil
+    void fc_direct_rows_f(Py_ssize_t K, Py_ssize_t Lg, const float* w, const float* xp,
+                          Py_ssize_t sH, Py_ssize_t Wp, Py_ssize_t sW, Py_ssize_t nrows,
+                          Py_ssize_t OW, int np, const Py_ssize_t* off, float* out,
+                          Py_ssize_t plane, const float* bias, int relu) nogil
+    void fc_direct_rows_d(Py_ssize_t K, Py_ssize_t Lg, const double* w, const double* xp,
+                          Py_ssize_t sH, Py_ssize_t Wp, Py_ssize_t sW, Py_ssize_t nrows,
+                          Py_ssize_t OW, int np, const Py_ssize_t* off, double* out,
+                          Py_ssize_t plane, const double* bias, int relu) nogil
+
+
+# bytes of one item's padded input rows above which the direct convolution splits an image
+# into bands of output rows
+DEF DIRECT_BAND_MAX = 393216
+
+
+def direct_ok():
+    """Whether conv2d_direct can run (the own GEMM's AVX-512 level is in use)."""
+    return bool(fc_direct_ok())
+
+
+def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H,
+                    Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                    Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
+                    Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize):
+    """(np, rows, Rb, Wp) of conv2d_direct: pixels per tile (OW in tiles of at most 14,
+    evened out), output rows per work item (a whole image, unless its padded rows pass
+    384 KiB or several threads have fewer (image, group) items than 4 each), padded rows
+    and their length; a thread's scratch row holds Cg * Rb * Wp values.  (A 5x5 on one
+    32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
+    cdef Py_ssize_t ntl = (OW + FC_DIRECT_NP - 1) // FC_DIRECT_NP
+    cdef Py_ssize_t np = (OW + ntl - 1) // ntl
+    cdef Py_ssize_t Wp = (ntl * np - 1) * sW + (kW - 1) * dW + 1, rows = OH, Rb, parts
+    if Wp < pW + W:
+        Wp = pW + W
+    Rb = (rows - 1) * sH + (kH - 1) * dH + 1
+    if Cg * Rb * Wp * itemsize > DIRECT_BAND_MAX:
+        rows = (DIRECT_BAND_MAX // (Cg * Wp * itemsize) - (kH - 1) * dH - 1) // sH + 1
+        rows = max(rows, 1)
+    if threads > 1 and N * groups < 4 * threads:
+        parts = (4 * threads + N * groups - 1) // (N * groups)
+        rows = min(rows, max((OH + parts - 1) // parts, 1))
+    rows = min(rows, OH)
+    Rb = (rows - 1) * sH + (kH - 1) * dH + 1
+    return np, rows, Rb, Wp
+
+
+cdef struct DirJob:
+    # conv2d_direct on the pool: item = (image, group, band of `rows` output rows); the band's
+    # zero-padded input rows (Cg x Rb x Wp) are made in the thread's scratch row
+    const void* x
+    const void* w
+    const void* b
+    void* out
+    void* pad
+    const Py_ssize_t* off
+    Py_ssize_t ncol, C, H, W, L, Cg, Lg, K, groups, sH, sW, pH, pW, OH, OW, rows, nband, Rb, Wp
+    int np
+    bint has_bias, relu, dbl
+
+
+cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
+    cdef Py_ssize_t ng = i // j.nband, r0 = (i % j.nband) * j.rows
+    cdef Py_ssize_t n = ng // j.groups, g = ng % j.groups, nr = min(j.rows, j.OH - r0)
+    cdef Py_ssize_t c, rr, ih, Wp = j.Wp, W = j.W, pW = j.pW
+    cdef floating* xp = <floating*> j.pad + tid * j.ncol
+    cdef floating* row
+    cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * W
+    cdef const floating* b = <const floating*> j.b + g * j.Lg if j.has_bias else NULL
+    cdef floating* out = <floating*> j.out + ((n * j.L + g * j.Lg) * j.OH + r0) * j.OW
+    for c in range(j.Cg):
+        for rr in range(j.Rb):
+            row = xp + (c * j.Rb + rr) * Wp
+            ih = r0 * j.sH - j.pH + rr
+            if ih < 0 or ih >= j.H:
+                memset(row, 0, Wp * sizeof(floating))
+            else:
+                memset(row, 0, pW * sizeof(floating))
+                memcpy(row + pW, x + (c * j.H + ih) * W, W * sizeof(floating))
+                memset(row + pW + W, 0, (Wp - pW - W) * sizeof(floating))
+    if floating is float:
+        fc_direct_rows_f(j.K, j.Lg, <const float*> j.w + g * j.Lg * j.K, xp, j.sH, Wp, j.sW,
+                         nr, j.OW, j.np, j.off, out, j.OH * j.OW, b, j.relu)
+    else:
+        fc_direct_rows_d(j.K, j.Lg, <const double*> j.w + g * j.Lg * j.K, xp, j.sH, Wp,
+                         j.sW, nr, j.OW, j.np, j.off, out, j.OH * j.OW, b, j.relu)
+
+
+cdef void dir_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
+    cdef DirJob* j = <DirJob*> ctx
+    if j.dbl:
+        dir_job_run(j, i, tid, <double*> NULL)
+    else:
+        dir_job_run(j, i, tid, <float*> NULL)
+
+
+def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
+                  const floating[::1] bias, floating[:, :, :, ::1] out,
+                  floating[:, ::1] scratch, Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH,
+                  Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
+                  bint has_bias, int num_threads, bint relu=False):
+    """conv2d_forward by the direct kernels (_direct.h; direct_ok() only): sW 1 or 2, the
+    output channels of a group a multiple of 32 (float) / 16 (double), paddings >= 0; out's
+    size gives the bottom and right padding (taps past the input read zeros).  scratch: (threads, n)
+    with n >= Cg * Rb * Wp of direct_geometry, whose other values this recomputes."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
+    cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3], OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, ML = 64 // sizeof(floating) * 2
+    cdef Py_ssize_t g, l, k, c, kh, kw
+    cdef DirJob j
+    cdef floating* wd
+    cdef Py_ssize_t* off
+    if not fc_direct_ok():
+        raise ValueError("conv2d_direct: needs the AVX-512 level of the own GEMM")
+    if (sW != 1 and sW != 2) or Lg % ML or L % groups or C != Cg * groups or \
+            out.shape[0] != N or out.shape[1] != L or sH < 1 or dH < 1 or dW < 1 or \
+            pH < 0 or pW < 0:
+        raise ValueError("conv2d_direct: unsupported geometry")
+    np_, rows, Rb, Wp = direct_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH,
+                                        OW, num_threads, sizeof(floating))
+    if scratch.shape[0] < num_threads or scratch.shape[1] < Cg * Rb * Wp:
+        raise ValueError("conv2d_direct: scratch is smaller than one band of padded rows")
+    if N == 0 or L == 0 or OH == 0 or OW == 0:
+        return
+    wd = <floating*> malloc(L * K * sizeof(floating))
+    off = <Py_ssize_t*> malloc(K * sizeof(Py_ssize_t))
+    if wd == NULL or off == NULL:
+        free(wd)
+        free(off)
+        raise MemoryError("conv2d_direct: packed weights")
+    # weights of each group in blocks of ML output channels: wd[g][l // ML][k][l % ML]
+    cdef const floating* wsrc
+    cdef floating* wdst
+    for l in range(L):
+        wsrc = &weight[l, 0, 0, 0]
+        wdst = wd + (l // ML * ML) * K + l % ML
+        for k in range(K):
+            wdst[k * ML] = wsrc[k]
+    for c in range(Cg):
+        for kh in range(kH):
+            for kw in range(kW):
+                off[(c * kH + kh) * kW + kw] = (c * Rb + kh * dH) * Wp + kw * dW
+    j.x, j.w, j.out, j.pad, j.off = &x[0, 0, 0, 0], wd, &out[0, 0, 0, 0], &scratch[0, 0], off
+    j.b = &bias[0] if has_bias else NULL
+    j.ncol, j.C, j.H, j.W, j.L, j.Cg, j.Lg, j.K = scratch.shape[1], C, H, W, L, Cg, Lg, K
+    j.groups, j.sH, j.sW, j.pH, j.pW, j.OH, j.OW = groups, sH, sW, pH, pW, OH, OW
+    j.rows, j.nband, j.Rb, j.Wp, j.np = rows, (OH + rows - 1) // rows, Rb, Wp, np_
+    j.has_bias, j.relu, j.dbl = has_bias, relu, floating is double
+    with nogil:
+        fc_pool_run(num_threads, dir_item, &j, N * groups * j.nband)
+    free(wd)
+    free(off)
+
+
 cdef extern from "_winograd.h":
     void fc_wino_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
                            Py_ssize_t l1, float* U) nogil

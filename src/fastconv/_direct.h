@@ -1,0 +1,145 @@
+/* fastconv: direct convolution (no im2col) at the AVX-512 level, for the forward convolutions
+ * whose im2col costs most next to the GEMM: kernels 3x3 to 7x7 with stride 2, 5x5 and up.
+ *
+ * A tile is 2 vectors of output channels (32 float / 16 double) x NP output pixels of one
+ * output row, summed over all of K = C x kH x kW in registers (2 NP accumulators, NP <= 14):
+ * for each k = (c, kh, kw), two vector loads of the packed weights w[k][0:2 LANES] and NP
+ * broadcasts of the input values the NP pixels see through that tap, x_pad[c][r + kh dH]
+ * [(ow0 + i) sW + kw dW], each multiplied into both vectors.  The input is read through a
+ * zero-padded copy of the rows the tile needs (the caller's), so that no tap needs a bounds
+ * check, and the rows of tap k start at an offset from a table (off[k]).  The im2col matrix
+ * (K values for every output pixel, 9-49x the input) is never written: perf on a 64->32 5x5
+ * convolution of 14x14 images had im2col at 15 % and the own GEMM at 70 % of the time.
+ *
+ * The sum over k runs in order 0..K-1 with one FMA per k for every output value, as in the
+ * own GEMM (whose K blocks only split that order).
+ *
+ * The sums start at the bias, as in the own GEMM (whose first K block starts there), so the
+ * two give the same numbers.  The tile is stored to a small buffer, pixel-major, and written
+ * out transposed (channel rows) with the ReLU, which costs about 1/K of the FMAs.
+ */
+#ifndef FASTCONV_DIRECT_H
+#define FASTCONV_DIRECT_H
+
+#include <stddef.h>
+#include <string.h>
+#include "_gemm.h"      /* FC_HAVE_GEMM, FC_T512, fc_gemm_on */
+
+#define FC_DIRECT_NP 14          /* widest tile in pixels */
+
+#ifdef FC_HAVE_GEMM
+
+#define FC_DTILE(NAME, T, VT, LANES, NP, SW, SET1, LOADU, FMA, STORE)                           \
+FC_T512 static void NAME(ptrdiff_t K, const T* restrict w, const T* restrict x,                 \
+                         const ptrdiff_t* restrict off, const T* init, T* restrict buf) {       \
+    /* the sums start at init (the bias: the own GEMM's first K block does the same) */       \
+    VT i0 = init != NULL ? LOADU(init) : SET1((T)0);                                            \
+    VT i1 = init != NULL ? LOADU(init + LANES) : SET1((T)0);                                    \
+    VT c0[NP], c1[NP];                                                                          \
+    _Pragma("GCC unroll 14")                                                                    \
+    for (int i = 0; i < NP; i++) {                                                              \
+        c0[i] = i0;                                                                             \
+        c1[i] = i1;                                                                             \
+    }                                                                                           \
+    for (ptrdiff_t k = 0; k < K; k++) {                                                         \
+        const T* p = x + off[k];                                                                \
+        VT a0 = LOADU(w + k * 2 * LANES), a1 = LOADU(w + k * 2 * LANES + LANES);               \
+        _Pragma("GCC unroll 14")                                                                \
+        for (int i = 0; i < NP; i++) {                                                          \
+            VT b = SET1(p[i * SW]);                                                             \
+            c0[i] = FMA(a0, b, c0[i]);                                                          \
+            c1[i] = FMA(a1, b, c1[i]);                                                          \
+        }                                                                                       \
+    }                                                                                           \
+    _Pragma("GCC unroll 14")                                                                    \
+    for (int i = 0; i < NP; i++) {                                                              \
+        STORE(buf + i * 2 * LANES, c0[i]);                                                      \
+        STORE(buf + i * 2 * LANES + LANES, c1[i]);                                              \
+    }                                                                                           \
+}
+
+#define FC_DTILE_F(NP, SW) FC_DTILE(fc_dtile_f_##NP##_##SW, float, __m512, 16, NP, SW,          \
+                                    _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps,          \
+                                    _mm512_store_ps)
+#define FC_DTILE_D(NP, SW) FC_DTILE(fc_dtile_d_##NP##_##SW, double, __m512d, 8, NP, SW,         \
+                                    _mm512_set1_pd, _mm512_loadu_pd, _mm512_fmadd_pd,          \
+                                    _mm512_store_pd)
+#define FC_DTILES(NP) FC_DTILE_F(NP, 1) FC_DTILE_F(NP, 2) FC_DTILE_D(NP, 1) FC_DTILE_D(NP, 2)
+FC_DTILES(1) FC_DTILES(2) FC_DTILES(3) FC_DTILES(4) FC_DTILES(5) FC_DTILES(6) FC_DTILES(7)
+FC_DTILES(8) FC_DTILES(9) FC_DTILES(10) FC_DTILES(11) FC_DTILES(12) FC_DTILES(13)
+FC_DTILES(14)
+
+typedef void (*fc_dtile_f_fn)(ptrdiff_t, const float*, const float*, const ptrdiff_t*,
+                              const float*, float*);
+typedef void (*fc_dtile_d_fn)(ptrdiff_t, const double*, const double*, const ptrdiff_t*,
+                              const double*, double*);
+#define FC_DT_ROW(P, NP) {P##NP##_1, P##NP##_2}
+static const fc_dtile_f_fn fc_dtile_f[FC_DIRECT_NP + 1][2] = {
+    {NULL, NULL}, FC_DT_ROW(fc_dtile_f_, 1), FC_DT_ROW(fc_dtile_f_, 2),
+    FC_DT_ROW(fc_dtile_f_, 3), FC_DT_ROW(fc_dtile_f_, 4), FC_DT_ROW(fc_dtile_f_, 5),
+    FC_DT_ROW(fc_dtile_f_, 6), FC_DT_ROW(fc_dtile_f_, 7), FC_DT_ROW(fc_dtile_f_, 8),
+    FC_DT_ROW(fc_dtile_f_, 9), FC_DT_ROW(fc_dtile_f_, 10), FC_DT_ROW(fc_dtile_f_, 11),
+    FC_DT_ROW(fc_dtile_f_, 12), FC_DT_ROW(fc_dtile_f_, 13), FC_DT_ROW(fc_dtile_f_, 14)};
+static const fc_dtile_d_fn fc_dtile_d[FC_DIRECT_NP + 1][2] = {
+    {NULL, NULL}, FC_DT_ROW(fc_dtile_d_, 1), FC_DT_ROW(fc_dtile_d_, 2),
+    FC_DT_ROW(fc_dtile_d_, 3), FC_DT_ROW(fc_dtile_d_, 4), FC_DT_ROW(fc_dtile_d_, 5),
+    FC_DT_ROW(fc_dtile_d_, 6), FC_DT_ROW(fc_dtile_d_, 7), FC_DT_ROW(fc_dtile_d_, 8),
+    FC_DT_ROW(fc_dtile_d_, 9), FC_DT_ROW(fc_dtile_d_, 10), FC_DT_ROW(fc_dtile_d_, 11),
+    FC_DT_ROW(fc_dtile_d_, 12), FC_DT_ROW(fc_dtile_d_, 13), FC_DT_ROW(fc_dtile_d_, 14)};
+
+/* Whether the direct kernels can run now (the AVX-512 level of the own GEMM is in use). */
+static int fc_direct_ok(void) { return fc_gemm_on == 2; }
+
+/* Output rows [0, nrows) of one (image, group) from its padded rows xp (row r of the output
+ * reads padded rows r sH + kh dH, Wp values long, channel planes cs values apart; column
+ * ow sW + kw dW for output column ow): out row r of channel l at out + l * plane + r * OW.
+ * w: the group's weights packed by fc_direct_pack (Lg a multiple of 2 LANES), np: pixels
+ * per tile (1..14), off: the offsets of the K taps in xp. */
+#define FC_DIRECT_ROWS(NAME, T, LANES, TABLE)                                                   \
+static void NAME(ptrdiff_t K, ptrdiff_t Lg, const T* w, const T* xp, ptrdiff_t sH,             \
+                 ptrdiff_t Wp, ptrdiff_t sW, ptrdiff_t nrows, ptrdiff_t OW, int np,             \
+                 const ptrdiff_t* off, T* out, ptrdiff_t plane, const T* bias, int relu) {      \
+    T buf[FC_DIRECT_NP * 2 * LANES] __attribute__((aligned(64)));                               \
+    const ptrdiff_t ML = 2 * LANES;                                                             \
+    /* one block of channels at a time over all the rows: its weights (K x 2 LANES) stay in */ \
+    /* L2 with the padded rows (all blocks' weights, over 1 MiB in a 128->256 3x3, did not) */ \
+    for (ptrdiff_t l0 = 0; l0 < Lg; l0 += ML) {                                                 \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
+            for (ptrdiff_t ow0 = 0; ow0 < OW; ow0 += np) {                                      \
+                int nv = OW - ow0 < np ? (int)(OW - ow0) : np;                                  \
+                const T* xt = xp + r * sH * Wp + ow0 * sW;                                      \
+                TABLE[nv][sW - 1](K, w + l0 * K, xt, off, bias != NULL ? bias + l0 : NULL,     \
+                                  buf);                                                         \
+                T* o = out + l0 * plane + r * OW + ow0;                                         \
+                for (ptrdiff_t l = 0; l < ML; l++) {                                            \
+                    for (int i = 0; i < nv; i++) {                                              \
+                        T v = buf[i * ML + l];                                                  \
+                        o[l * plane + i] = relu ? (v > (T)0 || v != v ? v : (T)0) : v;         \
+                    }                                                                           \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}
+FC_DIRECT_ROWS(fc_direct_rows_f, float, 16, fc_dtile_f)
+FC_DIRECT_ROWS(fc_direct_rows_d, double, 8, fc_dtile_d)
+
+#else   /* no own GEMM: never called (fc_direct_ok() is 0) */
+static int fc_direct_ok(void) { return 0; }
+static void fc_direct_rows_f(ptrdiff_t K, ptrdiff_t Lg, const float* w, const float* xp,
+                             ptrdiff_t sH, ptrdiff_t Wp, ptrdiff_t sW, ptrdiff_t nrows,
+                             ptrdiff_t OW, int np, const ptrdiff_t* off, float* out,
+                             ptrdiff_t plane, const float* bias, int relu) {
+    (void)K; (void)Lg; (void)w; (void)xp; (void)sH; (void)Wp; (void)sW; (void)nrows;
+    (void)OW; (void)np; (void)off; (void)out; (void)plane; (void)bias; (void)relu;
+}
+static void fc_direct_rows_d(ptrdiff_t K, ptrdiff_t Lg, const double* w, const double* xp,
+                             ptrdiff_t sH, ptrdiff_t Wp, ptrdiff_t sW, ptrdiff_t nrows,
+                             ptrdiff_t OW, int np, const ptrdiff_t* off, double* out,
+                             ptrdiff_t plane, const double* bias, int relu) {
+    (void)K; (void)Lg; (void)w; (void)xp; (void)sH; (void)Wp; (void)sW; (void)nrows;
+    (void)OW; (void)np; (void)off; (void)out; (void)plane; (void)bias; (void)relu;
+}
+#endif
+
+#endif

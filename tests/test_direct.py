@@ -1,0 +1,134 @@
+"""The direct convolution kernels (_direct.h: tiles of 2 vectors of output channels x up to 14
+pixels of one output row, summed over all taps in registers, the input read through zero-padded
+rows) against im2col + GEMM, bit for bit, and against the naive reference."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastconv as fc
+import fastconv.functional as F
+import fastconv.nn as nn
+from fastconv import _kernels
+import reference as ref
+from _helpers import close as _close, num_threads
+
+pytestmark = pytest.mark.skipif(not _kernels.direct_ok(),
+                                reason="the direct kernels need the AVX-512 level")
+
+
+def close(actual, expected, dtype):
+    _close(actual, expected, dtype, atol32=2e-5)
+
+
+def both_ways(*args, **kwargs):
+    """conv2d by the direct kernels wherever they can run, and never."""
+    got = {}
+    try:
+        for mode in ("always", "never"):
+            F._DIRECT = mode
+            got[mode] = F._conv2d(*args, **kwargs)
+    finally:
+        F._DIRECT = "auto"
+    return got["always"], got["never"]
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@given(data=st.data())
+def test_direct_same_numbers_as_im2col(data):
+    """Kernels 1x1 to 7x7, strides 1-3 down and 1-2 across, dilations, paddings (asymmetric
+    'same' too), groups, one or two blocks of output channels per group, output rows wider
+    than a tile (tails of every width), bias, the fused ReLU, NaN in the input, 1-3 threads
+    (bands of rows when there are few images), both dtypes."""
+    draw = data.draw
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    block = 32 if dtype == np.float32 else 16
+    groups = draw(st.integers(1, 2), label="groups")
+    cg = draw(st.integers(1, 5), label="cg")
+    lg = block * draw(st.integers(1, 2), label="blocks")
+    kh, kw = draw(st.integers(1, 7), label="kH"), draw(st.integers(1, 7), label="kW")
+    s = (draw(st.integers(1, 3), label="sH"), draw(st.integers(1, 2), label="sW"))
+    d = (draw(st.integers(1, 2), label="dH"), draw(st.integers(1, 2), label="dW"))
+    same = s == (1, 1) and draw(st.booleans(), label="same")
+    p = "same" if same else (draw(st.integers(0, 3), label="pH"), draw(st.integers(0, 3), "pW"))
+    h = d[0] * (kh - 1) + 1 + draw(st.integers(0, 12), label="dh")
+    w = d[1] * (kw - 1) + 1 + draw(st.integers(0, 40), label="dw")
+    n = draw(st.integers(1, 3), label="N")
+    threads = draw(st.integers(1, 3), label="threads")
+    relu = draw(st.booleans(), label="relu")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    if draw(st.booleans(), label="nan"):
+        x[rng.integers(n), rng.integers(cg * groups), rng.integers(h), rng.integers(w)] = np.nan
+    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
+    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    x0 = x.copy()
+    with num_threads(threads):
+        y, y0 = both_ways(x, wt, b, s, p, d, groups, None, relu)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(x, x0)
+    expected = ref.conv2d(x, wt, b, stride=s, padding=p, dilation=d, groups=groups)
+    if relu:
+        expected = np.maximum(expected, 0)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(y), nan)
+    close(np.where(nan, 0, y), np.where(nan, 0, expected), dtype)
+
+
+@pytest.mark.parametrize("case,dtype", [
+    # (N, C, L, H, W, k, stride, padding): shapes the automatic rule sends to the kernels
+    ((4, 8, 32, 10, 12, 5, 1, 2), np.float32),        # 5x5, a batch
+    ((4, 8, 32, 10, 12, 5, 1, 2), np.float64),
+    ((4, 3, 32, 20, 23, 7, 2, 3), np.float32),        # 7x7 stride 2 from 3 channels
+    ((4, 3, 32, 20, 23, 7, 2, 3), np.float64),
+    ((1, 16, 32, 9, 30, 3, 2, 1), np.float64),        # 3x3 stride 2, float64 only
+])
+def test_direct_automatic_cases(case, dtype, monkeypatch):
+    """The shapes that _use_direct sends to the direct kernels by itself give the reference's
+    numbers through conv2d and nn.Conv2d (with the fused ReLU), with out=, and on a
+    non-contiguous, read-only input."""
+    N, C, L, H, W, k, s, p = case
+    calls = []
+    real = F._direct
+    monkeypatch.setattr(F, "_direct", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (N, C, H, 2 * W)).astype(dtype)[:, :, :, ::2]    # non-contiguous
+    x.flags.writeable = False
+    wt = rng.uniform(-1, 1, (L, C, k, k)).astype(dtype)
+    b = rng.uniform(-1, 1, L).astype(dtype)
+    expected = ref.conv2d(x, wt, b, stride=s, padding=p)
+    y = fc.conv2d(x, wt, b, stride=s, padding=p)
+    close(y, expected, dtype)
+    out = np.empty_like(y)
+    assert fc.conv2d(x, wt, b, stride=s, padding=p, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    conv = nn.Conv2d(C, L, k, stride=s, padding=p, dtype=dtype)
+    conv.weight.data[...] = wt
+    conv.bias.data[...] = b
+    model = nn.Sequential(conv, nn.ReLU())
+    close(model(x), np.maximum(expected, 0), dtype)
+    assert len(calls) == 3
+
+
+def test_direct_rule():
+    """The automatic rule: 5x5 batches and 7x7 stride-2 stems in both dtypes, 3x3 stride 2
+    in float64 only, never taps that sum fewer than 64 values, a fused max-pool, output
+    channels off the block size, or a stride of 3 across."""
+    def use(N, C, L, k, s, dtype, H=20, pool=None, groups=1):
+        x = np.zeros((N, C, H, H), dtype)
+        w = np.zeros((L, C // groups, k, k), dtype)
+        geo = F._conv_setup("conv2d", x, w, s, k // 2, 1, groups, False)
+        return F._use_direct(geo, w, np.dtype(dtype), pool, N)
+
+    with num_threads(1):
+        assert use(8, 32, 64, 5, 1, np.float32)
+        assert use(8, 3, 64, 7, 2, np.float32)
+        assert not use(8, 64, 128, 3, 2, np.float32)
+        assert use(8, 64, 128, 3, 2, np.float64)
+        assert use(1, 64, 64, 5, 1, np.float64)
+        assert not use(1, 64, 64, 5, 1, np.float32)     # batch 1: im2col + GEMM
+        assert not use(8, 1, 32, 5, 1, np.float32)      # 25 taps
+        assert not use(8, 32, 64, 5, 1, np.float32, pool=(2, 2))
+        assert not use(8, 32, 48, 5, 1, np.float32)     # 48 channels: not whole blocks
+        assert not use(8, 32, 64, 5, (1, 3), np.float32)
+        assert not use(8, 32, 64, 3, 1, np.float32)     # 3x3 stride 1: Winograd / GEMM
