@@ -118,7 +118,7 @@ def test_direct_rule():
         x = np.zeros((N, C, H, H), dtype)
         w = np.zeros((L, C // groups, k, k), dtype)
         geo = F._conv_setup("conv2d", x, w, s, k // 2, 1, groups, False)
-        return F._use_direct(geo, w, np.dtype(dtype), pool, N)
+        return F._use_direct(geo, w.shape[1], np.dtype(dtype), pool, N)
 
     with num_threads(1):
         assert use(8, 32, 64, 5, 1, np.float32)
@@ -132,3 +132,72 @@ def test_direct_rule():
         assert not use(8, 32, 48, 5, 1, np.float32)     # 48 channels: not whole blocks
         assert not use(8, 32, 64, 5, (1, 3), np.float32)
         assert not use(8, 32, 64, 3, 1, np.float32)     # 3x3 stride 1: Winograd / GEMM
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@given(data=st.data())
+def test_direct_grad_x(data):
+    """conv2d_backward's grad_x of a stride-1 convolution as the direct convolution of
+    grad_out by the flipped, transposed kernel with the complementary paddings (and the
+    weight and bias gradients beside it): the reference's numbers for kernels 1x1 to 5x5,
+    dilations, symmetric, asymmetric ('same') and zero paddings, groups, NaN in grad_out,
+    1-3 threads, both dtypes; paddings past the kernel's reach (a negative complementary
+    padding) take the GEMM path."""
+    draw = data.draw
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    block = 32 if dtype == np.float32 else 16
+    groups = draw(st.integers(1, 2), label="groups")
+    cg = block * draw(st.integers(1, 2), label="blocks")     # grad_x's output channels
+    lg = draw(st.integers(1, 3), label="lg")
+    kh, kw = draw(st.integers(1, 5), label="kH"), draw(st.integers(1, 5), label="kW")
+    d = (draw(st.integers(1, 2), label="dH"), draw(st.integers(1, 2), label="dW"))
+    same = draw(st.booleans(), label="same")
+    p = "same" if same else (draw(st.integers(0, 4), label="pH"), draw(st.integers(0, 4), "pW"))
+    h = d[0] * (kh - 1) + 1 + draw(st.integers(0, 5), label="dh")
+    w = d[1] * (kw - 1) + 1 + draw(st.integers(0, 16), label="dw")
+    n = draw(st.integers(1, 2), label="N")
+    threads = draw(st.integers(1, 3), label="threads")
+    mask = draw(st.sampled_from([(True, False, False), (True, True, True)]), label="mask")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
+    gy = rng.uniform(-1, 1, fc.conv2d(x, wt, padding=p, dilation=d, groups=groups).shape)
+    gy = gy.astype(dtype)
+    nan_in = draw(st.booleans(), label="nan")
+    if nan_in:
+        gy[rng.integers(n), rng.integers(lg * groups), rng.integers(gy.shape[2]),
+           rng.integers(gy.shape[3])] = np.nan
+    try:
+        F._DIRECT = "always"
+        with num_threads(threads):
+            got = fc.conv2d_backward(gy, x, wt, padding=p, dilation=d, groups=groups,
+                                     output_mask=mask)
+    finally:
+        F._DIRECT = "auto"
+    expected = ref.conv2d_backward(gy, x, wt, padding=p, dilation=d, groups=groups)
+    for i, (a, e, want) in enumerate(zip(got, expected, mask)):
+        if not want:
+            assert a is None
+            continue
+        if nan_in and i > 0:
+            # a NaN where the output reads only padding: the kernels (as PyTorch) multiply it
+            # by the padding's zero (NaN), the reference skips those taps; grad_x agrees
+            continue
+        nan = np.isnan(e)
+        np.testing.assert_array_equal(np.isnan(a), nan)
+        close(np.where(nan, 0, a), np.where(nan, 0, e), dtype)
+
+
+def test_direct_grad_x_is_used(monkeypatch):
+    """A 5x5 batch's grad_x goes through the direct kernels by the automatic rule."""
+    calls = []
+    real = F._direct
+    monkeypatch.setattr(F, "_direct", lambda *a: calls.append(a[4]["s"]) or real(*a))
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, (4, 32, 6, 7)).astype(np.float32)
+    wt = rng.uniform(-1, 1, (4, 32, 5, 5)).astype(np.float32)
+    gy = rng.uniform(-1, 1, (4, 4, 6, 7)).astype(np.float32)
+    with num_threads(1):
+        gx = fc.conv2d_backward(gy, x, wt, padding=2, output_mask=(True, False, False))[0]
+    assert calls == [(1, 1)]
+    close(gx, ref.conv2d_backward(gy, x, wt, padding=2)[0], np.float32)

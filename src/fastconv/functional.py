@@ -444,7 +444,7 @@ def _use_winograd(geo, weight, backward=False):
 _DIRECT = "auto"
 
 
-def _use_direct(geo, weight, dt, pool, N):
+def _use_direct(geo, Cg, dt, pool, N):
     """Whether conv2d runs by the direct kernels: AVX-512, stride 1 or 2 along the width,
     a group's output channels in whole blocks of 2 vectors, and (auto) the convolutions
     whose im2col costs most next to their GEMM.  In-process A/B against im2col + GEMM
@@ -456,7 +456,7 @@ def _use_direct(geo, weight, dt, pool, N):
     if _DIRECT == "never" or pool is not None or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
-    Lg, Cg, g = geo["L"] // geo["g"], weight.shape[1], geo["g"]
+    Lg, g = geo["L"] // geo["g"], geo["g"]
     if sW not in (1, 2) or Lg % (128 // dt.itemsize) or min(geo["pad"]) < 0:
         return False
     if _DIRECT == "always":
@@ -467,6 +467,29 @@ def _use_direct(geo, weight, dt, pool, N):
         return kH * kW >= 25 or sH * sW > 1
     work = N * geo["L"] * geo["OH"] * geo["OW"] * Cg * kH * kW
     return N * g >= 2 * _team(N * g, work) and (kH * kW >= 25 or (sH * sW > 1 and Cg <= 16))
+
+
+def _xgrad_geometry(geo, Cg):
+    """conv2d_backward's grad_x as a convolution (stride 1 only): of grad_out by the flipped,
+    transposed kernel with the complementary paddings, onto the input plane; its geometry
+    in _conv_setup's form, or None when a padding would be negative."""
+    (kH, kW), (dH, dW), pad = geo["k"], geo["d"], geo["pad"]
+    if geo["s"] != (1, 1):
+        return None
+    pad_t = ((kH - 1) * dH - pad[0], (kH - 1) * dH - pad[1],
+             (kW - 1) * dW - pad[2], (kW - 1) * dW - pad[3])
+    if min(pad_t) < 0:
+        return None
+    return dict(k=geo["k"], s=(1, 1), d=geo["d"], pad=pad_t, g=geo["g"],
+                L=geo["g"] * Cg, OH=geo["H"], OW=geo["W"])
+
+
+def _flipped(weight, g, dt):
+    """The flipped, transposed kernel of grad_x's convolution: (g * Cg, Lg, kH, kW) with
+    [g * Cg + c, l, i, j] = weight[g * Lg + l, c, kH - 1 - i, kW - 1 - j]."""
+    L, Cg, kH, kW = weight.shape
+    return np.ascontiguousarray(weight.reshape(g, L // g, Cg, kH, kW).transpose(0, 2, 1, 3, 4)
+                                [..., ::-1, ::-1].reshape(g * Cg, L // g, kH, kW), dtype=dt)
 
 
 def _direct(xc, wc, bc, out, geo, relu, N, dt, fn):
@@ -606,7 +629,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         _kernels.depthwise_forward(xc, wc, bc, out, sH, sW, pad[0], pad[2], dH, dW,
                                    b is not None, _team(N * L, N * L * OH * OW * K))
         return done(_relu_inplace(out) if relu else out)
-    if not wino and _use_direct(geo, weight, dt, pool, N):
+    if not wino and _use_direct(geo, weight.shape[1], dt, pool, N):
         _direct(xc, wc, bc, out, geo, relu, N, dt, fn)
         return done(out)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
@@ -718,14 +741,18 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     if N > 0 and need_x and _use_winograd(geo, weight, backward=True):
         # grad_x is the 3x3 stride-1 convolution of grad_out by the flipped, transposed kernel
         # with the complementary padding: Winograd too
-        Lg, Cg = L // g, weight.shape[1]
-        wt = np.ascontiguousarray(
-            weight.reshape(g, Lg, Cg, 3, 3).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
-            .reshape(g * Cg, Lg, 3, 3), dtype=dt)
         pad = geo["pad"]
-        _winograd(_c(grad_out, dt), wt, np.zeros(0, dt), gx, 2 - pad[0], 2 - pad[2], g,
-                  _team(16 * N * g, N * L * OH * OW * K), dt, fn)
+        _winograd(_c(grad_out, dt), _flipped(weight, g, dt), np.zeros(0, dt), gx, 2 - pad[0],
+                  2 - pad[2], g, _team(16 * N * g, N * L * OH * OW * K), dt, fn)
         need_x = False
+    elif N > 0 and need_x:
+        geo_x = _xgrad_geometry(geo, weight.shape[1])
+        if geo_x is not None and _use_direct(geo_x, L // g, dt, None, N):
+            # the same convolution by the direct kernels (a 64->32 5x5 on 14x14: 1.33x the
+            # GEMM + col2im it replaces)
+            _direct(_c(grad_out, dt), _flipped(weight, g, dt), np.zeros(0, dt), gx, geo_x,
+                    False, N, dt, fn)
+            need_x = False
     wtrans = False
     if N > 0 and (need_x or need_w or need_b):
         gyc, wc = _c(grad_out, dt), _c(weight, dt)
