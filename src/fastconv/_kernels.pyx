@@ -1021,6 +1021,7 @@ cdef struct DirJob:
     Py_ssize_t ncol, C, H, W, L, Cg, Lg, K, groups, sH, sW, pH, pW, OH, OW, rows, nband, Rb, Wp
     int np
     bint has_bias, relu, dbl
+    unsigned char* zeroed       # [tid]: the thread's padded rows zeroed in this call
 
 
 cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
@@ -1032,16 +1033,18 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
     cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * W
     cdef const floating* b = <const floating*> j.b + g * j.Lg if j.has_bias else NULL
     cdef floating* out = <floating*> j.out + ((n * j.L + g * j.Lg) * j.OH + r0) * j.OW
+    if not j.zeroed[tid]:
+        # the padding columns are never written after this: only the rows' middles change
+        memset(xp, 0, j.Cg * j.Rb * Wp * sizeof(floating))
+        j.zeroed[tid] = 1
     for c in range(j.Cg):
         for rr in range(j.Rb):
-            row = xp + (c * j.Rb + rr) * Wp
+            row = xp + (c * j.Rb + rr) * Wp + pW
             ih = r0 * j.sH - j.pH + rr
             if ih < 0 or ih >= j.H:
-                memset(row, 0, Wp * sizeof(floating))
+                memset(row, 0, W * sizeof(floating))
             else:
-                memset(row, 0, pW * sizeof(floating))
-                memcpy(row + pW, x + (c * j.H + ih) * W, W * sizeof(floating))
-                memset(row + pW + W, 0, (Wp - pW - W) * sizeof(floating))
+                memcpy(row, x + (c * j.H + ih) * W, W * sizeof(floating))
     if floating is float:
         fc_direct_rows_f(j.K, j.Lg, <const float*> j.w + g * j.Lg * j.K, xp, j.sH, Wp, j.sW,
                          nr, j.OW, j.np, j.off, out, j.OH * j.OW, b, j.relu)
@@ -1111,10 +1114,16 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     j.groups, j.sH, j.sW, j.pH, j.pW, j.OH, j.OW = groups, sH, sW, pH, pW, OH, OW
     j.rows, j.nband, j.Rb, j.Wp, j.np = rows, (OH + rows - 1) // rows, Rb, Wp, np_
     j.has_bias, j.relu, j.dbl = has_bias, relu, floating is double
+    j.zeroed = <unsigned char*> calloc(max(num_threads, 1), 1)
+    if j.zeroed == NULL:
+        free(wd)
+        free(off)
+        raise MemoryError("conv2d_direct: thread flags")
     with nogil:
         fc_pool_run(num_threads, dir_item, &j, N * groups * j.nband)
     free(wd)
     free(off)
+    free(j.zeroed)
 
 
 cdef extern from "_winograd.h":

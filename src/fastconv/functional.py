@@ -452,7 +452,8 @@ def _use_direct(geo, Cg, dt, pool, N):
     stride 2 from 3 channels 1.37x; float32 5x5 (batch 64) 1.0-1.26x, 7x7 stride 2 from 3
     channels 1.26-1.33x, but 3x3 stride 2 from 64-128 channels 0.97-1.03x and batch 1
     0.76-0.93x (bands of rows re-read the weights); taps summing fewer than 64 values (a
-    1->32 5x5: 0.6x) spend more on the tile's transposed store than they save."""
+    1->32 5x5: 0.6x) spend more on the tile's transposed store than they save, and tiles
+    narrower than 10 pixels (output rows of 16: tiles of 8) hold too few sums (0.88-0.94x)."""
     if _DIRECT == "never" or pool is not None or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
@@ -461,7 +462,8 @@ def _use_direct(geo, Cg, dt, pool, N):
         return False
     if _DIRECT == "always":
         return True
-    if kH * kW < 9 or Cg * kH * kW < 64:
+    ow = geo["OW"]
+    if kH * kW < 9 or Cg * kH * kW < 64 or -(-ow // -(-ow // 14)) < 10:
         return False
     if dt.itemsize == 8:
         return kH * kW >= 25 or sH * sW > 1
