@@ -123,6 +123,9 @@ def test_direct_rule():
     with num_threads(1):
         assert use(8, 32, 64, 5, 1, np.float32)
         assert use(8, 3, 64, 7, 2, np.float32)
+        assert use(1, 3, 64, 7, 2, np.float32)          # a stem, even at batch 1
+        assert not use(1, 16, 32, 3, 2, np.float32)
+        assert use(8, 16, 32, 3, 2, np.float32)
         assert not use(8, 64, 128, 3, 2, np.float32)
         assert use(8, 64, 128, 3, 2, np.float64)
         assert use(1, 64, 64, 5, 1, np.float64)
