@@ -1068,13 +1068,15 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
                   bint has_bias, int num_threads, bint relu=False):
     """conv2d_forward by the direct kernels (_direct.h; direct_ok() only): sW 1 or 2, the
     output channels of a group a multiple of 32 (float) / 16 (double), paddings >= 0; out's
-    size gives the bottom and right padding (taps past the input read zeros).  scratch: (threads, n)
-    with n >= Cg * Rb * Wp of direct_geometry, whose other values this recomputes."""
+    size gives the bottom and right padding (taps past the input read zeros).  scratch:
+    (threads, n) with n >= Cg * Rb * Wp of direct_geometry, whose other values this
+    recomputes."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
-    cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3], OH = out.shape[2], OW = out.shape[3]
+    cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3]
+    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, ML = 64 // sizeof(floating) * 2
-    cdef Py_ssize_t g, l, k, c, kh, kw
+    cdef Py_ssize_t l, k, c, kh, kw
     cdef DirJob j
     cdef floating* wd
     cdef Py_ssize_t* off
