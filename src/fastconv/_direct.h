@@ -14,9 +14,10 @@
  * The sum over k runs in order 0..K-1 with one FMA per k for every output value, as in the
  * own GEMM (whose K blocks only split that order).
  *
- * The sums start at the bias, as in the own GEMM (whose first K block starts there), so the
- * two give the same numbers.  The tile is stored to a small buffer, pixel-major, and written
- * out transposed (channel rows) with the ReLU, which costs about 1/K of the FMAs.
+ * The sums start at the bias, as in the own GEMM (whose first K block starts there), and the
+ * ReLU is the micro-kernels' (NaN kept, -0 -> +0), so the two give the same numbers.  The
+ * tile is stored to a small buffer, pixel-major, and written out transposed (channel rows;
+ * 8x8 register transposes for float32).
  */
 #ifndef FASTCONV_DIRECT_H
 #define FASTCONV_DIRECT_H
@@ -29,9 +30,10 @@
 
 #ifdef FC_HAVE_GEMM
 
-#define FC_DTILE(NAME, T, VT, LANES, NP, SW, SET1, LOADU, FMA, STORE)                           \
+#define FC_DTILE(NAME, T, VT, LANES, NP, SW, SET1, LOADU, FMA, STORE, RELU)                     \
 FC_T512 static void NAME(ptrdiff_t K, const T* restrict w, const T* restrict x,                 \
-                         const ptrdiff_t* restrict off, const T* init, T* restrict buf) {       \
+                         const ptrdiff_t* restrict off, const T* init, int relu,                \
+                         T* restrict buf) {                                                     \
     /* the sums start at init (the bias: the own GEMM's first K block does the same) */       \
     VT i0 = init != NULL ? LOADU(init) : SET1((T)0);                                            \
     VT i1 = init != NULL ? LOADU(init + LANES) : SET1((T)0);                                    \
@@ -53,26 +55,26 @@ FC_T512 static void NAME(ptrdiff_t K, const T* restrict w, const T* restrict x, 
     }                                                                                           \
     _Pragma("GCC unroll 14")                                                                    \
     for (int i = 0; i < NP; i++) {                                                              \
-        STORE(buf + i * 2 * LANES, c0[i]);                                                      \
-        STORE(buf + i * 2 * LANES + LANES, c1[i]);                                              \
+        STORE(buf + i * 2 * LANES, relu ? RELU(c0[i]) : c0[i]);                                 \
+        STORE(buf + i * 2 * LANES + LANES, relu ? RELU(c1[i]) : c1[i]);                         \
     }                                                                                           \
 }
 
 #define FC_DTILE_F(NP, SW) FC_DTILE(fc_dtile_f_##NP##_##SW, float, __m512, 16, NP, SW,          \
                                     _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps,          \
-                                    _mm512_store_ps)
+                                    _mm512_store_ps, FC_RELU_PS512)
 #define FC_DTILE_D(NP, SW) FC_DTILE(fc_dtile_d_##NP##_##SW, double, __m512d, 8, NP, SW,         \
                                     _mm512_set1_pd, _mm512_loadu_pd, _mm512_fmadd_pd,          \
-                                    _mm512_store_pd)
+                                    _mm512_store_pd, FC_RELU_PD512)
 #define FC_DTILES(NP) FC_DTILE_F(NP, 1) FC_DTILE_F(NP, 2) FC_DTILE_D(NP, 1) FC_DTILE_D(NP, 2)
 FC_DTILES(1) FC_DTILES(2) FC_DTILES(3) FC_DTILES(4) FC_DTILES(5) FC_DTILES(6) FC_DTILES(7)
 FC_DTILES(8) FC_DTILES(9) FC_DTILES(10) FC_DTILES(11) FC_DTILES(12) FC_DTILES(13)
 FC_DTILES(14)
 
 typedef void (*fc_dtile_f_fn)(ptrdiff_t, const float*, const float*, const ptrdiff_t*,
-                              const float*, float*);
+                              const float*, int, float*);
 typedef void (*fc_dtile_d_fn)(ptrdiff_t, const double*, const double*, const ptrdiff_t*,
-                              const double*, double*);
+                              const double*, int, double*);
 #define FC_DT_ROW(P, NP) {P##NP##_1, P##NP##_2}
 static const fc_dtile_f_fn fc_dtile_f[FC_DIRECT_NP + 1][2] = {
     {NULL, NULL}, FC_DT_ROW(fc_dtile_f_, 1), FC_DT_ROW(fc_dtile_f_, 2),
@@ -95,7 +97,29 @@ static int fc_direct_ok(void) { return fc_gemm_on == 2; }
  * ow sW + kw dW for output column ow): out row r of channel l at out + l * plane + r * OW.
  * w: the group's weights packed by fc_direct_pack (Lg a multiple of 2 LANES), np: pixels
  * per tile (1..14), off: the offsets of the K taps in xp. */
-#define FC_DIRECT_ROWS(NAME, T, LANES, TABLE)                                                   \
+/* the tile's nv pixels x 32 float channels (buf pixel-major) into channel rows plane apart:
+ * 8x8 register transposes of the pixels [0, 8) and [nv - 8, nv) (overlapping: the same values
+ * twice), scalar below 8 pixels */
+FC_T512 static void fc_dstore_f(const float* buf, int nv, float* o, ptrdiff_t plane) {
+    if (nv >= 8) {
+        for (int c0 = 0; c0 < 32; c0 += 8) {
+            fc_tr8x8_ps(buf + c0, 32, o + c0 * plane, plane);
+            if (nv > 8)
+                fc_tr8x8_ps(buf + (nv - 8) * 32 + c0, 32, o + c0 * plane + nv - 8, plane);
+        }
+        return;
+    }
+    for (int l = 0; l < 32; l++)
+        for (int i = 0; i < nv; i++)
+            o[l * plane + i] = buf[i * 32 + l];
+}
+static void fc_dstore_d(const double* buf, int nv, double* o, ptrdiff_t plane) {
+    for (int l = 0; l < 16; l++)
+        for (int i = 0; i < nv; i++)
+            o[l * plane + i] = buf[i * 16 + l];
+}
+
+#define FC_DIRECT_ROWS(NAME, T, LANES, TABLE, DSTORE)                                           \
 static void NAME(ptrdiff_t K, ptrdiff_t Lg, const T* w, const T* xp, ptrdiff_t sH,             \
                  ptrdiff_t Wp, ptrdiff_t sW, ptrdiff_t nrows, ptrdiff_t OW, int np,             \
                  const ptrdiff_t* off, T* out, ptrdiff_t plane, const T* bias, int relu) {      \
@@ -109,20 +133,14 @@ static void NAME(ptrdiff_t K, ptrdiff_t Lg, const T* w, const T* xp, ptrdiff_t s
                 int nv = OW - ow0 < np ? (int)(OW - ow0) : np;                                  \
                 const T* xt = xp + r * sH * Wp + ow0 * sW;                                      \
                 TABLE[nv][sW - 1](K, w + l0 * K, xt, off, bias != NULL ? bias + l0 : NULL,     \
-                                  buf);                                                         \
-                T* o = out + l0 * plane + r * OW + ow0;                                         \
-                for (ptrdiff_t l = 0; l < ML; l++) {                                            \
-                    for (int i = 0; i < nv; i++) {                                              \
-                        T v = buf[i * ML + l];                                                  \
-                        o[l * plane + i] = relu ? (v > (T)0 || v != v ? v : (T)0) : v;         \
-                    }                                                                           \
-                }                                                                               \
+                                  relu, buf);                                                   \
+                DSTORE(buf, nv, out + l0 * plane + r * OW + ow0, plane);                        \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
 }
-FC_DIRECT_ROWS(fc_direct_rows_f, float, 16, fc_dtile_f)
-FC_DIRECT_ROWS(fc_direct_rows_d, double, 8, fc_dtile_d)
+FC_DIRECT_ROWS(fc_direct_rows_f, float, 16, fc_dtile_f, fc_dstore_f)
+FC_DIRECT_ROWS(fc_direct_rows_d, double, 8, fc_dtile_d, fc_dstore_d)
 
 #else   /* no own GEMM: never called (fc_direct_ok() is 0) */
 static int fc_direct_ok(void) { return 0; }
