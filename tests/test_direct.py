@@ -112,7 +112,7 @@ def test_direct_automatic_cases(case, dtype, monkeypatch):
 
 def test_direct_rule():
     """The automatic rule: 5x5 batches and 7x7 stride-2 stems in both dtypes, 3x3 stride 2
-    in float64 only, never taps that sum fewer than 64 values, a fused max-pool, output
+    in float64 and, from at most 64 channels, in float32, never taps that sum fewer than 64 values, a fused max-pool, output
     channels off the block size, a stride of 3 across, or tiles narrower than 10 pixels."""
     def use(N, C, L, k, s, dtype, H=20, pool=None, groups=1):
         x = np.zeros((N, C, H, H), dtype)
@@ -126,7 +126,8 @@ def test_direct_rule():
         assert use(1, 3, 64, 7, 2, np.float32)          # a stem, even at batch 1
         assert not use(1, 16, 32, 3, 2, np.float32)
         assert use(8, 16, 32, 3, 2, np.float32)
-        assert not use(8, 64, 128, 3, 2, np.float32)
+        assert use(8, 64, 128, 3, 2, np.float32)
+        assert not use(8, 128, 256, 3, 2, np.float32)
         assert use(8, 64, 128, 3, 2, np.float64)
         assert use(1, 64, 64, 5, 1, np.float64)
         assert not use(1, 64, 64, 5, 1, np.float32)     # batch 1: im2col + GEMM

@@ -449,11 +449,12 @@ def _use_direct(geo, Cg, dt, pool, N):
     a group's output channels in whole blocks of 2 vectors, and (auto) the convolutions
     whose im2col costs most next to their GEMM.  In-process A/B against im2col + GEMM
     (Xeon with AVX-512, 2026-12-03): float64 5x5 1.16-1.30x, 3x3 stride 2 1.06-1.12x, 7x7
-    stride 2 from 3 channels 1.37x; float32 5x5 (batch 64) 1.0-1.26x, 7x7 stride 2 from 3
-    channels 1.26-1.33x, but 3x3 stride 2 from 64-128 channels 0.97-1.03x and batch 1
-    0.76-0.93x (bands of rows re-read the weights); taps summing fewer than 64 values (a
-    1->32 5x5: 0.6x) spend more on the tile's transposed store than they save, and tiles
-    narrower than 10 pixels (output rows of 16: tiles of 8) hold too few sums (0.88-0.94x)."""
+    stride 2 from 3 channels 1.37x; float32 5x5 (batch 64) 1.03-1.26x, 7x7 stride 2 from 3
+    channels 1.37x, 3x3 stride 2 from 32-64 channels 1.02-1.06x, but from 128 channels
+    0.99-1.00x and batch 1 0.85-0.94x (bands of rows re-read the weights); taps summing
+    fewer than 64 values (a 1->32 5x5: 0.6-0.76x) spend more on the tile's transposed store
+    than they save, and tiles narrower than 10 pixels (output rows of 16: tiles of 8) hold
+    too few sums (0.88-0.94x)."""
     if _DIRECT == "never" or pool is not None or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
@@ -469,8 +470,10 @@ def _use_direct(geo, Cg, dt, pool, N):
         return kH * kW >= 25 or sH * sW > 1
     work = N * geo["L"] * geo["OH"] * geo["OW"] * Cg * kH * kW
     batch = N * g >= 2 * _team(N * g, work)
-    if sH * sW > 1 and Cg <= 16:        # a stem: 7x7 s2 from 3 channels 1.26-1.35x at batch 1-2
+    if sH * sW > 1 and Cg <= 16:        # a stem: 7x7 s2 from 3 channels 1.37x at batch 1-2
         return batch or kH * kW >= 25
+    if sH * sW > 1:                     # 3x3 s2 64->128 1.04-1.06x, 128->256 0.99-1.00x
+        return batch and Cg <= 64
     return batch and kH * kW >= 25
 
 
