@@ -75,19 +75,14 @@ typedef void (*fc_dtile_f_fn)(ptrdiff_t, const float*, const float*, const ptrdi
                               const float*, int, float*);
 typedef void (*fc_dtile_d_fn)(ptrdiff_t, const double*, const double*, const ptrdiff_t*,
                               const double*, int, double*);
+/* [np][sW - 1]: the tile of np pixels for that stride (row 0 unused) */
 #define FC_DT_ROW(P, NP) {P##NP##_1, P##NP##_2}
-static const fc_dtile_f_fn fc_dtile_f[FC_DIRECT_NP + 1][2] = {
-    {NULL, NULL}, FC_DT_ROW(fc_dtile_f_, 1), FC_DT_ROW(fc_dtile_f_, 2),
-    FC_DT_ROW(fc_dtile_f_, 3), FC_DT_ROW(fc_dtile_f_, 4), FC_DT_ROW(fc_dtile_f_, 5),
-    FC_DT_ROW(fc_dtile_f_, 6), FC_DT_ROW(fc_dtile_f_, 7), FC_DT_ROW(fc_dtile_f_, 8),
-    FC_DT_ROW(fc_dtile_f_, 9), FC_DT_ROW(fc_dtile_f_, 10), FC_DT_ROW(fc_dtile_f_, 11),
-    FC_DT_ROW(fc_dtile_f_, 12), FC_DT_ROW(fc_dtile_f_, 13), FC_DT_ROW(fc_dtile_f_, 14)};
-static const fc_dtile_d_fn fc_dtile_d[FC_DIRECT_NP + 1][2] = {
-    {NULL, NULL}, FC_DT_ROW(fc_dtile_d_, 1), FC_DT_ROW(fc_dtile_d_, 2),
-    FC_DT_ROW(fc_dtile_d_, 3), FC_DT_ROW(fc_dtile_d_, 4), FC_DT_ROW(fc_dtile_d_, 5),
-    FC_DT_ROW(fc_dtile_d_, 6), FC_DT_ROW(fc_dtile_d_, 7), FC_DT_ROW(fc_dtile_d_, 8),
-    FC_DT_ROW(fc_dtile_d_, 9), FC_DT_ROW(fc_dtile_d_, 10), FC_DT_ROW(fc_dtile_d_, 11),
-    FC_DT_ROW(fc_dtile_d_, 12), FC_DT_ROW(fc_dtile_d_, 13), FC_DT_ROW(fc_dtile_d_, 14)};
+#define FC_DT_TABLE(P)                                                                          \
+    {{NULL, NULL}, FC_DT_ROW(P, 1), FC_DT_ROW(P, 2), FC_DT_ROW(P, 3), FC_DT_ROW(P, 4),          \
+     FC_DT_ROW(P, 5), FC_DT_ROW(P, 6), FC_DT_ROW(P, 7), FC_DT_ROW(P, 8), FC_DT_ROW(P, 9),       \
+     FC_DT_ROW(P, 10), FC_DT_ROW(P, 11), FC_DT_ROW(P, 12), FC_DT_ROW(P, 13), FC_DT_ROW(P, 14)}
+static const fc_dtile_f_fn fc_dtile_f[FC_DIRECT_NP + 1][2] = FC_DT_TABLE(fc_dtile_f_);
+static const fc_dtile_d_fn fc_dtile_d[FC_DIRECT_NP + 1][2] = FC_DT_TABLE(fc_dtile_d_);
 
 /* Whether the direct kernels can run now (the AVX-512 level of the own GEMM is in use). */
 static int fc_direct_ok(void) { return fc_gemm_on == 2; }
