@@ -477,3 +477,32 @@ def test_depthwise_3x3_padded_planes(level, dtype):
             x[1, 2, 0, 0] = np.nan
             close(fc.conv2d(x, w, b, padding=p, groups=3),
                   ref.conv2d(x, w, b, padding=p, groups=3), dtype)
+
+
+@pytest.mark.parametrize("x512", [True, False])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_upsample_x2_rows(x512, level, dtype):
+    """Nearest upsampling by 2 along the width (fc_ups2_row: both output rows of x2 along the
+    height written in one pass, one row at x1, the rest copied at x3): widths that give no
+    full vector, full vectors of 8 doubles / 16 floats and every masked tail of both, with
+    NaN and infinities (copied as they are), against the reference; bit for bit, since
+    upsampling only copies.  x512: the AVX-512 build where the CPU has it (set_simd512)."""
+    r = np.random.default_rng(5)
+    old512 = _kernels.set_simd512(x512)
+    try:
+        with simd(level):
+            for W in list(range(1, 41)) + [63, 64, 65, 100]:
+                x = r.uniform(-1, 1, (2, 3, 3, W)).astype(dtype)
+                x[0, 1, 2, r.integers(0, W)] = np.nan
+                x[1, 2, 0, -1] = np.inf
+                x[1, 0, 1, 0] = -np.inf
+                for scale in (2, (1, 2), (3, 2), (2, 1)):
+                    got = fc.upsample_nearest2d(x, scale)
+                    np.testing.assert_array_equal(got, ref.upsample_nearest2d(x, scale))
+                    # the same rows written into an array with values already in it
+                    out = np.full_like(got, 7.0)
+                    fc.upsample_nearest2d(x, scale, out=out)
+                    np.testing.assert_array_equal(out, got)
+    finally:
+        _kernels.set_simd512(old512)

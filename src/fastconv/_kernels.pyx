@@ -116,6 +116,8 @@ cdef extern from "_simd.h":
     void fc_col2im_pair_d(double* d, const double* a, const double* b, Py_ssize_t n) nogil
     void fc_col2im_s1_f(float* d, Py_ssize_t ds, const float* s, Py_ssize_t OW,
                         Py_ssize_t rows, Py_ssize_t lo, Py_ssize_t hi) nogil
+    void fc_ups2_row_f(const float* s, Py_ssize_t W, float* d0, float* d1) nogil
+    void fc_ups2_row_d(const double* s, Py_ssize_t W, double* d0, double* d1) nogil
     void fc_col2im_s1_d(double* d, Py_ssize_t ds, const double* s, Py_ssize_t OW,
                         Py_ssize_t rows, Py_ssize_t lo, Py_ssize_t hi) nogil
     int fc_simd_init() nogil
@@ -3278,31 +3280,22 @@ def avg_pool2d_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :,
 cdef void upsample_row(const floating* src, Py_ssize_t W, Py_ssize_t sH, Py_ssize_t sW,
                        floating* dst) noexcept nogil:
     """One input row -> sH identical output rows of W * sW values (x2 and x1 vectorise)."""
-    cdef Py_ssize_t iw, j, r, OW = W * sW
+    cdef Py_ssize_t iw, j, r, r0 = 1, OW = W * sW
     cdef floating v
-    cdef floating* d1
-    if sW == 2 and sH == 2:            # both output rows in one pass: no second read
-        d1 = dst + OW
-        for iw in range(W):
-            v = src[iw]
-            dst[2 * iw] = v
-            dst[2 * iw + 1] = v
-            d1[2 * iw] = v
-            d1[2 * iw + 1] = v
-        return
-    if sW == 1:
+    if sW == 2:                        # x2: the first two output rows in one pass (_simd.h)
+        r0 = 2 if sH >= 2 else 1
+        if floating is float:
+            fc_ups2_row_f(src, W, dst, dst + OW if sH >= 2 else NULL)
+        else:
+            fc_ups2_row_d(src, W, dst, dst + OW if sH >= 2 else NULL)
+    elif sW == 1:
         memcpy(dst, src, W * sizeof(floating))
-    elif sW == 2:
-        for iw in range(W):
-            v = src[iw]
-            dst[2 * iw] = v
-            dst[2 * iw + 1] = v
     else:
         for iw in range(W):
             v = src[iw]
             for j in range(sW):
                 dst[iw * sW + j] = v
-    for r in range(1, sH):
+    for r in range(r0, sH):
         memcpy(dst + r * OW, dst, OW * sizeof(floating))
 
 
