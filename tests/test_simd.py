@@ -26,6 +26,21 @@ def simd(level):
         _kernels.set_simd(before == "avx2")
 
 
+# the levels of the cross-entropy rows: "avx512" is the AVX2 level with the rows' AVX-512 build
+# on (set_simd512), "avx2" the same level with it off
+XLEVELS = LEVELS + (["avx512"] if len(LEVELS) > 1 and _kernels.set_simd512(True) else [])
+
+
+@contextlib.contextmanager
+def xsimd(level):
+    old512 = _kernels.set_simd512(level == "avx512")
+    try:
+        with simd("baseline" if level == "baseline" else "avx2"):
+            yield
+    finally:
+        _kernels.set_simd512(old512)
+
+
 def close(actual, expected, dtype):
     expected = np.asarray(expected, dtype=np.float64)
     actual = np.asarray(actual)
@@ -45,7 +60,7 @@ def test_levels_reported():
         assert _kernels.simd_level() == "baseline"
 
 
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", XLEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C", SIZES)
 def test_cross_entropy_rows(level, dtype, C):
@@ -58,7 +73,7 @@ def test_cross_entropy_rows(level, dtype, C):
     probs = rng.uniform(0, 1, (N, C))
     probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
     w = rng.uniform(0.1, 2, C).astype(dtype)
-    with simd(level):
+    with xsimd(level):
         for target in (labels, probs):
             for kw in (dict(), dict(weight=w, label_smoothing=0.1, reduction="none")):
                 close(fc.cross_entropy(logits, target, **kw),
@@ -67,7 +82,7 @@ def test_cross_entropy_rows(level, dtype, C):
                       ref.cross_entropy_backward(logits, target, **kw), dtype)
 
 
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", XLEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C", [8, 9, 16, 17, 33, 300])
 def test_cross_entropy_special_values(level, dtype, C):
@@ -87,7 +102,7 @@ def test_cross_entropy_special_values(level, dtype, C):
     logits[6] = -np.inf                       # every class impossible: NaN, as in PyTorch
     labels = np.array([1, 0, 0, 0, 1, 3 % C, 0, 2], dtype=np.int64)
     labels[4] = 1                             # a possible class (odd columns are finite)
-    with simd(level):
+    with xsimd(level):
         for red in ("none", "sum"):
             got = fc.cross_entropy(logits, labels, reduction=red)
             want = ref.cross_entropy(logits, labels, reduction=red)
@@ -103,23 +118,24 @@ def test_cross_entropy_special_values(level, dtype, C):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_levels_agree(dtype):
-    """Both levels compute the same formulas; only the order of partial sums differs."""
+    """The levels compute the same formulas; only the order of partial sums differs."""
     if len(LEVELS) < 2:
         pytest.skip("this CPU has no AVX2+FMA")
     rng = np.random.default_rng(7)
     logits = rng.uniform(-30, 30, (64, 1000)).astype(dtype)
     labels = rng.integers(0, 1000, 64)
     res = {}
-    for level in LEVELS:
-        with simd(level):
+    for level in XLEVELS:
+        with xsimd(level):
             res[level] = (fc.cross_entropy(logits, labels, reduction="none"),
                           fc.cross_entropy_backward(logits, labels))
     tol = 1e-5 if dtype == np.float32 else 1e-13
-    for a, b in zip(res["baseline"], res["avx2"]):
-        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    for level in XLEVELS[1:]:
+        for a, b in zip(res["baseline"], res[level]):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", XLEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cross_entropy_special_values_match_torch(level, dtype):
     """The NaN/inf conventions above are PyTorch's (optional: needs torch)."""
@@ -130,7 +146,7 @@ def test_cross_entropy_special_values_match_torch(level, dtype):
     t = torch.from_numpy(logits).requires_grad_()
     want = torch.nn.functional.cross_entropy(t, torch.from_numpy(labels), reduction="none")
     want.sum().backward()
-    with simd(level):
+    with xsimd(level):
         got = fc.cross_entropy(logits, labels, reduction="none")
         g = fc.cross_entropy_backward(logits, labels, reduction="none")
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-6, atol=1e-7)

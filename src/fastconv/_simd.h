@@ -156,6 +156,8 @@ static void fc_softmax_grad2_d_base(const double* restrict z, ptrdiff_t n, doubl
 /* AVX2 without FMA: loops whose roundings must stay those of the portable code (no
    contraction of a * b + c) */
 #define FC_AVX2_NOFMA __attribute__((target("avx2")))
+/* AVX-512 F/VL/BW/DQ, for the loops that also have a build for it (fc_avx512_on) */
+#define FC_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")))
 
 /* The same Cephes formulas, 8 floats / 4 doubles at a time; x <= 0 or NaN. */
 FC_AVX2 static inline __m256 fc_exp8_nonpos(__m256 x) {
@@ -408,6 +410,202 @@ FC_AVX2 static double fc_max_d_avx2(const double* z, ptrdiff_t n) {
     return m;
 }
 
+/* The exp rows again for AVX-512: 16 floats / 8 doubles a vector, lane for lane the same
+   operations as fc_exp8_nonpos / fc_exp4_nonpos (so the same exp values; the sums, in 16 or
+   8 lanes, differ from the AVX2 ones in rounding only).  The cross-entropy's rows are
+   arithmetic-bound: fc_sumexp was 60 % of a 1024 x 1000 float32 forward at the AVX2 level. */
+FC_AVX512 static inline __m512 fc_exp16_nonpos(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.33654f);
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    __m512 xs = _mm512_max_ps(x, lo);                 /* NaN -> lo (max returns operand 2) */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xs, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xs);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n),
+                                                   _mm512_set1_epi32(127)), 23);
+    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    y = _mm512_maskz_mov_ps((__mmask16)~under, y);   /* below FLT_MIN: flushed to zero */
+    return _mm512_mask_blend_ps(nan, y, x);
+}
+
+FC_AVX512 static inline __m512d fc_exp8d_nonpos(__m512d x) {
+    const __m512d lo = _mm512_set1_pd(-708.3964);
+    __mmask8 nan = _mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q);
+    __mmask8 under = _mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ);
+    __m512d xs = _mm512_max_pd(x, lo);
+    __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(xs, _mm512_set1_pd(1.4426950408889634074)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93145751953125E-1), xs);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.42860682030941723212E-6), r);
+    __m512d rr = _mm512_mul_pd(r, r);
+    __m512d px = _mm512_fmadd_pd(_mm512_set1_pd(1.26177193074810590878E-4), rr,
+                                 _mm512_set1_pd(3.02994407707441961300E-2));
+    px = _mm512_mul_pd(r, _mm512_fmadd_pd(px, rr, _mm512_set1_pd(9.99999999999999999910E-1)));
+    __m512d qx = _mm512_fmadd_pd(_mm512_set1_pd(3.00198505138664455042E-6), rr,
+                                 _mm512_set1_pd(2.52448340349684104192E-3));
+    qx = _mm512_fmadd_pd(qx, rr, _mm512_set1_pd(2.27265548208155028766E-1));
+    qx = _mm512_fmadd_pd(qx, rr, _mm512_set1_pd(2.00000000000000000009E0));
+    __m512d e = _mm512_div_pd(px, _mm512_sub_pd(qx, px));
+    e = _mm512_fmadd_pd(_mm512_set1_pd(2.0), e, _mm512_set1_pd(1.0));
+    __m512i ni = _mm512_cvtepi32_epi64(_mm512_cvtpd_epi32(n));
+    __m512i bits = _mm512_slli_epi64(_mm512_add_epi64(ni, _mm512_set1_epi64(1023)), 52);
+    __m512d y = _mm512_mul_pd(e, _mm512_castsi512_pd(bits));
+    y = _mm512_maskz_mov_pd((__mmask8)~under, y);
+    return _mm512_mask_blend_pd(nan, y, x);
+}
+
+/* sum(exp(z - m)) as fc_sumexp_f_avx2: two accumulators, flushed to double every FC_BLOCK;
+   the row's tail as one masked vector (lanes off read as -inf: exp 0) */
+FC_AVX512 static float fc_sumexp_f_avx512(const float* z, ptrdiff_t n, float m) {
+    const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t end = n - c0 < FC_BLOCK ? n : c0 + FC_BLOCK, i = c0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (; i + 32 <= end; i += 32) {
+            a0 = _mm512_add_ps(a0, fc_exp16_nonpos(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm)));
+            a1 = _mm512_add_ps(a1, fc_exp16_nonpos(_mm512_sub_ps(_mm512_loadu_ps(z + i + 16),
+                                                                 vm)));
+        }
+        for (; i < end; i += 16) {
+            ptrdiff_t k = end - i < 16 ? end - i : 16;
+            __m512 v = _mm512_mask_loadu_ps(ninf, (__mmask16)((1u << k) - 1), z + i);
+            a1 = _mm512_add_ps(a1, fc_exp16_nonpos(_mm512_sub_ps(v, vm)));
+        }
+        total += (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+    return (float)total;
+}
+
+FC_AVX512 static double fc_sumexp_d_avx512(const double* z, ptrdiff_t n, double m) {
+    const __m512d vm = _mm512_set1_pd(m), ninf = _mm512_set1_pd(-INFINITY);
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm512_add_pd(a0, fc_exp8d_nonpos(_mm512_sub_pd(_mm512_loadu_pd(z + i), vm)));
+        a1 = _mm512_add_pd(a1, fc_exp8d_nonpos(_mm512_sub_pd(_mm512_loadu_pd(z + i + 8), vm)));
+    }
+    for (; i < n; i += 8) {
+        ptrdiff_t k = n - i < 8 ? n - i : 8;
+        __m512d v = _mm512_mask_loadu_pd(ninf, (__mmask8)((1u << k) - 1), z + i);
+        a1 = _mm512_add_pd(a1, fc_exp8d_nonpos(_mm512_sub_pd(v, vm)));
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+}
+
+/* g = a softmax(z) - b w with one exp per element, as fc_softmax_grad2_f_avx2 */
+FC_AVX512 static void fc_softmax_grad2_f_avx512(const float* z, ptrdiff_t n, float m, float a,
+                                                float b, const float* w, float* g) {
+    const __m512 vm = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
+    double total = 0;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += FC_BLOCK) {
+        ptrdiff_t end = n - c0 < FC_BLOCK ? n : c0 + FC_BLOCK, i = c0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (; i + 32 <= end; i += 32) {
+            __m512 e0 = fc_exp16_nonpos(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm));
+            __m512 e1 = fc_exp16_nonpos(_mm512_sub_ps(_mm512_loadu_ps(z + i + 16), vm));
+            _mm512_storeu_ps(g + i, e0);
+            _mm512_storeu_ps(g + i + 16, e1);
+            a0 = _mm512_add_ps(a0, e0);
+            a1 = _mm512_add_ps(a1, e1);
+        }
+        for (; i < end; i += 16) {
+            ptrdiff_t k = end - i < 16 ? end - i : 16;
+            __mmask16 mk = (__mmask16)((1u << k) - 1);
+            __m512 e = fc_exp16_nonpos(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, mk, z + i), vm));
+            _mm512_mask_storeu_ps(g + i, mk, e);
+            a1 = _mm512_add_ps(a1, e);
+        }
+        total += (double)_mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+    const __m512 vs = _mm512_set1_ps((float)(a / total)), vb = _mm512_set1_ps(b);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(g + i, _mm512_fmsub_ps(vs, _mm512_loadu_ps(g + i),
+                                                _mm512_mul_ps(vb, _mm512_loadu_ps(w + i))));
+    float s = (float)(a / total);
+    for (; i < n; i++) g[i] = s * g[i] - b * w[i];
+}
+
+FC_AVX512 static void fc_softmax_grad2_d_avx512(const double* z, ptrdiff_t n, double m,
+                                                double a, double b, const double* w,
+                                                double* g) {
+    const __m512d vm = _mm512_set1_pd(m), ninf = _mm512_set1_pd(-INFINITY);
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512d e0 = fc_exp8d_nonpos(_mm512_sub_pd(_mm512_loadu_pd(z + i), vm));
+        __m512d e1 = fc_exp8d_nonpos(_mm512_sub_pd(_mm512_loadu_pd(z + i + 8), vm));
+        _mm512_storeu_pd(g + i, e0);
+        _mm512_storeu_pd(g + i + 8, e1);
+        a0 = _mm512_add_pd(a0, e0);
+        a1 = _mm512_add_pd(a1, e1);
+    }
+    for (; i < n; i += 8) {
+        ptrdiff_t k = n - i < 8 ? n - i : 8;
+        __mmask8 mk = (__mmask8)((1u << k) - 1);
+        __m512d e = fc_exp8d_nonpos(_mm512_sub_pd(_mm512_mask_loadu_pd(ninf, mk, z + i), vm));
+        _mm512_mask_storeu_pd(g + i, mk, e);
+        a1 = _mm512_add_pd(a1, e);
+    }
+    double s = a / _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+    const __m512d vs = _mm512_set1_pd(s), vb = _mm512_set1_pd(b);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm512_storeu_pd(g + i, _mm512_fmsub_pd(vs, _mm512_loadu_pd(g + i),
+                                                _mm512_mul_pd(vb, _mm512_loadu_pd(w + i))));
+    for (; i < n; i++) g[i] = s * g[i] - b * w[i];
+}
+
+/* max(z) with NaN propagation, as fc_max_f_avx2 */
+FC_AVX512 static float fc_max_f_avx512(const float* z, ptrdiff_t n) {
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    __mmask16 bad = 0;
+    ptrdiff_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 a = _mm512_loadu_ps(z + i), b = _mm512_loadu_ps(z + i + 16);
+        m0 = _mm512_max_ps(a, m0);
+        m1 = _mm512_max_ps(b, m1);
+        bad |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    }
+    float m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+    if (bad) return NAN;
+    for (; i < n; i++) {
+        float v = z[i];
+        if (v != v) return v;
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
+FC_AVX512 static double fc_max_d_avx512(const double* z, ptrdiff_t n) {
+    __m512d m0 = _mm512_set1_pd(-INFINITY), m1 = m0;
+    __mmask8 bad = 0;
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512d a = _mm512_loadu_pd(z + i), b = _mm512_loadu_pd(z + i + 8);
+        m0 = _mm512_max_pd(a, m0);
+        m1 = _mm512_max_pd(b, m1);
+        bad |= _mm512_cmp_pd_mask(a, b, _CMP_UNORD_Q);
+    }
+    double m = _mm512_reduce_max_pd(_mm512_max_pd(m0, m1));
+    if (bad) return NAN;
+    for (; i < n; i++) {
+        double v = z[i];
+        if (v != v) return v;
+        m = v > m ? v : m;
+    }
+    return m;
+}
+
 static int fc_avx2_ok = 0;      /* set once at import by fc_simd_init, before any kernel runs */
 static int fc_avx2_on = 0;
 
@@ -458,6 +656,7 @@ static int fc_simd512_set(int on) {
 
 static float fc_sumexp_f(const float* z, ptrdiff_t n, float m) {
 #ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2 && fc_avx512_on) return fc_sumexp_f_avx512(z, n, m);
     if (FC_USE_AVX2) return fc_sumexp_f_avx2(z, n, m);
 #endif
     return fc_sumexp_f_base(z, n, m);
@@ -465,6 +664,7 @@ static float fc_sumexp_f(const float* z, ptrdiff_t n, float m) {
 
 static double fc_sumexp_d(const double* z, ptrdiff_t n, double m) {
 #ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2 && fc_avx512_on) return fc_sumexp_d_avx512(z, n, m);
     if (FC_USE_AVX2) return fc_sumexp_d_avx2(z, n, m);
 #endif
     return fc_sumexp_d_base(z, n, m);
@@ -482,11 +682,23 @@ static void fc_softmax_grad_d(const double* z, ptrdiff_t n, double m, double ls,
 
 static void fc_softmax_grad2_f(const float* z, ptrdiff_t n, float m, float a, float b,
                                const float* w, float* g) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2 && fc_avx512_on) {
+        fc_softmax_grad2_f_avx512(z, n, m, a, b, w, g);
+        return;
+    }
+#endif
     FC_PICK(fc_softmax_grad2_f, z, n, m, a, b, w, g);
 }
 
 static void fc_softmax_grad2_d(const double* z, ptrdiff_t n, double m, double a, double b,
                                const double* w, double* g) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2 && fc_avx512_on) {
+        fc_softmax_grad2_d_avx512(z, n, m, a, b, w, g);
+        return;
+    }
+#endif
     FC_PICK(fc_softmax_grad2_d, z, n, m, a, b, w, g);
 }
 
@@ -494,6 +706,7 @@ static void fc_softmax_grad2_d(const double* z, ptrdiff_t n, double m, double a,
    the caller runs its portable loop */
 static inline int fc_max_f(const float* z, ptrdiff_t n, float* out) {
 #ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2 && fc_avx512_on) { *out = fc_max_f_avx512(z, n); return 1; }
     if (FC_USE_AVX2) { *out = fc_max_f_avx2(z, n); return 1; }
 #endif
     (void)z; (void)n; (void)out;
@@ -502,6 +715,7 @@ static inline int fc_max_f(const float* z, ptrdiff_t n, float* out) {
 
 static inline int fc_max_d(const double* z, ptrdiff_t n, double* out) {
 #ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2 && fc_avx512_on) { *out = fc_max_d_avx512(z, n); return 1; }
     if (FC_USE_AVX2) { *out = fc_max_d_avx2(z, n); return 1; }
 #endif
     (void)z; (void)n; (void)out;
@@ -950,7 +1164,6 @@ FC_MAXPOOL33S2_FWD(float, fc_maxpool33s2_f_avx2, FC_AVX2)
 FC_MAXPOOL33S2_FWD(double, fc_maxpool33s2_d_avx2, FC_AVX2)
 /* float64 also compiled for AVX-512 (8 lanes): 3x3 stride-2 forward 1.36x, where the float
    build for it was 0.51x (Intel Xeon model 207) */
-#define FC_AVX512 __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")))
 FC_MAXPOOL33S2_FWD(double, fc_maxpool33s2_d_avx512, FC_AVX512)
 #endif
 static void fc_maxpool33s2_f(const float* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t OH,
