@@ -452,27 +452,37 @@ def test_col2im_stride1_row_runs(level, dtype):
                       dtype)
 
 
-@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("level", XLEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_winograd_transforms(level, dtype, monkeypatch):
-    """The Winograd transforms (_winograd.h, compiled for both levels): runs of interior
-    tiles (vectorised across tiles) beside edge tiles, odd output sizes, paddings 0-2 and
-    grad_x's cropping (padding 2 - p < 0), against the reference."""
+    """The Winograd transforms (_winograd.h, compiled for both levels, the float input
+    transform's tile rows and even/odd split also in AVX-512 intrinsics): runs of interior
+    tiles (vectorised across tiles, 16 a vector and masked tails at "avx512") beside edge
+    tiles, odd output sizes, paddings 0-2 and grad_x's cropping (padding 2 - p < 0), against
+    the reference; at "avx512" also bit for bit against the AVX2 build (the same additions)."""
     from fastconv import functional as F
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
     r = np.random.default_rng(9)
-    with simd(level):
+    with xsimd(level):
         for H, W, p in ((3, 3, 0), (5, 8, 1), (9, 19, 1), (12, 37, 2), (7, 40, 0),
-                        (3, 2, 4), (6, 11, 3)):
+                        (3, 2, 4), (6, 11, 3), (8, 32, 1), (6, 33, 1), (5, 64, 0), (9, 71, 1),
+                        (4, 96, (0, 1))):
             x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
             w = r.uniform(-1, 1, (4, 3, 3, 3)).astype(dtype)
             b = r.uniform(-1, 1, 4).astype(dtype)
-            if min(H, W) + 2 * p >= 3:
-                close(fc.conv2d(x, w, b, padding=p), ref.conv2d(x, w, b, padding=p), dtype)
-                gy = r.uniform(-1, 1, fc.conv2d(x, w, padding=p).shape).astype(dtype)
-                close(fc.conv2d_backward(gy, x, w, padding=p)[0],
-                      ref.conv2d_backward(gy, x, w, padding=p)[0], dtype)
+            ph, pw = (p, p) if isinstance(p, int) else p
+            if min(H + 2 * ph, W + 2 * pw) >= 3:
+                y = fc.conv2d(x, w, b, padding=p)
+                close(y, ref.conv2d(x, w, b, padding=p), dtype)
+                gy = r.uniform(-1, 1, y.shape).astype(dtype)
+                gx = fc.conv2d_backward(gy, x, w, padding=p)[0]
+                close(gx, ref.conv2d_backward(gy, x, w, padding=p)[0], dtype)
+                if level == "avx512":
+                    with xsimd("avx2"):
+                        np.testing.assert_array_equal(fc.conv2d(x, w, b, padding=p), y)
+                        np.testing.assert_array_equal(
+                            fc.conv2d_backward(gy, x, w, padding=p)[0], gx)
 
 
 @pytest.mark.parametrize("level", LEVELS)
