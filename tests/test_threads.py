@@ -179,3 +179,38 @@ def test_import_sets_a_short_spin_unless_the_user_chose():
     assert _env_after_import({}) == ["PASSIVE", "1000"]
     assert _env_after_import({"OMP_WAIT_POLICY": "ACTIVE"}) == ["ACTIVE", "None"]
     assert _env_after_import({"GOMP_SPINCOUNT": "5"}) == ["PASSIVE", "5"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cross_entropy_pool_rows(dtype, threads, restore_threads):
+    """The cross-entropy rows on the caller-runs pool (blocks of rows; row counts that do and
+    do not divide into them) give bit for bit the OpenMP loop's numbers, for labels with an
+    ignored one and label smoothing, for probabilities, forward and backward, and match the
+    reference."""
+    from fastconv import _kernels
+    rng = np.random.default_rng(threads)
+    fc.set_num_threads(threads)
+    for N, C in ((64, 10), (67, 33), (9, 300), (1000, 17)):
+        logits = rng.uniform(-5, 5, (N, C)).astype(dtype)
+        labels = rng.integers(0, C, N)
+        labels[N // 2] = -100
+        probs = rng.uniform(0, 1, (N, C))
+        probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
+        for target, kw in ((labels, dict(label_smoothing=0.1)), (probs, {})):
+            got = {}
+            for pool in (True, False):
+                old = _kernels.set_ce_pool(pool)
+                try:
+                    got[pool] = (fc.cross_entropy(logits, target, reduction="none", **kw),
+                                 fc.cross_entropy_backward(logits, target, **kw))
+                finally:
+                    _kernels.set_ce_pool(old)
+            for a, b in zip(got[True], got[False]):
+                np.testing.assert_array_equal(a, b)
+            tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10,
+                                                                                  atol=1e-12)
+            np.testing.assert_allclose(got[True][0], ref.cross_entropy(
+                logits, target, reduction="none", **kw), **tol)
+            np.testing.assert_allclose(got[True][1], ref.cross_entropy_backward(
+                logits, target, **kw), **tol)
