@@ -3560,7 +3560,7 @@ def cross_entropy_labels(const floating[:, ::1] logits, const long long[::1] tar
     """Per-sample loss and mean-denominator (weight of the label, 0 when ignored).
 
     ``weight`` always has C entries (ones when the user gave none)."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
     cdef const floating* zp = &logits[0, 0]
     cdef const floating* wp = &weight[0]
     cdef floating* lp = &loss_out[0]
@@ -3578,13 +3578,12 @@ cdef void ce_rows(const floating* zp, const long long[::1] target, const floatin
                   double wsum, double smoothing, long long ignore_index, floating* lp,
                   floating* dp, Py_ssize_t N, Py_ssize_t C, int num_threads) noexcept nogil:
     cdef Py_ssize_t n
-    if True:
-        for n in prange(N, schedule='guided', num_threads=num_threads):
-            if target[n] == ignore_index:
-                lp[n] = 0
-                dp[n] = 0
-            else:
-                ce_label_row(zp + n * C, target[n], wp, C, wsum, smoothing, lp + n, dp + n)
+    for n in prange(N, schedule='guided', num_threads=num_threads):
+        if target[n] == ignore_index:
+            lp[n] = 0
+            dp[n] = 0
+        else:
+            ce_label_row(zp + n * C, target[n], wp, C, wsum, smoothing, lp + n, dp + n)
 
 
 def cross_entropy_labels_backward(const floating[:, ::1] logits, const long long[::1] target,
@@ -3592,7 +3591,7 @@ def cross_entropy_labels_backward(const floating[:, ::1] logits, const long long
                                   long long ignore_index, const double[::1] scale,
                                   floating[:, ::1] grad_out, int num_threads):
     """grad[n, c] = scale[n] * ((1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum(w) - w_c))."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
     cdef const floating* zp = &logits[0, 0]
     cdef const floating* wp = &weight[0]
     cdef floating* gp = &grad_out[0, 0]
@@ -3611,13 +3610,12 @@ cdef void ce_rows_backward(const floating* zp, const long long[::1] target, cons
                            const double[::1] scale, floating* gp, Py_ssize_t N, Py_ssize_t C,
                            int num_threads) noexcept nogil:
     cdef Py_ssize_t n
-    if True:
-        for n in prange(N, schedule='guided', num_threads=num_threads):
-            if target[n] == ignore_index:
-                memset(gp + n * C, 0, C * sizeof(floating))
-            else:
-                ce_label_row_backward(zp + n * C, target[n], wp, C, wsum, smoothing, scale[n],
-                                      gp + n * C)
+    for n in prange(N, schedule='guided', num_threads=num_threads):
+        if target[n] == ignore_index:
+            memset(gp + n * C, 0, C * sizeof(floating))
+        else:
+            ce_label_row_backward(zp + n * C, target[n], wp, C, wsum, smoothing, scale[n],
+                                  gp + n * C)
 
 
 cdef floating ce_prob_row(const floating* z, const floating* t, const floating* w,
@@ -3662,7 +3660,7 @@ def cross_entropy_probs(const floating[:, ::1] logits, const floating[:, ::1] ta
                         const floating[::1] weight, double smoothing,
                         floating[::1] loss_out, int num_threads):
     """loss[n] = -sum_c w_c t'_c log p_c, with t' = t (1 - eps) + eps / C."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
     cdef const floating* zp = &logits[0, 0]
     cdef const floating* tp = &target[0, 0]
     cdef const floating* wp = &weight[0]
@@ -3678,16 +3676,15 @@ cdef void ce_prob_rows(const floating* zp, const floating* tp, const floating* w
                        double smoothing, floating* lp, Py_ssize_t N, Py_ssize_t C,
                        int num_threads) noexcept nogil:
     cdef Py_ssize_t n
-    if True:
-        for n in prange(N, schedule='guided', num_threads=num_threads):
-            lp[n] = ce_prob_row(zp + n * C, tp + n * C, wp, C, smoothing)
+    for n in prange(N, schedule='guided', num_threads=num_threads):
+        lp[n] = ce_prob_row(zp + n * C, tp + n * C, wp, C, smoothing)
 
 
 def cross_entropy_probs_backward(const floating[:, ::1] logits, const floating[:, ::1] target,
                                  const floating[::1] weight, double smoothing,
                                  const double[::1] scale, floating[:, ::1] grad_out,
                                  int num_threads):
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
     cdef const floating* zp = &logits[0, 0]
     cdef const floating* tp = &target[0, 0]
     cdef const floating* wp = &weight[0]
@@ -3703,6 +3700,5 @@ cdef void ce_prob_rows_backward(const floating* zp, const floating* tp, const fl
                                 double smoothing, const double[::1] scale, floating* gp,
                                 Py_ssize_t N, Py_ssize_t C, int num_threads) noexcept nogil:
     cdef Py_ssize_t n
-    if True:
-        for n in prange(N, schedule='guided', num_threads=num_threads):
-            ce_prob_row_backward(zp + n * C, tp + n * C, wp, C, smoothing, scale[n], gp + n * C)
+    for n in prange(N, schedule='guided', num_threads=num_threads):
+        ce_prob_row_backward(zp + n * C, tp + n * C, wp, C, smoothing, scale[n], gp + n * C)
