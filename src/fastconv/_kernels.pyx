@@ -3474,7 +3474,8 @@ cdef void ce_label_row_backward(const floating* z, long long y, const floating* 
 
 
 cdef struct CeJob:
-    # cross_entropy_labels[_backward] on the caller-runs pool (_pool.h): blocks of rb rows.
+    # the cross-entropy rows (labels or probabilities, forward or backward) in blocks of rb
+    # rows, on the caller-runs pool (_pool.h) at more than one thread.
     # A worker that wakes late (55-75 us on the VMs measured, against a ~0.3 ms call) takes
     # fewer blocks instead of holding up an OpenMP team's end.
     const void* z
@@ -3539,18 +3540,21 @@ cdef void ce_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
         ce_run(j, i, <float*> NULL)
 
 
-cdef bint ce_pool(CeJob* j, const void* z, const long long* t, const void* tp, const void* w,
+cdef void ce_rows(CeJob* j, const void* z, const long long* t, const void* tp, const void* w,
                   double wsum, double smoothing, long long ign, Py_ssize_t N, Py_ssize_t C,
                   int num_threads) noexcept nogil:
-    """Runs the rows on the pool when it is on and threads are asked for; else returns 0."""
-    if not CE_POOL or num_threads <= 1:
-        return False
+    """Every row, in blocks of about 64 KiB of logits (at least 8 per thread): on the
+    caller-runs pool when CE_POOL is on, else an OpenMP loop over the same blocks."""
+    cdef Py_ssize_t i, nb
     j.z, j.t, j.tp, j.w, j.wsum, j.smoothing, j.ign = z, t, tp, w, wsum, smoothing, ign
     j.N, j.C = N, C
-    # blocks of about 64 KiB of logits, at least 8 per thread
     j.rb = max(1, min(65536 // max(1, C * (8 if j.dbl else 4)), N // (8 * num_threads)))
-    fc_pool_run(num_threads, ce_item, j, (N + j.rb - 1) // j.rb)
-    return True
+    nb = (N + j.rb - 1) // j.rb
+    if CE_POOL and num_threads > 1:
+        fc_pool_run(num_threads, ce_item, j, nb)
+        return
+    for i in prange(nb, schedule='guided', num_threads=num_threads):
+        ce_item(j, i, 0)
 
 
 def cross_entropy_labels(const floating[:, ::1] logits, const long long[::1] target,
@@ -3560,30 +3564,12 @@ def cross_entropy_labels(const floating[:, ::1] logits, const long long[::1] tar
     """Per-sample loss and mean-denominator (weight of the label, 0 when ignored).
 
     ``weight`` always has C entries (ones when the user gave none)."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
-    cdef const floating* zp = &logits[0, 0]
-    cdef const floating* wp = &weight[0]
-    cdef floating* lp = &loss_out[0]
-    cdef floating* dp = &denom_out[0]
-    cdef double wsum = row_dot(wp, NULL, C)
     cdef CeJob j
-    j.loss, j.denom, j.bwd, j.dbl = lp, dp, False, floating is double
+    j.loss, j.denom, j.bwd, j.dbl = &loss_out[0], &denom_out[0], False, floating is double
     with nogil:
-        if not ce_pool(&j, zp, &target[0], NULL, wp, wsum, smoothing, ignore_index, N, C,
-                       num_threads):
-            ce_rows(zp, target, wp, wsum, smoothing, ignore_index, lp, dp, N, C, num_threads)
-
-
-cdef void ce_rows(const floating* zp, const long long[::1] target, const floating* wp,
-                  double wsum, double smoothing, long long ignore_index, floating* lp,
-                  floating* dp, Py_ssize_t N, Py_ssize_t C, int num_threads) noexcept nogil:
-    cdef Py_ssize_t n
-    for n in prange(N, schedule='guided', num_threads=num_threads):
-        if target[n] == ignore_index:
-            lp[n] = 0
-            dp[n] = 0
-        else:
-            ce_label_row(zp + n * C, target[n], wp, C, wsum, smoothing, lp + n, dp + n)
+        ce_rows(&j, &logits[0, 0], &target[0], NULL, &weight[0],
+                row_dot(&weight[0], NULL, logits.shape[1]), smoothing, ignore_index,
+                logits.shape[0], logits.shape[1], num_threads)
 
 
 def cross_entropy_labels_backward(const floating[:, ::1] logits, const long long[::1] target,
@@ -3591,31 +3577,12 @@ def cross_entropy_labels_backward(const floating[:, ::1] logits, const long long
                                   long long ignore_index, const double[::1] scale,
                                   floating[:, ::1] grad_out, int num_threads):
     """grad[n, c] = scale[n] * ((1-eps) w_y (p_c - [c=y]) + eps/C (p_c sum(w) - w_c))."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
-    cdef const floating* zp = &logits[0, 0]
-    cdef const floating* wp = &weight[0]
-    cdef floating* gp = &grad_out[0, 0]
-    cdef double wsum = row_dot(wp, NULL, C)
     cdef CeJob j
-    j.g, j.scale, j.bwd, j.dbl = gp, &scale[0], True, floating is double
+    j.g, j.scale, j.bwd, j.dbl = &grad_out[0, 0], &scale[0], True, floating is double
     with nogil:
-        if not ce_pool(&j, zp, &target[0], NULL, wp, wsum, smoothing, ignore_index, N, C,
-                       num_threads):
-            ce_rows_backward(zp, target, wp, wsum, smoothing, ignore_index, scale, gp, N, C,
-                             num_threads)
-
-
-cdef void ce_rows_backward(const floating* zp, const long long[::1] target, const floating* wp,
-                           double wsum, double smoothing, long long ignore_index,
-                           const double[::1] scale, floating* gp, Py_ssize_t N, Py_ssize_t C,
-                           int num_threads) noexcept nogil:
-    cdef Py_ssize_t n
-    for n in prange(N, schedule='guided', num_threads=num_threads):
-        if target[n] == ignore_index:
-            memset(gp + n * C, 0, C * sizeof(floating))
-        else:
-            ce_label_row_backward(zp + n * C, target[n], wp, C, wsum, smoothing, scale[n],
-                                  gp + n * C)
+        ce_rows(&j, &logits[0, 0], &target[0], NULL, &weight[0],
+                row_dot(&weight[0], NULL, logits.shape[1]), smoothing, ignore_index,
+                logits.shape[0], logits.shape[1], num_threads)
 
 
 cdef floating ce_prob_row(const floating* z, const floating* t, const floating* w,
@@ -3660,45 +3627,19 @@ def cross_entropy_probs(const floating[:, ::1] logits, const floating[:, ::1] ta
                         const floating[::1] weight, double smoothing,
                         floating[::1] loss_out, int num_threads):
     """loss[n] = -sum_c w_c t'_c log p_c, with t' = t (1 - eps) + eps / C."""
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
-    cdef const floating* zp = &logits[0, 0]
-    cdef const floating* tp = &target[0, 0]
-    cdef const floating* wp = &weight[0]
-    cdef floating* lp = &loss_out[0]
     cdef CeJob j
-    j.loss, j.bwd, j.dbl = lp, False, floating is double
+    j.loss, j.bwd, j.dbl = &loss_out[0], False, floating is double
     with nogil:
-        if not ce_pool(&j, zp, NULL, tp, wp, 0, smoothing, 0, N, C, num_threads):
-            ce_prob_rows(zp, tp, wp, smoothing, lp, N, C, num_threads)
-
-
-cdef void ce_prob_rows(const floating* zp, const floating* tp, const floating* wp,
-                       double smoothing, floating* lp, Py_ssize_t N, Py_ssize_t C,
-                       int num_threads) noexcept nogil:
-    cdef Py_ssize_t n
-    for n in prange(N, schedule='guided', num_threads=num_threads):
-        lp[n] = ce_prob_row(zp + n * C, tp + n * C, wp, C, smoothing)
+        ce_rows(&j, &logits[0, 0], NULL, &target[0, 0], &weight[0], 0, smoothing, 0,
+                logits.shape[0], logits.shape[1], num_threads)
 
 
 def cross_entropy_probs_backward(const floating[:, ::1] logits, const floating[:, ::1] target,
                                  const floating[::1] weight, double smoothing,
                                  const double[::1] scale, floating[:, ::1] grad_out,
                                  int num_threads):
-    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1]
-    cdef const floating* zp = &logits[0, 0]
-    cdef const floating* tp = &target[0, 0]
-    cdef const floating* wp = &weight[0]
-    cdef floating* gp = &grad_out[0, 0]
     cdef CeJob j
-    j.g, j.scale, j.bwd, j.dbl = gp, &scale[0], True, floating is double
+    j.g, j.scale, j.bwd, j.dbl = &grad_out[0, 0], &scale[0], True, floating is double
     with nogil:
-        if not ce_pool(&j, zp, NULL, tp, wp, 0, smoothing, 0, N, C, num_threads):
-            ce_prob_rows_backward(zp, tp, wp, smoothing, scale, gp, N, C, num_threads)
-
-
-cdef void ce_prob_rows_backward(const floating* zp, const floating* tp, const floating* wp,
-                                double smoothing, const double[::1] scale, floating* gp,
-                                Py_ssize_t N, Py_ssize_t C, int num_threads) noexcept nogil:
-    cdef Py_ssize_t n
-    for n in prange(N, schedule='guided', num_threads=num_threads):
-        ce_prob_row_backward(zp + n * C, tp + n * C, wp, C, smoothing, scale[n], gp + n * C)
+        ce_rows(&j, &logits[0, 0], NULL, &target[0, 0], &weight[0], 0, smoothing, 0,
+                logits.shape[0], logits.shape[1], num_threads)
