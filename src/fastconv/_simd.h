@@ -1420,65 +1420,42 @@ FC_UPS2_ROW(double, fc_ups2_row_d_base, )
 #ifdef FC_HAVE_AVX2_PATH
 FC_UPS2_ROW(float, fc_ups2_row_f_avx2, FC_AVX2)
 FC_UPS2_ROW(double, fc_ups2_row_d_avx2, FC_AVX2)
-FC_AVX512 static void fc_ups2_row_f_avx512(const float* restrict s, ptrdiff_t W,
-                                           float* restrict d0, float* restrict d1) {
-    const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i hi = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9,
-                                        8, 8);
-    ptrdiff_t i = 0;
-    for (; i + 16 <= W; i += 16) {
-        __m512 v = _mm512_loadu_ps(s + i);
-        __m512 a = _mm512_permutexvar_ps(lo, v), b = _mm512_permutexvar_ps(hi, v);
-        _mm512_storeu_ps(d0 + 2 * i, a);
-        _mm512_storeu_ps(d0 + 2 * i + 16, b);
-        if (d1 != NULL) {
-            _mm512_storeu_ps(d1 + 2 * i, a);
-            _mm512_storeu_ps(d1 + 2 * i + 16, b);
-        }
-    }
-    if (i < W) {                    /* k = W - i in [1, 15]: 2k output values */
-        unsigned k = (unsigned)(W - i);
-        __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << k) - 1), s + i);
-        __m512 a = _mm512_permutexvar_ps(lo, v), b = _mm512_permutexvar_ps(hi, v);
-        __mmask16 ma = k >= 8 ? (__mmask16)0xffff : (__mmask16)((1u << (2 * k)) - 1);
-        __mmask16 mb = k > 8 ? (__mmask16)((1u << (2 * k - 16)) - 1) : (__mmask16)0;
-        _mm512_mask_storeu_ps(d0 + 2 * i, ma, a);
-        _mm512_mask_storeu_ps(d0 + 2 * i + 16, mb, b);
-        if (d1 != NULL) {
-            _mm512_mask_storeu_ps(d1 + 2 * i, ma, a);
-            _mm512_mask_storeu_ps(d1 + 2 * i + 16, mb, b);
-        }
-    }
+/* L lanes of T a vector (V, mask type __mmask##L, intrinsics suffix SFX); lo and hi pick
+   lanes [0, L/2) and [L/2, L) of the loaded vector twice each */
+#define FC_UPS2_ROW512(T, NAME, V, L, SFX, LO, HI)                                            \
+FC_AVX512 static void NAME(const T* restrict s, ptrdiff_t W, T* restrict d0,                  \
+                           T* restrict d1) {                                                  \
+    const __m512i lo = LO, hi = HI;                                                          \
+    ptrdiff_t i = 0;                                                                         \
+    for (; i + L <= W; i += L) {                                                             \
+        V v = _mm512_loadu_##SFX(s + i);                                                     \
+        V a = _mm512_permutexvar_##SFX(lo, v), b = _mm512_permutexvar_##SFX(hi, v);          \
+        _mm512_storeu_##SFX(d0 + 2 * i, a);                                                  \
+        _mm512_storeu_##SFX(d0 + 2 * i + L, b);                                              \
+        if (d1 != NULL) {                                                                    \
+            _mm512_storeu_##SFX(d1 + 2 * i, a);                                              \
+            _mm512_storeu_##SFX(d1 + 2 * i + L, b);                                          \
+        }                                                                                    \
+    }                                                                                        \
+    if (i < W) {                    /* k = W - i in [1, L): 2k output values */             \
+        unsigned k = (unsigned)(W - i);                                                      \
+        V v = _mm512_maskz_loadu_##SFX((__mmask##L)((1u << k) - 1), s + i);                  \
+        V a = _mm512_permutexvar_##SFX(lo, v), b = _mm512_permutexvar_##SFX(hi, v);          \
+        __mmask##L ma = k >= L / 2 ? (__mmask##L)~0u : (__mmask##L)((1u << (2 * k)) - 1);    \
+        __mmask##L mb = k > L / 2 ? (__mmask##L)((1u << (2 * k - L)) - 1) : (__mmask##L)0;   \
+        _mm512_mask_storeu_##SFX(d0 + 2 * i, ma, a);                                         \
+        _mm512_mask_storeu_##SFX(d0 + 2 * i + L, mb, b);                                     \
+        if (d1 != NULL) {                                                                    \
+            _mm512_mask_storeu_##SFX(d1 + 2 * i, ma, a);                                     \
+            _mm512_mask_storeu_##SFX(d1 + 2 * i + L, mb, b);                                 \
+        }                                                                                    \
+    }                                                                                        \
 }
-FC_AVX512 static void fc_ups2_row_d_avx512(const double* restrict s, ptrdiff_t W,
-                                           double* restrict d0, double* restrict d1) {
-    const __m512i lo = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i hi = _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4);
-    ptrdiff_t i = 0;
-    for (; i + 8 <= W; i += 8) {
-        __m512d v = _mm512_loadu_pd(s + i);
-        __m512d a = _mm512_permutexvar_pd(lo, v), b = _mm512_permutexvar_pd(hi, v);
-        _mm512_storeu_pd(d0 + 2 * i, a);
-        _mm512_storeu_pd(d0 + 2 * i + 8, b);
-        if (d1 != NULL) {
-            _mm512_storeu_pd(d1 + 2 * i, a);
-            _mm512_storeu_pd(d1 + 2 * i + 8, b);
-        }
-    }
-    if (i < W) {                    /* k = W - i in [1, 7] */
-        unsigned k = (unsigned)(W - i);
-        __m512d v = _mm512_maskz_loadu_pd((__mmask8)((1u << k) - 1), s + i);
-        __m512d a = _mm512_permutexvar_pd(lo, v), b = _mm512_permutexvar_pd(hi, v);
-        __mmask8 ma = k >= 4 ? (__mmask8)0xff : (__mmask8)((1u << (2 * k)) - 1);
-        __mmask8 mb = k > 4 ? (__mmask8)((1u << (2 * k - 8)) - 1) : (__mmask8)0;
-        _mm512_mask_storeu_pd(d0 + 2 * i, ma, a);
-        _mm512_mask_storeu_pd(d0 + 2 * i + 8, mb, b);
-        if (d1 != NULL) {
-            _mm512_mask_storeu_pd(d1 + 2 * i, ma, a);
-            _mm512_mask_storeu_pd(d1 + 2 * i + 8, mb, b);
-        }
-    }
-}
+FC_UPS2_ROW512(float, fc_ups2_row_f_avx512, __m512, 16, ps,
+               _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0),
+               _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8))
+FC_UPS2_ROW512(double, fc_ups2_row_d_avx512, __m512d, 8, pd,
+               _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0), _mm512_set_epi64(7, 7, 6, 6, 5, 5, 4, 4))
 #endif
 static void fc_ups2_row_f(const float* s, ptrdiff_t W, float* d0, float* d1) {
 #ifdef FC_HAVE_AVX2_PATH
