@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (tests/ is on sys.path, see conftest.py)."""
 import contextlib
+import threading
 
 import numpy as np
 
@@ -27,3 +28,33 @@ def close(actual, expected, dtype, atol32=1e-5):
         np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-11 * scale)
     else:
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=atol32 * scale)
+
+
+def run_threads(calls, rounds):
+    """Run calls[i] in thread i, all threads released together each round; return
+    results[i][round]."""
+    barrier = threading.Barrier(len(calls))
+    results = [[] for _ in calls]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(rounds):
+                barrier.wait(timeout=120)
+                results[i].append(calls[i]())
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append((i, e))
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        i, e = errors[0]
+        raise AssertionError(f"thread {i} raised {e!r}") from e
+    return results

@@ -10,13 +10,12 @@ The kernels run with ``fastconv.set_num_threads(2)`` and ``fastconv.functional._
 that even these small calls take the OpenMP-parallel code paths, BLAS thread switching and the
 per-Python-thread im2col workspaces), i.e. 8 Python threads x 2 OpenMP threads each.
 """
-import threading
-
 import numpy as np
 import pytest
 
 import fastconv as fc
 import fastconv.functional
+from _helpers import run_threads
 
 N_PY_THREADS = 8
 ROUNDS = 4
@@ -190,34 +189,6 @@ def _compare(expected, got, summed, dtype, what):
                                                           "equal to the serial call)")
 
 
-def _run_threads(calls, rounds=ROUNDS):
-    """Run calls[i] in thread i, all threads released together each round; return
-    results[i][round]."""
-    barrier = threading.Barrier(len(calls))
-    results = [[] for _ in calls]
-    errors = []
-
-    def work(i):
-        try:
-            for _ in range(rounds):
-                barrier.wait(timeout=120)
-                results[i].append(calls[i]())
-        except threading.BrokenBarrierError:
-            pass
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append((i, e))
-            barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    if errors:
-        i, e = errors[0]
-        raise AssertionError(f"thread {i} raised {e!r}") from e
-    return results
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -225,7 +196,7 @@ def _run_threads(calls, rounds=ROUNDS):
 def test_eight_threads_one_function(name, dtype):
     made = [_make(name, dtype, i) for i in range(N_PY_THREADS)]
     serial = [call() for call, _ in made]
-    results = _run_threads([call for call, _ in made])
+    results = run_threads([call for call, _ in made], ROUNDS)
     for i, (_, summed) in enumerate(made):
         for r, got in enumerate(results[i]):
             _compare(serial[i], got, summed, dtype, f"{name} thread {i} round {r}")
@@ -245,7 +216,7 @@ def test_eight_threads_all_functions_at_once():
     def runner(mine):
         return lambda: [call() for _, _, (call, _) in mine]
 
-    results = _run_threads([runner(mine) for mine in per_thread], rounds=2)
+    results = run_threads([runner(mine) for mine in per_thread], rounds=2)
     for i, mine in enumerate(per_thread):
         for r, got in enumerate(results[i]):
             for (name, dt, (_, summed)), e, g in zip(mine, serial[i], got):
@@ -257,7 +228,7 @@ def test_blas_threads_restored_after_concurrent_calls():
     before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
               if lib["user_api"] == "blas"]
     made = [_make("conv2d_backward-groups", np.float64, i) for i in range(N_PY_THREADS)]
-    _run_threads([call for call, _ in made], rounds=2)
+    run_threads([call for call, _ in made], rounds=2)
     after = [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
              if lib["user_api"] == "blas"]
     assert before == after

@@ -18,7 +18,7 @@ import fastconv as fc
 from fastconv import _kernels
 from fastconv import functional as F
 import reference as ref
-from _helpers import close, num_threads
+from _helpers import close, num_threads, run_threads
 
 
 @pytest.fixture
@@ -225,3 +225,143 @@ def test_winograd_pool_after_fork(dtype):
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
     close(want, ref.conv2d(x, w, padding=1), np.dtype(dtype))
+
+
+@pytest.fixture
+def wino_cache(monkeypatch):
+    """An empty Winograd weight cache for this thread (restored after)."""
+    monkeypatch.setattr(F, "_wino_cache", __import__("threading").local())
+    return F
+
+
+def _spy_ready(monkeypatch):
+    """Records the kernel's ready flag (whether it reused the cached transform) per call."""
+    seen = []
+    real = _kernels.conv2d_winograd_forward
+
+    def spy(*args):
+        seen.append(bool(args[-1]) if len(args) == 13 else False)
+        return real(*args)
+    monkeypatch.setattr(_kernels, "conv2d_winograd_forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.usefixtures("everywhere")
+def test_winograd_weight_cache(dtype, threads, wino_cache, monkeypatch):
+    """Small batches reuse the transform of the same weight bytes (the kernel is told so),
+    and every change to the weights is seen: in place (one value, the last one, a 0 made
+    -0, all of them as an optimizer step does), another array at the same address, arrays
+    alternating, a view of the same memory; weights that change call after call skip the
+    cache for _WINO_SKIP calls; results always the reference's."""
+    ready = _spy_ready(monkeypatch)
+    r = np.random.default_rng(3)
+    x = r.uniform(-1, 1, (1, 5, 6, 5)).astype(dtype)
+    w = r.uniform(-1, 1, (9, 5, 3, 3)).astype(dtype)
+    w2 = r.uniform(-1, 1, (9, 5, 3, 3)).astype(dtype)
+    b = r.uniform(-1, 1, 9).astype(dtype)
+
+    def check(weight, expect_ready):
+        with num_threads(threads):
+            got = fc.conv2d(x, weight, b, padding=1)
+        assert ready[-1] == expect_ready
+        close(got, ref.conv2d(x, weight, b, padding=1), np.dtype(dtype))
+        return got
+
+    monkeypatch.setattr(F, "_WINO_SKIP", 2)
+    first = check(w, False)
+    np.testing.assert_array_equal(check(w, True), first)       # the same numbers
+    w[3, 2, 1, 1] += 0.5                                      # one value changed in place
+    check(w, False)
+    check(w, True)
+    w[-1, -1, -1, -1] = -w[-1, -1, -1, -1]                    # the very last one
+    check(w, False)
+    check(w, True)
+    w[0, 0, 0, 0] = 0.0
+    check(w, False)
+    check(w, True)
+    w[0, 0, 0, 0] = -0.0                                      # only the sign bit differs
+    check(w, False)
+    check(w, True)
+    w -= 0.01 * w2                                            # SGD-like steps, every call:
+    check(w, False)
+    w -= 0.01 * w2
+    check(w, False)                                           # changed twice in a row:
+    w -= 0.01 * w2
+    check(w, False)                                           # _WINO_SKIP calls uncached,
+    check(w, False)
+    check(w, False)                                           # then kept again
+    check(w, True)
+    check(w2, False)                                          # alternating arrays
+    check(w, True)
+    check(w2, True)
+    check(w[...], True)                                       # a view: same memory, same bytes
+    old = w.copy()
+    del w
+    w3 = r.uniform(-1, 1, old.shape).astype(dtype)            # perhaps at the freed address
+    check(w3, False)
+    # larger batches and converted weights (a copy each call) are not cached
+    xb = r.uniform(-1, 1, (F._WINO_CACHE_MAX_N + 1, 5, 6, 5)).astype(dtype)
+    for _ in range(2):
+        with num_threads(threads):
+            got = fc.conv2d(xb, w2, b, padding=1)
+        assert ready[-1] is False
+        close(got, ref.conv2d(xb, w2, b, padding=1), np.dtype(dtype))
+    wl = w2.astype(np.float32 if dtype == np.float64 else np.float64)
+    with pytest.raises(TypeError):
+        fc.conv2d(x, wl, b, padding=1)                        # mixed dtypes stay an error
+    wf = np.asfortranarray(w2)
+    for _ in range(2):
+        with num_threads(threads):
+            got = fc.conv2d(x, wf, b, padding=1)
+        assert ready[-1] is False
+        close(got, ref.conv2d(x, wf, b, padding=1), np.dtype(dtype))
+
+
+@pytest.mark.usefixtures("everywhere")
+def test_winograd_weight_cache_is_bounded(wino_cache, monkeypatch):
+    """Least recently used entries leave once the cache holds more than _WINO_CACHE_BYTES;
+    an entry bigger than that is never kept; results stay the reference's."""
+    ready = _spy_ready(monkeypatch)
+    r = np.random.default_rng(4)
+    x = r.uniform(-1, 1, (1, 4, 5, 5)).astype(np.float32)
+    ws = [r.uniform(-1, 1, (6, 4, 3, 3)).astype(np.float32) for _ in range(4)]
+    fc.conv2d(x, ws[0], padding=1)
+    one = sum(e["bytes"] for e in F._wino_cache.entries.values())
+    monkeypatch.setattr(F, "_WINO_CACHE_BYTES", 2 * one)
+    for w in ws:
+        close(fc.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1), np.dtype(np.float32))
+    assert len(F._wino_cache.entries) == 2
+    fc.conv2d(x, ws[3], padding=1)
+    assert ready[-1] is True                                  # the most recent: kept
+    fc.conv2d(x, ws[0], padding=1)
+    assert ready[-1] is False                                 # the oldest: evicted
+    monkeypatch.setattr(F, "_WINO_CACHE_BYTES", one - 1)
+    F._wino_cache.entries.clear()
+    for _ in range(2):
+        close(fc.conv2d(x, ws[1], padding=1), ref.conv2d(x, ws[1], padding=1),
+              np.dtype(np.float32))
+        assert ready[-1] is False
+    assert len(F._wino_cache.entries) == 0
+
+
+@pytest.mark.usefixtures("everywhere")
+def test_winograd_weight_cache_per_thread(wino_cache):
+    """Python threads keep their own caches: concurrent batch-1 calls with weights that one
+    thread changes in place between its calls give every thread the reference's numbers."""
+    r = np.random.default_rng(5)
+    x = r.uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+
+    def work(seed):
+        rr = np.random.default_rng(seed)
+        w = rr.uniform(-1, 1, (6, 4, 3, 3)).astype(np.float32)
+
+        def call():
+            for i in range(20):
+                if i % 3 == 2:
+                    w[...] *= 1.5
+                np.testing.assert_allclose(fc.conv2d(x, w, padding=1),
+                                           ref.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
+        return call
+    run_threads([work(s) for s in range(3)], 1)

@@ -18,7 +18,7 @@ BLAS calls are row-major wrappers over ``scipy.linalg.cython_blas`` (C^T = B^T A
 """
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
-from libc.string cimport memset, memcpy
+from libc.string cimport memcmp, memset, memcpy
 from libc.stdlib cimport calloc, malloc, free
 from libc.math cimport exp, log, isnan, INFINITY, NAN
 from scipy.linalg.cython_blas cimport sgemm, dgemm
@@ -1303,13 +1303,28 @@ cdef void wino_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
         wino_job_run(j, i, tid, <float*> NULL)
 
 
+def same_bytes(const floating[::1] a, const floating[::1] b):
+    """Whether a and b hold the same bytes (memcmp: -0 and NaN payloads count as they are)."""
+    cdef int r = 1
+    if a.shape[0] != b.shape[0]:
+        return False
+    if a.shape[0] == 0:
+        return True
+    with nogil:
+        r = memcmp(&a[0], &b[0], a.shape[0] * sizeof(floating))
+    return r == 0
+
+
 def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                             const floating[::1] bias, floating[:, :, :, ::1] out,
                             floating[::1] u_scratch, floating[::1] upack,
                             floating[:, ::1] scratch,
                             Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t groups, bint has_bias,
-                            int num_threads):
+                            int num_threads, bint ready=False):
     """conv2d_forward for 3x3 kernels, stride 1, dilation 1, by Winograd F(2x2, 3x3).
+
+    ready: u_scratch and upack already hold this weight's transform (functional's cache of
+    them for small batches): the first job, which makes them, is skipped.
 
     u_scratch: 16 * L * Cg (the transformed weights); upack: 16 * groups *
     gemm_packed_size(L/groups, Cg) for them packed for the own GEMM, smaller (empty): BLAS
@@ -1372,7 +1387,8 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     j.dbl = floating is double
     with nogil:
         j.phase = 0
-        fc_pool_run(num_threads, wino_job_item, &j, groups * j.nwb)
+        if not ready:
+            fc_pool_run(num_threads, wino_job_item, &j, groups * j.nwb)
         j.phase = 1
         fc_pool_run(num_threads, wino_job_item, &j, N * groups * j.nch)
     free(fin)

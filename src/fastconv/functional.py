@@ -10,6 +10,7 @@ The forward functions also take a keyword-only ``out=`` array to write the resul
 NumPy's ufuncs (see ``_out``): checked with the other arguments, returned itself, and right even
 when it overlaps an input.
 """
+import collections
 import contextlib
 import operator
 import threading
@@ -512,21 +513,83 @@ def _direct(xc, wc, bc, out, geo, relu, N, dt, fn):
                            bc.shape[0] > 0, team, relu)
 
 
-def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn):
+# Winograd's transformed (and packed) weights kept per Python thread for calls on at most
+# this many images, where the transform is a large share of the call (a batch-1 64->64 3x3
+# on 32x32: 11 % of it): the weight array's bytes are kept with them and compared (memcmp)
+# on every call, so weights changed in place (an optimizer step) are transformed again.  An
+# array found changed twice in a row (training) skips the cache for its next _WINO_SKIP calls
+# (the compare and the copy cost a batch-1 training step 4-6 %).  At most _WINO_CACHE_BYTES
+# per thread (weights, transform and packing), least recently used first out;
+# _WINO_CACHE_MAX_N = 0 turns it off.
+_WINO_CACHE_MAX_N = 4
+_WINO_CACHE_BYTES = 32 << 20
+_WINO_SKIP = 16
+_wino_cache = threading.local()
+
+
+def _wino_weights(wc, groups, dt, fn, cache):
+    """(u, wpack, ready, entry) for the Winograd kernel: ready when u and wpack already hold
+    the transform of wc's bytes; entry, when not ready, is the cache entry to complete once
+    the kernel has filled them (None: not cached)."""
+    Cg, Lg = wc.shape[1], wc.shape[0] // groups
+    nu, npk = 16 * wc.shape[0] * Cg, 16 * groups * _kernels.gemm_packed_size(Lg, Cg)
+    e = None
+    if cache:
+        entries = getattr(_wino_cache, "entries", None)
+        if entries is None:
+            entries = _wino_cache.entries = collections.OrderedDict()
+        key = (wc.ctypes.data, wc.shape, dt.char, groups)
+        e = entries.get(key)
+        if e is not None:
+            entries.move_to_end(key)
+            if e["skip"] > 0:                       # changing every call: not cached now
+                e["skip"] -= 1
+                e = None
+            elif e["ready"] and _kernels.same_bytes(e["w"], wc.reshape(-1)):
+                e["changed"] = 0
+                return e["u"], e["pack"], True, None
+            elif e["ready"]:                        # changed in place since it was kept
+                e["changed"] += 1
+                if e["changed"] >= 2:
+                    e["changed"], e["skip"], e["ready"] = 0, _WINO_SKIP, False
+                    e = None
+        else:
+            e = {"w": np.empty(wc.size, dt), "u": _alloc((nu,), dt, fn, "Winograd weights"),
+                 "pack": _alloc((npk,), dt, fn, "Winograd weights") if npk else
+                 _EMPTY[dt.char], "changed": 0, "skip": 0}
+            e["bytes"] = e["w"].nbytes + e["u"].nbytes + e["pack"].nbytes
+            if e["bytes"] > _WINO_CACHE_BYTES:
+                return e["u"], e["pack"], False, None
+            entries[key] = e
+            total = sum(v["bytes"] for v in entries.values())
+            while total > _WINO_CACHE_BYTES:
+                total -= entries.popitem(last=False)[1]["bytes"]
+    if e is None:
+        return (_alloc((nu,), dt, fn, "Winograd weights"), _wpack(Lg, Cg, 16 * groups, dt, fn),
+                False, None)
+    e["ready"] = False
+    return e["u"], e["pack"], False, e
+
+
+def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=False):
     """out = the 3x3 stride-1 convolution of xc by wc (+ bc) with these top/left paddings
     (negative: cropping), by the Winograd kernel (BLAS held at one thread when it does the
-    GEMMs, that is without the own GEMM)."""
+    GEMMs, that is without the own GEMM).  cache: wc is the caller's own weight array, whose
+    transform may be kept for the next call (see _WINO_CACHE_MAX_N)."""
     Cg, Lg = wc.shape[1], wc.shape[0] // groups
     OH, OW = out.shape[2], out.shape[3]
     tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
     scratch = _scratch(team, max(16 * (_col_ld(tiles, dt) * (Cg + Lg) + 32),
                                  9 * Cg * _col_ld(OH * OW, dt)),
                        dt, fn)
-    u = _alloc((16 * wc.shape[0] * Cg,), dt, fn, "Winograd weights")
-    wpack = _wpack(Lg, Cg, 16 * groups, dt, fn)
+    u, wpack, ready, entry = _wino_weights(
+        wc, groups, dt, fn, cache and 0 < xc.shape[0] <= _WINO_CACHE_MAX_N)
     with blas_threads(1) if not wpack.size else _NO_BLAS:
         _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, wpack, scratch, pad_top, pad_left,
-                                         groups, bc.shape[0] > 0, team)
+                                         groups, bc.shape[0] > 0, team, ready)
+    if entry is not None:
+        np.copyto(entry["w"], wc.reshape(-1))
+        entry["ready"] = True
 
 
 def _col_ld(P, dtype):
@@ -644,7 +707,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     if wino:
         # fewer images than threads: the kernel shares each image's work among them
         _winograd(xc, wc, bc, out, pad[0], pad[2], g, _team(16 * N * g, N * L * OH * OW * K),
-                  dt, fn)
+                  dt, fn, cache=wc is weight)
         return done(_relu_inplace(out) if relu else out)
     direct = _is_direct(geo, x)
     ncol = 0 if direct else K * _col_ld(OH * OW, dt)
