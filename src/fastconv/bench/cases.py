@@ -201,25 +201,31 @@ MODEL_LR = 1e-3
 
 
 class fresh_caches:
-    """Context manager: fastconv's cached im2col workspaces (if this version keeps any) start
-    empty inside the block, so a memory measurement counts the workspace a call needs instead
-    of finding it already allocated by an earlier case; the old cache is put back after."""
+    """Context manager: fastconv's cached im2col workspaces and Winograd weight transforms (if
+    this version keeps any) start empty inside the block, so a memory measurement counts what
+    a call keeps instead of finding it already allocated by an earlier call; the old caches
+    are put back after."""
+
+    _NAMES = ("_workspaces", "_wino_cache")
 
     def __enter__(self):
         import threading
 
         from fastconv import functional
 
-        self._old = getattr(functional, "_workspaces", None)
-        if isinstance(self._old, threading.local):
-            functional._workspaces = threading.local()
+        self._old = {}
+        for name in self._NAMES:
+            old = getattr(functional, name, None)
+            if isinstance(old, threading.local):
+                self._old[name] = old
+                setattr(functional, name, threading.local())
         return self
 
     def __exit__(self, *exc):
         from fastconv import functional
 
-        if self._old is not None:
-            functional._workspaces = self._old
+        for name, old in self._old.items():
+            setattr(functional, name, old)
         return False
 
 
