@@ -250,8 +250,8 @@ def _spy_ready(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.usefixtures("everywhere")
 def test_winograd_weight_cache(dtype, threads, wino_cache, monkeypatch):
-    """Small batches reuse the transform of the same weight bytes (the kernel is told so),
-    and every change to the weights is seen: in place (one value, the last one, a 0 made
+    """Small batches reuse the transform of the same weight bytes from an array's second call
+    on (the kernel is told so), and every change to the weights is seen: in place (one value, the last one, a 0 made
     -0, all of them as an optimizer step does), another array at the same address, arrays
     alternating, a view of the same memory; weights that change call after call skip the
     cache for _WINO_SKIP calls; results always the reference's."""
@@ -270,7 +270,8 @@ def test_winograd_weight_cache(dtype, threads, wino_cache, monkeypatch):
         return got
 
     monkeypatch.setattr(F, "_WINO_SKIP", 2)
-    first = check(w, False)
+    first = check(w, False)                                   # first sight: noted only
+    np.testing.assert_array_equal(check(w, False), first)      # second: kept
     np.testing.assert_array_equal(check(w, True), first)       # the same numbers
     w[3, 2, 1, 1] += 0.5                                      # one value changed in place
     check(w, False)
@@ -294,6 +295,8 @@ def test_winograd_weight_cache(dtype, threads, wino_cache, monkeypatch):
     check(w, False)                                           # then kept again
     check(w, True)
     check(w2, False)                                          # alternating arrays
+    check(w, True)
+    check(w2, False)
     check(w, True)
     check(w2, True)
     check(w[...], True)                                       # a view: same memory, same bytes
@@ -327,11 +330,15 @@ def test_winograd_weight_cache_is_bounded(wino_cache, monkeypatch):
     r = np.random.default_rng(4)
     x = r.uniform(-1, 1, (1, 4, 5, 5)).astype(np.float32)
     ws = [r.uniform(-1, 1, (6, 4, 3, 3)).astype(np.float32) for _ in range(4)]
-    fc.conv2d(x, ws[0], padding=1)
+    for _ in range(2):
+        fc.conv2d(x, ws[0], padding=1)                        # kept from its second call
     one = sum(e["bytes"] for e in F._wino_cache.entries.values())
+    assert one > 0
     monkeypatch.setattr(F, "_WINO_CACHE_BYTES", 2 * one)
     for w in ws:
-        close(fc.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1), np.dtype(np.float32))
+        for _ in range(2):
+            close(fc.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1),
+                  np.dtype(np.float32))
     assert len(F._wino_cache.entries) == 2
     fc.conv2d(x, ws[3], padding=1)
     assert ready[-1] is True                                  # the most recent: kept
@@ -339,7 +346,7 @@ def test_winograd_weight_cache_is_bounded(wino_cache, monkeypatch):
     assert ready[-1] is False                                 # the oldest: evicted
     monkeypatch.setattr(F, "_WINO_CACHE_BYTES", one - 1)
     F._wino_cache.entries.clear()
-    for _ in range(2):
+    for _ in range(3):
         close(fc.conv2d(x, ws[1], padding=1), ref.conv2d(x, ws[1], padding=1),
               np.dtype(np.float32))
         assert ready[-1] is False
@@ -365,3 +372,49 @@ def test_winograd_weight_cache_per_thread(wino_cache):
                                            ref.conv2d(x, w, padding=1), rtol=1e-4, atol=1e-4)
         return call
     run_threads([work(s) for s in range(3)], 1)
+
+
+@pytest.mark.usefixtures("everywhere")
+def test_winograd_weight_cache_new_array_each_call(wino_cache, monkeypatch):
+    """Weights made anew for every call (w = w - lr * g) are noted, not kept, on first
+    sight (only addresses that NumPy's allocator hands out again get entries), never taken
+    for ready, and every result is the reference's; the kept bytes stay under the bound."""
+    ready = _spy_ready(monkeypatch)
+    r = np.random.default_rng(6)
+    x = r.uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+    w = r.uniform(-1, 1, (6, 4, 3, 3)).astype(np.float32)
+    g = r.uniform(-1, 1, w.shape).astype(np.float32)
+    for _ in range(12):
+        w = w - np.float32(0.01) * g
+        close(fc.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1), np.dtype(np.float32))
+        assert ready[-1] is False
+    entries = getattr(F._wino_cache, "entries", {})
+    assert len(entries) < 12
+    assert sum(e["bytes"] for e in entries.values()) <= F._WINO_CACHE_BYTES
+
+
+@pytest.mark.usefixtures("everywhere")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_weight_cache_follows_levels(dtype, wino_cache, monkeypatch):
+    """The packed weights follow the GEMM level's packing (and the transform the SIMD
+    levels): the same array, same bytes, under another level is transformed again
+    (transform_tag is in the key), with the reference's results at every level."""
+    ready = _spy_ready(monkeypatch)
+    levels = [lv for lv in ("avx512", "avx2", "blas") if _kernels.set_gemm(lv) == lv]
+    r = np.random.default_rng(7)
+    x = r.uniform(-1, 1, (1, 5, 7, 6)).astype(dtype)
+    w = r.uniform(-1, 1, (10, 5, 3, 3)).astype(dtype)
+    old512 = _kernels.set_simd512(True)
+    try:
+        for i, lv in enumerate(levels + levels[:1]):
+            for simd512 in (True, False):
+                _kernels.set_gemm(lv)
+                _kernels.set_simd512(simd512)
+                for k in range(3):
+                    close(fc.conv2d(x, w, padding=1), ref.conv2d(x, w, padding=1),
+                          np.dtype(dtype))
+                # new levels: noted, kept, reused; the first level again: still kept
+                assert ready[-3:] == ([True] * 3 if i == len(levels) else [False, False, True])
+    finally:
+        _kernels.set_gemm(levels[0])
+        _kernels.set_simd512(old512)

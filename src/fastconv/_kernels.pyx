@@ -1303,6 +1303,13 @@ cdef void wino_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
         wino_job_run(j, i, tid, <float*> NULL)
 
 
+def transform_tag():
+    """An int naming the code that makes Winograd's transformed, packed weights (the GEMM
+    level, whose packing they follow, and the SIMD levels of the transform): functional's
+    cache of them keys on it, so tests and benchmarks that switch levels never reuse them."""
+    return (fc_gemm_level() * 2 + fc_simd_level()) * 2 + (fc_avx512_on != 0)
+
+
 def same_bytes(const floating[::1] a, const floating[::1] b):
     """Whether a and b hold the same bytes (memcmp: -0 and NaN payloads count as they are)."""
     cdef int r = 1

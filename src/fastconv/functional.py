@@ -515,8 +515,9 @@ def _direct(xc, wc, bc, out, geo, relu, N, dt, fn):
 
 # Winograd's transformed (and packed) weights kept per Python thread for calls on at most
 # this many images, where the transform is a large share of the call (a batch-1 64->64 3x3
-# on 32x32: 11 % of it): the weight array's bytes are kept with them and compared (memcmp)
-# on every call, so weights changed in place (an optimizer step) are transformed again.  An
+# on 32x32: 11 % of it), from an array's second call on: the weight array's bytes are kept
+# with them and compared (memcmp) on every call, so weights changed in place (an optimizer
+# step) are transformed again.  An
 # array found changed twice in a row (training) skips the cache for its next _WINO_SKIP calls
 # (the compare and the copy cost a batch-1 training step 4-6 %).  At most _WINO_CACHE_BYTES
 # per thread (weights, transform and packing), least recently used first out;
@@ -525,6 +526,14 @@ _WINO_CACHE_MAX_N = 4
 _WINO_CACHE_BYTES = 32 << 20
 _WINO_SKIP = 16
 _wino_cache = threading.local()
+
+
+def _wino_seen():
+    """This thread's keys of arrays seen once (the cache keeps an array from its second call)."""
+    seen = getattr(_wino_cache, "seen", None)
+    if seen is None:
+        seen = _wino_cache.seen = collections.OrderedDict()
+    return seen
 
 
 def _wino_weights(wc, groups, dt, fn, cache):
@@ -538,7 +547,7 @@ def _wino_weights(wc, groups, dt, fn, cache):
         entries = getattr(_wino_cache, "entries", None)
         if entries is None:
             entries = _wino_cache.entries = collections.OrderedDict()
-        key = (wc.ctypes.data, wc.shape, dt.char, groups)
+        key = (wc.ctypes.data, wc.shape, dt.char, groups, _kernels.transform_tag())
         e = entries.get(key)
         if e is not None:
             entries.move_to_end(key)
@@ -553,7 +562,15 @@ def _wino_weights(wc, groups, dt, fn, cache):
                 if e["changed"] >= 2:
                     e["changed"], e["skip"], e["ready"] = 0, _WINO_SKIP, False
                     e = None
+        elif key not in _wino_seen():
+            # first sight of this array: noted only (an array made anew for every call, as
+            # by w = w - lr * g, would otherwise cost a new entry per call)
+            seen = _wino_cache.seen
+            seen[key] = None
+            if len(seen) > 64:
+                seen.popitem(last=False)
         else:
+            del _wino_cache.seen[key]
             e = {"w": np.empty(wc.size, dt), "u": _alloc((nu,), dt, fn, "Winograd weights"),
                  "pack": _alloc((npk,), dt, fn, "Winograd weights") if npk else
                  _EMPTY[dt.char], "changed": 0, "skip": 0}
