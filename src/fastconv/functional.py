@@ -517,9 +517,9 @@ def _direct(xc, wc, bc, out, geo, relu, N, dt, fn):
 # this many images, where the transform is a large share of the call (a batch-1 64->64 3x3
 # on 32x32: 11 % of it), from an array's second call on: the weight array's bytes are kept
 # with them and compared (memcmp) on every call, so weights changed in place (an optimizer
-# step) are transformed again.  An
-# array found changed twice in a row (training) skips the cache for its next _WINO_SKIP calls
-# (the compare and the copy cost a batch-1 training step 4-6 %).  At most _WINO_CACHE_BYTES
+# step) are transformed again.  An array found changed twice in a row (training) skips the
+# cache for its next _WINO_SKIP calls (the compare and the copy cost a batch-1 training step
+# 4-6 % without that).  At most _WINO_CACHE_BYTES
 # per thread (weights, transform and packing), least recently used first out;
 # _WINO_CACHE_MAX_N = 0 turns it off.
 _WINO_CACHE_MAX_N = 4
@@ -528,12 +528,12 @@ _WINO_SKIP = 16
 _wino_cache = threading.local()
 
 
-def _wino_seen():
-    """This thread's keys of arrays seen once (the cache keeps an array from its second call)."""
-    seen = getattr(_wino_cache, "seen", None)
-    if seen is None:
-        seen = _wino_cache.seen = collections.OrderedDict()
-    return seen
+def _wino_state():
+    """This thread's cache: (entries by key, keys of arrays seen once), both oldest first."""
+    st = _wino_cache.__dict__
+    if "entries" not in st:
+        st["entries"], st["seen"] = collections.OrderedDict(), collections.OrderedDict()
+    return st["entries"], st["seen"]
 
 
 def _wino_weights(wc, groups, dt, fn, cache):
@@ -544,9 +544,7 @@ def _wino_weights(wc, groups, dt, fn, cache):
     nu, npk = 16 * wc.shape[0] * Cg, 16 * groups * _kernels.gemm_packed_size(Lg, Cg)
     e = None
     if cache:
-        entries = getattr(_wino_cache, "entries", None)
-        if entries is None:
-            entries = _wino_cache.entries = collections.OrderedDict()
+        entries, seen = _wino_state()
         key = (wc.ctypes.data, wc.shape, dt.char, groups, _kernels.transform_tag())
         e = entries.get(key)
         if e is not None:
@@ -562,15 +560,14 @@ def _wino_weights(wc, groups, dt, fn, cache):
                 if e["changed"] >= 2:
                     e["changed"], e["skip"], e["ready"] = 0, _WINO_SKIP, False
                     e = None
-        elif key not in _wino_seen():
+        elif key not in seen:
             # first sight of this array: noted only (an array made anew for every call, as
             # by w = w - lr * g, would otherwise cost a new entry per call)
-            seen = _wino_cache.seen
             seen[key] = None
             if len(seen) > 64:
                 seen.popitem(last=False)
         else:
-            del _wino_cache.seen[key]
+            del seen[key]
             e = {"w": np.empty(wc.size, dt), "u": _alloc((nu,), dt, fn, "Winograd weights"),
                  "pack": _alloc((npk,), dt, fn, "Winograd weights") if npk else
                  _EMPTY[dt.char], "changed": 0, "skip": 0}
