@@ -107,3 +107,31 @@ def test_linear_layer_leaves_no_blas_thread_running():
     finally:
         F._kernels.linear_forward, F._kernels.linear_backward = real
     assert len(seen) == 2 and all(n == 1 for call in seen for n in call), seen
+
+
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_forward_own_gemm(level, dtype, threads):
+    """The forward by the own GEMM, x read in place and weight as B transposed (FC_GEMM_BT:
+    each K block's strip transposed into the strip buffer): output columns that fill whole
+    strips, half and quarter strips and masked ones (o), K blocks whole and partial and
+    rows that are no multiple of the transposes' 8 or 4 (i), row blocks that are no multiple
+    of the micro-kernel's rows (n); against the reference and against BLAS (own=False)."""
+    r = np.random.default_rng(11)
+    dt = np.dtype(dtype)
+    for n, i, o in [(16, 1, 1), (17, 7, 9), (40, 129, 33), (23, 300, 70), (64, 260, 128),
+                    (9, 5, 31), (70, 128, 8), (33, 257, 65)]:
+        x = r.uniform(-1, 1, (n, i)).astype(dtype)
+        w = r.uniform(-1, 1, (o, i)).astype(dtype)
+        b = r.uniform(-1, 1, o).astype(dtype)
+        keep_x, keep_w = x.copy(), w.copy()
+        want = ref.linear(x, w, b)
+        for own in (True, False):
+            y = np.full((n, o), np.nan, dtype)
+            with gemm_at(level):
+                _kernels.linear_forward(x, w, b, y, True, threads, own)
+            close(y, want, dt)
+        np.testing.assert_array_equal(x, keep_x)
+        np.testing.assert_array_equal(w, keep_w)

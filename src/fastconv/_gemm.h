@@ -37,6 +37,9 @@
 #define FC_GEMM_RELU 2  /* in fc_gemm_*'s acc: max(C, 0) at the end (nn.ReLU fused) */
 #define FC_GEMM_PACKB 4 /* in fc_gemm_*'s acc: B is read from memory, not just written (see
                            fc_gemm_packb_min) */
+#define FC_GEMM_BT 8    /* in fc_gemm_* / fc_gemma_*'s acc: B given transposed, element (k, n)
+                           at B[n * ldb + k]; each K block's strip is transposed into the
+                           strip buffer (no B-table drivers) */
 
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
@@ -410,6 +413,13 @@ FC_T256 static void fc_mask256_64(ptrdiff_t n, __m256i mk[2]) {   /* 4 int64 lan
     }
 }
 
+FC_T256 static void fc_transpose_f_256(const float* src, ptrdiff_t rows, ptrdiff_t cols,
+                                       ptrdiff_t lds, float* dst, ptrdiff_t ldd);
+FC_T256 static void fc_transpose_d_256(const double* src, ptrdiff_t rows, ptrdiff_t cols,
+                                       ptrdiff_t lds, double* dst, ptrdiff_t ldd);
+#define fc_transpose_float_256 fc_transpose_f_256    /* by the drivers' type names */
+#define fc_transpose_double_256 fc_transpose_d_256
+
 /* Rows [0, kc) of a strip of B (w <= nr columns from b, rows ldb apart) into dst (rows nr
  * apart); next, when not NULL, is the next strip: its rows are prefetched meanwhile. */
 #define FC_PACK_STRIP(T)                                                                        \
@@ -448,7 +458,9 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     T bpk[FC_GEMM_KC * NR] __attribute__((aligned(64)));                                       \
     const int packb = TABLE == 0 && !INPLACE && (acc & FC_GEMM_PACKB) && M > 4 * MR &&            \
                       fc_gemm_packb_min > 0 && ldb * (ptrdiff_t)sizeof(T) >= fc_gemm_packb_min; \
-    if (TAILN > 0 && fc_gemm_tail_on && n1 > n0) {  /* a last panel of <= TAILN columns */     \
+    /* B transposed (FC_GEMM_BT): every strip transposed into bpk, whatever the sizes */       \
+    const int bt = TABLE != 1 && (acc & FC_GEMM_BT);                                            \
+    if (TAILN > 0 && fc_gemm_tail_on && !bt && n1 > n0) {  /* a last panel of <= TAILN cols */ \
         ptrdiff_t jt = n0 + (n1 - n0 - 1) / NR * NR;                                            \
         if (n1 - jt <= TAILN) {                                                                 \
             for (ptrdiff_t ir = 0; ir < M; ir += 4 * MR)                                        \
@@ -462,7 +474,7 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
         ptrdiff_t kc = K - pc < FC_GEMM_KC ? K - pc : FC_GEMM_KC;                               \
         int first = (pc == 0 && !(acc & 1)), last_relu = relu && pc + kc >= K;                  \
         /* (fewer rows: as many pages as the L1 TLB holds, and the copy did not pay) */        \
-        const int pack = packb && kc >= 64;                                                     \
+        const int pack = bt || (packb && kc >= 64);                                             \
         for (ptrdiff_t jr = n0; jr < n1; jr += NR) {                                            \
             int masked = n1 - jr < NR;                                                          \
             int half = n1 - jr <= NR / 2;        /* a tail of half a panel or less */           \
@@ -495,10 +507,14 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 }                                                                               \
                 const T* a = TABLE == 2 ? Ap + pc : INPLACE ? Ap + ir * lda + pc                \
                                                             : Ap + ir * K + pc * MR;            \
-                const T* bp = TABLE == 1 ? B + jr : B + pc * ldb + jr;                          \
+                const T* bp = TABLE == 1 ? B + jr : bt ? B + jr * ldb + pc                      \
+                                                         : B + pc * ldb + jr;                   \
                 ptrdiff_t bld = ldb;                                                            \
                 if (pack) {                                                                     \
-                    if (ir == 0)                                                                \
+                    if (ir == 0 && bt)                                                          \
+                        fc_transpose_##T##_256(bp, n1 - jr < NR ? n1 - jr : NR, kc, ldb, bpk,   \
+                                               NR);                                             \
+                    else if (ir == 0)                                                           \
                         fc_pack_strip_##T(bp, ldb, kc, n1 - jr < NR ? n1 - jr : NR, NR, bpk,    \
                                           jr + 2 * NR <= n1 ? bp + NR : NULL);                  \
                     bp = bpk;                                                                   \

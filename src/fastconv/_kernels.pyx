@@ -137,6 +137,7 @@ cdef extern from "_gemm.h":
     int fc_gemm_mr() nogil
     enum: GEMM_RELU "FC_GEMM_RELU"
     enum: GEMM_PACKB "FC_GEMM_PACKB"
+    enum: GEMM_BT "FC_GEMM_BT"
     int fc_im2col_pad_on
     Py_ssize_t fc_gemm_nr(int dbl) nogil
     Py_ssize_t fc_gemm_packed_size(Py_ssize_t M, Py_ssize_t K) nogil
@@ -2128,6 +2129,7 @@ cdef struct LinJob:
     const void* Ax           # grad_out packed for the own GEMM (NULL: BLAS)
     Py_ssize_t rows, nin, nout, rblk, cblk, ncb, ngw
     int mode                  # 0: forward (row x column blocks of y); 1: backward
+    bint own                  # forward by the own GEMM (else BLAS)
     bint dbl
 
 
@@ -2144,8 +2146,16 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
         r1 = min(r0 + j.rblk, N)
         c0 = (i % j.ncb) * j.cblk
         c1 = min(c0 + j.cblk, O)
-        gemm_rm(False, True, r1 - r0, c1 - c0, I, 1, x + r0 * I, I, w + c0 * I, I, 0,
-                y + r0 * O + c0, O)
+        if j.own:
+            # the own GEMM with x's rows read in place as A and w as B transposed (each K
+            # block's strip transposed as it is used)
+            if floating is float:
+                fc_gemma_f(r1 - r0, c0, c1, I, x + r0 * I, I, w, I, y + r0 * O, O, GEMM_BT)
+            else:
+                fc_gemma_d(r1 - r0, c0, c1, I, x + r0 * I, I, w, I, y + r0 * O, O, GEMM_BT)
+        else:
+            gemm_rm(False, True, r1 - r0, c1 - c0, I, 1, x + r0 * I, I, w + c0 * I, I, 0,
+                    y + r0 * O + c0, O)
         if b != NULL:
             for r in range(r0, r1):
                 for c in range(c0, c1):
@@ -2182,11 +2192,12 @@ cdef void lin_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
 
 def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
                    const floating[::1] bias, floating[:, ::1] out, bint has_bias,
-                   int num_threads):
+                   int num_threads, bint own):
     """out (N, O) = x (N, I) @ weight (O, I)^T (+ bias): about two blocks per thread, of rows
     when they outnumber the output columns, else of output columns (the fewer re-reads; 4
-    row blocks of a 64 x 3136 @ 3136 x 128 product were 0.72x OpenBLAS's own 2 threads).  The caller holds BLAS at one thread
-    and checks that every size fits a C int."""
+    row blocks of a 64 x 3136 @ 3136 x 128 product were 0.72x OpenBLAS's own 2 threads).
+    own: by the own GEMM where there is one (x read in place, weight as B transposed), else
+    BLAS.  The caller holds BLAS at one thread and checks that every size fits a C int."""
     cdef LinJob j
     cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = weight.shape[0], nrb
     if weight.shape[1] != I or out.shape[0] != N or out.shape[1] != O or \
@@ -2202,13 +2213,15 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
     j.nin = I
     j.nout = O
     j.mode = 0
+    j.own = own and I > 0 and fc_gemm_level() > 0
     j.dbl = floating is double
     if num_threads <= 1:
         j.rblk, j.cblk = N, O
     elif N > O:             # row blocks: each reads all of weight (O x I), once per block
         j.rblk, j.cblk = block_len(N, 2 * num_threads, 8), O
-    else:                   # column blocks: each reads all of x (N x I)
-        j.rblk, j.cblk = N, block_len(O, 2 * num_threads, 16)
+    else:                   # column blocks (whole GEMM panels): each reads all of x (N x I)
+        j.rblk = N
+        j.cblk = block_len(O, 2 * num_threads, fc_gemm_nr(floating is double) if j.own else 16)
     j.ncb = (O + j.cblk - 1) // j.cblk
     nrb = (N + j.rblk - 1) // j.rblk
     with nogil:

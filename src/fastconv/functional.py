@@ -1559,6 +1559,9 @@ def _linear_sizes(fn, *shape):
             raise ValueError(f"{fn}: size {d} of shape {shape} does not fit BLAS (< 2**31)")
 
 
+_LINEAR_OWN_ROWS = 16
+
+
 def _linear(x2, weight, bias):
     """x2 (N, I) @ weight (O, I)^T (+ bias (O,)), all of one float dtype, by the kernels'
     blocks on fastconv's threads with BLAS held at one thread (numpy's matmul would leave
@@ -1574,7 +1577,8 @@ def _linear(x2, weight, bias):
     xc, wc = _c(x2, dt), _c(weight, dt)
     bc = _c(bias, dt) if bias is not None else _EMPTY[dt.char]
     with blas_threads(1):
-        _kernels.linear_forward(xc, wc, bc, out, bias is not None, _team(N * O, N * I * O))
+        _kernels.linear_forward(xc, wc, bc, out, bias is not None, _team(N * O, N * I * O),
+                                N >= _LINEAR_OWN_ROWS)
     return out
 
 
