@@ -512,6 +512,47 @@ def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, sh
 
 
 @pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("blocks", [0, 40])
+def test_weight_gradient_bt_same_numbers(level, dtype, blocks):
+    """The own GEMM's weight gradient reading grad_out (x for a transposed convolution) as B
+    transposed (FC_GEMM_BT, the default) gives bit for bit what it gives from a transposed
+    copy (set_wgrad_bt(False)): the same products summed in the same order.  Shapes: x in
+    place (1x1), an im2col matrix, im2col rows shared by the row taps, stride 2; blocks of
+    output rows (blocks=40 columns); P and L crossing the K block and the strip widths."""
+    rng = np.random.default_rng(7)
+    old_block = _kernels.set_gemm_block(blocks)
+    try:
+        for n, c, h, w, l, k, s, p in [(2, 64, 15, 14, 37, 1, 1, 0), (1, 9, 13, 12, 70, 3, 1, 1),
+                                       (2, 16, 12, 11, 33, 3, 2, 1), (1, 8, 9, 20, 9, 5, 1, 2)]:
+            x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+            wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
+            gy = rng.uniform(-1, 1, ref.conv2d_taps(x, wt, stride=s, padding=p).shape)
+            gy = gy.astype(dtype)
+            # the transposed convolution of gy by the same weight, and a gradient of its output
+            gty = rng.uniform(-1, 1, ref.conv_transpose2d(gy, wt, stride=s, padding=p).shape)
+            gty = gty.astype(dtype)
+            got = {}
+            for bt in (True, False):
+                old = _kernels.set_wgrad_bt(bt)
+                try:
+                    with gemm_at(level), num_threads(2):
+                        got[bt] = (fc.conv2d_backward(gy, x, wt, stride=s, padding=p)[1],
+                                   fc.conv_transpose2d_backward(gty, gy, wt, stride=s,
+                                                                padding=p)[1])
+                finally:
+                    _kernels.set_wgrad_bt(old)
+            np.testing.assert_array_equal(got[True][0], got[False][0])
+            np.testing.assert_array_equal(got[True][1], got[False][1])
+            close(got[True][0], ref.conv2d_weight_grad_taps(gy, x, wt.shape, stride=s,
+                                                            padding=p), dtype)
+    finally:
+        _kernels.set_gemm_block(old_block)
+
+
+@pytest.mark.usefixtures("tiny_grain")
 @pytest.mark.parametrize("own", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

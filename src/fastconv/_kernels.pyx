@@ -337,6 +337,20 @@ def set_wgrad_split(bint on):
     return old
 
 
+# the own GEMM's weight gradient reads grad_out as its B transposed (FC_GEMM_BT) instead of
+# a transposed copy made first
+cdef bint WGRAD_BT = True
+
+
+def set_wgrad_bt(bint on):
+    """Whether the weight gradient by the own GEMM reads grad_out as B transposed (True)
+    or transposes it first; returns the previous setting.  For tests and A/B timing."""
+    global WGRAD_BT
+    old = WGRAD_BT
+    WGRAD_BT = on
+    return old
+
+
 def set_wgrad_own(bint on):
     """Whether conv2d_backward may compute the weight gradient by the own GEMM (else BLAS);
     returns the previous setting.  For tests and A/B timing, while no kernel runs."""
@@ -360,7 +374,12 @@ cdef inline void wgrad_own(const floating* col, Py_ssize_t lda, Py_ssize_t K,
     apart, read in place) @ b^T, b (R, P, rows lds apart) transposed into bt (P rows ldt >= R
     apart) first.  The BLAS form, gw (R, K) += b @ col^T, had OpenBLAS repack col for every
     image."""
-    if floating is float:
+    if WGRAD_BT:
+        if floating is float:
+            fc_gemma_f(K, 0, R, P, col, lda, b, lds, gwt, R, 1 | GEMM_BT)
+        else:
+            fc_gemma_d(K, 0, R, P, col, lda, b, lds, gwt, R, 1 | GEMM_BT)
+    elif floating is float:
         fc_transpose_f(b, R, P, lds, bt, ldt)
         fc_gemma_f(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
     else:
@@ -393,7 +412,12 @@ cdef inline void wgrad_rows(const floating* x, Py_ssize_t Cg, Py_ssize_t H, Py_s
     cdef Py_ssize_t P = OH * OW, K = Cg * kH * kW
     im2col_panel(x, Cg, H, W, 1, kW, 1, sW, pH, pW, dH, dW, OW, 0, P + (kH - 1) * dH * OW,
                  col, lde)
-    if floating is float:
+    if WGRAD_BT:
+        if floating is float:
+            fc_gemmc_f(K, 0, R, P, col, bo, b, P, gwt, R, 1 | GEMM_BT)
+        else:
+            fc_gemmc_d(K, 0, R, P, col, bo, b, P, gwt, R, 1 | GEMM_BT)
+    elif floating is float:
         fc_transpose_f(b, R, P, P, bt, ldt)
         fc_gemmc_f(K, 0, R, P, col, bo, bt, ldt, gwt, R, 1)
     else:
