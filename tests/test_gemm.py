@@ -720,3 +720,26 @@ def test_gemm_strip_packing_same_numbers(level, data):
     g64, x64, w64 = lg2.astype(np.float64), lx.astype(np.float64), lw.astype(np.float64)
     close(lgx, g64 @ w64, dtype)
     close(lgw, g64.T @ x64, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_wgrad_reduce(dtype, threads):
+    """The weight gradient's partial rows summed in order (bit for bit part[0] + part[1] +
+    ...) and, for the own GEMM's layout, each group's (K, R) block transposed to (R, K):
+    tiles of 32 x 128 whole and partial in both directions, 1-3 rows, 1-3 groups, and the
+    untransposed sum in blocks of 4096 with a partial last one."""
+    rng = np.random.default_rng(5)
+    for rows, groups, K, R in [(1, 1, 1, 1), (2, 1, 256, 256), (3, 2, 33, 129), (2, 3, 70, 5),
+                               (2, 1, 9, 300), (1, 2, 64, 128)]:
+        part = rng.standard_normal((rows, groups * K * R + 3)).astype(dtype)
+        want = part[0, :-3].copy()
+        for t in range(1, rows):
+            want = want + part[t, :-3]
+        for trans in (False, True):
+            out = np.full(groups * K * R, np.nan, dtype)
+            _kernels.wgrad_reduce(part, out, groups, K, trans, threads)
+            expect = want.reshape(groups, K, R).transpose(0, 2, 1).ravel() if trans else want
+            np.testing.assert_array_equal(out, expect)
+    with pytest.raises(ValueError):
+        _kernels.wgrad_reduce(np.zeros((2, 10), dtype), np.zeros(12, dtype), 1, 3, True, 1)

@@ -2364,6 +2364,92 @@ def sum_rows(const floating[:, ::1] part, floating[::1] out):
                 out[j] += part[t, j]
 
 
+cdef struct RedJob:
+    # wgrad_reduce's blocks: out = the sum of the partial rows, each group's (K, R) block
+    # transposed to (R, K) when trans, in tiles of RED_KB x RED_RB
+    const void* part
+    void* out
+    Py_ssize_t rows, ldp, M, K, R, nkb, nrb
+    bint trans, dbl
+
+
+cdef enum:
+    RED_KB = 32
+    RED_RB = 128
+    RED_FLAT = 4096
+
+
+cdef void red_run(RedJob* j, Py_ssize_t i, floating* tmp) noexcept nogil:
+    cdef const floating* p = <const floating*> j.part
+    cdef floating* o = <floating*> j.out
+    cdef Py_ssize_t t, k, r, q, q0, q1, g, k0, kn, r0, rn, K = j.K, R = j.R, ldp = j.ldp
+    if not j.trans:
+        q0 = i * RED_FLAT
+        q1 = min(q0 + RED_FLAT, j.M)
+        for q in range(q0, q1):
+            o[q] = p[q]
+        for t in range(1, j.rows):
+            for q in range(q0, q1):
+                o[q] += p[t * ldp + q]
+        return
+    # group g's tile of rows [k0, k0 + kn) and columns [r0, r0 + rn) of its (K, R) block:
+    # the partial rows summed in order (as sum_rows) into tmp, then transposed into out
+    g = i // (j.nkb * j.nrb)
+    k0 = (i // j.nrb) % j.nkb * RED_KB
+    r0 = i % j.nrb * RED_RB
+    kn = min(RED_KB, K - k0)
+    rn = min(RED_RB, R - r0)
+    p = p + g * K * R + k0 * R + r0
+    for k in range(kn):
+        for r in range(rn):
+            tmp[k * rn + r] = p[k * R + r]
+    for t in range(1, j.rows):
+        for k in range(kn):
+            for r in range(rn):
+                tmp[k * rn + r] += p[t * ldp + k * R + r]
+    if floating is float:
+        fc_transpose_f(tmp, kn, rn, rn, o + g * K * R + r0 * K + k0, K)
+    else:
+        fc_transpose_d(tmp, kn, rn, rn, o + g * K * R + r0 * K + k0, K)
+
+
+cdef void red_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
+    cdef RedJob* j = <RedJob*> ctx
+    cdef double dt[RED_KB * RED_RB]
+    cdef float ft[RED_KB * RED_RB]
+    if j.dbl:
+        red_run(j, i, dt)
+    else:
+        red_run(j, i, ft)
+
+
+def wgrad_reduce(const floating[:, ::1] part, floating[::1] out, Py_ssize_t groups,
+                 Py_ssize_t K, bint trans, int num_threads):
+    """out = part.sum(axis=0) (the rows added in order, as sum_rows), each group's (K, R)
+    block transposed to (R, K) when trans (the own GEMM's weight gradient layout), in blocks
+    on the pool."""
+    cdef RedJob j
+    cdef Py_ssize_t M = out.shape[0], n
+    if part.shape[0] < 1 or part.shape[1] < M or groups < 1 or K < 1 or M % (groups * K):
+        raise ValueError("wgrad_reduce: shapes do not match")
+    if M == 0:
+        return
+    j.part = &part[0, 0]
+    j.out = &out[0]
+    j.rows = part.shape[0]
+    j.ldp = part.shape[1]
+    j.M = M
+    j.K = K
+    j.R = M // (groups * K)
+    j.trans = trans
+    j.dbl = floating is double
+    j.nkb = (K + RED_KB - 1) // RED_KB
+    j.nrb = (j.R + RED_RB - 1) // RED_RB
+    n = groups * j.nkb * j.nrb if trans else (M + RED_FLAT - 1) // RED_FLAT
+    with nogil:
+        fc_pool_run(num_threads, red_item, &j, n)
+
+
 def channel_sum(const floating[:, :, ::1] x, floating[::1] out, int num_threads):
     """out[c] = sum over n and the plane of x (N, C, HW): a bias gradient."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2], c, n

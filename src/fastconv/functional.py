@@ -408,12 +408,15 @@ def _sum_partials(part, shape, dtype):
 
 def _wgrad_sum(part, shape, groups, K, transposed, dtype):
     """A weight gradient from its per-thread partial rows: each group's (R, K) block, or its
-    (K, R) transpose as the own GEMM writes it (transposed)."""
-    gw = _sum_partials(part, shape, dtype)
-    if not transposed:
-        return gw
-    R = shape[0] // groups
-    return np.ascontiguousarray(gw.reshape(groups, K, R).transpose(0, 2, 1)).reshape(shape)
+    (K, R) transpose as the own GEMM writes it (transposed), summed and transposed in one
+    pass on the threads."""
+    gw = np.empty(part.shape[1], dtype)
+    if part.shape[0] > 1 or transposed:
+        _kernels.wgrad_reduce(part, gw, groups, K, transposed, _team(part.shape[1] // 4096 + 1,
+                                                                     part.size))
+    else:
+        gw[...] = part[0]
+    return gw.reshape(shape)
 
 
 def _dummy(dtype):
