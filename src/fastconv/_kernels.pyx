@@ -1516,13 +1516,23 @@ cdef void wg_run(WgJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
     k0 = c0 * j.kH * j.kW
     im2col(<const floating*> j.x + (n * j.C + g * j.Cg + c0) * j.H * j.W, c1 - c0, j.H, j.W,
            j.kH, j.kW, j.sH, j.sW, j.pH, j.pW, j.dH, j.dW, j.OH, j.OW, col, j.ld)
-    # grad_w[g]^T rows k0.. (K, Lg) += col ((c1 - c0) kH kW, P) @ T[item] (P, Lg)
+    # grad_w[g]^T rows k0.. (K, Lg) += col ((c1 - c0) kH kW, P) @ T[item] (P, Lg), or with
+    # grad_out[n, g] (Lg, P) read as that B transposed (T NULL: no phase-0 transposes)
+    gy = <const floating*> j.gy + (n * j.L + g * Lg) * P
     if floating is float:
-        fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt, j.ldt,
-                   <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+        if T == NULL:
+            fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, gy, P,
+                       <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1 | GEMM_BT)
+        else:
+            fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt,
+                       j.ldt, <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
     else:
-        fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt, j.ldt,
-                   <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+        if T == NULL:
+            fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, gy, P,
+                       <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1 | GEMM_BT)
+        else:
+            fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt,
+                       j.ldt, <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
 
 
 cdef void wg_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -1612,9 +1622,11 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     if wown and not direct and N * groups < wthreads and WGRAD_SPLIT:
         # fewer (image, group) items than threads (batch 1): the weight gradient in blocks of
         # input channels on the pool (the item loop below would leave the other threads idle)
-        T = <floating*> malloc(N * groups * P * ldt * sizeof(floating))
-        if T == NULL:
-            raise MemoryError("conv2d_backward: transposed grad_out")
+        T = NULL
+        if not WGRAD_BT:
+            T = <floating*> malloc(N * groups * P * ldt * sizeof(floating))
+            if T == NULL:
+                raise MemoryError("conv2d_backward: transposed grad_out")
         wj.x = xp
         wj.gy = gyp
         wj.T = T
@@ -1627,14 +1639,14 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
         wj.items = N * groups
         wj.npc = max(1, min(4 * wthreads // wj.items, P // 256))
         wj.pc = (P + wj.npc - 1) // wj.npc
-        wj.npc = (P + wj.pc - 1) // wj.pc
+        wj.npc = (P + wj.pc - 1) // wj.pc if T != NULL else 0
         wj.cb = max(1, Cg * wj.items // (4 * wthreads))
         wj.cb = min(wj.cb, max(1, IM2COL_BLOCK_MAX // (kH * kW * ld * sizeof(floating))))
         wj.ncb = (Cg + wj.cb - 1) // wj.cb
         wj.ncol, wj.nw, wj.nb = ncol, nw, nb
         wj.dbl = floating is double
         with nogil:
-            wj.phase = 0
+            wj.phase = 0      # (no items without T and bias)
             fc_pool_run(wthreads, wg_item, &wj, wj.items * (wj.npc + (1 if need_b else 0)))
             wj.phase = 1
             fc_pool_run(wthreads, wg_item, &wj, wj.items * wj.ncb)
