@@ -360,11 +360,16 @@ def set_wgrad_own(bint on):
     return old
 
 
+cdef inline Py_ssize_t wgrad_extra(Py_ssize_t Lg, Py_ssize_t P,
+                                   Py_ssize_t itemsize) noexcept nogil:
+    return 0 if WGRAD_BT or fc_gemm_level() == 0 else P * col_ld(Lg, itemsize)
+
+
 def wgrad_scratch(Py_ssize_t Lg, Py_ssize_t P, Py_ssize_t itemsize):
     """Values a thread's conv2d_backward workspace needs past the im2col matrix for the
-    weight gradient by the own GEMM (grad_out's (Lg, P) block transposed); 0 at level
-    'blas'."""
-    return P * col_ld(Lg, itemsize) if fc_gemm_level() > 0 else 0
+    weight gradient by the own GEMM (grad_out's (Lg, P) block transposed, when it is not
+    read as B transposed: set_wgrad_bt(False)); 0 at level 'blas'."""
+    return wgrad_extra(Lg, P, itemsize)
 
 
 cdef inline void wgrad_own(const floating* col, Py_ssize_t lda, Py_ssize_t K,
@@ -1595,12 +1600,13 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef Py_ssize_t item, n, g, l, tid, psz = fc_gemm_packed_size(K, Lg)
     cdef floating* Ap = NULL
     # the weight gradient by the own GEMM: grad_w[g]^T (K, Lg) += col (K, P) @ grad_out^T
-    # (P, Lg), the im2col matrix (or x) read in place, grad_out's block transposed after it
+    # (P, Lg), the im2col matrix (or x) read in place, grad_out's block read as B transposed
+    # (or, set_wgrad_bt(False), transposed after the im2col matrix first)
     cdef Py_ssize_t ldt = col_ld(Lg, sizeof(floating)), cend = 0 if direct else K * ld
     # (K >= 64: with fewer taps, transposing grad_out costs as much as the GEMM saves; LeNet's
     # conv1, K = 25: 0.88x BLAS)
     cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
-                      and ncol >= cend + P * ldt)
+                      and ncol >= cend + wgrad_extra(Lg, P, sizeof(floating)))
     # a big im2col matrix in blocks of output rows, where every part runs the own GEMM
     cdef Py_ssize_t rb = block_rows(K, OH, OW, sizeof(floating))
     cdef bint bw = False, bx = False
@@ -1768,7 +1774,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     # the weight gradient by the own GEMM as in conv2d_backward (x's block transposed)
     cdef Py_ssize_t ldt = col_ld(Cig, sizeof(floating)), cend = 0 if direct else K * ld
     cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
-                      and ncol >= cend + P * ldt)
+                      and ncol >= cend + wgrad_extra(Cig, P, sizeof(floating)))
     if not direct and ncol < K * ld:
         raise ValueError("conv_transpose2d_backward: scratch is smaller than one im2col matrix")
     if need_x and psz > 0 and wpack.shape[0] >= groups * psz:
