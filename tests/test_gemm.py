@@ -472,10 +472,13 @@ def test_weight_grad_taps_reference_is_the_loop_reference(n, c, l, h, w, k, grou
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [
-    # (N, C, H, W, L, k, stride, padding, groups).  The own GEMM (K >= 64 taps) reads the
+    # (N, C, H, W, L, k, stride, padding, groups).  The own GEMM (K >= 16 taps) reads the
     # im2col matrix (or x) in place as A (K rows, in blocks of MR: tails of 3 and 0 rows) and
     # grad_out transposed as B (L columns: a masked, a half and a quarter panel)
     (2, 3, 9, 11, 19, 5, 1, 2, 1), (1, 8, 12, 12, 64, 3, 1, 1, 1),
+    # few taps: K = 16 (the fewest for the own GEMM), 18, 25 (LeNet's conv1), 9 (BLAS)
+    (3, 1, 10, 9, 20, 4, 1, 2, 1), (2, 2, 9, 8, 33, 3, 1, 1, 1), (4, 1, 12, 12, 32, 5, 1, 2, 1),
+    (2, 1, 9, 9, 7, 3, 1, 1, 1),
     # x itself as A (1x1, stride 1); 1x1 stride 2 (im2col); P = 144 and 196 cross the K block
     (2, 64, 4, 5, 9, 1, 1, 0, 1), (1, 70, 6, 6, 33, 1, 2, 0, 1),
     (2, 16, 7, 9, 12, 3, 2, 1, 2), (1, 32, 14, 14, 40, 5, 1, 2, 1),
@@ -558,7 +561,7 @@ def test_weight_gradient_bt_same_numbers(level, dtype, blocks):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [
     # (N, Cin, H, W, Cout, k, stride, padding, output_padding, groups): K = Cout/g * k * k
-    # >= 64 taps take the own GEMM (A: im2col of grad_out in place; B: x's block transposed)
+    # >= 16 taps take the own GEMM (A: im2col of grad_out in place; B: x read transposed)
     (2, 19, 5, 6, 4, 4, 2, 1, 0, 1), (1, 9, 7, 7, 75, 1, 1, 0, 0, 1),
     (2, 12, 4, 5, 16, 3, 2, 1, 1, 2), (1, 33, 6, 9, 8, 3, 1, 1, 0, 1),
 ])
@@ -600,10 +603,11 @@ def small_blocks():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [
-    # (N, C, H, W, L, k, stride, padding, dilation, groups): K >= 64 (weight gradient by the
-    # own GEMM, so the blocks apply to it too) and K < 64 (grad_x only in blocks)
+    # (N, C, H, W, L, k, stride, padding, dilation, groups): K >= 16 (weight gradient by the
+    # own GEMM, so the blocks apply to it too) and K < 16 (grad_x only in blocks)
     (2, 8, 9, 10, 9, 5, 1, 2, 1, 1), (1, 12, 11, 9, 10, 3, 2, 1, 1, 1),
     (2, 16, 8, 7, 12, 3, 1, 2, 2, 2), (1, 3, 7, 8, 5, 3, 1, 1, 1, 1),
+    (1, 1, 7, 8, 5, 3, 1, 1, 1, 1),
 ])
 def test_conv2d_backward_in_row_blocks_matches_reference(rows, threads, dtype, shape):
     """conv2d_backward with its im2col matrix in blocks of `rows` output rows (as a big

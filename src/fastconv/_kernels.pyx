@@ -342,6 +342,14 @@ def set_wgrad_split(bint on):
 cdef bint WGRAD_BT = True
 
 
+cdef inline Py_ssize_t wgrad_min_k() noexcept nogil:
+    """Fewest taps (im2col rows) for the weight gradient by the own GEMM: with fewer,
+    transposing grad_out cost as much as the GEMM saved (LeNet's conv1, K = 25: 0.88x BLAS
+    with a transposed copy; read as B transposed 1.08-1.28x BLAS; K = 9: 0.9x, K = 16:
+    1.21x, 18: 1.02-1.14x)."""
+    return 16 if WGRAD_BT else 64
+
+
 def set_wgrad_bt(bint on):
     """Whether the weight gradient by the own GEMM reads grad_out as B transposed (True)
     or transposes it first; returns the previous setting.  For tests and A/B timing."""
@@ -1603,9 +1611,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     # (P, Lg), the im2col matrix (or x) read in place, grad_out's block read as B transposed
     # (or, set_wgrad_bt(False), transposed after the im2col matrix first)
     cdef Py_ssize_t ldt = col_ld(Lg, sizeof(floating)), cend = 0 if direct else K * ld
-    # (K >= 64: with fewer taps, transposing grad_out costs as much as the GEMM saves; LeNet's
-    # conv1, K = 25: 0.88x BLAS)
-    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
+    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= wgrad_min_k()
                       and ncol >= cend + wgrad_extra(Lg, P, sizeof(floating)))
     # a big im2col matrix in blocks of output rows, where every part runs the own GEMM
     cdef Py_ssize_t rb = block_rows(K, OH, OW, sizeof(floating))
@@ -1773,7 +1779,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef floating* Ap = NULL
     # the weight gradient by the own GEMM as in conv2d_backward (x's block transposed)
     cdef Py_ssize_t ldt = col_ld(Cig, sizeof(floating)), cend = 0 if direct else K * ld
-    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= 64
+    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= wgrad_min_k()
                       and ncol >= cend + wgrad_extra(Cig, P, sizeof(floating)))
     if not direct and ncol < K * ld:
         raise ValueError("conv_transpose2d_backward: scratch is smaller than one im2col matrix")
