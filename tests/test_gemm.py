@@ -747,3 +747,42 @@ def test_wgrad_reduce(dtype, threads):
             np.testing.assert_array_equal(out, expect)
     with pytest.raises(ValueError):
         _kernels.wgrad_reduce(np.zeros((2, 10), dtype), np.zeros(12, dtype), 1, 3, True, 1)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_packs_b_rows_in_the_same_l1_sets(level, dtype):
+    """B read in place with rows a multiple of 512 bytes apart (16x16 and 8x16 planes of
+    floats; 8x16 and 8x8 of doubles) is copied strip by strip (set_gemm_packb_sets): bit for
+    bit the products read in place, for a 1x1 convolution, the gradient of a stride-2
+    convolution and a transposed convolution's forward; against the reference once."""
+    rng = np.random.default_rng(9)
+    for h, w in [(16, 16), (8, 16), (8, 8)]:
+        # (the copies start from K blocks of 64 rows: 64 channels summed)
+        x = rng.uniform(-1, 1, (1, 64, h, w)).astype(dtype)
+        w1 = rng.uniform(-1, 1, (40, 64, 1, 1)).astype(dtype)
+        w3 = rng.uniform(-1, 1, (64, 4, 3, 3)).astype(dtype)
+        wt = rng.uniform(-1, 1, (64, 3, 4, 4)).astype(dtype)
+        gy = rng.uniform(-1, 1, (1, 64, h, w)).astype(dtype)
+        x2 = np.zeros((1, 4, 2 * h, 2 * w), dtype)
+        got = {}
+        for on in (True, False):
+            old = _kernels.set_gemm_packb_sets(on)
+            try:
+                with gemm_at(level), num_threads(2):
+                    got[on] = (fc.conv2d(x, w1),
+                               fc.conv2d_backward(gy, x2, w3, stride=2, padding=1,
+                                                  output_mask=(True, False, False))[0],
+                               fc.conv_transpose2d(x, wt, stride=2, padding=1))
+            finally:
+                _kernels.set_gemm_packb_sets(old)
+        for a, e in zip(got[True], got[False]):
+            np.testing.assert_array_equal(a, e)
+        if (h, w) == (16, 16):
+            y, gx, t = got[True]
+            close(y, ref.conv2d(x, w1), dtype)
+            close(gx, ref.conv_transpose2d(gy, w3, stride=2, padding=1, output_padding=1),
+                  dtype)
+            close(t, ref.conv_transpose2d(x, wt, stride=2, padding=1), dtype)

@@ -48,6 +48,10 @@ static int fc_im2col_pad_on = 1; /* 0: im2col always by the masked path (tests) 
 /* B's rows at least this many bytes apart: the plain drivers copy each K block's NR-wide strip
    of B into a contiguous buffer before the micro-kernels that reuse it (0: never) */
 static ptrdiff_t fc_gemm_packb_min = 2048;
+/* 1: also rows a multiple of 512 bytes apart (>= 512), which all fall in the same few L1 sets
+   (as col_ld's rule for im2col matrices): a transposed convolution's input rows of 256
+   floats, re-read from L2 by every micro-kernel, ran its GEMM at ~136 GFLOP/s */
+static int fc_gemm_packb_sets = 1;
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define FC_HAVE_GEMM 1
@@ -456,8 +460,10 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     /* B's strip copied (rows far apart, as a big image's in a 1x1 convolution: every row */   \
     /* its own page, and more pages than the L1 TLB holds in a K block) */                     \
     T bpk[FC_GEMM_KC * NR] __attribute__((aligned(64)));                                       \
+    const ptrdiff_t ldbb = ldb * (ptrdiff_t)sizeof(T);                                          \
     const int packb = TABLE == 0 && !INPLACE && (acc & FC_GEMM_PACKB) && M > 4 * MR &&            \
-                      fc_gemm_packb_min > 0 && ldb * (ptrdiff_t)sizeof(T) >= fc_gemm_packb_min; \
+                      fc_gemm_packb_min > 0 && (ldbb >= fc_gemm_packb_min ||                    \
+                      (fc_gemm_packb_sets && ldbb >= 512 && ldbb % 512 == 0));                  \
     /* B transposed (FC_GEMM_BT): every strip transposed into bpk, whatever the sizes */       \
     const int bt = TABLE != 1 && (acc & FC_GEMM_BT);                                            \
     if (TAILN > 0 && fc_gemm_tail_on && !bt && n1 > n0) {  /* a last panel of <= TAILN cols */ \

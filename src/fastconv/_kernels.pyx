@@ -173,6 +173,7 @@ cdef extern from "_gemm.h":
                       double* gx2) nogil
     int fc_gemm_tail_on
     Py_ssize_t fc_gemm_packb_min
+    int fc_gemm_packb_sets
     int fc_im2col_rows_on
     int fc_im2col_rows_ok() nogil
     void fc_gemmc_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* A,
@@ -260,6 +261,16 @@ def set_gemm_packb(Py_ssize_t nbytes):
     old = fc_gemm_packb_min
     fc_gemm_packb_min = nbytes if nbytes > 0 else 0
     return old
+
+
+def set_gemm_packb_sets(bint on):
+    """Whether the own GEMM also copies B's strips when B's rows are a multiple of 512 bytes
+    apart (they then share a few L1 sets); returns the previous setting.  For tests and A/B
+    timing, while no kernel runs."""
+    global fc_gemm_packb_sets
+    old = fc_gemm_packb_sets
+    fc_gemm_packb_sets = on
+    return bool(old)
 
 
 def set_gemm_block(Py_ssize_t ncols):
