@@ -393,22 +393,31 @@ def wgrad_scratch(Py_ssize_t Lg, Py_ssize_t P, Py_ssize_t itemsize):
 
 cdef inline void wgrad_own(const floating* col, Py_ssize_t lda, Py_ssize_t K,
                            const floating* b, Py_ssize_t R, Py_ssize_t P, Py_ssize_t lds,
-                           floating* bt, Py_ssize_t ldt, floating* gwt) noexcept nogil:
+                           floating* bt, Py_ssize_t ldt, floating* gwt,
+                           const Py_ssize_t* bo) noexcept nogil:
     """A weight gradient by the own GEMM (level > 0 only): gwt (K, R) += col (K, P, rows lda
-    apart, read in place) @ b^T, b (R, P, rows lds apart) transposed into bt (P rows ldt >= R
-    apart) first.  The BLAS form, gw (R, K) += b @ col^T, had OpenBLAS repack col for every
-    image."""
-    if WGRAD_BT:
+    apart, read in place; or row k at col + bo[k] when bo is not NULL: the shared im2col rows
+    of wgrad_rows) @ b^T, b (R, P, rows lds apart) read as the GEMM's B transposed, or
+    (set_wgrad_bt(False)) transposed into bt (P rows ldt >= R apart) first.  The BLAS form,
+    gw (R, K) += b @ col^T, had OpenBLAS repack col for every image."""
+    cdef const floating* B = b
+    cdef Py_ssize_t ldb = lds
+    cdef int acc = 1 | GEMM_BT
+    if not WGRAD_BT:
         if floating is float:
-            fc_gemma_f(K, 0, R, P, col, lda, b, lds, gwt, R, 1 | GEMM_BT)
+            fc_transpose_f(b, R, P, lds, bt, ldt)
         else:
-            fc_gemma_d(K, 0, R, P, col, lda, b, lds, gwt, R, 1 | GEMM_BT)
-    elif floating is float:
-        fc_transpose_f(b, R, P, lds, bt, ldt)
-        fc_gemma_f(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
+            fc_transpose_d(b, R, P, lds, bt, ldt)
+        B, ldb, acc = bt, ldt, 1
+    if floating is float:
+        if bo != NULL:
+            fc_gemmc_f(K, 0, R, P, col, bo, B, ldb, gwt, R, acc)
+        else:
+            fc_gemma_f(K, 0, R, P, col, lda, B, ldb, gwt, R, acc)
+    elif bo != NULL:
+        fc_gemmc_d(K, 0, R, P, col, bo, B, ldb, gwt, R, acc)
     else:
-        fc_transpose_d(b, R, P, lds, bt, ldt)
-        fc_gemma_d(K, 0, R, P, col, lda, bt, ldt, gwt, R, 1)
+        fc_gemma_d(K, 0, R, P, col, lda, B, ldb, gwt, R, acc)
 
 
 cdef Py_ssize_t* tap_rows(Py_ssize_t Cg, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t dH,
@@ -436,17 +445,7 @@ cdef inline void wgrad_rows(const floating* x, Py_ssize_t Cg, Py_ssize_t H, Py_s
     cdef Py_ssize_t P = OH * OW, K = Cg * kH * kW
     im2col_panel(x, Cg, H, W, 1, kW, 1, sW, pH, pW, dH, dW, OW, 0, P + (kH - 1) * dH * OW,
                  col, lde)
-    if WGRAD_BT:
-        if floating is float:
-            fc_gemmc_f(K, 0, R, P, col, bo, b, P, gwt, R, 1 | GEMM_BT)
-        else:
-            fc_gemmc_d(K, 0, R, P, col, bo, b, P, gwt, R, 1 | GEMM_BT)
-    elif floating is float:
-        fc_transpose_f(b, R, P, P, bt, ldt)
-        fc_gemmc_f(K, 0, R, P, col, bo, bt, ldt, gwt, R, 1)
-    else:
-        fc_transpose_d(b, R, P, P, bt, ldt)
-        fc_gemmc_d(K, 0, R, P, col, bo, bt, ldt, gwt, R, 1)
+    wgrad_own(col, 0, K, b, R, P, P, bt, ldt, gwt, bo)
 
 
 cdef inline Py_ssize_t block_rows(Py_ssize_t K, Py_ssize_t OH, Py_ssize_t OW,
@@ -486,7 +485,7 @@ cdef void backward_blocks(const floating* x, const floating* gy, const floating*
         if need_w:
             im2col_panel(x, Cg, H, W, kH, kW, sH, sW, pH, pW, dH, dW, OW, r0 * OW, nr * OW,
                          col, ldk)
-            wgrad_own(col, ldk, K, gy + r0 * OW, Lg, nr * OW, P, bt, ldt, gwt)
+            wgrad_own(col, ldk, K, gy + r0 * OW, Lg, nr * OW, P, bt, ldt, gwt, NULL)
         if need_x:
             own_gemm(K, 0, nr * OW, Lg, A, gy + r0 * OW, P, col, ldk, NULL, GEMM_PACKB)
             col2im(col, Cg, H, W, kH, kW, sH, sW, pH - r0 * sH, pW, dH, dW, nr, OW, gx, ldk)
@@ -1715,7 +1714,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                 if wown:
                     # grad_w[g]^T (K, Lg) += col (K, P) @ grad_out[n, g]^T (P, Lg)
                     wgrad_own(src, P if direct else ld, K, gyg, Lg, P, P, col + cend, ldt,
-                              gw + g * Lg * K)
+                              gw + g * Lg * K, NULL)
                 else:
                     # grad_w[g] (Lg, K) += grad_out[n, g] (Lg, P) @ col^T (P, K)
                     gemm_rm(False, True, Lg, K, P, 1, gyg, P, src, P if direct else ld, 1,
@@ -1819,7 +1818,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
             if need_w and wown:
                 # grad_w[g]^T (K, Cig) += cols (K, P) @ x[n, g]^T (P, Cig)
                 wgrad_own(src, P if direct else ld, K, xp + (n * Cin + g * Cig) * P, Cig, P,
-                          P, col + cend, ldt, gw + g * Cig * K)
+                          P, col + cend, ldt, gw + g * Cig * K, NULL)
             elif need_w:
                 gemm_rm(False, True, Cig, K, P, 1, xp + (n * Cin + g * Cig) * P, P, src,
                         P if direct else ld, 1, gw + g * Cig * K, K)
