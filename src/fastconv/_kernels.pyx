@@ -1541,21 +1541,16 @@ cdef void wg_run(WgJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
            j.kH, j.kW, j.sH, j.sW, j.pH, j.pW, j.dH, j.dW, j.OH, j.OW, col, j.ld)
     # grad_w[g]^T rows k0.. (K, Lg) += col ((c1 - c0) kH kW, P) @ T[item] (P, Lg), or with
     # grad_out[n, g] (Lg, P) read as that B transposed (T NULL: no phase-0 transposes)
-    gy = <const floating*> j.gy + (n * j.L + g * Lg) * P
+    cdef const floating* B = <const floating*> j.gy + (n * j.L + g * Lg) * P
+    cdef Py_ssize_t ldb = P
+    cdef int acc = 1 | GEMM_BT
+    cdef floating* gw = <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg
+    if T != NULL:
+        B, ldb, acc = T + item * P * j.ldt, j.ldt, 1
     if floating is float:
-        if T == NULL:
-            fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, gy, P,
-                       <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1 | GEMM_BT)
-        else:
-            fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt,
-                       j.ldt, <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+        fc_gemma_f((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, B, ldb, gw, Lg, acc)
     else:
-        if T == NULL:
-            fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, gy, P,
-                       <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1 | GEMM_BT)
-        else:
-            fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, T + item * P * j.ldt,
-                       j.ldt, <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg, Lg, 1)
+        fc_gemma_d((c1 - c0) * j.kH * j.kW, 0, Lg, P, col, j.ld, B, ldb, gw, Lg, acc)
 
 
 cdef void wg_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
