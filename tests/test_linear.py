@@ -82,31 +82,38 @@ def test_linear_layer_hard_inputs(dtype, threads):
     np.testing.assert_array_equal(g, keep_g)
 
 
-def test_linear_layer_leaves_no_blas_thread_running():
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("rows", [4, 32])
+def test_linear_layer_leaves_no_blas_thread_running(level, rows):
     """Forward and backward of a Linear layer on 2 threads call BLAS at one thread only, so
     that no OpenBLAS worker is woken (and then spins for ~0.1 s, stealing a core from the next
-    kernel).  Checked by counting the BLAS calls that run with more than one thread: the
-    layer holds every BLAS library at 1 thread while its kernels run."""
+    kernel).  Checked by the BLAS thread counts while the kernels run: every BLAS library is
+    held at 1 thread, except in a forward that makes no BLAS call (an own GEMM level: the
+    row dot products or the own GEMM, where holding BLAS would only cost time)."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     seen = []
     real = F._kernels.linear_forward, F._kernels.linear_backward
 
-    def spy(kernel):
+    def spy(kernel, name):
         def call(*a):
-            seen.append([lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-                         if lib["user_api"] == "blas"])
+            seen.append((name, [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                                if lib["user_api"] == "blas"]))
             return kernel(*a)
         return call
 
     lin = nn.Linear(64, 48, dtype=np.float32, rng=1)
-    x = np.random.default_rng(2).standard_normal((32, 64)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((rows, 64)).astype(np.float32)
     try:
-        F._kernels.linear_forward, F._kernels.linear_backward = map(spy, real)
-        with num_threads(2):
+        F._kernels.linear_forward = spy(real[0], "forward")
+        F._kernels.linear_backward = spy(real[1], "backward")
+        with gemm_at(level), num_threads(2):
             lin.backward(np.ones_like(lin(x)))
     finally:
         F._kernels.linear_forward, F._kernels.linear_backward = real
-    assert len(seen) == 2 and all(n == 1 for call in seen for n in call), seen
+    assert [name for name, _ in seen] == ["forward", "backward"], seen
+    for name, counts in seen:
+        if name == "backward" or level == "blas":
+            assert all(n == 1 for n in counts), seen
 
 
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
@@ -128,10 +135,74 @@ def test_linear_forward_own_gemm(level, dtype, threads):
         b = r.uniform(-1, 1, o).astype(dtype)
         keep_x, keep_w = x.copy(), w.copy()
         want = ref.linear(x, w, b)
-        for own in (True, False):
+        for path in (_kernels.LIN_GEMM, _kernels.LIN_BLAS):
             y = np.full((n, o), np.nan, dtype)
             with gemm_at(level):
-                _kernels.linear_forward(x, w, b, y, True, threads, own)
+                _kernels.linear_forward(x, w, b, y, True, threads, path)
             close(y, want, dt)
         np.testing.assert_array_equal(x, keep_x)
         np.testing.assert_array_equal(w, keep_w)
+
+
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_forward_rows(level, dtype, threads):
+    """The forward for a few rows (LIN_ROWS: dot products of x's rows with the weight's rows,
+    both read in place): every row count up to 15 (blocks of up to 6 / 2 rows at AVX-512 /
+    AVX2 and their remainders), output columns in blocks of 4 and single ones (o), the sum
+    over i in whole vectors, a masked last one, fewer values than a vector, and over the
+    4 KiB blocks of i (1024 floats, 512 doubles) with partial ones; with and without bias,
+    against the reference, and NaN / inf where they belong; inputs unchanged."""
+    r = np.random.default_rng(12)
+    dt = np.dtype(dtype)
+    shapes = [(1, 1, 1), (2, 5, 3), (3, 16, 4), (4, 17, 5), (5, 33, 9), (6, 100, 8),
+              (7, 512, 7), (8, 513, 12), (9, 1024, 13), (10, 1025, 2), (11, 2100, 17),
+              (12, 3136, 16), (13, 7, 1), (14, 300, 33), (15, 1500, 6)]
+    for n, i, o in shapes:
+        x = r.uniform(-1, 1, (n, i)).astype(dtype)
+        w = r.uniform(-1, 1, (o, i)).astype(dtype)
+        b = r.uniform(-1, 1, o).astype(dtype)
+        keep_x, keep_w, keep_b = x.copy(), w.copy(), b.copy()
+        for has_bias in (True, False):
+            want = ref.linear(x, w, b if has_bias else None)
+            y = np.full((n, o), np.nan, dtype)
+            with gemm_at(level):
+                _kernels.linear_forward(x, w, b if has_bias else F._EMPTY[dt.char], y,
+                                        has_bias, threads, _kernels.LIN_ROWS)
+            close(y, want, dt)
+        np.testing.assert_array_equal(x, keep_x)
+        np.testing.assert_array_equal(w, keep_w)
+        np.testing.assert_array_equal(b, keep_b)
+    # NaN in one row of x spoils that row only; inf in one weight row spoils its column only
+    n, i, o = 5, 1100, 9
+    x = r.uniform(-1, 1, (n, i)).astype(dtype)
+    w = r.uniform(-1, 1, (o, i)).astype(dtype)
+    x[3, 1050] = np.nan
+    w[6, 7] = np.inf
+    x[:, 7] = np.abs(x[:, 7]) + 0.5            # inf * positive: +inf, never inf - inf
+    y = np.zeros((n, o), dtype)
+    with gemm_at(level):
+        _kernels.linear_forward(x, w, F._EMPTY[dt.char], y, False, threads, _kernels.LIN_ROWS)
+    want = ref.linear(np.nan_to_num(x, nan=0.0), np.nan_to_num(w, posinf=0.0), None)
+    assert np.isnan(y[3]).all()
+    assert np.isposinf(np.delete(y, 3, axis=0)[:, 6]).all()
+    rest = np.delete(np.delete(y, 3, axis=0), 6, axis=1)
+    close(rest, np.delete(np.delete(want, 3, axis=0), 6, axis=1), dt)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_layer_few_rows(dtype):
+    """nn.Linear on 1-15 rows (the rows path) and from 16 (the own GEMM), through the layer:
+    leading batch dimensions, a non-contiguous read-only input, against the reference."""
+    dt = np.dtype(dtype)
+    lin = nn.Linear(200, 37, dtype=dtype, rng=3)
+    r = np.random.default_rng(4)
+    for n in (1, 2, 3, 7, 15, 16, 17):
+        x = r.standard_normal((n, 2, 400)).astype(dtype)[:, 1, ::2]
+        x.setflags(write=False)
+        close(lin(x), ref.linear(x, lin.weight.data, lin.bias.data), dt)
+    x = r.standard_normal((3, 2, 200)).astype(dtype)
+    close(lin(x), ref.linear(x.reshape(6, 200), lin.weight.data,
+                             lin.bias.data).reshape(3, 2, 37), dt)

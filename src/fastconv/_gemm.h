@@ -1226,4 +1226,134 @@ static void fc_gemma_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, con
 #endif
 }
 
+/* Products with few rows: y[r, j] = sum_k x[r * ldx + k] w[j * ldw + k] (+ b[j]) for r < R,
+ * j0 <= j < j1, both x and w read in place (nn.Linear's forward on 1-15 rows, w (out, in) as
+ * PyTorch stores it).  The GEMM would transpose all of w into strips for a handful of rows, and
+ * OpenBLAS's sgemm ran 4 or 8 rows x 3136 @ 3136 x 128 at ~7 GFLOP/s (229 / 279 us, 1 thread,
+ * Xeon 2026-12-04).  Blocks of NB rows of x by 4 rows of w, one vector accumulator each (fixed
+ * lanes: the sum over k in LANES partial sums, then reduced), a masked last vector; NB up to 4
+ * at AVX-512 (16 accumulators of 32 registers), 2 at AVX2 (8 of 16). */
+#ifdef FC_HAVE_GEMM
+#define FC_ROWDOT(NAME, T, VT, LANES, NBMAX, TGT, SETZ, LOADU, MTYPE, MK, MLOADZ, FMA, RED, \
+                  PIN)                                                                          \
+TGT static inline __attribute__((always_inline)) void NAME##_blk(                              \
+        const int NB, const int JB, ptrdiff_t K, const T* restrict x, ptrdiff_t ldx,            \
+        const T* restrict w, ptrdiff_t ldw, const T* restrict b, T* restrict y,                 \
+        ptrdiff_t ldy, int add) {                                                               \
+    VT c[NBMAX][4];                                                                             \
+    _Pragma("GCC unroll 8")                                                                     \
+    for (int r = 0; r < NB; r++) {                                                              \
+        _Pragma("GCC unroll 4")                                                                 \
+        for (int i = 0; i < JB; i++) c[r][i] = SETZ();                                          \
+    }                                                                                           \
+    ptrdiff_t k = 0;                                                                            \
+    for (; k + LANES <= K; k += LANES) {                                                        \
+        VT wv[4];                                                                               \
+        _Pragma("GCC unroll 4")                                                                 \
+        for (int i = 0; i < JB; i++) {                                                          \
+            wv[i] = LOADU(w + i * ldw + k);                                                     \
+            /* in a register: else gcc folds the load into every FMA that uses it, */           \
+            /* NB x JB loads per step instead of NB + JB (load-port bound: 45 us for 2 rows */  \
+            /* of 3136 x 128, 38 us for 4) */                                                   \
+            __asm__("" : "+" PIN(wv[i]));                                                       \
+        }                                                                                       \
+        _Pragma("GCC unroll 8")                                                                 \
+        for (int r = 0; r < NB; r++) {                                                          \
+            VT xv = LOADU(x + r * ldx + k);                                                     \
+            _Pragma("GCC unroll 4")                                                             \
+            for (int i = 0; i < JB; i++) c[r][i] = FMA(xv, wv[i], c[r][i]);                     \
+        }                                                                                       \
+    }                                                                                           \
+    if (k < K) {                                                                                \
+        const MTYPE m = MK(0, K - k);                                                           \
+        VT wv[4];                                                                               \
+        _Pragma("GCC unroll 4")                                                                 \
+        for (int i = 0; i < JB; i++) wv[i] = MLOADZ(w + i * ldw + k, m);                        \
+        _Pragma("GCC unroll 8")                                                                 \
+        for (int r = 0; r < NB; r++) {                                                          \
+            VT xv = MLOADZ(x + r * ldx + k, m);                                                 \
+            _Pragma("GCC unroll 4")                                                             \
+            for (int i = 0; i < JB; i++) c[r][i] = FMA(xv, wv[i], c[r][i]);                     \
+        }                                                                                       \
+    }                                                                                           \
+    _Pragma("GCC unroll 8")                                                                     \
+    for (int r = 0; r < NB; r++) {                                                              \
+        _Pragma("GCC unroll 4")                                                                 \
+        for (int i = 0; i < JB; i++) {                                                          \
+            T v = RED(c[r][i]);                                                                 \
+            y[r * ldy + i] = add ? y[r * ldy + i] + v : b != NULL ? v + b[i] : v;               \
+        }                                                                                       \
+    }                                                                                           \
+}                                                                                               \
+/* NAME##_blk for nb (<= NBMAX) rows of x, the row count a constant in each case */         \
+TGT static inline __attribute__((always_inline)) void NAME##_nb(                               \
+        int nb, const int JB, ptrdiff_t K, const T* x, ptrdiff_t ldx, const T* w,               \
+        ptrdiff_t ldw, const T* b, T* y, ptrdiff_t ldy, int add) {                              \
+    switch (nb) {                                                                               \
+    case 1: NAME##_blk(1, JB, K, x, ldx, w, ldw, b, y, ldy, add); break;                        \
+    case 2: NAME##_blk(NBMAX < 2 ? NBMAX : 2, JB, K, x, ldx, w, ldw, b, y, ldy, add); break;    \
+    case 3: NAME##_blk(NBMAX < 3 ? NBMAX : 3, JB, K, x, ldx, w, ldw, b, y, ldy, add); break;    \
+    case 4: NAME##_blk(NBMAX < 4 ? NBMAX : 4, JB, K, x, ldx, w, ldw, b, y, ldy, add); break;    \
+    case 5: NAME##_blk(NBMAX < 5 ? NBMAX : 5, JB, K, x, ldx, w, ldw, b, y, ldy, add); break;    \
+    default: NAME##_blk(NBMAX, JB, K, x, ldx, w, ldw, b, y, ldy, add);                          \
+    }                                                                                           \
+}                                                                                               \
+TGT static void NAME(ptrdiff_t R, ptrdiff_t K, const T* x, ptrdiff_t ldx, const T* w,          \
+                     ptrdiff_t ldw, ptrdiff_t j0, ptrdiff_t j1, const T* b, T* y,               \
+                     ptrdiff_t ldy) {                                                           \
+    /* K in blocks of KCR values, so that NB rows of x stay in L1 while every row of w */      \
+    /* streams past them (whole rows of 3136 floats: 4 rows of x, 50 KiB, were re-read from */  \
+    /* L2 for each block of w's rows), and more than NBMAX rows of x re-read w's block */       \
+    /* (O x KCR values) from L2, not all of w from L3 */                                        \
+    const ptrdiff_t KCR = 4096 / (ptrdiff_t)sizeof(T);                                          \
+    for (ptrdiff_t k0 = 0; k0 < K; k0 += KCR) {                                                 \
+        const ptrdiff_t kc = K - k0 < KCR ? K - k0 : KCR;                                       \
+        for (ptrdiff_t r0 = 0; r0 < R; r0 += NBMAX) {                                           \
+            const int nb = R - r0 < NBMAX ? (int)(R - r0) : NBMAX;                              \
+            const T* xr = x + r0 * ldx + k0;                                                    \
+            T* yr = y + r0 * ldy;                                                               \
+            ptrdiff_t j = j0;                                                                   \
+            for (; j + 4 <= j1; j += 4)                                                         \
+                NAME##_nb(nb, 4, kc, xr, ldx, w + j * ldw + k0, ldw, b != NULL ? b + j : NULL,  \
+                          yr + j, ldy, k0 > 0);                                                 \
+            for (; j < j1; j++)                                                                 \
+                NAME##_nb(nb, 1, kc, xr, ldx, w + j * ldw + k0, ldw, b != NULL ? b + j : NULL,  \
+                          yr + j, ldy, k0 > 0);                                                 \
+        }                                                                                       \
+    }                                                                                           \
+}
+FC_T512 static inline float fc_red_ps512(__m512 v) { return _mm512_reduce_add_ps(v); }
+FC_T512 static inline double fc_red_pd512(__m512d v) { return _mm512_reduce_add_pd(v); }
+FC_T256 static inline float fc_red_ps256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+FC_T256 static inline double fc_red_pd256(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+#define FC_MLOADZ_PS512(p, m) _mm512_maskz_loadu_ps((m), (p))
+#define FC_MLOADZ_PD512(p, m) _mm512_maskz_loadu_pd((m), (p))
+FC_ROWDOT(fc_rowdot_f_512, float, __m512, 16, 6, FC_T512, _mm512_setzero_ps, _mm512_loadu_ps,
+          __mmask16, fc_lanes16, FC_MLOADZ_PS512, _mm512_fmadd_ps, fc_red_ps512, "v")
+FC_ROWDOT(fc_rowdot_d_512, double, __m512d, 8, 6, FC_T512, _mm512_setzero_pd, _mm512_loadu_pd,
+          __mmask8, fc_lanes8, FC_MLOADZ_PD512, _mm512_fmadd_pd, fc_red_pd512, "v")
+FC_ROWDOT(fc_rowdot_f_256, float, __m256, 8, 2, FC_T256, _mm256_setzero_ps, _mm256_loadu_ps,
+          __m256i, fc_lanes_i32, FC_MLOAD_PS256, _mm256_fmadd_ps, fc_red_ps256, "x")
+FC_ROWDOT(fc_rowdot_d_256, double, __m256d, 4, 2, FC_T256, _mm256_setzero_pd, _mm256_loadu_pd,
+          __m256i, fc_lanes_i64, FC_MLOAD_PD256, _mm256_fmadd_pd, fc_red_pd256, "x")
+#endif
+/* Only callable when fc_gemm_level() > 0. */
+static void fc_rowdot_f(ptrdiff_t R, ptrdiff_t K, const float* x, ptrdiff_t ldx, const float* w,
+                        ptrdiff_t ldw, ptrdiff_t j0, ptrdiff_t j1, const float* b, float* y,
+                        ptrdiff_t ldy) {
+    FC_AT_LEVEL(fc_rowdot_f, R, K, x, ldx, w, ldw, j0, j1, b, y, ldy);
+}
+static void fc_rowdot_d(ptrdiff_t R, ptrdiff_t K, const double* x, ptrdiff_t ldx,
+                        const double* w, ptrdiff_t ldw, ptrdiff_t j0, ptrdiff_t j1,
+                        const double* b, double* y, ptrdiff_t ldy) {
+    FC_AT_LEVEL(fc_rowdot_d, R, K, x, ldx, w, ldw, j0, j1, b, y, ldy);
+}
+
 #endif

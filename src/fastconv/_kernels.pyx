@@ -198,6 +198,12 @@ cdef extern from "_gemm.h":
     void fc_gemma_d(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const double* A,
                     Py_ssize_t lda, const double* B, Py_ssize_t ldb, double* C, Py_ssize_t ldc,
                     int acc) nogil
+    void fc_rowdot_f(Py_ssize_t R, Py_ssize_t K, const float* x, Py_ssize_t ldx,
+                     const float* w, Py_ssize_t ldw, Py_ssize_t j0, Py_ssize_t j1,
+                     const float* b, float* y, Py_ssize_t ldy) nogil
+    void fc_rowdot_d(Py_ssize_t R, Py_ssize_t K, const double* x, Py_ssize_t ldx,
+                     const double* w, Py_ssize_t ldw, Py_ssize_t j0, Py_ssize_t j1,
+                     const double* b, double* y, Py_ssize_t ldy) nogil
 
 
 fc_gemm_init()
@@ -2182,7 +2188,7 @@ cdef struct LinJob:
     const void* Ax           # grad_out packed for the own GEMM (NULL: BLAS)
     Py_ssize_t rows, nin, nout, rblk, cblk, ncb, ngw
     int mode                  # 0: forward (row x column blocks of y); 1: backward
-    bint own                  # forward by the own GEMM (else BLAS)
+    int path                  # forward by: LIN_BLAS, LIN_GEMM (the own GEMM), LIN_ROWS
     bint dbl
 
 
@@ -2199,7 +2205,14 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
         r1 = min(r0 + j.rblk, N)
         c0 = (i % j.ncb) * j.cblk
         c1 = min(c0 + j.cblk, O)
-        if j.own:
+        if j.path == LIN_ROWS:
+            # dot products of x's rows with w's rows, both read in place, bias added
+            if floating is float:
+                fc_rowdot_f(N, I, x, I, w, I, c0, c1, b, y, O)
+            else:
+                fc_rowdot_d(N, I, x, I, w, I, c0, c1, b, y, O)
+            return
+        if j.path == LIN_GEMM:
             # the own GEMM with x's rows read in place as A and w as B transposed (each K
             # block's strip transposed as it is used)
             if floating is float:
@@ -2243,14 +2256,22 @@ cdef void lin_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
         lin_run(j, i, <float*> NULL)
 
 
+cpdef enum:         # linear_forward's paths (also module attributes for the Python side)
+    LIN_BLAS = 0
+    LIN_GEMM = 1
+    LIN_ROWS = 2
+
+
 def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
                    const floating[::1] bias, floating[:, ::1] out, bint has_bias,
-                   int num_threads, bint own):
+                   int num_threads, int path):
     """out (N, O) = x (N, I) @ weight (O, I)^T (+ bias): about two blocks per thread, of rows
     when they outnumber the output columns, else of output columns (the fewer re-reads; 4
     row blocks of a 64 x 3136 @ 3136 x 128 product were 0.72x OpenBLAS's own 2 threads).
-    own: by the own GEMM where there is one (x read in place, weight as B transposed), else
-    BLAS.  The caller holds BLAS at one thread and checks that every size fits a C int."""
+    path: LIN_GEMM, the own GEMM (x read in place, weight as B transposed); LIN_ROWS, dot
+    products of x's rows with weight's rows, for a few rows (fc_rowdot_*); both only where
+    there is an own GEMM level, else (and LIN_BLAS) BLAS.  The caller holds BLAS at one
+    thread and checks that every size fits a C int."""
     cdef LinJob j
     cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = weight.shape[0], nrb
     if weight.shape[1] != I or out.shape[0] != N or out.shape[1] != O or \
@@ -2266,7 +2287,8 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
     j.nin = I
     j.nout = O
     j.mode = 0
-    j.own = own and I > 0 and fc_gemm_level() > 0
+    j.path = path if path in (LIN_GEMM, LIN_ROWS) and I > 0 and fc_gemm_level() > 0 \
+        else LIN_BLAS
     j.dbl = floating is double
     if num_threads <= 1:
         j.rblk, j.cblk = N, O
@@ -2274,7 +2296,9 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
         j.rblk, j.cblk = block_len(N, 2 * num_threads, 8), O
     else:                   # column blocks (whole GEMM panels): each reads all of x (N x I)
         j.rblk = N
-        j.cblk = block_len(O, 2 * num_threads, fc_gemm_nr(floating is double) if j.own else 16)
+        j.cblk = block_len(O, 2 * num_threads,
+                           fc_gemm_nr(floating is double) if j.path == LIN_GEMM else
+                           4 if j.path == LIN_ROWS else 16)
     j.ncb = (O + j.cblk - 1) // j.cblk
     nrb = (N + j.rblk - 1) // j.rblk
     with nogil:

@@ -1562,6 +1562,10 @@ def _linear_sizes(fn, *shape):
             raise ValueError(f"{fn}: size {d} of shape {shape} does not fit BLAS (< 2**31)")
 
 
+# nn.Linear's forward: below this many rows dot products of x's rows with the weight's rows
+# (LIN_ROWS), from it on the own GEMM (LIN_GEMM).  3136 -> 128 (LeNet's fc1), float32, 1 / 2
+# threads, us: 4 rows 44 / 20 vs GEMM 85 / 53 (OpenBLAS 163 / 20); 12 rows 101 / 46 vs 123 /
+# 78; 16 rows 139 / 63 vs 126 / 84; float64 16 rows 308 vs 284 (Xeon, 2026-12-04)
 _LINEAR_OWN_ROWS = 16
 
 
@@ -1579,9 +1583,11 @@ def _linear(x2, weight, bias):
         return out
     xc, wc = _c(x2, dt), _c(weight, dt)
     bc = _c(bias, dt) if bias is not None else _EMPTY[dt.char]
-    with blas_threads(1):
+    # (no BLAS call where there is an own GEMM level: holding BLAS at one thread cost 3 us)
+    with blas_threads(1) if _kernels.gemm_level() == "blas" else _NO_BLAS:
         _kernels.linear_forward(xc, wc, bc, out, bias is not None, _team(N * O, N * I * O),
-                                N >= _LINEAR_OWN_ROWS)
+                                _kernels.LIN_GEMM if N >= _LINEAR_OWN_ROWS else
+                                _kernels.LIN_ROWS)
     return out
 
 

@@ -906,7 +906,7 @@ class Flatten(Module):
         self._shape = x.shape
         if x.ndim == 0:
             return x.reshape(1)
-        new = x.shape[:s] + (int(np.prod(x.shape[s:e + 1])),) + x.shape[e + 1:]
+        new = x.shape[:s] + (math.prod(x.shape[s:e + 1]),) + x.shape[e + 1:]
         return x.reshape(new)
 
     def backward(self, grad_out):
