@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import fastconv as fc
 from fastconv import _kernels
+from fastconv import functional as F
 import reference as ref
 from _helpers import close as _close, num_threads
 
@@ -786,3 +787,53 @@ def test_gemm_packs_b_rows_in_the_same_l1_sets(level, dtype):
             close(gx, ref.conv_transpose2d(gy, w3, stride=2, padding=1, output_padding=1),
                   dtype)
             close(t, ref.conv_transpose2d(x, wt, stride=2, padding=1), dtype)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_conv_forward_channel_blocks(level, dtype, threads):
+    """The forward convolution at batch 1 on several threads by blocks of output channels
+    (each item packs its own rows of the weights; each thread makes the image's im2col once):
+    bit for bit the blocks of columns it replaces (set_conv_chan_blocks off), and against the
+    reference: the shared-rows im2col (5x5 stride 1) and the plain one (stride 2), 1x1 read in
+    place, groups, channel counts that are no multiple of the blocks, with and without bias,
+    the fused ReLU and the fused max-pool with and without keeping the convolution; inputs
+    unchanged."""
+    rng = np.random.default_rng(21)
+    cases = [  # C, L, H, W, k, stride, padding, groups
+        (1, 32, 28, 28, 5, 1, 2, 1), (6, 20, 14, 14, 5, 1, 2, 1), (8, 40, 9, 11, 3, 2, 1, 1),
+        (16, 24, 7, 7, 1, 1, 0, 1), (4, 36, 10, 10, 3, 1, 1, 2), (3, 17, 12, 8, 3, 1, 0, 1)]
+    for C, L, H, W, k, s, p, g in cases:
+        x = rng.uniform(-1, 1, (1, C, H, W)).astype(dtype)
+        w = rng.uniform(-1, 1, (L, C // g, k, k)).astype(dtype)
+        b = rng.uniform(-1, 1, L).astype(dtype)
+        keep = x.copy(), w.copy(), b.copy()
+        want = ref.conv2d(x, w, b, stride=s, padding=p, groups=g)
+        got = {}
+        for on in (True, False):
+            old = _kernels.set_conv_chan_blocks(on)
+            try:
+                with gemm_at(level), num_threads(threads):
+                    got[on] = (
+                        fc.conv2d(x, w, b, stride=s, padding=p, groups=g),
+                        fc.conv2d(x, w, None, stride=s, padding=p, groups=g),
+                        F._conv2d(x, w, b, s, p, 1, g, None, True),
+                        *F._conv2d(x, w, b, s, p, 1, g, None, True, pool=(2, 2)),
+                        F._conv2d(x, w, b, s, p, 1, g, None, False, pool=(2, 2), keep=False)[1])
+            finally:
+                _kernels.set_conv_chan_blocks(old)
+        for a, e in zip(got[True], got[False]):
+            np.testing.assert_array_equal(a, e)
+        y, y0, yr, yk, pk, pn = got[True]
+        close(y, want, dtype)
+        close(y0, ref.conv2d(x, w, None, stride=s, padding=p, groups=g), dtype)
+        close(yr, np.maximum(want, 0), dtype)
+        np.testing.assert_array_equal(yk, yr)
+        pooled = ref.max_pool2d(np.maximum(want, 0), 2)
+        close(pk, pooled, dtype)
+        close(pn, ref.max_pool2d(want, 2), dtype)
+        for a, e in zip((x, w, b), keep):
+            np.testing.assert_array_equal(a, e)

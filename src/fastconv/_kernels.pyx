@@ -812,46 +812,68 @@ cdef struct ConvJob:
     Py_ssize_t groups, psz, pkH, pkW, POH, POW, cbuf, lde
     const Py_ssize_t* bo     # im2col rows shared by the row taps: B's row k at col + bo[k]
     bint has_bias, direct, relu, dbl, keep
+    # channel blocks (mb > 0; fewer (image, group) items than threads): item = (image, group,
+    # block of mb output channels) over all the image's columns (nb = P, nblk = 1); each item
+    # packs its own rows of the weights (w: unpacked) and each thread makes the image's
+    # im2col once into its scratch (have[tid]: the item ng whose im2col is there, or -1)
+    Py_ssize_t mb, nmb
+    const void* w
+    Py_ssize_t* have
 
 
 cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
     """Output columns [p0, p0 + nb) of item ng = n * groups + g of the forward convolution
     by the own GEMM: their im2col into the thread's scratch (K rows, col_ld(nb) apart), then
     the GEMM; then, with pooling, the block's bands of rows max-pooled."""
-    cdef Py_ssize_t ng = i // j.nblk, p0 = (i % j.nblk) * j.nb
-    cdef Py_ssize_t n = ng // j.groups, g = ng % j.groups, K = j.Cg * j.kH * j.kW
-    cdef Py_ssize_t P = j.OH * j.OW, Lg = j.Lg
+    cdef Py_ssize_t ng = i // j.nblk, p0 = (i % j.nblk) * j.nb, m0 = 0
+    cdef Py_ssize_t K = j.Cg * j.kH * j.kW, P = j.OH * j.OW, Lg = j.Lg
     cdef Py_ssize_t w = P - p0 if P - p0 < j.nb else j.nb
     cdef Py_ssize_t ld = col_ld(j.nb, sizeof(floating))
     cdef floating* col = <floating*> j.col + tid * j.ncol
-    cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * j.W
-    cdef const floating* A = <const floating*> j.A + g * j.psz
-    cdef const floating* b = <const floating*> j.b + g * Lg if j.has_bias else NULL
+    cdef floating* A = <floating*> j.A
+    cdef const floating* b = <const floating*> j.b
     cdef floating* out
     cdef Py_ssize_t ldc = P
     cdef int mode = GEMM_RELU if j.relu else 0    # the ReLU in the micro-kernel's last store
-    if j.keep:
-        out = <floating*> j.out + (n * j.L + g * Lg) * P + p0
+    cdef bint make_col = True
+    if j.mb > 0:                # channels [m0, m0 + Lg) of item ng, all its columns
+        ng, m0 = i // j.nmb, (i % j.nmb) * j.mb
+        Lg = min(j.mb, j.Lg - m0)
+        make_col = j.have[tid] != ng
+        j.have[tid] = ng
+    cdef Py_ssize_t n = ng // j.groups, g = ng % j.groups
+    cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * j.W
+    A += g * j.psz + m0 * K     # (m0: a multiple of the panels' rows)
+    if j.mb > 0:
+        pack_a(<const floating*> j.w + (g * j.Lg + m0) * K, K, 1, Lg, K, A)
+    if j.has_bias:
+        b += g * j.Lg + m0
     else:
-        out, ldc = col + j.cbuf, w      # the block's output planes, contiguous (pooling)
+        b = NULL
+    if j.keep:
+        out = <floating*> j.out + (n * j.L + g * j.Lg + m0) * P + p0
+    else:   # the block's output planes, contiguous (pooled at once below)
+        out, ldc = col + j.cbuf, w
     if j.direct:
         own_gemm(Lg, 0, w, K, A, x + p0, P, out, ldc, b, mode | GEMM_PACKB)
     elif j.bo != NULL:
         # the im2col rows of row tap 0 for the block's columns and (kH - 1) dH more output
         # rows; tap (kh, kw) of channel c is row (c, kw) shifted by kh dH OW columns
-        im2col_panel(x, j.Cg, j.H, j.W, 1, j.kW, 1, j.sW, j.pH, j.pW, j.dH, j.dW, j.OW, p0,
-                     w + (j.kH - 1) * j.dH * j.OW, col, j.lde)
+        if make_col:
+            im2col_panel(x, j.Cg, j.H, j.W, 1, j.kW, 1, j.sW, j.pH, j.pW, j.dH, j.dW, j.OW,
+                         p0, w + (j.kH - 1) * j.dH * j.OW, col, j.lde)
         if floating is float:
             fc_gemmb_f(Lg, 0, w, K, A, col, j.bo, out, ldc, b, mode)
         else:
             fc_gemmb_d(Lg, 0, w, K, A, col, j.bo, out, ldc, b, mode)
     else:
-        im2col_panel(x, j.Cg, j.H, j.W, j.kH, j.kW, j.sH, j.sW, j.pH, j.pW, j.dH, j.dW, j.OW,
-                     p0, w, col, ld)
+        if make_col:
+            im2col_panel(x, j.Cg, j.H, j.W, j.kH, j.kW, j.sH, j.sW, j.pH, j.pW, j.dH, j.dW,
+                         j.OW, p0, w, col, ld)
         own_gemm(Lg, 0, w, K, A, col, ld, out, ldc, b, mode)
     if j.pkH > 0:
         pool_band(out, ldc, Lg, p0 // j.OW, w // j.OW, j.OW,
-                  <floating*> j.pool + (n * j.L + g * Lg) * j.POH * j.POW,
+                  <floating*> j.pool + (n * j.L + g * j.Lg + m0) * j.POH * j.POW,
                   j.POH, j.POW, j.pkH, j.pkW)
 
 
@@ -897,13 +919,47 @@ cdef inline Py_ssize_t pool_block_cols(Py_ssize_t P, Py_ssize_t K, Py_ssize_t it
     return nb if nb < P else P
 
 
+cdef inline Py_ssize_t conv_chan_block(Py_ssize_t K, Py_ssize_t P, Py_ssize_t Lg,
+                                       Py_ssize_t items, Py_ssize_t threads,
+                                       Py_ssize_t itemsize) noexcept nogil:
+    """Output channels per work item of the forward convolution by the own GEMM when the
+    threads share an image by blocks of channels (0: by blocks of columns).  With fewer
+    (image, group) items than threads and an image whose im2col fits IM2COL_BLOCK_MAX, each
+    thread makes the whole image's im2col once and multiplies it by its own rows of the
+    weights, packed by itself: column blocks had one thread pack all the weights first
+    (written on one core, read on the other) and made the im2col of every block with its
+    halo of rows; LeNet's conv2 at batch 1 (32 -> 64 5x5 on 14x14) took as long on 2
+    threads as on 1."""
+    cdef Py_ssize_t mr = fc_gemm_mr(), mb
+    if GEMM_BLOCK_COLS > 0 or not CONV_CHAN_BLOCKS or items >= threads or mr == 0 \
+            or K * P * itemsize > IM2COL_BLOCK_MAX or Lg < 2 * mr:
+        return 0
+    mb = block_len(Lg, (CONV_CHAN_PARTS * threads + items - 1) // items, mr)
+    return mb if mb < Lg else 0
+
+
+# conv2d_forward by channel blocks where conv_chan_block says (0: always by column blocks)
+cdef bint CONV_CHAN_BLOCKS = True
+cdef Py_ssize_t CONV_CHAN_PARTS = 1
+
+
+def set_conv_chan_blocks(bint on, Py_ssize_t parts=1):
+    """conv2d_forward's channel blocks at batch 1 on (about parts blocks per thread) or off;
+    returns the previous setting.  For tests and A/B runs, while no kernel runs."""
+    global CONV_CHAN_BLOCKS, CONV_CHAN_PARTS
+    old = CONV_CHAN_BLOCKS
+    CONV_CHAN_BLOCKS, CONV_CHAN_PARTS = on, max(parts, 1)
+    return old
+
+
 def conv_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t Lg, Py_ssize_t items,
                        Py_ssize_t threads, Py_ssize_t itemsize, Py_ssize_t band, bint direct,
                        bint keep):
     """Values of one thread's scratch row for the own GEMM's forward convolution: one im2col
     block (none when direct), then, pooling (band > 0) without keeping the output, the
     block's Lg output planes."""
-    cdef Py_ssize_t nb = pool_block_cols(P, K, items, threads, itemsize, band)
+    cdef Py_ssize_t nb = (P if conv_chan_block(K, P, Lg, items, threads, itemsize) else
+                          pool_block_cols(P, K, items, threads, itemsize, band))
     cdef Py_ssize_t n = 0 if direct else K * col_ld(nb, itemsize)
     if band > 0 and not keep:
         n += Lg * nb
@@ -965,16 +1021,20 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         raise ValueError("conv2d_forward: pool_out does not match the pooled output")
     if not keep and not pooled:
         raise ValueError("conv2d_forward: out may be None only with pool_out")
+    cdef Py_ssize_t mb = 0
     if psz > 0 and wpack.shape[0] >= groups * psz:
         Ap = &wpack[0]
-        for g in range(groups):
-            pack_a(wp + g * Lg * K, K, 1, Lg, K, Ap + g * psz)
+        mb = conv_chan_block(K, P, Lg, N * groups, num_threads, sizeof(floating))
+        if mb == 0:         # (by channel blocks, each item packs its own rows)
+            for g in range(groups):
+                pack_a(wp + g * Lg * K, K, 1, Lg, K, Ap + g * psz)
     elif pooled:
         raise ValueError("conv2d_forward: pooling needs the own GEMM (wpack)")
     if Ap != NULL:
         # work items: (image, group, block of columns); each block's im2col is made into the
-        # thread's buffer and multiplied at once
-        nb = pool_block_cols(P, K, N * groups, num_threads, sizeof(floating), band)
+        # thread's buffer and multiplied at once.  Or (image, group, block of channels).
+        nb = P if mb else pool_block_cols(P, K, N * groups, num_threads, sizeof(floating),
+                                          band)
         nblk = (P + nb - 1) // nb
         if ncol < conv_block_scratch(K, P, Lg, N * groups, num_threads, sizeof(floating),
                                      band, direct, keep):
@@ -998,9 +1058,19 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
             if bo == NULL:
                 raise MemoryError("conv2d_forward: im2col row table")
             cj.bo = bo
+        cj.mb, cj.nmb, cj.w, cj.have = mb, 1, wp, NULL
+        if mb:
+            cj.nmb = (Lg + mb - 1) // mb
+            cj.have = <Py_ssize_t*> malloc(num_threads * sizeof(Py_ssize_t))
+            if cj.have == NULL:
+                free(bo)
+                raise MemoryError("conv2d_forward: per-thread table")
+            for item in range(num_threads):
+                cj.have[item] = -1
         with nogil:
-            fc_pool_run(num_threads, conv_block_item, &cj, N * groups * nblk)
+            fc_pool_run(num_threads, conv_block_item, &cj, N * groups * nblk * cj.nmb)
         free(bo)
+        free(cj.have)
         return
     if not direct and ncol < K * ld:
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
