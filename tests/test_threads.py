@@ -214,3 +214,45 @@ def test_cross_entropy_pool_rows(dtype, threads, restore_threads):
                 logits, target, reduction="none", **kw), **tol)
             np.testing.assert_allclose(got[True][1], ref.cross_entropy_backward(
                 logits, target, **kw), **tol)
+
+
+@pytest.mark.skipif(not fc._kernels.openmp_enabled(), reason="serial build: no pool")
+def test_pool_workers_spin_through_a_burst_and_sleep_after(restore_threads):
+    """Inside a burst of calls (a module's forward) the pool's idle workers keep spinning
+    (none asleep long after a job, with a long burst spin); when the burst ends they sleep
+    after the usual short spin.  A module call that raises still ends its burst."""
+    import time
+
+    import fastconv.nn as nn
+    k = fc._kernels
+    x = np.random.default_rng(5).standard_normal((1, 8, 40, 40)).astype(np.float32)
+    w = np.random.default_rng(6).standard_normal((32, 8, 3, 3)).astype(np.float32)
+
+    def wait_until(cond, timeout=10.0):
+        t0 = time.monotonic()
+        while not cond():
+            if time.monotonic() - t0 > timeout:
+                return False
+            time.sleep(0.002)
+        return True
+
+    fc.set_num_threads(2)
+    k.set_pool_spin(1_000_000)                  # 1 ms
+    k.set_pool_burst_spin(60_000_000_000)       # a minute
+    try:
+        assert k.pool_burst(0) == 0
+        fc.conv2d(x, w, padding=1)              # make sure the worker exists
+        assert wait_until(lambda: k.pool_sleeping() == 1)
+        assert k.pool_burst(1) == 1
+        fc.conv2d(x, w, padding=1)              # wakes it; it then spins through the burst
+        time.sleep(0.1)
+        assert k.pool_sleeping() == 0
+        assert k.pool_burst(-1) == 0
+        assert wait_until(lambda: k.pool_sleeping() == 1)
+        with pytest.raises(ValueError):
+            nn.Conv2d(3, 4, 3)(np.zeros((1, 2, 8, 8), np.float32))
+        assert k.pool_burst(0) == 0
+    finally:
+        k.pool_burst(-k.pool_burst(0))
+        k.set_pool_spin(20000)
+        k.set_pool_burst_spin(1_000_000)

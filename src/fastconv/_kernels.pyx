@@ -790,6 +790,9 @@ cdef extern from "_pool.h":
     ctypedef void (*fc_pool_fn)(void* ctx, Py_ssize_t i, int tid) noexcept nogil
     void fc_pool_run(int nthreads, fc_pool_fn fn, void* ctx, Py_ssize_t n) nogil
     void fc_pool_set_spin_ns(long ns) nogil
+    void fc_pool_set_burst_ns(long ns) nogil
+    int fc_pool_burst(int delta) nogil
+    int fc_pool_sleeping() nogil
     bint fc_once_begin(unsigned char* f) nogil
     void fc_once_set(unsigned char* f, bint yes) nogil
     bint fc_once_get(unsigned char* f) nogil
@@ -1349,6 +1352,24 @@ def set_pool_spin(long ns):
     """How long (ns) an idle worker of the caller-runs pool spins before it sleeps (default
     20000).  For benchmarks."""
     fc_pool_set_spin_ns(ns)
+
+
+def set_pool_burst_spin(long ns):
+    """How long (ns) an idle worker spins inside a burst of calls (pool_burst) before it
+    sleeps (default 1000000).  For benchmarks and tests."""
+    fc_pool_set_burst_ns(ns)
+
+
+def pool_burst(int delta):
+    """+1: a burst of kernel calls begins (the pool's idle workers keep spinning between its
+    calls, up to set_pool_burst_spin), -1: it ends (they sleep after the usual spin); 0:
+    nothing.  Returns the number of bursts now open (0 in builds without the pool)."""
+    return fc_pool_burst(delta)
+
+
+def pool_sleeping():
+    """The pool's workers asleep now (tests)."""
+    return fc_pool_sleeping()
 
 
 cdef struct WinoJob:

@@ -14,6 +14,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import _kernels
 from . import functional as F
 
 __all__ = [
@@ -190,7 +191,14 @@ class Module:
     _cache_attrs = ()    # what forward keeps for backward: dropped under no_grad()
 
     def __call__(self, x):
-        y = self.forward(x)
+        # the call is a burst of kernel calls: the thread pool's idle workers keep spinning
+        # between its layers instead of sleeping (waking one cost ~20 us per layer, more than
+        # a small layer's work), and sleep once the outermost call returns
+        _kernels.pool_burst(1)
+        try:
+            y = self.forward(x)
+        finally:
+            _kernels.pool_burst(-1)
         if self._cache_attrs and not is_grad_enabled():
             for a in self._cache_attrs:
                 object.__setattr__(self, a, None)
