@@ -47,7 +47,8 @@ def test_quick_lenet(bench, tmp_path, capsys):
     _check_common(doc)
     assert {(r["case"], r["mode"]) for r in doc["results"]} == {
         ("conv.lenet", "fwd"), ("conv.lenet", "fwdbwd"),
-        ("model.lenet", "fwd"), ("model.lenet", "fwdbwd")}
+        ("model.lenet", "fwd"), ("model.lenet", "fwdbwd"),
+        ("model.lenet.b1", "fwd"), ("model.lenet.b1", "fwdbwd")}
     conv = next(r for r in doc["results"] if r["case"] == "conv.lenet" and r["mode"] == "fwd")
     assert conv["flops"] == 2 * 64 * 32 * 28 * 28 * 1 * 5 * 5
     assert conv["libs"]["fastconv"]["gflops"] > 0

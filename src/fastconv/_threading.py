@@ -16,6 +16,7 @@ import threading
 from . import _kernels
 
 _num_threads = None
+_OPENMP = _kernels.openmp_enabled()
 _lock = threading.Lock()
 _depth = 0
 _saved = None
@@ -47,11 +48,9 @@ def get_num_threads():
     True
     """
     global _num_threads
-    if not _kernels.openmp_enabled():
-        return 1
     if _num_threads is None:
-        _num_threads = _default_threads()
-    return _num_threads
+        _num_threads = _default_threads() if _OPENMP else 1
+    return _num_threads if _OPENMP else 1
 
 
 def set_num_threads(n):

@@ -12,6 +12,7 @@ when it overlaps an input.
 """
 import collections
 import contextlib
+import math
 import operator
 import threading
 
@@ -113,16 +114,15 @@ def _check_4d(arr, name, fn, what="(N, C, H, W)", allow_empty_batch=True):
 
 
 def _check_size(shape, itemsize, fn, what):
-    n = 1
-    for d in shape:
-        n *= int(d)
+    n = math.prod(shape) if all(type(d) is int for d in shape) else math.prod(map(int, shape))
     if n * itemsize >= _MAX_BYTES:
         raise ValueError(f"{fn}: {what} of shape {tuple(shape)} overflows")
 
 
 def _alloc(shape, dtype, fn, what, zero=False):
-    _check_size(shape, np.dtype(dtype).itemsize, fn, what)
-    return (np.zeros if zero else np.empty)(shape, dtype)
+    dt = dtype if type(dtype) is np.dtype else np.dtype(dtype)
+    _check_size(shape, dt.itemsize, fn, what)
+    return (np.zeros if zero else np.empty)(shape, dt)
 
 
 def _out(out, shape, dtype, fn, *inputs, name="out", what="output", zero=False):
@@ -347,6 +347,7 @@ def _grad_out(grad_out, shape, fn):
 
 
 _workspaces = threading.local()
+_WS_KEYS = {}
 _WORKSPACE_KEEP = 256 << 20   # bytes of im2col workspace kept alive per Python thread and dtype
 
 
@@ -366,12 +367,13 @@ def _scratch(team, cols, dtype, fn, name="ws"):
     up to _WORKSPACE_KEEP bytes), so that repeated calls do not pay page faults on a fresh
     multi-megabyte buffer every time.  The kernels never read it before writing it.
     """
-    dt = np.dtype(dtype)
-    _check_size((team, cols), dt.itemsize, fn, "im2col workspace")
+    dt = dtype if type(dtype) is np.dtype else np.dtype(dtype)
     need = team * cols
-    if need * dt.itemsize > _WORKSPACE_KEEP:
+    if not 0 <= need * dt.itemsize <= _WORKSPACE_KEEP:
+        _check_size((team, cols), dt.itemsize, fn, "im2col workspace")
         return np.empty((team, cols), dt)
-    key = name + "_" + dt.char
+    key = _WS_KEYS.get((name, dt.char)) or _WS_KEYS.setdefault((name, dt.char),
+                                                                  name + "_" + dt.char)
     buf = getattr(_workspaces, key, None)
     if buf is None or buf.size < need:
         buf = np.empty(max(need, 1), dt)
@@ -612,7 +614,7 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=Fa
 def _col_ld(P, dtype):
     """Row stride of an im2col matrix with P columns: the kernels' col_ld (one cache line
     more when rows would be a multiple of 512 bytes apart)."""
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = dtype.itemsize if type(dtype) is np.dtype else np.dtype(dtype).itemsize
     return P + 64 // itemsize if (P * itemsize) % 512 == 0 else P
 
 

@@ -58,6 +58,8 @@ CASES = [
     Case("model.lenet", "model", dict(N=64, H=28, W=28),
          "LeNet-style model: conv5x5(1->32)-relu-pool-conv5x5(32->64)-relu-pool-fc(3136->128)-"
          "relu-fc(128->10), batch 64, 28x28; fwdbwd = one training step (loss, backward, SGD)"),
+    Case("model.lenet.b1", "model", dict(N=1, H=28, W=28),
+         "the LeNet-style model at batch 1: serving latency, every layer's Python included"),
 ]
 
 BY_NAME = {c.name: c for c in CASES}
