@@ -795,19 +795,23 @@ def test_gemm_packs_b_rows_in_the_same_l1_sets(level, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [2, 3])
 def test_conv_forward_channel_blocks(level, dtype, threads):
-    """The forward convolution at batch 1 on several threads by blocks of output channels
-    (each item packs its own rows of the weights; each thread makes the image's im2col once):
-    bit for bit the blocks of columns it replaces (set_conv_chan_blocks off), and against the
-    reference: the shared-rows im2col (5x5 stride 1) and the plain one (stride 2), 1x1 read in
-    place, groups, channel counts that are no multiple of the blocks, with and without bias,
-    the fused ReLU and the fused max-pool with and without keeping the convolution; inputs
-    unchanged."""
+    """The forward convolution with fewer images than threads by blocks of output channels
+    (the first item of each block packs its rows of the weights, the other images' wait for
+    it; each thread makes an image's im2col once): bit for bit the blocks of columns it
+    replaces (set_conv_chan_blocks off), and against the reference: batch 1 and 2, the
+    shared-rows im2col (5x5 stride 1) and the plain one (stride 2), 1x1 read in place,
+    groups, channel counts that are no multiple of the blocks, with and without bias, the
+    fused ReLU and the fused max-pool with and without keeping the convolution; inputs
+    unchanged.  (Batch 2 on 3 threads: items of two images packing the same rows at once
+    made some of them read half-packed weights, before the once-flags.)"""
     rng = np.random.default_rng(21)
     cases = [  # C, L, H, W, k, stride, padding, groups
         (1, 32, 28, 28, 5, 1, 2, 1), (6, 20, 14, 14, 5, 1, 2, 1), (8, 40, 9, 11, 3, 2, 1, 1),
         (16, 24, 7, 7, 1, 1, 0, 1), (4, 36, 10, 10, 3, 1, 1, 2), (3, 17, 12, 8, 3, 1, 0, 1)]
-    for C, L, H, W, k, s, p, g in cases:
-        x = rng.uniform(-1, 1, (1, C, H, W)).astype(dtype)
+    # (batch 2 takes channel blocks on 3 threads only: 2 items, fewer than the threads)
+    for (C, L, H, W, k, s, p, g), N in [(c, n) for c in cases
+                                        for n in ((1, 2) if threads == 3 else (1,))]:
+        x = rng.uniform(-1, 1, (N, C, H, W)).astype(dtype)
         w = rng.uniform(-1, 1, (L, C // g, k, k)).astype(dtype)
         b = rng.uniform(-1, 1, L).astype(dtype)
         keep = x.copy(), w.copy(), b.copy()
@@ -837,3 +841,60 @@ def test_conv_forward_channel_blocks(level, dtype, threads):
         close(pn, ref.max_pool2d(want, 2), dtype)
         for a, e in zip((x, w, b), keep):
             np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_plans(dtype, monkeypatch):
+    """conv2d's own-GEMM calls with a plan (the second call with the same shapes, dtypes and
+    arguments) give the numbers of a call without one (_PLANS emptied before each), with new
+    weight, bias and input values each time (values are never part of a plan), a bias
+    dropped or given, non-contiguous and int inputs, 1-3 threads (the thread count is part
+    of the key), the GEMM level changed between calls, the fused ReLU / max-pool with and
+    without keeping the convolution; against the reference."""
+    rng = np.random.default_rng(31)
+    plans = F._PLANS
+
+    def fresh(*args, **kw):
+        plans.clear()
+        return F._conv2d(*args, **kw)
+
+    for C, L, H, k, s, p in [(3, 24, 12, 3, 1, 1), (8, 16, 10, 5, 2, 2), (16, 20, 6, 1, 1, 0)]:
+        for step in range(3):
+            x = rng.uniform(-1, 1, (2, C, H, H)).astype(dtype)
+            w = rng.uniform(-1, 1, (L, C, k, k)).astype(dtype)
+            b = rng.uniform(-1, 1, L).astype(dtype) if step != 1 else None
+            xs = [x, np.asfortranarray(x), (x * 4).astype(np.int32)]
+            want = ref.conv2d(xs[step], w, b, stride=s, padding=p)
+            threads = step + 1
+            with num_threads(threads):
+                args = (xs[step], w, b, s, p, 1, 1, None, True)
+                first = fresh(*args)
+                assert len(plans) == 1
+                again = F._conv2d(*args)
+                np.testing.assert_array_equal(again, first)
+                close(again, np.maximum(want, 0), dtype)
+                for keep in (True, False):
+                    one = fresh(*args, pool=(2, 2), keep=keep)
+                    two = F._conv2d(*args, pool=(2, 2), keep=keep)
+                    for a, e in zip(two, one):
+                        if e is None:
+                            assert a is None
+                        else:
+                            np.testing.assert_array_equal(a, e)
+                    close(two[1], ref.max_pool2d(np.maximum(want, 0), 2), dtype)
+                if BEST != "blas":
+                    with gemm_at("blas"):       # a plan of another level is not used
+                        close(F._conv2d(*args), np.maximum(want, 0), dtype)
+                w[...] = -w                     # new values, same plan
+                close(F._conv2d(*args), np.maximum(ref.conv2d(xs[step], w, b, stride=s,
+                                                              padding=p), 0), dtype)
+    with num_threads(2):                        # another thread count: another plan
+        x = rng.uniform(-1, 1, (1, 4, 9, 9)).astype(dtype)
+        w = rng.uniform(-1, 1, (16, 4, 3, 3)).astype(dtype)
+        plans.clear()
+        F._conv2d(x, w, None, 1, 1, 1, 1, None, False)
+        with num_threads(3):
+            close(F._conv2d(x, w, None, 1, 1, 1, 1, None, False), ref.conv2d(x, w, padding=1),
+                  dtype)
+        assert len(plans) == (2 if BEST != "blas" else 0)

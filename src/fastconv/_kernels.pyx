@@ -816,19 +816,22 @@ cdef struct ConvJob:
     const Py_ssize_t* bo     # im2col rows shared by the row taps: B's row k at col + bo[k]
     bint has_bias, direct, relu, dbl, keep
     # channel blocks (mb > 0; fewer (image, group) items than threads): item = (image, group,
-    # block of mb output channels) over all the image's columns (nb = P, nblk = 1); each item
-    # packs its own rows of the weights (w: unpacked) and each thread makes the image's
-    # im2col once into its scratch (have[tid]: the item ng whose im2col is there, or -1)
+    # block of mb output channels) over all the image's columns (nb = P, nblk = 1); the first
+    # item of each (group, block) packs those rows of the weights (w: unpacked) and the
+    # others (other images) wait for it (packed: a flag per (group, block), fc_once_*); each
+    # thread makes an image's im2col once into its scratch (have[tid]: the item ng whose
+    # im2col is there, or -1)
     Py_ssize_t mb, nmb
     const void* w
     Py_ssize_t* have
+    unsigned char* packed
 
 
 cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
     """Output columns [p0, p0 + nb) of item ng = n * groups + g of the forward convolution
     by the own GEMM: their im2col into the thread's scratch (K rows, col_ld(nb) apart), then
     the GEMM; then, with pooling, the block's bands of rows max-pooled."""
-    cdef Py_ssize_t ng = i // j.nblk, p0 = (i % j.nblk) * j.nb, m0 = 0
+    cdef Py_ssize_t ng = i // j.nblk, p0 = (i % j.nblk) * j.nb, m0 = 0, mi = 0
     cdef Py_ssize_t K = j.Cg * j.kH * j.kW, P = j.OH * j.OW, Lg = j.Lg
     cdef Py_ssize_t w = P - p0 if P - p0 < j.nb else j.nb
     cdef Py_ssize_t ld = col_ld(j.nb, sizeof(floating))
@@ -840,7 +843,8 @@ cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexc
     cdef int mode = GEMM_RELU if j.relu else 0    # the ReLU in the micro-kernel's last store
     cdef bint make_col = True
     if j.mb > 0:                # channels [m0, m0 + Lg) of item ng, all its columns
-        ng, m0 = i // j.nmb, (i % j.nmb) * j.mb
+        ng, mi = i // j.nmb, i % j.nmb
+        m0 = mi * j.mb
         Lg = min(j.mb, j.Lg - m0)
         make_col = j.have[tid] != ng
         j.have[tid] = ng
@@ -848,7 +852,11 @@ cdef void conv_block_run(ConvJob* j, Py_ssize_t i, int tid, floating* tag) noexc
     cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * j.W
     A += g * j.psz + m0 * K     # (m0: a multiple of the panels' rows)
     if j.mb > 0:
-        pack_a(<const floating*> j.w + (g * j.Lg + m0) * K, K, 1, Lg, K, A)
+        if fc_once_begin(&j.packed[g * j.nmb + mi]):
+            pack_a(<const floating*> j.w + (g * j.Lg + m0) * K, K, 1, Lg, K, A)
+            fc_once_set(&j.packed[g * j.nmb + mi], True)
+        else:
+            fc_once_get(&j.packed[g * j.nmb + mi])
     if j.has_bias:
         b += g * j.Lg + m0
     else:
@@ -1061,19 +1069,23 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
             if bo == NULL:
                 raise MemoryError("conv2d_forward: im2col row table")
             cj.bo = bo
-        cj.mb, cj.nmb, cj.w, cj.have = mb, 1, wp, NULL
+        cj.mb, cj.nmb, cj.w, cj.have, cj.packed = mb, 1, wp, NULL, NULL
         if mb:
             cj.nmb = (Lg + mb - 1) // mb
             cj.have = <Py_ssize_t*> malloc(num_threads * sizeof(Py_ssize_t))
-            if cj.have == NULL:
+            cj.packed = <unsigned char*> calloc(groups * cj.nmb, 1)
+            if cj.have == NULL or cj.packed == NULL:
                 free(bo)
-                raise MemoryError("conv2d_forward: per-thread table")
+                free(cj.have)
+                free(cj.packed)
+                raise MemoryError("conv2d_forward: per-thread tables")
             for item in range(num_threads):
                 cj.have[item] = -1
         with nogil:
             fc_pool_run(num_threads, conv_block_item, &cj, N * groups * nblk * cj.nmb)
         free(bo)
         free(cj.have)
+        free(cj.packed)
         return
     if not direct and ncol < K * ld:
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")

@@ -686,6 +686,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     it is in cache (without keep, y is never stored); the other paths call max_pool2d."""
     fn = "conv2d"
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
+    key = _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, keep)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None and plan.level == _kernels.gemm_level():
+        return _conv2d_own(plan, x, weight, bias, relu, keep)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
     b = _bias(bias, geo["L"], fn)
     dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
@@ -696,6 +700,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         if OH < pkH or OW < pkW:     # the max-pool's own error
             y = _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu)
             return y, max_pool2d(y, pool)
+    done = None
     if pool is None or keep:
         out, done = _out(out, (N, L, OH, OW), dt, fn, x, weight, b)
     g = geo["g"]
@@ -735,19 +740,69 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         itemsize = np.dtype(dt).itemsize
         team, nblas = _threads(N * g * -(-OH * OW // _kernels.gemm_nr(itemsize)),
                                N * L * OH * OW * K)
-        band = pkH * OW if pool is not None else 0
-        ncol = _kernels.conv_block_scratch(K, OH * OW, L // g, N * g, team, itemsize, band,
-                                           direct, keep)
+        plan = _ConvPlan(dt, N, L, OH, OW, K, g, sH, sW, pad[0], pad[2], dH, dW,
+                         b is not None, team, wpack.size, direct, pool, _kernels.gemm_level())
+        if key is not None:
+            if len(_PLANS) >= _SETUPS_MAX:
+                _PLANS.clear()
+            _PLANS[key] = plan
+        return _conv2d_own(plan, xc, wc, bc, relu, keep, out, done,
+                           pooled if pool is not None else None)
     scratch = _scratch(team, ncol, dt, fn)
-    with blas_threads(nblas) if not wpack.size else _NO_BLAS:    # (the own GEMM: no BLAS)
-        if pool is None:
-            _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
-                                    dH, dW, g, b is not None, team, relu)
-            return done(out)
-        _kernels.conv2d_forward(xc, wc, bc, out if keep else None, scratch, wpack, sH, sW,
-                                pad[0], pad[2], dH, dW, g, b is not None, team, relu, pooled,
-                                pkH, pkW, OH, OW)
-    return (done(out) if keep else None), pooled
+    with blas_threads(nblas):
+        _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
+                                dH, dW, g, b is not None, team, relu)
+    return done(out)
+
+
+# conv2d's own-GEMM calls: everything the checks and choices of a call decided, by its
+# arguments' shapes, dtypes and plain values and the settings that steer the choices (_PLANS,
+# keyed by _plan_key).  A call that finds its plan is only converted and allocated for:
+# ~10 us less of a batch-1 layer's ~13 us of Python (LeNet-style model, 2026-12-04)
+_ConvPlan = collections.namedtuple("_ConvPlan", "dt N L OH OW K g sH sW pT pL dH dW has_bias "
+                                                "team nwpack direct pool level")
+_PLANS = {}
+
+
+def _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, keep):
+    """_PLANS' key of a conv2d call, or None for a call that is never planned (out=, a bias
+    that is not an ndarray, arguments that are not plain ints / pairs).  It holds all that
+    the checks look at, so only a valid call finds a plan; the GEMM level a plan was made at
+    is compared once it is found (the kernels are not touched before the checks)."""
+    if (out is not None or (bias is not None and type(bias) is not np.ndarray)
+            or _plain(stride) is None or _plain(padding) is None or _plain(dilation) is None
+            or type(groups) is not int or (pool is not None and type(pool) is not tuple)):
+        return None
+    return (x.shape, x.dtype.char, weight.shape, weight.dtype.char,
+            None if bias is None else (bias.shape, bias.dtype.char), stride, padding,
+            dilation, groups, pool, keep, get_num_threads(), _GRAIN, _DIRECT,
+            _WINOGRAD_MIN_CHANNELS, _WINOGRAD_MIN_SIZE)
+
+
+def _conv2d_own(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=None):
+    """The own GEMM's conv2d_forward call of a plan (out, done, pooled: from the first call,
+    which made them; else allocated here)."""
+    dt, N, L, OH, OW = plan.dt, plan.N, plan.L, plan.OH, plan.OW
+    xc, wc = _c(x, dt), _c(weight, dt)
+    bc = _c(bias, dt) if plan.has_bias else _EMPTY[dt.char]
+    if keep and out is None:
+        out, done = np.empty((N, L, OH, OW), dt), None
+    pkH, pkW = plan.pool if plan.pool is not None else (0, 0)
+    if plan.pool is not None and pooled is None:
+        pooled = np.empty((N, L, OH // pkH, OW // pkW), dt)
+    ncol = _kernels.conv_block_scratch(plan.K, OH * OW, L // plan.g, N * plan.g, plan.team,
+                                       dt.itemsize, pkH * OW, plan.direct, keep)
+    scratch = _scratch(plan.team, ncol, dt, "conv2d")
+    wpack = _scratch(1, plan.nwpack, dt, "conv2d", "wpack")[0]
+    args = (xc, wc, bc, out if keep else None, scratch, wpack, plan.sH, plan.sW, plan.pT,
+            plan.pL, plan.dH, plan.dW, plan.g, plan.has_bias, plan.team, relu)
+    if plan.pool is None:
+        _kernels.conv2d_forward(*args)
+        return done(out) if done is not None else out
+    _kernels.conv2d_forward(*args, pooled, pkH, pkW, OH, OW)
+    if not keep:
+        return None, pooled
+    return (done(out) if done is not None else out), pooled
 
 
 def _relu_inplace(y):
