@@ -176,6 +176,9 @@ class Module:
         object.__setattr__(self, "training", True)
 
     def __setattr__(self, name, value):
+        if name in self._cache_attrs:       # what forward keeps: never a parameter or module
+            object.__setattr__(self, name, value)
+            return
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                  "before assigning attributes")
@@ -188,7 +191,9 @@ class Module:
         object.__setattr__(self, name, value)
 
     # ---- running
-    _cache_attrs = ()    # what forward keeps for backward: dropped under no_grad()
+    # what forward keeps for backward: dropped under no_grad(); plain attributes (assigned
+    # without the parameter / module registration)
+    _cache_attrs = ()
 
     def __call__(self, x):
         # the call is a burst of kernel calls: the thread pool's idle workers keep spinning
