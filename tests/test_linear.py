@@ -206,3 +206,27 @@ def test_linear_layer_few_rows(dtype):
     x = r.standard_normal((3, 2, 200)).astype(dtype)
     close(lin(x), ref.linear(x.reshape(6, 200), lin.weight.data,
                              lin.bias.data).reshape(3, 2, 37), dt)
+
+
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
+                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_forward_rows_in_row_blocks(level, dtype):
+    """More rows than outputs on 2-3 threads: the rows path in blocks of rows, each item
+    only its own rows (items that each computed every row raced on y, adding a K block's
+    sums twice: 15 wrong answers in 300 for 12 x 2048 -> 10).  Many repetitions, bit for bit
+    the one-thread answer (each row's sums do not depend on the blocking), which matches the
+    reference."""
+    r = np.random.default_rng(13)
+    for n, i, o in [(12, 2048, 10), (9, 4096, 8), (15, 3000, 3)]:
+        x = r.uniform(-1, 1, (n, i)).astype(dtype)
+        w = r.uniform(-1, 1, (o, i)).astype(dtype)
+        b = r.uniform(-1, 1, o).astype(dtype)
+        one = np.empty((n, o), dtype)
+        with gemm_at(level):
+            _kernels.linear_forward(x, w, b, one, True, 1, _kernels.LIN_ROWS)
+            close(one, ref.linear(x, w, b), np.dtype(dtype))
+            for rep in range(60):
+                y = np.full((n, o), np.nan, dtype)
+                _kernels.linear_forward(x, w, b, y, True, 2 + rep % 2, _kernels.LIN_ROWS)
+                np.testing.assert_array_equal(y, one)

@@ -1231,8 +1231,8 @@ static void fc_gemma_d(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, con
  * PyTorch stores it).  The GEMM would transpose all of w into strips for a handful of rows, and
  * OpenBLAS's sgemm ran 4 or 8 rows x 3136 @ 3136 x 128 at ~7 GFLOP/s (229 / 279 us, 1 thread,
  * Xeon 2026-12-04).  Blocks of NB rows of x by 4 rows of w, one vector accumulator each (fixed
- * lanes: the sum over k in LANES partial sums, then reduced), a masked last vector; NB up to 4
- * at AVX-512 (16 accumulators of 32 registers), 2 at AVX2 (8 of 16). */
+ * lanes: the sum over k in LANES partial sums, then reduced), a masked last vector; NB up to 6
+ * at AVX-512 (24 accumulators, 4 + 1 more of 32 registers), 2 at AVX2 (8 + 4 + 1 of 16). */
 #ifdef FC_HAVE_GEMM
 #define FC_ROWDOT(NAME, T, VT, LANES, NBMAX, TGT, SETZ, LOADU, MTYPE, MK, MLOADZ, FMA, RED, \
                   PIN)                                                                          \

@@ -2311,9 +2311,9 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
         if j.path == LIN_ROWS:
             # dot products of x's rows with w's rows, both read in place, bias added
             if floating is float:
-                fc_rowdot_f(N, I, x, I, w, I, c0, c1, b, y, O)
+                fc_rowdot_f(r1 - r0, I, x + r0 * I, I, w, I, c0, c1, b, y + r0 * O, O)
             else:
-                fc_rowdot_d(N, I, x, I, w, I, c0, c1, b, y, O)
+                fc_rowdot_d(r1 - r0, I, x + r0 * I, I, w, I, c0, c1, b, y + r0 * O, O)
             return
         if j.path == LIN_GEMM:
             # the own GEMM with x's rows read in place as A and w as B transposed (each K

@@ -167,6 +167,7 @@ static void fc_pool_atfork_child(void)
     atomic_store(&fc_pool.nworkers, 0);
     atomic_store(&fc_pool.sleeping, 0);
     atomic_store(&fc_pool.busy, 0);
+    atomic_store(&fc_pool.burst, 0);    /* a burst open in another thread did not come along */
     pthread_mutex_init(&fc_pool.mutex, NULL);
     pthread_cond_init(&fc_pool.cond, NULL);
 }

@@ -120,7 +120,7 @@ def _check_size(shape, itemsize, fn, what):
 
 
 def _alloc(shape, dtype, fn, what, zero=False):
-    dt = dtype if type(dtype) is np.dtype else np.dtype(dtype)
+    dt = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
     _check_size(shape, dt.itemsize, fn, what)
     return (np.zeros if zero else np.empty)(shape, dt)
 
@@ -367,7 +367,7 @@ def _scratch(team, cols, dtype, fn, name="ws"):
     up to _WORKSPACE_KEEP bytes), so that repeated calls do not pay page faults on a fresh
     multi-megabyte buffer every time.  The kernels never read it before writing it.
     """
-    dt = dtype if type(dtype) is np.dtype else np.dtype(dtype)
+    dt = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
     need = team * cols
     if not 0 <= need * dt.itemsize <= _WORKSPACE_KEEP:
         _check_size((team, cols), dt.itemsize, fn, "im2col workspace")
@@ -614,7 +614,7 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=Fa
 def _col_ld(P, dtype):
     """Row stride of an im2col matrix with P columns: the kernels' col_ld (one cache line
     more when rows would be a multiple of 512 bytes apart)."""
-    itemsize = dtype.itemsize if type(dtype) is np.dtype else np.dtype(dtype).itemsize
+    itemsize = dtype.itemsize if isinstance(dtype, np.dtype) else np.dtype(dtype).itemsize
     return P + 64 // itemsize if (P * itemsize) % 512 == 0 else P
 
 
@@ -775,7 +775,7 @@ def _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, kee
         return None
     return (x.shape, x.dtype.char, weight.shape, weight.dtype.char,
             None if bias is None else (bias.shape, bias.dtype.char), stride, padding,
-            dilation, groups, pool, keep, get_num_threads(), _GRAIN, _DIRECT,
+            dilation, groups, pool, keep, get_num_threads(), _GRAIN, _DIRECT, _DEPTHWISE,
             _WINOGRAD_MIN_CHANNELS, _WINOGRAD_MIN_SIZE)
 
 
