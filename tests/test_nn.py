@@ -940,3 +940,52 @@ def test_relu_backward_kernel_matches_threshold_backward(dtype):
         want = np.where(y <= 0, dtype(0), g)
         np.testing.assert_array_equal(got, want)
         assert got.dtype == dtype and got.flags.c_contiguous
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fresh_gradients_become_grad_without_a_copy(dtype):
+    """The layers hand their kernels' new gradient arrays to Parameter.accumulate(fresh=True):
+    on first use they become .grad (no copy); each parameter's grad is its own array, the
+    right values (a second backward adds, a grad kept from before zero_grad() is left as it
+    was), and a caller's array passed without fresh is still copied."""
+    rng = np.random.default_rng(41)
+    conv = nn.Conv2d(3, 4, 3, padding=1, dtype=dtype, rng=1)
+    lin = nn.Linear(5, 6, dtype=dtype, rng=2)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(dtype)
+    v = rng.standard_normal((3, 5)).astype(dtype)
+    gy = rng.standard_normal((2, 4, 6, 6)).astype(dtype)
+    gv = rng.standard_normal((3, 6)).astype(dtype)
+    conv(x)
+    conv.backward(gy)
+    lin(v)
+    lin.backward(gv)
+    params = conv.parameters() + lin.parameters()
+    grads = [p.grad.copy() for p in params]
+    for p in params:
+        assert p.grad.dtype == dtype and p.grad.shape == p.data.shape
+        assert not np.may_share_memory(p.grad, p.data)
+        for q in params:
+            assert q is p or not np.may_share_memory(p.grad, q.grad)
+    np.testing.assert_allclose(lin.weight.grad, gv.T @ v, rtol=1e-5)
+    np.testing.assert_allclose(lin.bias.grad, gv.sum(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(conv.bias.grad, gy.sum(axis=(0, 2, 3)), rtol=1e-5)
+    kept = [p.grad for p in params]
+    conv.backward(gy)                           # accumulates in place
+    lin.backward(gv)
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(p.grad, 2 * g, rtol=1e-5)
+    SGD(params, lr=0.1).zero_grad()
+    conv(x)
+    conv.backward(gy)
+    lin(v)
+    lin.backward(gv)
+    for p, k, g in zip(params, kept, grads):
+        assert p.grad is not k
+        np.testing.assert_allclose(k, 2 * g, rtol=1e-5)     # the old grad untouched
+        np.testing.assert_allclose(p.grad, g, rtol=1e-5)
+    mine = np.ones(6, dtype)
+    b = nn.Parameter(np.zeros(6, dtype))
+    b.accumulate(mine)
+    assert b.grad is not mine and not np.may_share_memory(b.grad, mine)
+    b.accumulate(mine)
+    np.testing.assert_array_equal(mine, np.ones(6, dtype))

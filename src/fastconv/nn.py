@@ -134,10 +134,20 @@ class Parameter:
     def dtype(self):
         return self.data.dtype
 
-    def accumulate(self, g):
-        """Add ``g`` to ``grad`` (creating it on first use)."""
+    def accumulate(self, g, *, fresh=False):
+        """Add ``g`` to ``grad`` (creating it on first use).
+
+        ``fresh=True``: ``g`` is a new array that nothing else refers to (a kernel's output,
+        as the layers pass): on first use it becomes ``grad`` itself instead of a copy (a
+        float64 LeNet-style training step at batch 1 spent 2.3 of its 5.2 ms copying fresh
+        gradients and in the allocator's page faults and unmaps that the copies caused).
+        """
         if self.grad is None:
-            self.grad = np.array(g, dtype=self.data.dtype, copy=True)
+            if (fresh and type(g) is np.ndarray and g.dtype == self.data.dtype
+                    and g.shape == self.data.shape):
+                self.grad = g
+            else:
+                self.grad = np.array(g, dtype=self.data.dtype, copy=True)
         else:
             self.grad += g
 
@@ -526,9 +536,9 @@ class _ConvNd(Module):
         gx, gw, gb = self._backward_fn(grad_out, x, self.weight.data, **self._kw(),
                                        output_mask=(bool(need_input_grad), True,
                                                     self.bias is not None))
-        self.weight.accumulate(gw)
+        self.weight.accumulate(gw, fresh=True)
         if self.bias is not None:
-            self.bias.accumulate(gb)
+            self.bias.accumulate(gb, fresh=True)
         return gx
 
     def extra_repr(self):
@@ -839,9 +849,9 @@ class Linear(Module):
                              f"{x.shape[:-1] + (self.out_features,)}, got {g.shape}")
         g2, x2 = g.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
         gx, gw = F._linear_backward(g2, x2, self.weight.data, True, need_input_grad)
-        self.weight.accumulate(gw)
+        self.weight.accumulate(gw, fresh=True)
         if self.bias is not None:
-            self.bias.accumulate(g2.sum(axis=0))
+            self.bias.accumulate(g2.sum(axis=0), fresh=True)
         return gx.reshape(x.shape) if need_input_grad else None
 
     def extra_repr(self):
