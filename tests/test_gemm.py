@@ -20,6 +20,9 @@ LEVELS = [lv for lv in ("blas", "avx2", "avx512")
           if _kernels.set_gemm(lv) == lv or lv == "blas"]
 _kernels.set_gemm("avx512")
 BEST = _kernels.gemm_level()
+# the own GEMM's levels here (a skipped placeholder where there is none)
+OWN_LEVELS = [lv for lv in LEVELS if lv != "blas"] or [
+    pytest.param("none", marks=pytest.mark.skip("no own GEMM here"))]
 
 
 # each level; "-masked": im2col always by masked loads, never through the zero-padded copy of
@@ -299,8 +302,7 @@ def test_gemm_tail_kernel_same_numbers(relu):
 
 
 @pytest.mark.usefixtures("tiny_grain")
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM here"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @given(data=st.data())
 def test_conv2d_shared_im2col_rows_same_numbers(level, data):
     """Stride-1 (along the height) forward convolutions and weight gradients make im2col rows
@@ -516,8 +518,7 @@ def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, sh
 
 
 @pytest.mark.usefixtures("tiny_grain")
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("blocks", [0, 40])
 def test_weight_gradient_bt_same_numbers(level, dtype, blocks):
@@ -657,8 +658,7 @@ def test_conv2d_blocks_match_reference(level, threads, dtype, shape):
 
 
 @pytest.mark.usefixtures("tiny_grain")
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM here"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @given(data=st.data())
 def test_gemm_strip_packing_same_numbers(level, data):
     """The own GEMM copies each K block's strip of B into a contiguous buffer when B is read
@@ -751,8 +751,7 @@ def test_wgrad_reduce(dtype, threads):
 
 
 @pytest.mark.usefixtures("tiny_grain")
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm_packs_b_rows_in_the_same_l1_sets(level, dtype):
     """B read in place with rows a multiple of 512 bytes apart (16x16 and 8x16 planes of
@@ -790,8 +789,7 @@ def test_gemm_packs_b_rows_in_the_same_l1_sets(level, dtype):
 
 
 @pytest.mark.usefixtures("tiny_grain")
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [2, 3])
 def test_conv_forward_channel_blocks(level, dtype, threads):

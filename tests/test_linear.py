@@ -20,6 +20,9 @@ LEVELS = [lv for lv in ("blas", "avx2", "avx512")
           if _kernels.set_gemm(lv) == lv or lv == "blas"]
 _kernels.set_gemm("avx512")
 BEST = _kernels.gemm_level()
+# the own GEMM's levels here (a skipped placeholder where there is none)
+OWN_LEVELS = [lv for lv in LEVELS if lv != "blas"] or [
+    pytest.param("none", marks=pytest.mark.skip("no own GEMM here"))]
 
 
 @contextlib.contextmanager
@@ -116,8 +119,7 @@ def test_linear_layer_leaves_no_blas_thread_running(level, rows):
             assert all(n == 1 for n in counts), seen
 
 
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_forward_own_gemm(level, dtype, threads):
@@ -144,8 +146,7 @@ def test_linear_forward_own_gemm(level, dtype, threads):
         np.testing.assert_array_equal(w, keep_w)
 
 
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_linear_forward_rows(level, dtype, threads):
@@ -208,8 +209,7 @@ def test_linear_layer_few_rows(dtype):
                              lin.bias.data).reshape(3, 2, 37), dt)
 
 
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "blas"] or
-                         [pytest.param("none", marks=pytest.mark.skip("no own GEMM"))])
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_linear_forward_rows_in_row_blocks(level, dtype):
     """More rows than outputs on 2-3 threads: the rows path in blocks of rows, each item

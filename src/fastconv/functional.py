@@ -734,7 +734,6 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
                   dt, fn, cache=wc is weight)
         return done(_relu_inplace(out) if relu else out)
     direct = _is_direct(geo, x)
-    ncol = 0 if direct else K * _col_ld(OH * OW, dt)
     if wpack.size:
         # the own GEMM: im2col one block of columns at a time; threads share images by blocks
         itemsize = np.dtype(dt).itemsize
@@ -748,7 +747,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
             _PLANS[key] = plan
         return _conv2d_own(plan, xc, wc, bc, relu, keep, out, done,
                            pooled if pool is not None else None)
-    scratch = _scratch(team, ncol, dt, fn)
+    scratch = _scratch(team, 0 if direct else K * _col_ld(OH * OW, dt), dt, fn)
     with blas_threads(nblas):
         _kernels.conv2d_forward(xc, wc, bc, out, scratch, wpack, sH, sW, pad[0], pad[2],
                                 dH, dW, g, b is not None, team, relu)
