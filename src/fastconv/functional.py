@@ -114,7 +114,7 @@ def _check_4d(arr, name, fn, what="(N, C, H, W)", allow_empty_batch=True):
 
 
 def _check_size(shape, itemsize, fn, what):
-    n = math.prod(shape) if all(type(d) is int for d in shape) else math.prod(map(int, shape))
+    n = math.prod(map(int, shape))
     if n * itemsize >= _MAX_BYTES:
         raise ValueError(f"{fn}: {what} of shape {tuple(shape)} overflows")
 
@@ -347,7 +347,6 @@ def _grad_out(grad_out, shape, fn):
 
 
 _workspaces = threading.local()
-_WS_KEYS = {}
 _WORKSPACE_KEEP = 256 << 20   # bytes of im2col workspace kept alive per Python thread and dtype
 
 
@@ -372,8 +371,7 @@ def _scratch(team, cols, dtype, fn, name="ws"):
     if not 0 <= need * dt.itemsize <= _WORKSPACE_KEEP:
         _check_size((team, cols), dt.itemsize, fn, "im2col workspace")
         return np.empty((team, cols), dt)
-    key = _WS_KEYS.get((name, dt.char)) or _WS_KEYS.setdefault((name, dt.char),
-                                                                  name + "_" + dt.char)
+    key = name + "_" + dt.char
     buf = getattr(_workspaces, key, None)
     if buf is None or buf.size < need:
         buf = np.empty(max(need, 1), dt)
