@@ -793,6 +793,7 @@ cdef extern from "_pool.h":
     void fc_pool_set_burst_ns(long ns) nogil
     int fc_pool_burst(int delta) nogil
     int fc_pool_sleeping() nogil
+    int fc_pool_wake(int nthreads) nogil
     bint fc_once_begin(unsigned char* f) nogil
     void fc_once_set(unsigned char* f, bint yes) nogil
     bint fc_once_get(unsigned char* f) nogil
@@ -1377,6 +1378,12 @@ def pool_burst(int delta):
     calls, up to set_pool_burst_spin), -1: it ends (they sleep after the usual spin); 0:
     nothing.  Returns the number of bursts now open (0 in builds without the pool)."""
     return fc_pool_burst(delta)
+
+
+def pool_wake(int num_threads):
+    """Wake the pool's sleeping workers (a burst's first call: they are awake by its first
+    kernel); True when it did."""
+    return fc_pool_wake(num_threads) != 0
 
 
 def pool_sleeping():
@@ -2367,8 +2374,9 @@ cpdef enum:         # linear_forward's paths (also module attributes for the Pyt
 
 def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
                    const floating[::1] bias, floating[:, ::1] out, bint has_bias,
-                   int num_threads, int path):
-    """out (N, O) = x (N, I) @ weight (O, I)^T (+ bias): about two blocks per thread, of rows
+                   int num_threads, int path, bint relu=False):
+    """out (N, O) = x (N, I) @ weight (O, I)^T (+ bias), then max(out, 0) when relu (as
+    relu_inplace): about two blocks per thread, of rows
     when they outnumber the output columns, else of output columns (the fewer re-reads; 4
     row blocks of a 64 x 3136 @ 3136 x 128 product were 0.72x OpenBLAS's own 2 threads).
     path: LIN_GEMM, the own GEMM (x read in place, weight as B transposed); LIN_ROWS, dot
@@ -2406,6 +2414,8 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
     nrb = (N + j.rblk - 1) // j.rblk
     with nogil:
         fc_pool_run(num_threads, lin_item, &j, nrb * j.ncb)
+        if relu:
+            relu_rows(&out[0, 0], 1, 0, N * O)
 
 
 def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,

@@ -237,6 +237,28 @@ static void fc_pool_run(int nthreads, fc_pool_fn fn, void *ctx, ptrdiff_t n)
     atomic_store(&fc_pool.busy, 0);
 }
 
+/* wake the sleeping workers (up to nthreads - 1 of them existing) with an empty job, so that
+   they spin (inside a burst) by the time the next job comes; nothing when none sleeps or the
+   pool is busy.  Returns 1 when it woke them. */
+static int fc_pool_wake(int nthreads)
+{
+    int expect = 0;
+    if (nthreads <= 1 || atomic_load(&fc_pool.sleeping) <= 0 ||
+            !atomic_compare_exchange_strong(&fc_pool.busy, &expect, 1))
+        return 0;
+    uint32_t gen = (uint32_t)(atomic_load(&fc_pool.claim) >> 32) + 1;
+    fc_pool_job *job = &fc_pool.job[gen & 1];
+    atomic_store_explicit(&job->n, 0, memory_order_relaxed);
+    atomic_store_explicit(&job->nthreads, 0, memory_order_relaxed);
+    atomic_store_explicit(&job->done, 0, memory_order_relaxed);
+    atomic_store(&fc_pool.claim, (uint64_t)gen << 32);
+    pthread_mutex_lock(&fc_pool.mutex);
+    pthread_cond_broadcast(&fc_pool.cond);
+    pthread_mutex_unlock(&fc_pool.mutex);
+    atomic_store(&fc_pool.busy, 0);
+    return 1;
+}
+
 static void fc_pool_set_spin_ns(long ns) { atomic_store(&fc_pool.spin_ns, ns < 0 ? 0 : ns); }
 static void fc_pool_set_burst_ns(long ns) { atomic_store(&fc_pool.burst_ns, ns < 0 ? 0 : ns); }
 /* delta +1: a burst of calls begins (nested and concurrent bursts count), -1: it ends;
@@ -321,6 +343,7 @@ static void fc_pool_set_spin_ns(long ns) { (void)ns; }
 static void fc_pool_set_burst_ns(long ns) { (void)ns; }
 static int fc_pool_burst(int delta) { (void)delta; return 0; }
 static int fc_pool_sleeping(void) { return 0; }
+static int fc_pool_wake(int nthreads) { (void)nthreads; return 0; }
 
 #endif
 #endif

@@ -772,8 +772,14 @@ def _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, kee
         return None
     return (x.shape, x.dtype.char, weight.shape, weight.dtype.char,
             None if bias is None else (bias.shape, bias.dtype.char), stride, padding,
-            dilation, groups, pool, keep, get_num_threads(), _GRAIN, _DIRECT, _DEPTHWISE,
-            _WINOGRAD_MIN_CHANNELS, _WINOGRAD_MIN_SIZE)
+            dilation, groups, pool, keep) + _knobs()
+
+
+def _knobs():
+    """The settings that steer the forward functions' choices of kernel, threads and path
+    (plans made under other settings are not used)."""
+    return (get_num_threads(), _GRAIN, _DIRECT, _DEPTHWISE, _WINOGRAD_MIN_CHANNELS,
+            _WINOGRAD_MIN_SIZE, _LINEAR_OWN_ROWS)
 
 
 def _conv2d_own(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=None):
@@ -1623,25 +1629,37 @@ def _linear_sizes(fn, *shape):
 _LINEAR_OWN_ROWS = 16
 
 
-def _linear(x2, weight, bias):
+def _linear(x2, weight, bias, relu=False):
     """x2 (N, I) @ weight (O, I)^T (+ bias (O,)), all of one float dtype, by the kernels'
     blocks on fastconv's threads with BLAS held at one thread (numpy's matmul would leave
-    OpenBLAS threads spinning, slowing the next multi-threaded kernel by up to 2x)."""
+    OpenBLAS threads spinning, slowing the next multi-threaded kernel by up to 2x); then
+    max(y, 0) when relu (nn.Sequential's Linear -> ReLU)."""
     N, I = x2.shape
     O = weight.shape[0]
     dt = weight.dtype
     _linear_sizes("linear", N, I, O)
-    out = _alloc((N, O), dt, "linear", "output")
     if I == 0:
+        out = _alloc((N, O), dt, "linear", "output")
         out[...] = 0 if bias is None else bias
-        return out
-    xc, wc = _c(x2, dt), _c(weight, dt)
-    bc = _c(bias, dt) if bias is not None else _EMPTY[dt.char]
+        return _relu_inplace(out) if relu and out.size else out
+    _check_size((N, O), dt.itemsize, "linear", "output")
     # (no BLAS call where there is an own GEMM level: holding BLAS at one thread cost 3 us)
     with blas_threads(1) if _kernels.gemm_level() == "blas" else _NO_BLAS:
-        _kernels.linear_forward(xc, wc, bc, out, bias is not None, _team(N * O, N * I * O),
-                                _kernels.LIN_GEMM if N >= _LINEAR_OWN_ROWS else
-                                _kernels.LIN_ROWS)
+        return _linear_run(_c(x2, dt), _c(weight, dt), None if bias is None else _c(bias, dt),
+                           *_linear_plan(N, I, O), relu)
+
+
+def _linear_plan(N, I, O):
+    """(team, path) of linear_forward for an (N, I) @ (I, O) product."""
+    return (_team(N * O, N * I * O),
+            _kernels.LIN_GEMM if N >= _LINEAR_OWN_ROWS else _kernels.LIN_ROWS)
+
+
+def _linear_run(x2, weight, bias, team, path, relu):
+    """linear_forward into a new (N, O) array: C-contiguous arguments of one dtype, checked."""
+    out = np.empty((x2.shape[0], weight.shape[0]), weight.dtype)
+    _kernels.linear_forward(x2, weight, _EMPTY[weight.dtype.char] if bias is None else bias,
+                            out, bias is not None, team, path, relu)
     return out
 
 

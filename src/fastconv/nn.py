@@ -192,6 +192,8 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                  "before assigning attributes")
+        global _EPOCH
+        _EPOCH += 1             # Sequential's inference plans are made again
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
         if isinstance(value, Parameter):
@@ -391,43 +393,89 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        mods = list(self._modules.values())
         grad = is_grad_enabled()
+        if grad:
+            self.__dict__.pop("_plans", None)   # (a plan's run would leave these caches)
+        elif type(x) is np.ndarray and x.dtype in _PLANNED:
+            knobs = F._knobs()
+            key = (x.shape, x.dtype, _EPOCH, knobs, _kernels.gemm_level())
+            plans = self.__dict__.get("_plans")
+            if plans is None:
+                plans = {}
+                object.__setattr__(self, "_plans", plans)
+            steps = plans.get(key)
+            if steps is None:
+                if len(plans) >= 8:
+                    plans.clear()
+                steps = []
+                x = self._run(x, False, steps)
+                plans[key] = steps              # (complete: other threads may use it now)
+                return x
+            if knobs[0] > 1:
+                # the pool's workers wake while the first step's Python runs, not in its
+                # kernel call (batch-1 LeNet-style model on 2 threads: -6 us)
+                _kernels.pool_wake(knobs[0])
+            for step in steps:
+                x = step(x)
+            return x
+        return self._run(x, grad)
+
+    def _run(self, x, grad, steps=None):
+        """The modules in order, Conv2d [-> ReLU] [-> MaxPool2d] in one kernel call; under
+        no_grad() with ``steps`` (a list), also the inference plan of this input: one step per
+        part (see _plan_step), appended as each part runs."""
+        mods = list(self._modules.values())
         self._pooled = {}
         i = 0
         while i < len(mods):
-            m = mods[i]
-            if type(m) is Conv2d and i + 1 < len(mods):
-                relu = type(mods[i + 1]) is ReLU
-                j = i + 2 if relu else i + 1
-                pool = (_tiling_pool(mods[j]) if j < len(mods) and type(mods[j]) is MaxPool2d
-                        else None)
-                if pool is not None:
-                    # Conv2d [-> ReLU] -> MaxPool2d in one kernel call: each block of the
-                    # convolution's output is pooled while it is in cache; under no_grad()
-                    # that output is never stored.  The ReLU and the max-pool keep for their
-                    # backward what they would have kept, as if they had run.
-                    y, x = m._forward(x, relu=relu, pool=pool, keep=grad)
-                    mods[j]._x = y                  # None under no_grad()
-                    if relu:
-                        mods[i + 1]._y = y
-                        if grad:
-                            self._pooled[j] = x     # for ReLU's backward on the pooled values
-                    i = j + 1
-                    continue
-                if relu:
-                    # Conv2d -> ReLU in one kernel call: the ReLU is applied to each block of
-                    # the convolution's output while it is in cache, and no second array is
-                    # made; the ReLU layer keeps that output for its backward, as if it had run
-                    x = m._forward(x, relu=True)
-                    mods[i + 1]._y = x if grad else None
-                    i += 2
-                    continue
-            x = m(x)
-            if grad and i > 0 and type(m) is MaxPool2d and type(mods[i - 1]) is ReLU:
-                self._pooled[i] = x     # for ReLU's backward on the pooled values
-            i += 1
+            x0, j = x, i
+            x, i, relu, pool = self._part(mods, i, x, grad)
+            if steps is not None:
+                steps.append(_plan_step(self, mods, j, i, relu, pool, x0, x, steps))
         return x
+
+    def _part(self, mods, i, x, grad):
+        """Run the part of the model that begins at mods[i]: (its output, the index after it,
+        relu, pool), relu / pool what a Conv2d part fused, else None."""
+        m = mods[i]
+        if type(m) is Conv2d and i + 1 < len(mods):
+            relu = type(mods[i + 1]) is ReLU
+            j = i + 2 if relu else i + 1
+            pool = (_tiling_pool(mods[j]) if j < len(mods) and type(mods[j]) is MaxPool2d
+                    else None)
+            if pool is not None:
+                # Conv2d [-> ReLU] -> MaxPool2d in one kernel call: each block of the
+                # convolution's output is pooled while it is in cache; under no_grad() that
+                # output is never stored.  The ReLU and the max-pool keep for their backward
+                # what they would have kept, as if they had run.
+                y, x = m._forward(x, relu=relu, pool=pool, keep=grad)
+                mods[j]._x = y                  # None under no_grad()
+                if relu:
+                    mods[i + 1]._y = y
+                    if grad:
+                        self._pooled[j] = x     # for ReLU's backward on the pooled values
+                return x, j + 1, relu, pool
+            if relu:
+                # Conv2d -> ReLU in one kernel call: the ReLU is applied to each block of the
+                # convolution's output while it is in cache, and no second array is made; the
+                # ReLU layer keeps that output for its backward, as if it had run
+                x = m._forward(x, relu=True)
+                mods[i + 1]._y = x if grad else None
+                return x, i + 2, True, None
+        if type(m) is Linear and i + 1 < len(mods) and type(mods[i + 1]) is ReLU:
+            # Linear -> ReLU in one kernel call (as Conv2d -> ReLU)
+            x = m._forward(x, relu=True)
+            mods[i + 1]._y = x if grad else None
+            return x, i + 2, True, None
+        x = m(x)
+        if grad and i > 0 and type(m) is MaxPool2d and type(mods[i - 1]) is ReLU:
+            self._pooled[i] = x     # for ReLU's backward on the pooled values
+        return x, i + 1, None, None
+
+    def __getstate__(self):     # (copies and pickles make their own plans)
+        state = self.__dict__.copy()
+        state.pop("_plans", None)
+        return state
 
     def backward(self, grad_out, *, need_input_grad=True):
         """Backward through every module in reverse order.
@@ -473,6 +521,117 @@ def _tiling_pool(mp):
     if s != k or p != (0, 0) or d != (1, 1) or mp.ceil_mode:
         return None
     return k
+
+
+# Sequential's inference plans (no_grad()): per input shape and dtype, one step per part of
+# the model; a step of a part that fastconv knows calls its kernel with the checks and choices
+# made when the plan was (LeNet-style model at batch 1, float32, each call after one of ONNX
+# Runtime's, us, 1 / 2 threads: 341 / 282 -> 287 / 214, ONNX Runtime 261 / 222; 2026-12-04,
+# Xeon).  Plans hold no arrays:
+# each step reads its parameters' arrays when it runs and, when they or its input are not what
+# the plan was made for, runs its part the usual way.  Any module attribute set (a layer's
+# settings, parameters or sub-modules) makes every plan anew (_EPOCH); so does a change of
+# the functional API's settings (F._knobs) or GEMM level, which are in the plan's key.
+_EPOCH = 0
+_PLANNED = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _plan_step(seq, mods, i, j, relu, pool, x, y, steps):
+    """The step for mods[i:j] (relu, pool: what Sequential._part fused), made after the part
+    ran on x giving y: a function of the part's input."""
+    def slow(z):
+        return seq._part(mods, i, z, False)[0]
+
+    m = mods[i]
+    fresh = bool(steps) and getattr(steps[-1], "fresh", False)  # x is the plan's own array
+    step = slow
+    if type(x) is not np.ndarray or type(y) is not np.ndarray or x.dtype != y.dtype:
+        return step
+    if type(m) is Conv2d:
+        step = _conv_step(m, relu, pool, x, slow)
+    elif type(m) is Linear:
+        step = _linear_step(m, relu, x, slow)
+    elif type(m) is ReLU and fresh and x.dtype in _PLANNED and x.flags.c_contiguous:
+        step = _relu_step(x, slow)
+    elif type(m) is Flatten:
+        step = _flatten_step(x, y, slow)
+        step.fresh = fresh
+    return step
+
+
+def _conv_step(m, relu, pool, x, slow):
+    w, b = m.weight.data, None if m.bias is None else m.bias.data
+    kw = m._kw()
+    keep = pool is None
+    key = F._plan_key(x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"], None,
+                      pool, keep)
+    plan = F._PLANS.get(key) if key is not None else None
+    if plan is None or plan.dt != x.dtype:
+        return slow
+    shapes = (x.shape, w.shape, None if b is None else b.shape)
+    dt, relu = plan.dt, bool(relu)
+
+    def step(z):
+        w, b = m.weight.data, None if m.bias is None else m.bias.data
+        if (type(z) is not np.ndarray or type(w) is not np.ndarray
+                or (b is not None and type(b) is not np.ndarray)
+                or (z.shape, w.shape, None if b is None else b.shape) != shapes
+                or z.dtype != dt or w.dtype != dt or (b is not None and b.dtype != dt)):
+            return slow(z)
+        y = F._conv2d_own(plan, z, w, b, relu, keep)
+        return y if keep else y[1]
+
+    step.fresh = True
+    return step
+
+
+def _linear_step(m, relu, x, slow):
+    w, b = m.weight.data, None if m.bias is None else m.bias.data
+    dt, I, O = w.dtype, m.in_features, m.out_features
+    if (x.dtype != dt or x.ndim < 1 or x.shape[-1] != I or I == 0 or w.shape != (O, I)
+            or _kernels.gemm_level() == "blas"):
+        return slow
+    shapes = (x.shape, w.shape, None if b is None else b.shape)
+    team, path = F._linear_plan(math.prod(x.shape[:-1]), I, O)
+    oshape, relu = x.shape[:-1] + (O,), bool(relu)
+
+    def step(z):
+        w, b = m.weight.data, None if m.bias is None else m.bias.data
+        if (type(z) is not np.ndarray or type(w) is not np.ndarray
+                or (b is not None and type(b) is not np.ndarray)
+                or (z.shape, w.shape, None if b is None else b.shape) != shapes
+                or z.dtype != dt or w.dtype != dt or (b is not None and b.dtype != dt)):
+            return slow(z)
+        return F._linear_run(F._c(z.reshape(-1, I), dt), F._c(w, dt),
+                             None if b is None else F._c(b, dt), team, path,
+                             relu).reshape(oshape)
+
+    step.fresh = True
+    return step
+
+
+def _relu_step(x, slow):
+    shape, dt, team = x.shape, x.dtype, F._team(-(-x.size // 16384), x.size)
+
+    def step(z):    # in place: z is the previous step's new array
+        if type(z) is not np.ndarray or z.shape != shape or z.dtype != dt:
+            return slow(z)
+        _kernels.relu_inplace(z.reshape(-1), team)
+        return z
+
+    step.fresh = True
+    return step
+
+
+def _flatten_step(x, y, slow):
+    shape, oshape = x.shape, y.shape
+
+    def step(z):
+        if type(z) is not np.ndarray or z.shape != shape:
+            return slow(z)
+        return z.reshape(oshape)
+
+    return step
 
 
 def _check_channels(who, x, expected, what="channels"):
@@ -825,6 +984,9 @@ class Linear(Module):
         self._x = None
 
     def forward(self, x):
+        return self._forward(x)
+
+    def _forward(self, x, relu=False):
         x = np.asarray(x)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear({self.in_features}, {self.out_features}): expected input "
@@ -836,7 +998,7 @@ class Linear(Module):
         x = x.astype(self.weight.dtype, copy=False)
         self._x = x
         y = F._linear(x.reshape(-1, self.in_features), self.weight.data,
-                      None if self.bias is None else self.bias.data)
+                      None if self.bias is None else self.bias.data, relu)
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
     _skips_input_grad = True
