@@ -431,11 +431,16 @@ cdef Py_ssize_t* tap_rows(Py_ssize_t Cg, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_
     """Offsets of the im2col rows k = (c kH + kh) kW + kw in the shared rows of
     fc_im2col_rows (row (c, kw), lde values apart, shifted by kh dH OW columns); malloc'd
     (NULL when out of memory)."""
-    cdef Py_ssize_t K = Cg * kH * kW, k
+    cdef Py_ssize_t K = Cg * kH * kW, k = 0, c, kh, kw
     cdef Py_ssize_t* bo = <Py_ssize_t*> malloc(K * sizeof(Py_ssize_t))
     if bo != NULL:
-        for k in range(K):
-            bo[k] = ((k // (kH * kW)) * kW + k % kW) * lde + ((k // kW) % kH) * dH * OW
+        # (by loops: three integer divisions per row, 2400 for LeNet's conv2, took 8 us of
+        # its 160 us batch-1 forward)
+        for c in range(Cg):
+            for kh in range(kH):
+                for kw in range(kW):
+                    bo[k] = (c * kW + kw) * lde + kh * dH * OW
+                    k += 1
     return bo
 
 
