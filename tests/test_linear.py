@@ -230,3 +230,32 @@ def test_linear_forward_rows_in_row_blocks(level, dtype):
                 y = np.full((n, o), np.nan, dtype)
                 _kernels.linear_forward(x, w, b, y, True, 2 + rep % 2, _kernels.LIN_ROWS)
                 np.testing.assert_array_equal(y, one)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_backward_one_row(dtype, threads):
+    """One row (LIN_ROWS): grad_w is the outer product g^T x, each value one product (bit for
+    bit numpy's), grad_x = g @ w as the reference's, for widths across the 256-column
+    sub-blocks and the threads' column blocks, either gradient alone, with NaN and inf."""
+    r = np.random.default_rng(31)
+    for i, o in ((1, 1), (255, 5), (256, 3), (257, 128), (3136, 128), (1000, 2)):
+        x = r.uniform(-1, 1, (1, i)).astype(dtype)
+        w = r.uniform(-1, 1, (o, i)).astype(dtype)
+        g = r.uniform(-1, 1, (1, o)).astype(dtype)
+        if i > 3:
+            x[0, 2], w[0, 3] = np.nan, np.inf
+        for need_w, need_x in ((True, True), (True, False), (False, True)):
+            with num_threads(threads):
+                gx, gw = F._linear_backward(g, x, w, need_w, need_x)
+            want_gx, _, _ = ref.linear_backward(g, x, w)
+            if need_w:
+                np.testing.assert_array_equal(gw, g.T * x)
+            else:
+                assert gw is None
+            if need_x:
+                finite = np.isfinite(want_gx)
+                np.testing.assert_array_equal(gx[~finite], want_gx[~finite])
+                close(np.where(finite, gx, 0), np.where(finite, want_gx, 0), np.dtype(dtype))
+            else:
+                assert gx is None

@@ -565,3 +565,48 @@ def test_matches_torch(name, kw, dtype):
             else:
                 np.testing.assert_allclose(value, tstate[key].numpy(), **tol)
         assert set(opt.state[p]) == {k for k, v in tstate.items() if v is not None}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_update_in_one_pass_has_numpys_numbers(dtype):
+    """SGD's plain update d -= lr * g runs in one pass (optim._sub_scaled) with numpy's
+    numbers bit for bit (g * lr rounded to the dtype, then subtracted; NaN, inf, -0), on 1-2
+    threads, without a temporary of the parameter's size; non-contiguous or overlapping
+    arrays take numpy's way with the same numbers."""
+    import tracemalloc
+
+    import fastconv as fc
+    from fastconv import optim
+    rng = np.random.default_rng(12)
+    n0 = fc.get_num_threads()
+    try:
+        for threads in (1, 2):
+            fc.set_num_threads(threads)
+            for n in (7, 16383, 16385, 100_000):
+                d = rng.standard_normal(n).astype(dtype)
+                g = rng.standard_normal(n).astype(dtype)
+                d[:3], g[3:6] = (np.inf, -0.0, 0.0), (np.nan, -0.0, 1e-30)
+                for lr in (1e-3, 0.3, 3.0000001):
+                    want = d.copy()
+                    t = np.empty_like(want)
+                    np.multiply(g, lr, out=t)
+                    want -= t
+                    got = d.copy()
+                    tracemalloc.start()
+                    optim._sub_scaled(got, g, lr)
+                    peak = tracemalloc.get_traced_memory()[1]
+                    tracemalloc.stop()
+                    assert peak < max(1024, got.nbytes // 4)
+                    np.testing.assert_array_equal(got, want)
+                    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+        d = rng.standard_normal((40, 30)).astype(dtype)
+        for got, g in ((d.copy()[:, ::2], d[:, 1::2]), (d.copy(), None)):
+            g = got[::-1] if g is None else g                     # overlapping
+            want = got.copy()
+            t = np.empty_like(want)
+            np.multiply(g, 0.5, out=t)
+            want -= t
+            optim._sub_scaled(got, g, 0.5)
+            np.testing.assert_array_equal(got, want)
+    finally:
+        fc.set_num_threads(n0)

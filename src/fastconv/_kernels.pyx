@@ -2341,6 +2341,8 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
             for r in range(r0, r1):
                 for c in range(c0, c1):
                     y[r * O + c] = y[r * O + c] + b[c]
+    elif j.path == LIN_ROWS:
+        lin_rows_backward(j, i, g, x, w)
     elif i < j.ngw:
         # grad_w[:, c0:c1] = g^T @ x[:, c0:c1]
         c0 = i * j.cblk
@@ -2361,6 +2363,49 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
         else:
             gemm_rm(False, False, N, c1 - c0, O, 1, g, O, w + c0, I, 0,
                     <floating*> j.gx + c0, I)
+
+
+cdef void lin_rows_backward(LinJob* j, Py_ssize_t i, const floating* g, const floating* x,
+                            const floating* w) noexcept nogil:
+    """linear_backward's item i for a few rows (LIN_ROWS): grad_w[:, c0:c1] (i < ngw) as
+    scaled rows of x, g[n, o] x[n] summed over n, or grad_x[:, c0:c1] as scaled rows of w,
+    g[n, o] w[o] summed over o in order, in sub-blocks of 256 columns so that the N rows
+    being summed stay in L1 while w streams past once.  (The GEMM's panels of 1 row were
+    mostly padding: LeNet's fc1 backward at batch 1, float64, 570 us.)"""
+    cdef Py_ssize_t N = j.rows, I = j.nin, O = j.nout, c0, c1, s0, s1, n, o, c
+    cdef floating a
+    cdef floating* row
+    cdef const floating* src
+    if i < j.ngw:
+        c0 = i * j.cblk
+        c1 = min(c0 + j.cblk, I)
+        for o in range(O):
+            row = <floating*> j.gw + o * I
+            a = g[o]
+            for c in range(c0, c1):
+                row[c] = a * x[c]
+            for n in range(1, N):
+                a = g[n * O + o]
+                src = x + n * I
+                for c in range(c0, c1):
+                    row[c] = row[c] + a * src[c]
+        return
+    c0 = (i - j.ngw) * j.cblk
+    c1 = min(c0 + j.cblk, I)
+    for s0 in range(c0, c1, 256):
+        s1 = min(s0 + 256, c1)
+        for n in range(N):
+            row = <floating*> j.gx + n * I
+            a = g[n * O]
+            for c in range(s0, s1):
+                row[c] = a * w[c]
+        for o in range(1, O):
+            src = w + o * I
+            for n in range(N):
+                row = <floating*> j.gx + n * I
+                a = g[n * O + o]
+                for c in range(s0, s1):
+                    row[c] = row[c] + a * src[c]
 
 
 cdef void lin_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -2426,13 +2471,14 @@ def linear_forward(const floating[:, ::1] x, const floating[:, ::1] weight,
 def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
                     const floating[:, ::1] weight, floating[:, ::1] grad_w,
                     floating[:, ::1] grad_x, floating[::1] packed, bint need_w, bint need_x,
-                    int num_threads):
+                    int num_threads, int path=LIN_GEMM):
     """grad_w (O, I) = grad_out (N, O)^T @ x (N, I) and grad_x (N, I) = grad_out @ weight
     (O, I), each wanted one in blocks of columns (about 4 per thread, whole GEMM panels).
     packed: gemm_packed_size(O, N) + gemm_packed_size(N, O) values, for grad_out^T and
     grad_out packed for the own GEMM (x and weight are read in place); smaller: BLAS (scipy's
-    OpenBLAS 0.3.30 ran these small-K products 0.86x numpy's 0.3.31).  The caller holds BLAS
-    at one thread and checks that every size fits a C int."""
+    OpenBLAS 0.3.30 ran these small-K products 0.86x numpy's 0.3.31).  path LIN_ROWS (a few
+    rows): sums of scaled rows instead (lin_rows_backward; packed unused).  The caller holds
+    BLAS at one thread and checks that every size fits a C int."""
     cdef LinJob j
     cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = weight.shape[0], nblk
     cdef Py_ssize_t pw = fc_gemm_packed_size(O, N), px = fc_gemm_packed_size(N, O)
@@ -2460,7 +2506,8 @@ def linear_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
     j.dbl = floating is double
     j.Aw = NULL
     j.Ax = NULL
-    if pw > 0 and px > 0 and packed.shape[0] >= pw + px:
+    j.path = LIN_ROWS if path == LIN_ROWS else LIN_GEMM
+    if j.path == LIN_GEMM and pw > 0 and px > 0 and packed.shape[0] >= pw + px:
         with nogil:
             if need_w:
                 pack_a(&grad_out[0, 0], 1, O, O, N, &packed[0])
@@ -2522,6 +2569,23 @@ def relu_inplace(floating[::1] y, int num_threads):
     with nogil:
         for b in prange(nblk, schedule='static', num_threads=num_threads):
             relu_rows(yp + b * blk, 1, 0, min(blk, n - b * blk))
+
+
+def sub_scaled(floating[::1] d, const floating[::1] g, double a, int num_threads):
+    """d -= g * a in place, g * a rounded to d's dtype first (numpy's multiply into a
+    temporary, then subtract, without the temporary: the optimizers' update), in blocks of
+    16384 values over the threads.  d and g must not overlap."""
+    cdef Py_ssize_t n = d.shape[0], blk = 16384, nblk = (n + blk - 1) // blk, b, i, e
+    cdef floating s = <floating> a
+    cdef floating* dp = &d[0] if n else NULL
+    cdef const floating* gp = &g[0] if n else NULL
+    if g.shape[0] != n:
+        raise ValueError("sub_scaled: d and g differ in size")
+    with nogil:
+        for b in prange(nblk, schedule='static', num_threads=num_threads):
+            e = min(n, (b + 1) * blk)
+            for i in range(b * blk, e):
+                dp[i] = dp[i] - gp[i] * s
 
 
 def sum_rows(const floating[:, ::1] part, floating[::1] out):
