@@ -600,11 +600,12 @@ def test_sgd_update_in_one_pass_has_numpys_numbers(dtype):
                     np.testing.assert_array_equal(got, want)
                     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
         d = rng.standard_normal((40, 30)).astype(dtype)
-        for got, g in ((d.copy()[:, ::2], d[:, 1::2]), (d.copy(), None)):
-            g = got[::-1] if g is None else g                     # overlapping
+        buf = np.arange(1, 9, dtype=dtype)
+        for got, g in ((d.copy()[:, ::2], d[:, 1::2]), (d.copy(), None), (buf[1:], buf[:-1])):
+            g = got[::-1] if g is None else g           # overlapping (the last contiguous)
             want = got.copy()
             t = np.empty_like(want)
-            np.multiply(g, 0.5, out=t)
+            np.multiply(g, 0.5, out=t)              # (from g's values before the update)
             want -= t
             optim._sub_scaled(got, g, 0.5)
             np.testing.assert_array_equal(got, want)

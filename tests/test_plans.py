@@ -335,3 +335,56 @@ def test_pool_wake_wakes_sleeping_workers(restore_threads):
     finally:
         k.pool_burst(-k.pool_burst(0))
         k.set_pool_burst_spin(1_000_000)
+
+
+class Recorder(nn.Module):
+    """A user module that records things about its input in its forward."""
+
+    def forward(self, x):
+        self.last_shape = x.shape
+        self.last = x
+        self.calls = getattr(self, "calls", 0) + 1
+        return x
+
+
+def test_plans_keep_up_with_what_users_do_to_layers(monkeypatch):
+    """A forward set on a layer instance runs (planned or not); a max-pool's list settings
+    changed in place are seen (such parts are not planned); a user module that records
+    things in its forward does not make the plans anew on every call; a fused Linear under
+    no_grad() keeps nothing for backward."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=2), nn.ReLU(),
+                          nn.MaxPool2d([2, 2]), nn.Flatten())
+    check(model, x)
+    model[2].kernel_size[:] = [4, 4]                  # in place: no attribute set
+    assert check(model, x).shape == (2, 4 * 2 * 2)
+    lin = nn.Linear(4 * 8 * 8, 5, rng=1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=2), nn.ReLU(), nn.Flatten(), lin,
+                          nn.ReLU())
+    check(model, x)
+    lin.forward = lambda z: np.full((z.shape[0], 5), -1, np.float32)
+    for y in planned(model, x):
+        np.testing.assert_array_equal(y, np.zeros((2, 5), np.float32))
+    model[0].forward = lambda z: np.ones((z.shape[0], 4, 8, 8), np.float32)
+    for y in planned(model, x):
+        np.testing.assert_array_equal(y, np.zeros((2, 5), np.float32))
+    lin.__dict__.pop("forward")
+    for y in planned(model, x):
+        np.testing.assert_array_equal(y, np.maximum(lin.forward(np.ones((2, 256),
+                                                                       np.float32)), 0))
+    # a recording module: planned calls run only its own part the usual way
+    rec = Recorder()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, rng=3), nn.ReLU(), rec, nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 6, rng=4), nn.ReLU(), nn.Linear(6, 2, rng=5))
+    expected = check(model, x)
+    seen = count_parts(monkeypatch)
+    for y in planned(model, x, calls=4):
+        np.testing.assert_array_equal(y, expected)
+    assert len(seen) == 4 and rec.last_shape == (2, 4, 8, 8)
+    # the fused Linear -> ReLU under no_grad() keeps no input: backward raises
+    with nn.no_grad():
+        model(x)
+    assert model[4].__dict__.get("_x") is None
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model[4].backward(np.ones((2, 6), np.float32))

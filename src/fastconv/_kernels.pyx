@@ -39,6 +39,8 @@ cdef extern from *:
 
 
 cdef extern from "_simd.h":
+    void fc_sub_scaled_f(float* d, const float* g, float s, Py_ssize_t n) nogil
+    void fc_sub_scaled_d(double* d, const double* g, double s, Py_ssize_t n) nogil
     int fc_simd512_set(int on) nogil
     int fc_avx512_on
     # hand-vectorised rows of the log-sum-exp and softmax gradient: portable code plus an
@@ -2575,7 +2577,7 @@ def sub_scaled(floating[::1] d, const floating[::1] g, double a, int num_threads
     """d -= g * a in place, g * a rounded to d's dtype first (numpy's multiply into a
     temporary, then subtract, without the temporary: the optimizers' update), in blocks of
     16384 values over the threads.  d and g must not overlap."""
-    cdef Py_ssize_t n = d.shape[0], blk = 16384, nblk = (n + blk - 1) // blk, b, i, e
+    cdef Py_ssize_t n = d.shape[0], blk = 16384, nblk = (n + blk - 1) // blk, b, e
     cdef floating s = <floating> a
     cdef floating* dp = &d[0] if n else NULL
     cdef const floating* gp = &g[0] if n else NULL
@@ -2584,8 +2586,10 @@ def sub_scaled(floating[::1] d, const floating[::1] g, double a, int num_threads
     with nogil:
         for b in prange(nblk, schedule='static', num_threads=num_threads):
             e = min(n, (b + 1) * blk)
-            for i in range(b * blk, e):
-                dp[i] = dp[i] - gp[i] * s
+            if floating is float:
+                fc_sub_scaled_f(dp + b * blk, gp + b * blk, s, e - b * blk)
+            else:
+                fc_sub_scaled_d(dp + b * blk, gp + b * blk, s, e - b * blk)
 
 
 def sum_rows(const floating[:, ::1] part, floating[::1] out):

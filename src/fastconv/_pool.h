@@ -237,9 +237,9 @@ static void fc_pool_run(int nthreads, fc_pool_fn fn, void *ctx, ptrdiff_t n)
     atomic_store(&fc_pool.busy, 0);
 }
 
-/* wake the sleeping workers (up to nthreads - 1 of them existing) with an empty job, so that
-   they spin (inside a burst) by the time the next job comes; nothing when none sleeps or the
-   pool is busy.  Returns 1 when it woke them. */
+/* wake every sleeping worker with an empty job (a new generation with no items), so that
+   they spin (inside a burst) by the time the next job comes; nothing for nthreads <= 1, when
+   none sleeps or when the pool is busy.  Returns 1 when it woke them. */
 static int fc_pool_wake(int nthreads)
 {
     int expect = 0;

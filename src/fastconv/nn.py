@@ -8,6 +8,7 @@ initialisation follow PyTorch, so ``state_dict()`` keys (``'0.weight'``, ``'3.bi
 move between the two libraries unchanged.
 """
 import functools
+import itertools
 import math
 import threading
 from collections import OrderedDict
@@ -192,10 +193,13 @@ class Module:
         if "_parameters" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
                                  "before assigning attributes")
-        global _EPOCH
-        _EPOCH += 1             # Sequential's inference plans are made again
-        self._parameters.pop(name, None)
-        self._modules.pop(name, None)
+        dropped = (self._parameters.pop(name, None) is not None
+                   or self._modules.pop(name, None) is not None)
+        if dropped or isinstance(value, (Parameter, Module)) or name in _PLAN_SETTINGS:
+            # Sequential's inference plans are made again (what a user module records in its
+            # forward leaves them alone)
+            global _EPOCH
+            _EPOCH = next(_EPOCHS)
         if isinstance(value, Parameter):
             self._parameters[name] = value
         elif isinstance(value, Module):
@@ -438,7 +442,8 @@ class Sequential(Module):
         """Run the part of the model that begins at mods[i]: (its output, the index after it,
         relu, pool), relu / pool what a Conv2d part fused, else None."""
         m = mods[i]
-        if type(m) is Conv2d and i + 1 < len(mods):
+        own = "forward" not in m.__dict__      # (a forward set on the instance runs as given)
+        if type(m) is Conv2d and own and i + 1 < len(mods):
             relu = type(mods[i + 1]) is ReLU
             j = i + 2 if relu else i + 1
             pool = (_tiling_pool(mods[j]) if j < len(mods) and type(mods[j]) is MaxPool2d
@@ -462,7 +467,7 @@ class Sequential(Module):
                 x = m._forward(x, relu=True)
                 mods[i + 1]._y = x if grad else None
                 return x, i + 2, True, None
-        if type(m) is Linear and i + 1 < len(mods) and type(mods[i + 1]) is ReLU:
+        if type(m) is Linear and own and i + 1 < len(mods) and type(mods[i + 1]) is ReLU:
             # Linear -> ReLU in one kernel call (as Conv2d -> ReLU)
             x = m._forward(x, relu=True)
             mods[i + 1]._y = x if grad else None
@@ -531,8 +536,16 @@ def _tiling_pool(mp):
 # each step reads its parameters' arrays when it runs and, when they or its input are not what
 # the plan was made for, runs its part the usual way.  Any module attribute set (a layer's
 # settings, parameters or sub-modules) makes every plan anew (_EPOCH); so does a change of
-# the functional API's settings (F._knobs) or GEMM level, which are in the plan's key.
+# the functional API's settings (F._knobs) or GEMM level, which are in the plan's key.  Other
+# attributes, which no planned part reads, do not (a user module may record things in its
+# forward).  Parts whose settings are mutable (a list) and modules with their own forward set
+# on the instance are not planned.
+_EPOCHS = itertools.count(1)
 _EPOCH = 0
+_PLAN_SETTINGS = frozenset((
+    "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+    "ceil_mode", "in_features", "out_features", "start_dim", "end_dim", "bias", "weight",
+    "training", "forward"))
 _PLANNED = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -545,7 +558,11 @@ def _plan_step(seq, mods, i, j, relu, pool, x, y, steps):
     m = mods[i]
     fresh = bool(steps) and getattr(steps[-1], "fresh", False)  # x is the plan's own array
     step = slow
-    if type(x) is not np.ndarray or type(y) is not np.ndarray or x.dtype != y.dtype:
+    if (type(x) is not np.ndarray or type(y) is not np.ndarray or x.dtype != y.dtype
+            or any("forward" in p.__dict__ for p in mods[i:j])
+            or (pool is not None and any(type(getattr(mods[j - 1], a)) is list
+                                         for a in ("kernel_size", "stride", "padding",
+                                                   "dilation")))):
         return step
     if type(m) is Conv2d:
         step = _conv_step(m, relu, pool, x, slow)
@@ -996,7 +1013,7 @@ class Linear(Module):
             raise TypeError(f"Linear: input must be a real array, got dtype {x.dtype}")
         _check_dtype("Linear", x, self.weight.dtype)
         x = x.astype(self.weight.dtype, copy=False)
-        self._x = x
+        self._x = x if is_grad_enabled() else None
         y = F._linear(x.reshape(-1, self.in_features), self.weight.data,
                       None if self.bias is None else self.bias.data, relu)
         return y.reshape(x.shape[:-1] + (self.out_features,))
