@@ -320,11 +320,12 @@ def test_pool_wake_wakes_sleeping_workers(restore_threads):
     w = np.ones((32, 8, 3, 3), np.float32)
     k.set_pool_burst_spin(60_000_000_000)
     try:
-        ref = fc.conv2d(x, w, padding=1)             # the worker exists
-        t0 = time.monotonic()
-        while k.pool_sleeping() != 1 and time.monotonic() - t0 < 10:
+        ref = fc.conv2d(x, w, padding=1)             # a worker exists (earlier tests may
+        t0 = time.monotonic()                        # have made more)
+        while k.pool_sleeping() < 1 and time.monotonic() - t0 < 10:
             time.sleep(0.002)
-        assert k.pool_sleeping() == 1
+        time.sleep(0.05)                             # (all of them asleep)
+        assert k.pool_sleeping() >= 1
         assert not k.pool_wake(1)                    # one thread: nothing to wake
         k.pool_burst(1)
         assert k.pool_wake(2)
