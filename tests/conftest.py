@@ -32,3 +32,13 @@ def tiny_grain(monkeypatch):
     import fastconv.functional
 
     monkeypatch.setattr(fastconv.functional, "_GRAIN", 1)
+
+
+@pytest.fixture
+def restore_threads():
+    """Put fastconv's thread count back after a test that sets it."""
+    import fastconv
+
+    old = fastconv.get_num_threads()
+    yield
+    fastconv.set_num_threads(old)

@@ -17,13 +17,6 @@ import fastconv as fc
 import fastconv.nn as nn
 
 
-@pytest.fixture
-def restore_threads():
-    n = fc.get_num_threads()
-    yield
-    fc.set_num_threads(n)
-
-
 def lenet(dtype, seed=0):
     kw = dict(dtype=dtype, rng=seed)
     return nn.Sequential(

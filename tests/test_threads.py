@@ -12,13 +12,6 @@ import reference as ref
 pytestmark = pytest.mark.usefixtures("tiny_grain")
 
 
-@pytest.fixture
-def restore_threads():
-    old = fc.get_num_threads()
-    yield
-    fc.set_num_threads(old)
-
-
 def _workload(dtype, seed=0):
     """Every function once, on inputs big enough to split across threads."""
     rng = np.random.default_rng(seed)

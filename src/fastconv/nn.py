@@ -576,6 +576,18 @@ def _plan_step(seq, mods, i, j, relu, pool, x, y, steps):
     return step
 
 
+def _as_planned(m, z, shapes, dt):
+    """(weight, bias or None) of layer m when they and the step's input z are ndarrays of the
+    plan's shapes and dtype dt, else None."""
+    w, b = m.weight.data, None if m.bias is None else m.bias.data
+    if (type(z) is not np.ndarray or type(w) is not np.ndarray
+            or (b is not None and type(b) is not np.ndarray)
+            or (z.shape, w.shape, None if b is None else b.shape) != shapes
+            or z.dtype != dt or w.dtype != dt or (b is not None and b.dtype != dt)):
+        return None
+    return w, b
+
+
 def _conv_step(m, relu, pool, x, slow):
     w, b = m.weight.data, None if m.bias is None else m.bias.data
     kw = m._kw()
@@ -589,12 +601,10 @@ def _conv_step(m, relu, pool, x, slow):
     dt, relu = plan.dt, bool(relu)
 
     def step(z):
-        w, b = m.weight.data, None if m.bias is None else m.bias.data
-        if (type(z) is not np.ndarray or type(w) is not np.ndarray
-                or (b is not None and type(b) is not np.ndarray)
-                or (z.shape, w.shape, None if b is None else b.shape) != shapes
-                or z.dtype != dt or w.dtype != dt or (b is not None and b.dtype != dt)):
+        wb = _as_planned(m, z, shapes, dt)
+        if wb is None:
             return slow(z)
+        w, b = wb
         y = F._conv2d_own(plan, z, w, b, relu, keep)
         return y if keep else y[1]
 
@@ -613,12 +623,10 @@ def _linear_step(m, relu, x, slow):
     oshape, relu = x.shape[:-1] + (O,), bool(relu)
 
     def step(z):
-        w, b = m.weight.data, None if m.bias is None else m.bias.data
-        if (type(z) is not np.ndarray or type(w) is not np.ndarray
-                or (b is not None and type(b) is not np.ndarray)
-                or (z.shape, w.shape, None if b is None else b.shape) != shapes
-                or z.dtype != dt or w.dtype != dt or (b is not None and b.dtype != dt)):
+        wb = _as_planned(m, z, shapes, dt)
+        if wb is None:
             return slow(z)
+        w, b = wb
         return F._linear_run(F._c(z.reshape(-1, I), dt), F._c(w, dt),
                              None if b is None else F._c(b, dt), team, path,
                              relu).reshape(oshape)
