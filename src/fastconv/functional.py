@@ -808,9 +808,15 @@ def _conv2d_own(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=N
     return (done(out) if done is not None else out), pooled
 
 
+def _blocks_team(n):
+    """Threads for an elementwise kernel over n values in blocks of 16384 (relu_inplace,
+    relu_backward, sub_scaled)."""
+    return _team(-(-n // 16384), n)
+
+
 def _relu_inplace(y):
     """y = max(y, 0) in place (as nn.ReLU: NaN stays, -0 becomes +0); returns y."""
-    _kernels.relu_inplace(y.reshape(-1), _team(-(-y.size // 16384), y.size))
+    _kernels.relu_inplace(y.reshape(-1), _blocks_team(y.size))
     return y
 
 

@@ -400,7 +400,7 @@ class Sequential(Module):
         grad = is_grad_enabled()
         if grad:
             self.__dict__.pop("_plans", None)   # (a plan's run would leave these caches)
-        elif type(x) is np.ndarray and x.dtype in _PLANNED:
+        elif type(x) is np.ndarray and x.dtype in F._FLOATS:
             knobs = F._knobs()
             key = (x.shape, x.dtype, _EPOCH, knobs, _kernels.gemm_level())
             plans = self.__dict__.get("_plans")
@@ -546,7 +546,6 @@ _PLAN_SETTINGS = frozenset((
     "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
     "ceil_mode", "in_features", "out_features", "start_dim", "end_dim", "bias", "weight",
     "training", "forward"))
-_PLANNED = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _plan_step(seq, mods, i, j, relu, pool, x, y, steps):
@@ -568,7 +567,7 @@ def _plan_step(seq, mods, i, j, relu, pool, x, y, steps):
         step = _conv_step(m, relu, pool, x, slow)
     elif type(m) is Linear:
         step = _linear_step(m, relu, x, slow)
-    elif type(m) is ReLU and fresh and x.dtype in _PLANNED and x.flags.c_contiguous:
+    elif type(m) is ReLU and fresh and x.dtype in F._FLOATS and x.flags.c_contiguous:
         step = _relu_step(x, slow)
     elif type(m) is Flatten:
         step = _flatten_step(x, y, slow)
@@ -636,7 +635,7 @@ def _linear_step(m, relu, x, slow):
 
 
 def _relu_step(x, slow):
-    shape, dt, team = x.shape, x.dtype, F._team(-(-x.size // 16384), x.size)
+    shape, dt, team = x.shape, x.dtype, F._blocks_team(x.size)
 
     def step(z):    # in place: z is the previous step's new array
         if type(z) is not np.ndarray or z.shape != shape or z.dtype != dt:
@@ -1080,7 +1079,7 @@ def _relu_grad(y, grad_out):
         out = np.empty(y.shape, y.dtype)
         F._kernels.relu_backward(np.ascontiguousarray(y).reshape(-1),
                                  np.ascontiguousarray(g).reshape(-1), out.reshape(-1),
-                                 F._team(-(-y.size // 16384), y.size))
+                                 F._blocks_team(y.size))
         return out
     return np.where(y <= 0, g.dtype.type(0), g)   # as threshold_backward: NaN passes
 
