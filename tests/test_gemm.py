@@ -519,6 +519,55 @@ def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, sh
 
 @pytest.mark.usefixtures("tiny_grain")
 @pytest.mark.parametrize("level", OWN_LEVELS)
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_by_dot_products_matches_reference(level, threads, dtype):
+    """Few taps (K < 26): the own weight gradient by dot products along the pixels
+    (fc_wdot_*), for conv2d and conv_transpose2d, against the reference and against the GEMM
+    (K >= 16) or BLAS (K < 16) that computes it with set_wgrad_dot(0).  Shapes: blocks of 5
+    and of 4 taps (K = 25, 9, 20; 16, 12, 8) with a last partial one (K = 7, 9, 23), channels
+    past a block of 4 (L = 5, 33) or 3 (AVX2), pixels past a vector (P = 1..1517; 1517 in
+    chunks of 4 KiB per row), the shared im2col rows (stride 1, kH > 1) and a whole im2col
+    matrix (stride 2, kH = 1), groups, one image on 3 threads (the weight gradient by blocks
+    of input channels)."""
+    rng = np.random.default_rng(11)
+    with gemm_at(level), num_threads(threads):
+        for n, c, h, w, l, kh, kw, s, p, g in [
+                (3, 1, 12, 11, 33, 5, 5, 1, 2, 1), (2, 1, 9, 9, 5, 3, 3, 1, 1, 1),
+                (1, 2, 7, 13, 8, 2, 5, 1, 0, 1), (2, 4, 6, 6, 10, 2, 2, 1, 0, 2),
+                (2, 1, 5, 10, 17, 1, 7, 2, 3, 1), (1, 3, 10, 9, 4, 3, 3, 2, 1, 1),
+                (2, 1, 1, 1, 3, 3, 3, 1, 1, 1), (1, 2, 8, 8, 6, 4, 4, 1, 1, 2),
+                (1, 1, 12, 12, 7, 4, 4, 1, 0, 1), (2, 1, 8, 7, 2, 3, 5, 1, 1, 1),
+                (1, 1, 41, 37, 6, 3, 3, 1, 1, 1)]:
+            x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+            wt = rng.uniform(-1, 1, (l, c // g, kh, kw)).astype(dtype)
+            kwargs = dict(stride=s, padding=p, groups=g)
+            gy = rng.uniform(-1, 1, ref.conv2d_taps(x, wt, **kwargs).shape).astype(dtype)
+            # the transposed convolution of gy by wt (its weight gradient: c / g * kh * kw
+            # taps) and a gradient of its output
+            gty = rng.uniform(-1, 1, fc.conv_transpose2d(gy, wt, **kwargs).shape).astype(dtype)
+            got = []
+            for k in (26, 0):
+                old = _kernels.set_wgrad_dot(k)
+                try:
+                    got.append((fc.conv2d_backward(gy, x, wt, **kwargs)[1],
+                                fc.conv2d_backward(gy, x, wt, output_mask=(False, True, False),
+                                                   **kwargs)[1],
+                                fc.conv_transpose2d_backward(gty, gy, wt, **kwargs)[1]))
+                finally:
+                    _kernels.set_wgrad_dot(old)
+            expected = ref.conv2d_weight_grad_taps(gy, x, wt.shape, **kwargs)
+            expected_t = ref.conv2d_weight_grad_taps(gy, gty, wt.shape, **kwargs)
+            for dot, other in zip(*got):
+                close(dot, other, dtype)
+            for gw, gw1, gwt in got:
+                close(gw, expected, dtype)
+                close(gw1, expected, dtype)
+                close(gwt, expected_t, dtype)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("blocks", [0, 40])
 def test_weight_gradient_bt_same_numbers(level, dtype, blocks):

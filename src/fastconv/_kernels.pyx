@@ -200,6 +200,11 @@ cdef extern from "_gemm.h":
     void fc_gemma_d(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const double* A,
                     Py_ssize_t lda, const double* B, Py_ssize_t ldb, double* C, Py_ssize_t ldc,
                     int acc) nogil
+    void fc_wdot_f(Py_ssize_t K, Py_ssize_t R, Py_ssize_t P, const float* A, Py_ssize_t lda,
+                   const Py_ssize_t* bo, const float* B, Py_ssize_t ldb, float* gwt) nogil
+    void fc_wdot_d(Py_ssize_t K, Py_ssize_t R, Py_ssize_t P, const double* A,
+                   Py_ssize_t lda, const Py_ssize_t* bo, const double* B, Py_ssize_t ldb,
+                   double* gwt) nogil
     void fc_rowdot_f(Py_ssize_t R, Py_ssize_t K, const float* x, Py_ssize_t ldx,
                      const float* w, Py_ssize_t ldw, Py_ssize_t j0, Py_ssize_t j1,
                      const float* b, float* y, Py_ssize_t ldy) nogil
@@ -378,6 +383,30 @@ def set_wgrad_bt(bint on):
     return old
 
 
+# fewer taps than this: the own weight gradient by dot products along the pixels (fc_wdot_*)
+# instead of the GEMM (from 16 taps) or BLAS (below).  Weight gradient alone, batch 32-64,
+# Xeon with AVX-512, 1 / 2 threads: LeNet's conv1 (25 taps) 1.18-1.27x, 9 taps 1.15-1.52x
+# (BLAS), 18 taps 1.10-1.22x, 16 taps 1.02-1.06x; from 27 taps on the GEMM won (up to 1/0.74
+# at 63 taps), as on a 64x64 image with 16 channels in float64 at 1 thread (0.89-0.99x)
+cdef Py_ssize_t WGRAD_DOT_K = 26
+
+
+cdef inline bint wgrad_own_ok(Py_ssize_t K) noexcept nogil:
+    """Whether a weight gradient of K taps is computed by the own GEMM (else BLAS): by dot
+    products below WGRAD_DOT_K taps, by the GEMM from wgrad_min_k() on."""
+    return K < WGRAD_DOT_K or K >= wgrad_min_k()
+
+
+def set_wgrad_dot(Py_ssize_t k):
+    """Taps (im2col rows) below which the own GEMM's weight gradient is computed by dot
+    products along the pixels (0: never); returns the previous setting.  For tests and A/B
+    timing, while no kernel runs."""
+    global WGRAD_DOT_K
+    old = WGRAD_DOT_K
+    WGRAD_DOT_K = k
+    return old
+
+
 def set_wgrad_own(bint on):
     """Whether conv2d_backward may compute the weight gradient by the own GEMM (else BLAS);
     returns the previous setting.  For tests and A/B timing, while no kernel runs."""
@@ -411,6 +440,12 @@ cdef inline void wgrad_own(const floating* col, Py_ssize_t lda, Py_ssize_t K,
     cdef const floating* B = b
     cdef Py_ssize_t ldb = lds
     cdef int acc = 1 | GEMM_BT
+    if K < WGRAD_DOT_K:
+        if floating is float:
+            fc_wdot_f(K, R, P, col, lda, bo, b, lds, gwt)
+        else:
+            fc_wdot_d(K, R, P, col, lda, bo, b, lds, gwt)
+        return
     if not WGRAD_BT:
         if floating is float:
             fc_transpose_f(b, R, P, lds, bt, ldt)
@@ -1668,6 +1703,12 @@ cdef void wg_run(WgJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
     cdef Py_ssize_t ldb = P
     cdef int acc = 1 | GEMM_BT
     cdef floating* gw = <floating*> j.gw + n * j.nw + g * Lg * K + k0 * Lg
+    if K < WGRAD_DOT_K:         # (as wgrad_own: few taps by dot products)
+        if floating is float:
+            fc_wdot_f((c1 - c0) * j.kH * j.kW, Lg, P, col, j.ld, NULL, B, P, gw)
+        else:
+            fc_wdot_d((c1 - c0) * j.kH * j.kW, Lg, P, col, j.ld, NULL, B, P, gw)
+        return
     if T != NULL:
         B, ldb, acc = T + item * P * j.ldt, j.ldt, 1
     if floating is float:
@@ -1739,7 +1780,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     # (P, Lg), the im2col matrix (or x) read in place, grad_out's block read as B transposed
     # (or, set_wgrad_bt(False), transposed after the im2col matrix first)
     cdef Py_ssize_t ldt = col_ld(Lg, sizeof(floating)), cend = 0 if direct else K * ld
-    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= wgrad_min_k()
+    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and wgrad_own_ok(K)
                       and ncol >= cend + wgrad_extra(Lg, P, sizeof(floating)))
     # a big im2col matrix in blocks of output rows, where every part runs the own GEMM
     cdef Py_ssize_t rb = block_rows(K, OH, OW, sizeof(floating))
@@ -1763,7 +1804,7 @@ def conv2d_backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
         # fewer (image, group) items than threads (batch 1): the weight gradient in blocks of
         # input channels on the pool (the item loop below would leave the other threads idle)
         T = NULL
-        if not WGRAD_BT:
+        if not WGRAD_BT and K >= WGRAD_DOT_K:
             T = <floating*> malloc(N * groups * P * ldt * sizeof(floating))
             if T == NULL:
                 raise MemoryError("conv2d_backward: transposed grad_out")
@@ -1907,7 +1948,7 @@ def conv_transpose2d_backward(const floating[:, :, :, ::1] grad_out,
     cdef floating* Ap = NULL
     # the weight gradient by the own GEMM as in conv2d_backward (x's block transposed)
     cdef Py_ssize_t ldt = col_ld(Cig, sizeof(floating)), cend = 0 if direct else K * ld
-    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and K >= wgrad_min_k()
+    cdef bint wown = (need_w and WGRAD_OWN and fc_gemm_level() > 0 and wgrad_own_ok(K)
                       and ncol >= cend + wgrad_extra(Cig, P, sizeof(floating)))
     if not direct and ncol < K * ld:
         raise ValueError("conv_transpose2d_backward: scratch is smaller than one im2col matrix")
