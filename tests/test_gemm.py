@@ -519,6 +519,38 @@ def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, sh
 
 @pytest.mark.usefixtures("tiny_grain")
 @pytest.mark.parametrize("level", OWN_LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_short_last_panel_same_numbers(level, dtype):
+    """A last panel of at most MR/2 rows (MR = 8 with AVX-512, 6 with AVX2) by the short
+    kernel (set_gemm_short(True), the default) gives bit for bit what the full kernel gives,
+    and matches the reference: conv2d_backward's grad_x (M = C kH kW = 25, 9, 27, 4, 12 rows),
+    a strided conv2d's forward (M = 25, 26, 28 output channels) with bias and fused ReLU."""
+    from fastconv.functional import _conv2d
+    rng = np.random.default_rng(12)
+    for n, c, h, w, l, k, s, p in [(2, 1, 12, 11, 7, 5, 1, 2), (1, 1, 9, 10, 33, 3, 1, 1),
+                                   (2, 3, 8, 8, 25, 3, 2, 1), (1, 1, 6, 7, 26, 2, 2, 0),
+                                   (2, 3, 7, 9, 28, 2, 1, 0)]:
+        x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+        wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
+        b = rng.uniform(-1, 1, l).astype(dtype)
+        y = ref.conv2d_taps(x, wt, b, stride=s, padding=p)
+        gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+        got = []
+        for short in (True, False):
+            old = _kernels.set_gemm_short(short)
+            try:
+                got.append((fc.conv2d_backward(gy, x, wt, stride=s, padding=p)[0],
+                            _conv2d(x, wt, b, s, p, 1, 1, None, True)))
+            finally:
+                _kernels.set_gemm_short(old)
+        np.testing.assert_array_equal(got[0][0], got[1][0])
+        np.testing.assert_array_equal(got[0][1], got[1][1])
+        close(got[0][0], ref.conv2d_backward(gy, x, wt, stride=s, padding=p)[0], dtype)
+        close(got[0][1], np.maximum(y, 0), dtype)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_weight_gradient_by_dot_products_matches_reference(level, threads, dtype):

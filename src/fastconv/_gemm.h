@@ -43,6 +43,7 @@
 
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
+static int fc_gemm_short_on = 1; /* 0: a last panel of <= MR/2 rows by the full kernel */
 static int fc_gemm_tail_on = 1; /* 0: a last panel of <= 4 float columns by the quarter kernel */
 static int fc_im2col_pad_on = 1; /* 0: im2col always by the masked path (tests) */
 /* B's rows at least this many bytes apart: the plain drivers copy each K block's NR-wide strip
@@ -60,8 +61,11 @@ static int fc_gemm_packb_sets = 1;
 /* One micro-kernel: C[0:MR, 0:NR] (+)= A_panel (kc x MR) @ B[0:kc, 0:NR] (row stride ldb).
  * init != NULL: C starts at init[r] (bias or zeros) instead of being loaded.  MASKED: only
  * the first n columns exist (n < NR).  mrows: rows of C that exist (<= MR). */
-#define FC_UKR(NAME, T, VT, NV, LANES, MR, TGT, SET1, LOADU, STOREU, FMA, MTYPE, MLOAD, MSTORE, \
-               RELU, INPLACE, TABLE)                                                            \
+#define FC_UKR(NAME, T, VT, NV, LANES, MR, ...)                                                 \
+    FC_UKRX(NAME, T, VT, NV, LANES, MR, MR, __VA_ARGS__)
+/* MR rows of C from panels of PS >= MR rows of packed A (a short kernel: the first MR of them) */
+#define FC_UKRX(NAME, T, VT, NV, LANES, MR, PS, TGT, SET1, LOADU, STOREU, FMA, MTYPE, MLOAD,     \
+                MSTORE, RELU, INPLACE, TABLE)                                                   \
 TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* restrict B,    \
                      ptrdiff_t ldb, T* restrict C, ptrdiff_t ldc, const T* init, int mrows,     \
                      int masked, const MTYPE* mk, int relu, const ptrdiff_t* restrict bo) {     \
@@ -77,7 +81,7 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
     for (int r = 0; r < MR; r++)                                                                \
         ar[r] = !INPLACE ? r : TABLE == 2 ? bo[r < mrows ? r : mrows - 1]                       \
                                           : (r < mrows ? r : mrows - 1) * lda;                   \
-    const ptrdiff_t as = INPLACE ? 1 : MR;                                                      \
+    const ptrdiff_t as = INPLACE ? 1 : PS;                                                      \
     _Pragma("GCC unroll 8")                                                                     \
     for (int r = 0; r < MR; r++) {                                                              \
         _Pragma("GCC unroll 4")                                                                 \
@@ -161,6 +165,14 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
 FC_UKR(fc_ukr_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
        FC_RELU_PS512, 0, 0)
+/* short kernels: the first half of a panel's rows (a last panel of at most MR/2 rows: the
+ * input gradient of LeNet's conv1, 25 taps, spent 7 of its 32 rows' work on padding) */
+FC_UKRX(fc_ukrs_f_512, float, __m512, 2, 16, 4, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
+        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
+        FC_RELU_PS512, 0, 0)
+FC_UKRX(fc_ukrs_d_512, double, __m512d, 2, 8, 4, 8, FC_T512, _mm512_set1_pd, _mm512_loadu_pd,
+        _mm512_storeu_pd, _mm512_fmadd_pd, __mmask8, FC_MLOAD_PD512, FC_MSTORE_PD512,
+        FC_RELU_PD512, 0, 0)
 FC_UKR(fc_ukra_f_512, float, __m512, 2, 16, 8, FC_T512, _mm512_set1_ps, _mm512_loadu_ps,
        _mm512_storeu_ps, _mm512_fmadd_ps, __mmask16, FC_MLOAD_PS512, FC_MSTORE_PS512,
        FC_RELU_PS512, 1, 0)
@@ -343,6 +355,12 @@ static void fc_no_tail_d(ptrdiff_t K, const double* A, ptrdiff_t ps, const doubl
 FC_UKR(fc_ukr_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
        FC_RELU_PS256, 0, 0)
+FC_UKRX(fc_ukrs_f_256, float, __m256, 2, 8, 3, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+        FC_RELU_PS256, 0, 0)
+FC_UKRX(fc_ukrs_d_256, double, __m256d, 2, 4, 3, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+        FC_RELU_PD256, 0, 0)
 FC_UKR(fc_ukra_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
        FC_RELU_PS256, 1, 0)
@@ -445,8 +463,8 @@ FC_PACK_STRIP(double)
 
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
-#define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK, HASQ,   \
-                       INPLACE, TAIL, TAILN, TABLE)                                             \
+#define FC_GEMM_DRIVER(NAME, T, UKR, UKRH, UKRQ, UKRS, MR, NR, MTYPE, MKMASK, QMTYPE, QMASK,  \
+                       HASQ, INPLACE, TAIL, TAILN, TABLE)                                       \
 static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,            \
                  ptrdiff_t lda, const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias,  \
                  int acc, const ptrdiff_t* bo) {                                                \
@@ -530,6 +548,9 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 if (quarter)                                                                    \
                     UKRQ(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
                          first ? init : NULL, mr, masked, qmk, last_relu, bop);                 \
+                else if (UKRS != UKR && !half && mr <= MR / 2 && fc_gemm_short_on)           \
+                    UKRS(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
+                         first ? init : NULL, mr, masked, mk, last_relu, bop);                  \
                 else                                                                            \
                     (half ? UKRH : UKR)(kc, a, lda, bp, bld, C + ir * ldc + jr,                 \
                                         ldc, first ? init : NULL, mr, masked, mk, last_relu,    \
@@ -539,39 +560,46 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     }                                                                                           \
 }
 
-FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, fc_ukrq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4, 0)
-FC_GEMM_DRIVER(fc_gemmb_f_512, float, fc_ukrb_f_512, fc_ukrbh_f_512, fc_ukrbq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4, 1)
-FC_GEMM_DRIVER(fc_gemmb_d_512, double, fc_ukrb_d_512, fc_ukrbh_d_512, fc_ukrbq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 1)
-FC_GEMM_DRIVER(fc_gemmc_f_512, float, fc_ukrc_f_512, fc_ukrch_f_512, fc_ukrcq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0, 2)
-FC_GEMM_DRIVER(fc_gemmc_d_512, double, fc_ukrc_d_512, fc_ukrch_d_512, fc_ukrcq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_d, 0, 2)
-FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 0)
-FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 0)
-FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 0)
+FC_GEMM_DRIVER(fc_gemm_f_512, float, fc_ukr_f_512, fc_ukrh_f_512, fc_ukrq_f_512, fc_ukrs_f_512, 8,
+               32, __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4, 0)
+FC_GEMM_DRIVER(fc_gemmb_f_512, float, fc_ukrb_f_512, fc_ukrbh_f_512, fc_ukrbq_f_512, fc_ukrb_f_512,
+               8, 32, __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 0, fc_ukrt_f_512, 4,
+               1)
+FC_GEMM_DRIVER(fc_gemmb_d_512, double, fc_ukrb_d_512, fc_ukrbh_d_512, fc_ukrbq_d_512,
+               fc_ukrb_d_512, 8, 16, __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0,
+               fc_no_tail_d, 0, 1)
+FC_GEMM_DRIVER(fc_gemmc_f_512, float, fc_ukrc_f_512, fc_ukrch_f_512, fc_ukrcq_f_512, fc_ukrc_f_512,
+               8, 32, __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0, 2)
+FC_GEMM_DRIVER(fc_gemmc_d_512, double, fc_ukrc_d_512, fc_ukrch_d_512, fc_ukrcq_d_512,
+               fc_ukrc_d_512, 8, 16, __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1,
+               fc_no_tail_d, 0, 2)
+FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, fc_ukrs_d_512, 8,
+               16, __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 0)
+FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, fc_ukrs_f_256, 6,
+               16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 0)
+FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, fc_ukrs_d_256, 6,
+               8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 0)
 /* the same with A read in place (rows lda apart): the weight gradient's im2col matrix */
-FC_GEMM_DRIVER(fc_gemmb_f_256, float, fc_ukrb_f_256, fc_ukrbh_f_256, fc_ukrbh_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 1)
-FC_GEMM_DRIVER(fc_gemmb_d_256, double, fc_ukrb_d_256, fc_ukrbh_d_256, fc_ukrbh_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 1)
-FC_GEMM_DRIVER(fc_gemmc_f_256, float, fc_ukrc_f_256, fc_ukrch_f_256, fc_ukrch_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0, 2)
-FC_GEMM_DRIVER(fc_gemmc_d_256, double, fc_ukrc_d_256, fc_ukrch_d_256, fc_ukrch_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1, fc_no_tail_d, 0, 2)
-FC_GEMM_DRIVER(fc_gemma_f_512, float, fc_ukra_f_512, fc_ukrah_f_512, fc_ukraq_f_512, 8, 32,
-               __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0, 0)
-FC_GEMM_DRIVER(fc_gemma_d_512, double, fc_ukra_d_512, fc_ukrah_d_512, fc_ukraq_d_512, 8, 16,
-               __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_d, 0, 0)
-FC_GEMM_DRIVER(fc_gemma_f_256, float, fc_ukra_f_256, fc_ukrah_f_256, fc_ukrah_f_256, 6, 16,
-               __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0, 0)
-FC_GEMM_DRIVER(fc_gemma_d_256, double, fc_ukra_d_256, fc_ukrah_d_256, fc_ukrah_d_256, 6, 8,
-               __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1, fc_no_tail_d, 0, 0)
+FC_GEMM_DRIVER(fc_gemmb_f_256, float, fc_ukrb_f_256, fc_ukrbh_f_256, fc_ukrbh_f_256, fc_ukrb_f_256,
+               6, 16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 1)
+FC_GEMM_DRIVER(fc_gemmb_d_256, double, fc_ukrb_d_256, fc_ukrbh_d_256, fc_ukrbh_d_256,
+               fc_ukrb_d_256, 6, 8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0,
+               fc_no_tail_d, 0, 1)
+FC_GEMM_DRIVER(fc_gemmc_f_256, float, fc_ukrc_f_256, fc_ukrch_f_256, fc_ukrch_f_256, fc_ukrc_f_256,
+               6, 16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0, 2)
+FC_GEMM_DRIVER(fc_gemmc_d_256, double, fc_ukrc_d_256, fc_ukrch_d_256, fc_ukrch_d_256,
+               fc_ukrc_d_256, 6, 8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1,
+               fc_no_tail_d, 0, 2)
+FC_GEMM_DRIVER(fc_gemma_f_512, float, fc_ukra_f_512, fc_ukrah_f_512, fc_ukraq_f_512, fc_ukra_f_512,
+               8, 32, __mmask16, fc_mask512_16, __mmask8, fc_mask512_8, 1, 1, fc_no_tail_f, 0, 0)
+FC_GEMM_DRIVER(fc_gemma_d_512, double, fc_ukra_d_512, fc_ukrah_d_512, fc_ukraq_d_512,
+               fc_ukra_d_512, 8, 16, __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 1,
+               fc_no_tail_d, 0, 0)
+FC_GEMM_DRIVER(fc_gemma_f_256, float, fc_ukra_f_256, fc_ukrah_f_256, fc_ukrah_f_256, fc_ukra_f_256,
+               6, 16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0, 0)
+FC_GEMM_DRIVER(fc_gemma_d_256, double, fc_ukra_d_256, fc_ukrah_d_256, fc_ukrah_d_256,
+               fc_ukra_d_256, 6, 8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 1,
+               fc_no_tail_d, 0, 0)
 
 /* The weight gradient of a convolution with few taps as dot products along the pixels:
  * gwt (K x R, row-major) += A (K x P) @ B^T, A's row k at A + bo[k] (bo != NULL: the shared

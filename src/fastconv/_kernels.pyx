@@ -174,6 +174,7 @@ cdef extern from "_gemm.h":
                       Py_ssize_t lo, Py_ssize_t hi, double first, double* gx0, double* gx1,
                       double* gx2) nogil
     int fc_gemm_tail_on
+    int fc_gemm_short_on
     Py_ssize_t fc_gemm_packb_min
     int fc_gemm_packb_sets
     int fc_im2col_rows_on
@@ -253,6 +254,16 @@ def set_im2col_rows(bint on):
     global fc_im2col_rows_on
     old = fc_im2col_rows_on != 0
     fc_im2col_rows_on = 1 if on else 0
+    return old
+
+
+def set_gemm_short(bint on):
+    """Whether the own GEMM computes a last panel of at most MR/2 rows (M = 25: the input
+    gradient of a 5x5 one-channel convolution) by a kernel of MR/2 rows (the same numbers);
+    returns the previous setting.  For tests and A/B timing, while no kernel runs."""
+    global fc_gemm_short_on
+    old = fc_gemm_short_on != 0
+    fc_gemm_short_on = 1 if on else 0
     return old
 
 
