@@ -734,3 +734,101 @@ def test_huge_legal_max_pooling_window():
     expected.reshape(-1)[x.argmax()] = 1
     np.testing.assert_array_equal(g, expected)
     assert elapsed < 0.25, f"two 1-pixel max-pool calls took {elapsed:.2f} s"
+
+
+_GUARD_SCRIPT = r'''
+import ctypes, mmap, sys
+import numpy as np
+import fastconv as fc
+from fastconv import _kernels
+
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+
+
+def at_end(a):
+    """A copy of a whose last byte is the last before a page that cannot be read."""
+    ps = mmap.PAGESIZE
+    pages = (a.nbytes + ps - 1) // ps + 1
+    m = mmap.mmap(-1, pages * ps)
+    buf = (ctypes.c_char * (pages * ps)).from_buffer(m)
+    assert libc.mprotect(ctypes.addressof(buf) + (pages - 1) * ps, ps, 0) == 0
+    out = np.frombuffer(m, a.dtype, a.size, (pages - 1) * ps - a.nbytes).reshape(a.shape)
+    out[...] = a
+    keep.append((m, buf))
+    return out
+
+
+rng = np.random.default_rng(0)
+calls = 0
+for level in [lv for lv in ("avx512", "avx2", "blas") if _kernels.set_gemm(lv) == lv]:
+    for threads in (1, 2):
+        fc.set_num_threads(threads)
+        for dt in (np.float32, np.float64):
+            for n, c, h, w in [(1, 1, 2, 2), (1, 1, 4, 2), (2, 3, 4, 6), (1, 2, 7, 5),
+                               (1, 1, 6, 14), (2, 1, 9, 9), (1, 3, 14, 14), (1, 1, 1, 17),
+                               (1, 2, 16, 16), (1, 1, 3, 31)]:
+                x0 = rng.uniform(-1, 1, (n, c, h, w)).astype(dt)
+                x = at_end(x0)
+                runs = [
+                    lambda a, g: fc.max_pool2d(a, 2) if h > 1 and w > 1 else None,
+                    lambda a, g: fc.max_pool2d(a, 3, 2, 1) if h > 1 and w > 1 else None,
+                    lambda a, g: fc.max_pool2d(a, 2, ceil_mode=True),
+                    lambda a, g: fc.avg_pool2d(a, 2) if h > 1 and w > 1 else None,
+                    lambda a, g: fc.avg_pool2d(a, 3, 2, 1),
+                    lambda a, g: fc.upsample_nearest2d(a, 2),
+                    lambda a, g: fc.conv2d(a, g[0], g[1], padding=1),
+                    lambda a, g: fc.conv2d(a, g[2]),
+                    lambda a, g: fc.conv2d_backward(at_end(fc.conv2d(a, g[0], padding=1)), a,
+                                                    g[0], padding=1),
+                    lambda a, g: fc.conv_transpose2d(a, g[3], stride=2),
+                ]
+                wts = (rng.uniform(-1, 1, (4, c, 3, 3)).astype(dt),
+                       rng.uniform(-1, 1, 4).astype(dt), rng.uniform(-1, 1, (5, c, 1, 1)).astype(dt),
+                       rng.uniform(-1, 1, (c, 3, 4, 4)).astype(dt))
+                for run in runs:
+                    want, got = run(x0, wts), run(x, wts)
+                    if want is None:
+                        continue
+                    for p, q in zip(want if isinstance(want, tuple) else (want,),
+                                    got if isinstance(got, tuple) else (got,)):
+                        np.testing.assert_array_equal(p, q)
+                    calls += 1
+                for k, s, p in ((2, 2, 0), (3, 2, 1)):
+                    if h > 1 and w > 1:
+                        y = fc.max_pool2d(x0, k, s, p)
+                        g = at_end(rng.uniform(-1, 1, y.shape).astype(dt))
+                        np.testing.assert_array_equal(
+                            fc.max_pool2d_backward(g, x, k, s, p),
+                            fc.max_pool2d_backward(np.array(g), x0, k, s, p))
+                        np.testing.assert_array_equal(
+                            fc.avg_pool2d_backward(g, x, k, s, p),
+                            fc.avg_pool2d_backward(np.array(g), x0, k, s, p))
+                g = at_end(rng.uniform(-1, 1, (n, c, 2 * h, 2 * w)).astype(dt))
+                np.testing.assert_array_equal(fc.upsample_nearest2d_backward(g, 2),
+                                              fc.upsample_nearest2d_backward(np.array(g), 2))
+                z = at_end(rng.uniform(-3, 3, (n * h, w)).astype(dt))
+                t = rng.integers(0, w, n * h)
+                np.testing.assert_array_equal(fc.cross_entropy_backward(z, t),
+                                              fc.cross_entropy_backward(np.array(z), t))
+                keep.clear()
+print("ok", calls)
+'''
+
+
+def test_kernels_read_nothing_past_their_inputs(tmp_path):
+    """Inputs whose last byte is followed by a page that cannot be read (mprotect, in a
+    subprocess, where a read past an input's end kills the process): pooling, upsampling,
+    convolutions and cross-entropy, forward and backward, at every GEMM level, 1 and 2
+    threads, narrow planes (a 2x2 max-pool of 2-wide rows read 14 values past the end) give
+    what the same inputs give in ordinary arrays."""
+    import subprocess
+    import sys
+    if sys.platform != "linux":
+        pytest.skip("mprotect guard pages: Linux only")
+    script = tmp_path / "guard.py"
+    script.write_text(_GUARD_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stdout, r.stderr[-3000:])

@@ -236,8 +236,10 @@ def test_pool_workers_spin_through_a_burst_and_sleep_after(restore_threads):
         assert k.pool_burst(0) == 0
         fc.conv2d(x, w, padding=1)              # make sure a worker exists
         assert wait_until(lambda: k.pool_sleeping() >= 1)
-        time.sleep(0.05)                        # all asleep (earlier tests may have made
-        asleep = k.pool_sleeping()              # more than one: a 3-thread test, 2)
+        asleep = 0                              # all asleep: the count steady for 50 ms
+        while asleep != k.pool_sleeping():      # (earlier tests may have made more than
+            asleep = k.pool_sleeping()          # one worker: a 3-thread test, 2)
+            time.sleep(0.05)
         assert asleep >= 1
         assert k.pool_burst(1) == 1
         fc.conv2d(x, w, padding=1)              # wakes them; they then spin through the burst

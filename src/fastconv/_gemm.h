@@ -612,13 +612,19 @@ FC_GEMM_DRIVER(fc_gemma_d_256, double, fc_ukra_d_256, fc_ukrah_d_256, fc_ukrah_d
  * computed and not stored.  The pixels go in chunks of about FC_WDOT_CHUNK bytes per row (a
  * block's rows then stay in L1 across the blocks that reuse them): on that conv1 in float64
  * the kernel ran at 0.90x the GEMM in one chunk, 1.10x / 1.16x / 1.22x in chunks of 2 / 3 /
- * 4 KiB.  Each element's sum: LANES partial sums over the pixels, then across the lanes. */
+ * 4 KiB.  Each element's sum: LANES partial sums over the pixels, then across the lanes, per
+ * chunk: unlike the GEMM's sums (one FMA per pixel in order), they depend on how the caller
+ * splits the pixels (a big image's blocks of output rows, set_gemm_block) in the last bits
+ * (float32: 2e-7 relative, against the GEMM's 2-5e-6 from the exact sums), as the sums of
+ * per-thread partial rows depend on the thread count. */
 #ifndef FC_WDOT_CHUNK
 #define FC_WDOT_CHUNK 4096
 #endif
 #define FC_WDOT(NAME, T, VT, LANES, KB, RB, TGT, LOADU, MTYPE, MKTAIL, MLOAD, FMA, ZERO, HSUM) \
 TGT static void NAME(ptrdiff_t K, ptrdiff_t R, ptrdiff_t P, const T* A, ptrdiff_t lda,         \
                      const ptrdiff_t* bo, const T* B, ptrdiff_t ldb, T* gwt) {                  \
+    if (P <= 0)                                                                                 \
+        return;                                                                                 \
     const ptrdiff_t Pv = P - P % LANES;                                                         \
     const MTYPE mt = MKTAIL(P - Pv);                                                            \
     ptrdiff_t nch = (P * (ptrdiff_t)sizeof(T) + FC_WDOT_CHUNK - 1) / FC_WDOT_CHUNK;            \

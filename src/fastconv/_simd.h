@@ -983,14 +983,15 @@ ATTR static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restric
     ptrdiff_t Wr = (W + FC_MP22_PAD - 1) / FC_MP22_PAD * FC_MP22_PAD;                        \
     for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {                                         \
         ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;                                    \
-        /* row pairs other than the call's last one fold Wr >= W values (a whole number */  \
-        /* of vectors, no scalar tail: 6 of a 14-wide row's 14 were): the excess reads the */ \
-        /* next rows and lands on the next pair's values, rewritten by the next pass */      \
+        /* row pairs fold Wr >= W values (a whole number of vectors, no scalar tail: 6 of */ \
+        /* a 14-wide row's 14 were) where that stays inside the 2 OH rows: the excess reads */ \
+        /* the next rows and lands on the next pair's values, rewritten by the next pass */  \
+        /* (a plane 2 wide read 14 values past its end) */                                   \
         for (ptrdiff_t r = 0; r < nr; r++) {                                                 \
             const T* a = x + 2 * (oh0 + r) * W;                                              \
             const T* b = a + W;                                                              \
             T* v = vm + r * W;                                                               \
-            ptrdiff_t n = oh0 + r + 1 < OH ? Wr : W;                                         \
+            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W;               \
             for (ptrdiff_t w = 0; w < n; w++) {                                              \
                 T p = a[w], q = b[w];                                                        \
                 v[w] = (q > p) | (q != q) ? q : p;                                           \
