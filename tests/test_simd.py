@@ -491,7 +491,8 @@ def test_depthwise_3x3_padded_planes(level, dtype):
     """3x3 stride-1 depthwise planes through a zero-padded copy (one fc_dw3 pass a row):
     paddings 0-3, planes either side of the copy's size limit (88 + 2 and 90 + 2 wide), and
     a channel with an infinite weight (the padded copy would give inf * 0 = NaN at the
-    edges: it keeps the tap-by-tap path), against the reference."""
+    edges: it keeps the tap-by-tap path), against the reference; and the backward pass with
+    paddings up to 4 (its input gradient's forward pass then has a negative padding)."""
     r = np.random.default_rng(4)
     with simd(level):
         for H, W, p in ((3, 3, 0), (4, 9, 1), (7, 17, 2), (5, 33, 3), (88, 88, 1),
@@ -503,6 +504,16 @@ def test_depthwise_3x3_padded_planes(level, dtype):
             x[1, 2, 0, 0] = np.nan
             close(fc.conv2d(x, w, b, padding=p, groups=3),
                   ref.conv2d(x, w, b, padding=p, groups=3), dtype)
+        # the input gradient at stride 1 is a forward pass with the padding 2 - p: negative
+        # from p = 3 on (the padded copy then wrote before its stack buffer: SIGSEGV)
+        for H, W, p in ((4, 4, 3), (5, 6, (4, 1)), (3, 7, (0, 3)), (6, 5, 2)):
+            x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
+            w = r.uniform(-1, 1, (3, 1, 3, 3)).astype(dtype)
+            y = ref.conv2d(x, w, padding=p, groups=3)
+            gy = r.uniform(-1, 1, y.shape).astype(dtype)
+            got = fc.conv2d_backward(gy, x, w, padding=p, groups=3)
+            for g, e in zip(got, ref.conv2d_backward(gy, x, w, padding=p, groups=3)):
+                close(g, e, dtype)
 
 
 @pytest.mark.parametrize("x512", [True, False])

@@ -2136,7 +2136,10 @@ cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
     cdef const floating* xrow
     cdef floating* orow
     cdef floating wv
+    # (pH, pW < 0: the input gradient's forward pass of a padding > 2 (k - 1 - p); the
+    # padded copy would start before its buffer)
     if (kH == 3 and kW == 3 and sH == 1 and sW == 1 and dH == 1 and dW == 1
+            and pH >= 0 and pW >= 0
             and (H + 2 * pH) * (W + 2 * pW) <= DW_PAD_BUF and OW == W + 2 * pW - 2
             and OH == H + 2 * pH - 2 and OW > 0 and OH > 0
             and depthwise_plane_padded(x, H, W, w, b, out, OH, OW, pH, pW)):
