@@ -198,13 +198,14 @@ def test_max_pool_stride2_backward(gemm, level, dtype, k, pad, ceil_mode):
                   ref.max_pool2d_backward(gy, x, **kw), dtype)
 
 
-@pytest.mark.skipif(len(GEMM_LEVELS) < 2, reason="needs AVX-512")
+@pytest.mark.skipif(not GEMM_LEVELS, reason="needs AVX2")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_max_pool_stride2_backward_same_numbers_at_each_level(dtype):
-    """The AVX-512 3x3 and 2x2 stride-2 max-pool backward kernels make the same argmax
-    choices and the same additions in the same order as the AVX2 / portable rows: bit for bit
-    equal results, on widths with 0-3 whole vectors of windows and tails (2x2: 14x14 planes'
-    7 windows a row, odd widths), NaN, -inf planes and ties."""
+    """The AVX-512 and AVX2 3x3 stride-2 max-pool backward kernels (_gemm.h) and the AVX-512
+    2x2 one make the same argmax choices and the same additions in the same order as the
+    portable rows (GEMM level 'blas', SIMD rows at each level): bit for bit equal results, on
+    widths with 0-3 whole vectors of windows and tails (2x2: 14x14 planes' 7 windows a row,
+    odd widths), NaN, -inf planes and ties."""
     r = np.random.default_rng(11)
     for W in (5, 14, 15, 16, 17, 28, 29, 33, 34, 35, 64, 65, 66, 67, 97, 130):
         x = r.integers(-3, 4, (2, 3, 11, W)).astype(dtype)
@@ -216,11 +217,12 @@ def test_max_pool_stride2_backward_same_numbers_at_each_level(dtype):
             kw = dict(kernel_size=k, stride=2, padding=pad, ceil_mode=ceil_mode)
             gy = r.uniform(-1, 1, fc.max_pool2d(x, **kw).shape).astype(dtype)
             got = {}
-            for lv in ("avx512", "avx2"):
+            for lv in GEMM_LEVELS + ["blas"]:
                 with gemm_level(lv):
                     got[lv] = fc.max_pool2d_backward(gy, x, **kw)
-            np.testing.assert_array_equal(got["avx512"], got["avx2"])
-            close(got["avx512"], ref.max_pool2d_backward(gy, x, **kw), dtype)
+            for lv in GEMM_LEVELS:
+                np.testing.assert_array_equal(got[lv], got["blas"], err_msg=lv)
+            close(got["blas"], ref.max_pool2d_backward(gy, x, **kw), dtype)
 
 
 @pytest.mark.parametrize("level", LEVELS)

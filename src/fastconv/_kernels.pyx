@@ -3310,13 +3310,16 @@ cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, fl
                                      <double>(3 * rfirst), gr[0], gr[1], gr[2]):
                     fc_maxpool33s2_bwd_d(xr[0], xr[1], xr[2], gy + oh * OW, lo, hi,
                                          <double>(3 * rfirst), sel, c2, gr[0], gr[1], gr[2])
-        for ow in range(OW):
-            if lo <= ow < hi:
+        ow = 0
+        while ow < OW:                # the edge windows: [0, lo) and [hi, OW)
+            if ow == lo and hi > lo:
+                ow = hi
                 continue
             ws = 2 * ow - pW
             j = window_argmax(x, W, r0 + rfirst, min(r0 + 3, H), max(ws, 0), min(ws + 3, W))
             if j >= 0:
                 gx[j] += gy[oh * OW + ow]
+            ow = ow + 1
 
 
 cdef void max_pool_plane_backward(const floating* gy, const floating* x, floating* gx,
