@@ -1225,9 +1225,10 @@ FC_MP33_512(fc_mp33_bwd_d_512, double, __m512d, 8, __mmask8, fc_lanes8, _mm512_l
  * and blends, the one-lane shift by a 128-bit permute and a byte align, the interleave by
  * unpacks; the last pass from copies of its inputs into stack buffers and its sums added back
  * column by column (maskload / maskstore are slow on AMD, and a pass is 8 windows of 27 on a
- * 56-wide row).  The portable rows, vectorised by gcc, took 12 ms of 14 in a 3x3 s2 p1
- * forward+backward (16 x 64 x 56 x 56 float32, Zen 3), this kernel 7.3-8.4 ms; in float64 it
- * is 1.02-1.06x the rows, both near the memory's rate (x read, gx zeroed and written back).
+ * 56-wide row).  The backward of a 3x3 s2 p1 pool of 16 x 64 x 56 x 56 float32 (Zen 3, one
+ * thread): 9.1-12.1 ms by the portable rows (vectorised by gcc), 7.3-8.4 ms by this kernel; in
+ * float64 it is 1.02-1.06x the rows, both near the memory's rate (x read, gx zeroed and
+ * written back).
  * An argmax by a tree of pairs (the same choices) measured slower than the scan. */
 #define FC_MP33_256(NAME, T, VT, L, LOADU, STOREU, SET1, EVEN, ODD, SHIFT1, ILO, IHI, CMP,   \
                     BLENDV, AND, OR, ADD)                                                       \
