@@ -1,6 +1,8 @@
 """The direct convolution kernels (_direct.h: tiles of 2 vectors of output channels x up to 14
 pixels of one output row, summed over all taps in registers, the input read through zero-padded
 rows) against im2col + GEMM, bit for bit, and against the naive reference."""
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -14,7 +16,28 @@ import reference as ref
 from _helpers import close as _close, num_threads
 
 pytestmark = pytest.mark.skipif(not _kernels.direct_ok(),
-                                reason="the direct kernels need the AVX-512 level")
+                                reason="the direct kernels need the AVX-512 or AVX2 level")
+
+# the own GEMM's levels here, each with its own tiles (AVX-512: 2 x 16 float / 2 x 8 double
+# channels x up to 14 pixels; AVX2: 2 x 8 / 2 x 4 x up to 6)
+BEST = _kernels.gemm_level()
+DIRECT_LEVELS = [lv for lv in ("avx512", "avx2") if _kernels.set_gemm(lv) == lv]
+_kernels.set_gemm(BEST)
+
+
+@contextlib.contextmanager
+def at_level(level):
+    _kernels.set_gemm(level)
+    try:
+        yield
+    finally:
+        _kernels.set_gemm(BEST)
+
+
+@pytest.fixture(params=DIRECT_LEVELS or ["none"])
+def level(request):
+    with at_level(request.param):
+        yield request.param
 
 
 def close(actual, expected, dtype):
@@ -34,15 +57,17 @@ def both_ways(*args, **kwargs):
 
 
 @pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", DIRECT_LEVELS or ["none"])
 @given(data=st.data())
-def test_direct_same_numbers_as_im2col(data):
+def test_direct_same_numbers_as_im2col(level, data):
     """Kernels 1x1 to 7x7, strides 1-3 down and 1-2 across, dilations, paddings (asymmetric
     'same' too), groups, one or two blocks of output channels per group, output rows wider
     than a tile (tails of every width), bias, the fused ReLU, NaN in the input, 1-3 threads
-    (bands of rows when there are few images), both dtypes."""
+    (bands of rows when there are few images), both dtypes, at each level."""
     draw = data.draw
     dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
-    block = 32 if dtype == np.float32 else 16
+    with at_level(level):
+        block = _kernels.direct_block(np.dtype(dtype).itemsize)
     groups = draw(st.integers(1, 2), label="groups")
     cg = draw(st.integers(1, 5), label="cg")
     lg = block * draw(st.integers(1, 2), label="blocks")
@@ -63,7 +88,7 @@ def test_direct_same_numbers_as_im2col(data):
     wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
     b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
     x0 = x.copy()
-    with num_threads(threads):
+    with num_threads(threads), at_level(level):
         y, y0 = both_ways(x, wt, b, s, p, d, groups, None, relu)
     np.testing.assert_array_equal(y, y0)
     np.testing.assert_array_equal(x, x0)
@@ -81,9 +106,9 @@ def test_direct_same_numbers_as_im2col(data):
     ((4, 8, 32, 10, 12, 5, 1, 2), np.float64),
     ((4, 3, 32, 20, 23, 7, 2, 3), np.float32),        # 7x7 stride 2 from 3 channels
     ((4, 3, 32, 20, 23, 7, 2, 3), np.float64),
-    ((1, 16, 32, 9, 26, 3, 2, 1), np.float64),        # 3x3 stride 2, float64 only
+    ((1, 16, 32, 9, 26, 3, 2, 1), np.float64),        # 3x3 stride 2, float64, AVX-512 only
 ])
-def test_direct_automatic_cases(case, dtype, monkeypatch):
+def test_direct_automatic_cases(level, case, dtype, monkeypatch):
     """The shapes that _use_direct sends to the direct kernels by itself give the reference's
     numbers through conv2d and nn.Conv2d (with the fused ReLU), with out=, and on a
     non-contiguous, read-only input."""
@@ -107,13 +132,15 @@ def test_direct_automatic_cases(case, dtype, monkeypatch):
     conv.bias.data[...] = b
     model = nn.Sequential(conv, nn.ReLU())
     close(model(x), np.maximum(expected, 0), dtype)
-    assert len(calls) == 3
+    assert len(calls) == (0 if level == "avx2" and k == 3 else 3)
 
 
-def test_direct_rule():
-    """The automatic rule: 5x5 batches and 7x7 stride-2 stems in both dtypes, 3x3 stride 2
-    in float64 and, from at most 64 channels, in float32, never taps that sum fewer than 64 values, a fused max-pool, output
-    channels off the block size, a stride of 3 across, or tiles narrower than 10 pixels."""
+def test_direct_rule(level):
+    """The automatic rule: 5x5 batches and 7x7 stride-2 stems in both dtypes; at AVX-512 3x3
+    stride 2 in float64 and, from at most 64 channels, in float32; never taps that sum fewer
+    than 64 values, a fused max-pool, output channels off the block size, a stride of 3
+    across, or tiles narrower than 10 pixels (AVX-512) / 4 (AVX2)."""
+    avx2 = level == "avx2"
     def use(N, C, L, k, s, dtype, H=20, pool=None, groups=1):
         x = np.zeros((N, C, H, H), dtype)
         w = np.zeros((L, C // groups, k, k), dtype)
@@ -125,23 +152,26 @@ def test_direct_rule():
         assert use(8, 3, 64, 7, 2, np.float32)
         assert use(1, 3, 64, 7, 2, np.float32)          # a stem, even at batch 1
         assert not use(1, 16, 32, 3, 2, np.float32)
-        assert use(8, 16, 32, 3, 2, np.float32)
-        assert use(8, 64, 128, 3, 2, np.float32)
+        assert use(8, 16, 32, 3, 2, np.float32) != avx2
+        assert use(8, 64, 128, 3, 2, np.float32) != avx2
         assert not use(8, 128, 256, 3, 2, np.float32)
-        assert use(8, 64, 128, 3, 2, np.float64)
+        assert use(8, 64, 128, 3, 2, np.float64) != avx2
         assert use(1, 64, 64, 5, 1, np.float64)
         assert not use(1, 64, 64, 5, 1, np.float32)     # batch 1: im2col + GEMM
         assert not use(8, 1, 32, 5, 1, np.float32)      # 25 taps
         assert not use(8, 32, 64, 5, 1, np.float32, pool=(2, 2))
-        assert not use(8, 32, 48, 5, 1, np.float32)     # 48 channels: not whole blocks
+        assert not use(8, 32, 40, 5, 1, np.float32)     # 40 channels: not whole blocks
         assert not use(8, 32, 64, 5, (1, 3), np.float32)
         assert not use(8, 32, 64, 3, 1, np.float32)     # 3x3 stride 1: Winograd / GEMM
-        assert not use(8, 32, 64, 5, 1, np.float32, H=16)   # rows of 16: tiles of 8
+        # rows of 16: tiles of 8 at AVX-512 (too narrow), of 6, 6 and 4 at AVX2
+        assert use(8, 32, 64, 5, 1, np.float32, H=16) == avx2
+        assert not use(8, 32, 64, 5, 1, np.float32, H=3)    # rows of 3: tiles of 3
 
 
 @pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", DIRECT_LEVELS or ["none"])
 @given(data=st.data())
-def test_direct_grad_x(data):
+def test_direct_grad_x(level, data):
     """conv2d_backward's grad_x of a stride-1 convolution as the direct convolution of
     grad_out by the flipped, transposed kernel with the complementary paddings (and the
     weight and bias gradients beside it): the reference's numbers for kernels 1x1 to 5x5,
@@ -150,7 +180,8 @@ def test_direct_grad_x(data):
     padding) take the GEMM path."""
     draw = data.draw
     dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
-    block = 32 if dtype == np.float32 else 16
+    with at_level(level):
+        block = _kernels.direct_block(np.dtype(dtype).itemsize)
     groups = draw(st.integers(1, 2), label="groups")
     cg = block * draw(st.integers(1, 2), label="blocks")     # grad_x's output channels
     lg = draw(st.integers(1, 3), label="lg")
@@ -174,7 +205,7 @@ def test_direct_grad_x(data):
            rng.integers(gy.shape[3])] = np.nan
     try:
         F._DIRECT = "always"
-        with num_threads(threads):
+        with num_threads(threads), at_level(level):
             got = fc.conv2d_backward(gy, x, wt, padding=p, dilation=d, groups=groups,
                                      output_mask=mask)
     finally:
@@ -193,7 +224,7 @@ def test_direct_grad_x(data):
         close(np.where(nan, 0, a), np.where(nan, 0, e), dtype)
 
 
-def test_direct_grad_x_is_used(monkeypatch):
+def test_direct_grad_x_is_used(level, monkeypatch):
     """A 5x5 batch's grad_x goes through the direct kernels by the automatic rule."""
     calls = []
     real = F._direct
@@ -206,3 +237,4 @@ def test_direct_grad_x_is_used(monkeypatch):
         gx = fc.conv2d_backward(gy, x, wt, padding=2, output_mask=(True, False, False))[0]
     assert calls == [(1, 1)]
     close(gx, ref.conv2d_backward(gy, x, wt, padding=2)[0], np.float32)
+

@@ -1156,8 +1156,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
 
 
 cdef extern from "_direct.h":
-    enum: FC_DIRECT_NP
     bint fc_direct_ok() nogil
+    int fc_direct_np() nogil
+    Py_ssize_t fc_direct_block(Py_ssize_t itemsize) nogil
     void fc_direct_rows_f(Py_ssize_t K, Py_ssize_t Lg, const float* w, const float* xp,
                           Py_ssize_t sH, Py_ssize_t Wp, Py_ssize_t sW, Py_ssize_t nrows,
                           Py_ssize_t OW, int np, const Py_ssize_t* off, float* out,
@@ -1174,20 +1175,27 @@ DEF DIRECT_BAND_MAX = 393216
 
 
 def direct_ok():
-    """Whether conv2d_direct can run (the own GEMM's AVX-512 level is in use)."""
+    """Whether conv2d_direct can run (the own GEMM's AVX-512 or AVX2 level is in use)."""
     return bool(fc_direct_ok())
+
+
+def direct_block(Py_ssize_t itemsize):
+    """Output channels per block of conv2d_direct at the level in use (2 vectors: 32 float /
+    16 double at AVX-512, 16 / 8 at AVX2); a group's output channels must be a multiple."""
+    return fc_direct_block(itemsize)
 
 
 def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H,
                     Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                     Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
                     Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize):
-    """(np, rows, Rb, Wp) of conv2d_direct: pixels per tile (OW in tiles of at most 14,
-    evened out), output rows per work item (a whole image, unless its padded rows pass
+    """(np, rows, Rb, Wp) of conv2d_direct: pixels per tile (OW in tiles of at most 14 at
+    AVX-512, 6 at AVX2, evened out), output rows per work item (a whole image, unless its padded rows pass
     384 KiB or several threads have fewer (image, group) items than 4 each), padded rows
     and their length; a thread's scratch row holds Cg * Rb * Wp values.  (A 5x5 on one
     32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
-    cdef Py_ssize_t ntl = (OW + FC_DIRECT_NP - 1) // FC_DIRECT_NP
+    cdef Py_ssize_t NPX = fc_direct_np()
+    cdef Py_ssize_t ntl = (OW + NPX - 1) // NPX
     cdef Py_ssize_t np = (OW + ntl - 1) // ntl
     cdef Py_ssize_t Wp = (ntl * np - 1) * sW + (kW - 1) * dW + 1, rows = OH, Rb, parts
     if Wp < pW + W:
@@ -1262,7 +1270,7 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
                   Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
                   bint has_bias, int num_threads, bint relu=False):
     """conv2d_forward by the direct kernels (_direct.h; direct_ok() only): sW 1 or 2, the
-    output channels of a group a multiple of 32 (float) / 16 (double), paddings >= 0; out's
+    output channels of a group a multiple of direct_block(itemsize), paddings >= 0; out's
     size gives the bottom and right padding (taps past the input read zeros).  scratch:
     (threads, n) with n >= Cg * Rb * Wp of direct_geometry, whose other values this
     recomputes."""
@@ -1270,13 +1278,13 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
     cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3]
     cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
-    cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, ML = 64 // sizeof(floating) * 2
+    cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, ML = fc_direct_block(sizeof(floating))
     cdef Py_ssize_t l, k, c, kh, kw
     cdef DirJob j
     cdef floating* wd
     cdef Py_ssize_t* off
     if not fc_direct_ok():
-        raise ValueError("conv2d_direct: needs the AVX-512 level of the own GEMM")
+        raise ValueError("conv2d_direct: needs the AVX-512 or AVX2 level of the own GEMM")
     if (sW != 1 and sW != 2) or Lg % ML or L % groups or C != Cg * groups or \
             out.shape[0] != N or out.shape[1] != L or sH < 1 or dH < 1 or dW < 1 or \
             pH < 0 or pW < 0:

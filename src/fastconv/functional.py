@@ -449,35 +449,43 @@ _DIRECT = "auto"
 
 
 def _use_direct(geo, Cg, dt, pool, N):
-    """Whether conv2d runs by the direct kernels: AVX-512, stride 1 or 2 along the width,
-    a group's output channels in whole blocks of 2 vectors, and (auto) the convolutions
-    whose im2col costs most next to their GEMM.  In-process A/B against im2col + GEMM
-    (Xeon with AVX-512, 2026-12-03): float64 5x5 1.16-1.30x, 3x3 stride 2 1.06-1.12x, 7x7
-    stride 2 from 3 channels 1.37x; float32 5x5 (batch 64) 1.03-1.26x, 7x7 stride 2 from 3
-    channels 1.37x, 3x3 stride 2 from 32-64 channels 1.02-1.06x, but from 128 channels
-    0.99-1.00x and batch 1 0.85-0.94x (bands of rows re-read the weights); taps summing
-    fewer than 64 values (a 1->32 5x5: 0.6-0.76x) spend more on the tile's transposed store
-    than they save, and tiles narrower than 10 pixels (output rows of 16: tiles of 8) hold
-    too few sums (0.88-0.94x)."""
+    """Whether conv2d runs by the direct kernels: AVX-512 or AVX2, stride 1 or 2 along the
+    width, a group's output channels in whole blocks of 2 vectors, and (auto) the
+    convolutions whose im2col costs most next to their GEMM.  In-process A/B against
+    im2col + GEMM (Xeon with AVX-512, 2026-12-03): float64 5x5 1.16-1.30x, 3x3 stride 2
+    1.06-1.12x, 7x7 stride 2 from 3 channels 1.37x; float32 5x5 (batch 64) 1.03-1.26x, 7x7
+    stride 2 from 3 channels 1.37x, 3x3 stride 2 from 32-64 channels 1.02-1.06x, but from
+    128 channels 0.99-1.00x and batch 1 0.85-0.94x (bands of rows re-read the weights); taps
+    summing fewer than 64 values (a 1->32 5x5: 0.6-0.76x) spend more on the tile's
+    transposed store than they save, and tiles narrower than 10 pixels (output rows of 16:
+    tiles of 8) hold too few sums (0.88-0.94x).  At AVX2 (tiles of 16 float / 8 double
+    channels x at most 6 pixels; Zen 3, 2026-12-04, 1 / 2 threads): float32 5x5 (batch
+    16-64) 1.12-1.26x / 1.06-1.11x, 7x7 stride-2 stems 1.26-1.35x / 1.30-1.32x, float64 5x5
+    1.12-1.21x (batch 1 too), stems 1.18-1.37x; but 3x3 stride 2 0.94-1.08x in float32 and
+    0.86-1.08x in float64, and a float32 5x5 at batch 1 0.98-0.99x: only the 5x5s and up.
+    A convolution fused with a max-pool keeps the own GEMM: the direct kernels and then the
+    pool measured level with it at AVX2 (the LeNet-style model's forward at batch 64: 20.8
+    against 20.7 ms, though its conv2 alone is 1.12x by the direct kernels)."""
     if _DIRECT == "never" or pool is not None or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
     Lg, g = geo["L"] // geo["g"], geo["g"]
-    if sW not in (1, 2) or Lg % (128 // dt.itemsize) or min(geo["pad"]) < 0:
+    if sW not in (1, 2) or Lg % _kernels.direct_block(dt.itemsize) or min(geo["pad"]) < 0:
         return False
     if _DIRECT == "always":
         return True
-    ow = geo["OW"]
-    if kH * kW < 9 or Cg * kH * kW < 64 or -(-ow // -(-ow // 14)) < 10:
+    ow, avx2 = geo["OW"], _kernels.gemm_level() == "avx2"
+    npx, narrow = (6, 4) if avx2 else (14, 10)      # widest tile, narrowest worth it
+    if kH * kW < 9 or Cg * kH * kW < 64 or -(-ow // -(-ow // npx)) < narrow:
         return False
     if dt.itemsize == 8:
-        return kH * kW >= 25 or sH * sW > 1
+        return kH * kW >= 25 or (sH * sW > 1 and not avx2)
     work = N * geo["L"] * geo["OH"] * geo["OW"] * Cg * kH * kW
     batch = N * g >= 2 * _team(N * g, work)
     if sH * sW > 1 and Cg <= 16:        # a stem: 7x7 s2 from 3 channels 1.37x at batch 1-2
-        return batch or kH * kW >= 25
+        return batch and not avx2 or kH * kW >= 25
     if sH * sW > 1:                     # 3x3 s2 64->128 1.04-1.06x, 128->256 0.99-1.00x
-        return batch and Cg <= 64
+        return batch and Cg <= 64 and not avx2
     return batch and kH * kW >= 25
 
 
