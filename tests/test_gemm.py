@@ -521,15 +521,18 @@ def test_conv2d_weight_gradient_matches_reference(level, own, threads, dtype, sh
 @pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm_short_last_panel_same_numbers(level, dtype):
-    """A last panel of at most MR/2 rows (MR = 8 with AVX-512, 6 with AVX2) by the short
+    """A last panel of at most 4 rows (MR/2 of AVX-512's 8, 4 of AVX2's 6) by the short
     kernel (set_gemm_short(True), the default) gives bit for bit what the full kernel gives,
     and matches the reference: conv2d_backward's grad_x (M = C kH kW = 25, 9, 27, 4, 12 rows),
-    a strided conv2d's forward (M = 25, 26, 28 output channels) with bias and fused ReLU."""
+    conv2d's forward (M = 25, 26, 22, 11 output channels by the plain drivers at stride 2,
+    28, 64 and 29 through the im2col row table at stride 1) with bias and fused ReLU."""
     from fastconv.functional import _conv2d
     rng = np.random.default_rng(12)
     for n, c, h, w, l, k, s, p in [(2, 1, 12, 11, 7, 5, 1, 2), (1, 1, 9, 10, 33, 3, 1, 1),
                                    (2, 3, 8, 8, 25, 3, 2, 1), (1, 1, 6, 7, 26, 2, 2, 0),
-                                   (2, 3, 7, 9, 28, 2, 1, 0)]:
+                                   (2, 3, 7, 9, 28, 2, 1, 0), (2, 3, 8, 8, 22, 3, 2, 1),
+                                   (2, 2, 6, 7, 64, 3, 1, 1), (2, 2, 6, 7, 29, 3, 1, 1),
+                                   (2, 3, 8, 8, 11, 3, 2, 1)]:
         x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
         wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
         b = rng.uniform(-1, 1, l).astype(dtype)

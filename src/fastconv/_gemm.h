@@ -43,7 +43,8 @@
 
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
-static int fc_gemm_short_on = 1; /* 0: a last panel of <= MR/2 rows by the full kernel */
+static int fc_gemm_short_on = 1; /* 0: a last panel of <= FC_SHORT_ROWS(MR) rows by the
+                                    full kernel */
 static int fc_gemm_tail_on = 1; /* 0: a last panel of <= 4 float columns by the quarter kernel */
 static int fc_im2col_pad_on = 1; /* 0: im2col always by the masked path (tests) */
 /* B's rows at least this many bytes apart: the plain drivers copy each K block's NR-wide strip
@@ -355,10 +356,10 @@ static void fc_no_tail_d(ptrdiff_t K, const double* A, ptrdiff_t ps, const doubl
 FC_UKR(fc_ukr_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
        FC_RELU_PS256, 0, 0)
-FC_UKRX(fc_ukrs_f_256, float, __m256, 2, 8, 3, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+FC_UKRX(fc_ukrs_f_256, float, __m256, 2, 8, 4, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
         _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
         FC_RELU_PS256, 0, 0)
-FC_UKRX(fc_ukrs_d_256, double, __m256d, 2, 4, 3, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+FC_UKRX(fc_ukrs_d_256, double, __m256d, 2, 4, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
         _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
         FC_RELU_PD256, 0, 0)
 FC_UKR(fc_ukra_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
@@ -396,6 +397,12 @@ FC_UKR(fc_ukrb_d_256, double, __m256d, 2, 4, 6, FC_T256, _mm256_set1_pd, _mm256_
 FC_UKR(fc_ukrbh_d_256, double, __m256d, 1, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
        FC_RELU_PD256, 0, 1)
+FC_UKRX(fc_ukrbs_f_256, float, __m256, 2, 8, 4, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+        FC_RELU_PS256, 0, 1)
+FC_UKRX(fc_ukrbs_d_256, double, __m256d, 2, 4, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+        FC_RELU_PD256, 0, 1)
 FC_UKR(fc_ukrc_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
        FC_RELU_PS256, 1, 2)
@@ -460,6 +467,11 @@ static inline void fc_pack_strip_##T(const T* b, ptrdiff_t ldb, ptrdiff_t kc, pt
 }
 FC_PACK_STRIP(float)
 FC_PACK_STRIP(double)
+
+/* Rows of the short kernels: MR/2 at AVX-512 (8: 4 rows, 8 accumulators of 2 vectors), 4 of
+ * AVX2's 6 (8 accumulators, as many as 2 FMA ports of latency 4 keep busy: as fast a k-step
+ * as 3 rows, so a last panel of 4 rows, M = 64 = 10 x 6 + 4, costs 4 cycles a k, not 6) */
+#define FC_SHORT_ROWS(MR) ((MR) == 6 ? 4 : (MR) / 2)
 
 /* The driver: columns [n0, n1) of C (n0 a multiple of NR, so that threads can split C by
  * panels), all M rows. */
@@ -548,7 +560,7 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 if (quarter)                                                                    \
                     UKRQ(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
                          first ? init : NULL, mr, masked, qmk, last_relu, bop);                 \
-                else if (UKRS != UKR && !half && mr <= MR / 2 && fc_gemm_short_on)           \
+                else if (UKRS != UKR && !half && mr <= FC_SHORT_ROWS(MR) && fc_gemm_short_on) \
                     UKRS(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
                          first ? init : NULL, mr, masked, mk, last_relu, bop);                  \
                 else                                                                            \
@@ -580,10 +592,10 @@ FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256,
 FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, fc_ukrs_d_256, 6,
                8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 0)
 /* the same with A read in place (rows lda apart): the weight gradient's im2col matrix */
-FC_GEMM_DRIVER(fc_gemmb_f_256, float, fc_ukrb_f_256, fc_ukrbh_f_256, fc_ukrbh_f_256, fc_ukrb_f_256,
+FC_GEMM_DRIVER(fc_gemmb_f_256, float, fc_ukrb_f_256, fc_ukrbh_f_256, fc_ukrbh_f_256, fc_ukrbs_f_256,
                6, 16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 1)
 FC_GEMM_DRIVER(fc_gemmb_d_256, double, fc_ukrb_d_256, fc_ukrbh_d_256, fc_ukrbh_d_256,
-               fc_ukrb_d_256, 6, 8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0,
+               fc_ukrbs_d_256, 6, 8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0,
                fc_no_tail_d, 0, 1)
 FC_GEMM_DRIVER(fc_gemmc_f_256, float, fc_ukrc_f_256, fc_ukrch_f_256, fc_ukrch_f_256, fc_ukrc_f_256,
                6, 16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 1, fc_no_tail_f, 0, 2)

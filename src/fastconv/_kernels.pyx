@@ -258,8 +258,9 @@ def set_im2col_rows(bint on):
 
 
 def set_gemm_short(bint on):
-    """Whether the own GEMM computes a last panel of at most MR/2 rows (M = 25: the input
-    gradient of a 5x5 one-channel convolution) by a kernel of MR/2 rows (the same numbers);
+    """Whether the own GEMM computes a last panel of at most 4 rows (MR/2 of AVX-512's 8, 4
+    of AVX2's 6; M = 25: the input gradient of a 5x5 one-channel convolution, M = 64 at AVX2)
+    by a kernel of that many rows (the same numbers);
     returns the previous setting.  For tests and A/B timing, while no kernel runs."""
     global fc_gemm_short_on
     old = fc_gemm_short_on != 0
