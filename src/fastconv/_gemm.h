@@ -1078,9 +1078,42 @@ static void fc_wdot_d(ptrdiff_t K, ptrdiff_t R, ptrdiff_t P, const double* A, pt
  * for the weight gradient's GEMM, by 8x8 (float) or 4x4 (double) register transposes (a
  * scalar loop, one store every ldd values, took 2/3 of LeNet conv1's weight gradient). */
 #ifdef FC_HAVE_GEMM
+/* o[j * 6 + r] = s[r * lds + j] for r < 6, j < 8, and 2 more values past o + 48 (the caller's
+ * next store overwrites them): an AVX2 weight panel of 6 rows, as fc_tr8x8_ps with 2 zero rows,
+ * the stores in increasing order */
+FC_T256 static inline void fc_tr6x8_ps(const float* s, ptrdiff_t lds, float* o) {
+    const __m256 z = _mm256_setzero_ps();
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds);
+    __m256 r2 = _mm256_loadu_ps(s + 2 * lds), r3 = _mm256_loadu_ps(s + 3 * lds);
+    __m256 r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, z, 0x44), s5 = _mm256_shuffle_ps(t4, z, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, z, 0x44), s7 = _mm256_shuffle_ps(t5, z, 0xEE);
+    _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(o + 6, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(o + 12, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(o + 18, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(o + 30, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(o + 36, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(o + 42, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
 FC_T256 static void fc_transpose_f_256(const float* src, ptrdiff_t rows, ptrdiff_t cols,
                                        ptrdiff_t lds, float* dst, ptrdiff_t ldd) {
     ptrdiff_t i = 0, j;
+    if (rows == 6 && ldd == 6) {    /* an AVX2 panel of A (was all scalar: 13 % of a batch-1 */
+        /* 5x5 32->64 on 14x14 packing its 64 x 800 weights, Zen 3); j + 8 < cols: the */
+        /* block's 2 extra values land in column j + 8, written after */
+        for (j = 0; j + 8 < cols; j += 8)
+            fc_tr6x8_ps(src + j, lds, dst + j * 6);
+        for (; j < cols; j++)
+            for (int r = 0; r < 6; r++) dst[j * 6 + r] = src[r * lds + j];
+        return;
+    }
     for (; i + 8 <= rows; i += 8) {
         const float* s = src + i * lds;
         for (j = 0; j + 8 <= cols; j += 8)
