@@ -1180,6 +1180,12 @@ def direct_ok():
     return bool(fc_direct_ok())
 
 
+def direct_np():
+    """Widest tile of conv2d_direct in output pixels at the level in use (14 at AVX-512, 6 at
+    AVX2)."""
+    return fc_direct_np()
+
+
 def direct_block(Py_ssize_t itemsize):
     """Output channels per block of conv2d_direct at the level in use (2 vectors: 32 float /
     16 double at AVX-512, 16 / 8 at AVX2); a group's output channels must be a multiple."""

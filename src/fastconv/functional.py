@@ -474,8 +474,8 @@ def _use_direct(geo, Cg, dt, pool, N):
         return False
     if _DIRECT == "always":
         return True
-    ow, avx2 = geo["OW"], _kernels.gemm_level() == "avx2"
-    npx, narrow = (6, 4) if avx2 else (14, 10)      # widest tile, narrowest worth it
+    ow, avx2, npx = geo["OW"], _kernels.gemm_level() == "avx2", _kernels.direct_np()
+    narrow = 4 if avx2 else 10                      # the narrowest tile worth it
     if kH * kW < 9 or Cg * kH * kW < 64 or -(-ow // -(-ow // npx)) < narrow:
         return False
     if dt.itemsize == 8:
