@@ -168,20 +168,16 @@ FC_DIRECT_ROWS(fc_direct_rows_f512, float, 16, fc_dtile_f, fc_dstore_f)
 FC_DIRECT_ROWS(fc_direct_rows_d512, double, 8, fc_dtile_d, fc_dstore_d)
 FC_DIRECT_ROWS(fc_direct_rows_f256, float, 8, fc_dtile_f256, fc_dstore_f256)
 FC_DIRECT_ROWS(fc_direct_rows_d256, double, 4, fc_dtile_d256, fc_dstore_d256)
-static void fc_direct_rows_f(ptrdiff_t K, ptrdiff_t Lg, const float* w, const float* xp,
-                             ptrdiff_t sH, ptrdiff_t Wp, ptrdiff_t sW, ptrdiff_t nrows,
-                             ptrdiff_t OW, int np, const ptrdiff_t* off, float* out,
-                             ptrdiff_t plane, const float* bias, int relu) {
-    (fc_gemm_on == 2 ? fc_direct_rows_f512 : fc_direct_rows_f256)(
-        K, Lg, w, xp, sH, Wp, sW, nrows, OW, np, off, out, plane, bias, relu);
+/* by the level in use */
+#define FC_DIRECT_PICK(NAME, T)                                                                 \
+static void NAME(ptrdiff_t K, ptrdiff_t Lg, const T* w, const T* xp, ptrdiff_t sH,             \
+                 ptrdiff_t Wp, ptrdiff_t sW, ptrdiff_t nrows, ptrdiff_t OW, int np,             \
+                 const ptrdiff_t* off, T* out, ptrdiff_t plane, const T* bias, int relu) {      \
+    (fc_gemm_on == 2 ? NAME##512 : NAME##256)(K, Lg, w, xp, sH, Wp, sW, nrows, OW, np, off,    \
+                                              out, plane, bias, relu);                          \
 }
-static void fc_direct_rows_d(ptrdiff_t K, ptrdiff_t Lg, const double* w, const double* xp,
-                             ptrdiff_t sH, ptrdiff_t Wp, ptrdiff_t sW, ptrdiff_t nrows,
-                             ptrdiff_t OW, int np, const ptrdiff_t* off, double* out,
-                             ptrdiff_t plane, const double* bias, int relu) {
-    (fc_gemm_on == 2 ? fc_direct_rows_d512 : fc_direct_rows_d256)(
-        K, Lg, w, xp, sH, Wp, sW, nrows, OW, np, off, out, plane, bias, relu);
-}
+FC_DIRECT_PICK(fc_direct_rows_f, float)
+FC_DIRECT_PICK(fc_direct_rows_d, double)
 
 #else   /* no own GEMM: never called (fc_direct_ok() is 0) */
 static int fc_direct_ok(void) { return 0; }

@@ -1083,24 +1083,9 @@ static void fc_wdot_d(ptrdiff_t K, ptrdiff_t R, ptrdiff_t P, const double* A, pt
  * the stores in increasing order */
 FC_T256 static inline void fc_tr6x8_ps(const float* s, ptrdiff_t lds, float* o) {
     const __m256 z = _mm256_setzero_ps();
-    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds);
-    __m256 r2 = _mm256_loadu_ps(s + 2 * lds), r3 = _mm256_loadu_ps(s + 3 * lds);
-    __m256 r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds);
-    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    __m256 s4 = _mm256_shuffle_ps(t4, z, 0x44), s5 = _mm256_shuffle_ps(t4, z, 0xEE);
-    __m256 s6 = _mm256_shuffle_ps(t5, z, 0x44), s7 = _mm256_shuffle_ps(t5, z, 0xEE);
-    _mm256_storeu_ps(o, _mm256_permute2f128_ps(s0, s4, 0x20));
-    _mm256_storeu_ps(o + 6, _mm256_permute2f128_ps(s1, s5, 0x20));
-    _mm256_storeu_ps(o + 12, _mm256_permute2f128_ps(s2, s6, 0x20));
-    _mm256_storeu_ps(o + 18, _mm256_permute2f128_ps(s3, s7, 0x20));
-    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(s0, s4, 0x31));
-    _mm256_storeu_ps(o + 30, _mm256_permute2f128_ps(s1, s5, 0x31));
-    _mm256_storeu_ps(o + 36, _mm256_permute2f128_ps(s2, s6, 0x31));
-    _mm256_storeu_ps(o + 42, _mm256_permute2f128_ps(s3, s7, 0x31));
+    fc_tr8x8_regs(_mm256_loadu_ps(s), _mm256_loadu_ps(s + lds), _mm256_loadu_ps(s + 2 * lds),
+                  _mm256_loadu_ps(s + 3 * lds), _mm256_loadu_ps(s + 4 * lds),
+                  _mm256_loadu_ps(s + 5 * lds), z, z, o, 6);
 }
 FC_T256 static void fc_transpose_f_256(const float* src, ptrdiff_t rows, ptrdiff_t cols,
                                        ptrdiff_t lds, float* dst, ptrdiff_t ldd) {

@@ -1211,12 +1211,11 @@ static void fc_maxpool33s2_d(const double* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_
 #ifdef FC_HAVE_AVX2_PATH
 /* o[j * ldo + r] = s[r * lds + j] for r, j < 8: an 8x8 transpose in registers (also the own
    GEMM's transposes, _gemm.h) */
-FC_AVX2 static inline void fc_tr8x8_ps(const float* s, ptrdiff_t lds, float* o,
-                                       ptrdiff_t ldo) {
-    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds);
-    __m256 r2 = _mm256_loadu_ps(s + 2 * lds), r3 = _mm256_loadu_ps(s + 3 * lds);
-    __m256 r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds);
-    __m256 r6 = _mm256_loadu_ps(s + 6 * lds), r7 = _mm256_loadu_ps(s + 7 * lds);
+/* the 8x8 transpose of rows r0..r7 into o (column j at o + j * ldo), stores in increasing
+   order of j (fc_tr6x8_ps in _gemm.h relies on it) */
+FC_AVX2 static inline void fc_tr8x8_regs(__m256 r0, __m256 r1, __m256 r2, __m256 r3, __m256 r4,
+                                         __m256 r5, __m256 r6, __m256 r7, float* o,
+                                         ptrdiff_t ldo) {
     __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
     __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
     __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -1233,6 +1232,13 @@ FC_AVX2 static inline void fc_tr8x8_ps(const float* s, ptrdiff_t lds, float* o,
     _mm256_storeu_ps(o + 5 * ldo, _mm256_permute2f128_ps(s1, s5, 0x31));
     _mm256_storeu_ps(o + 6 * ldo, _mm256_permute2f128_ps(s2, s6, 0x31));
     _mm256_storeu_ps(o + 7 * ldo, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+FC_AVX2 static inline void fc_tr8x8_ps(const float* s, ptrdiff_t lds, float* o,
+                                       ptrdiff_t ldo) {
+    fc_tr8x8_regs(_mm256_loadu_ps(s), _mm256_loadu_ps(s + lds), _mm256_loadu_ps(s + 2 * lds),
+                  _mm256_loadu_ps(s + 3 * lds), _mm256_loadu_ps(s + 4 * lds),
+                  _mm256_loadu_ps(s + 5 * lds), _mm256_loadu_ps(s + 6 * lds),
+                  _mm256_loadu_ps(s + 7 * lds), o, ldo);
 }
 FC_AVX2 static inline void fc_lanes_in8_f(const float* x, ptrdiff_t HW, ptrdiff_t i0,
                                           float* b) {
