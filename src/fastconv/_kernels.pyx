@@ -1197,10 +1197,10 @@ def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H
                     Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
                     Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize):
     """(np, rows, Rb, Wp) of conv2d_direct: pixels per tile (OW in tiles of at most 14 at
-    AVX-512, 6 at AVX2, evened out), output rows per work item (a whole image, unless its padded rows pass
-    384 KiB or several threads have fewer (image, group) items than 4 each), padded rows
-    and their length; a thread's scratch row holds Cg * Rb * Wp values.  (A 5x5 on one
-    32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
+    AVX-512, 6 at AVX2, evened out), output rows per work item (a whole image, unless its
+    padded rows pass 384 KiB or several threads have fewer (image, group) items than 4
+    each), padded rows and their length; a thread's scratch row holds Cg * Rb * Wp values.
+    (A 5x5 on one 32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
     cdef Py_ssize_t NPX = fc_direct_np()
     cdef Py_ssize_t ntl = (OW + NPX - 1) // NPX
     cdef Py_ssize_t np = (OW + ntl - 1) // ntl

@@ -483,7 +483,7 @@ def _use_direct(geo, Cg, dt, pool, N):
     work = N * geo["L"] * geo["OH"] * geo["OW"] * Cg * kH * kW
     batch = N * g >= 2 * _team(N * g, work)
     if sH * sW > 1 and Cg <= 16:        # a stem: 7x7 s2 from 3 channels 1.37x at batch 1-2
-        return batch and not avx2 or kH * kW >= 25
+        return (batch and not avx2) or kH * kW >= 25
     if sH * sW > 1:                     # 3x3 s2 64->128 1.04-1.06x, 128->256 0.99-1.00x
         return batch and Cg <= 64 and not avx2
     return batch and kH * kW >= 25
