@@ -100,6 +100,71 @@ def test_direct_same_numbers_as_im2col(level, data):
     close(np.where(nan, 0, y), np.where(nan, 0, expected), dtype)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", DIRECT_LEVELS or ["none"])
+@given(data=st.data())
+def test_direct_fused_max_pool(level, data):
+    """Conv2d -> [ReLU ->] MaxPool2d fused into the direct kernels (windows that tile the
+    output: kernel == stride, floor mode; each band of rows pooled once computed), keeping
+    the convolution's output or not: bit for bit the own GEMM's fused pooling, and the
+    reference's max-pool of the convolution: windows 1x1 to 3x3 (rows and columns left over),
+    strides, paddings, groups, NaN in the input, 1-3 threads (bands of whole windows when
+    there are few images), both dtypes, at each level; inputs unchanged."""
+    draw = data.draw
+    dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    with at_level(level):
+        block = _kernels.direct_block(np.dtype(dtype).itemsize)
+    groups = draw(st.integers(1, 2), label="groups")
+    cg = draw(st.integers(groups, 4), label="cg")       # (one channel per group: depthwise)
+    lg = block * draw(st.integers(1, 2), label="blocks")
+    kh, kw = draw(st.integers(1, 5), label="kH"), draw(st.integers(1, 5), label="kW")
+    s = (draw(st.integers(1, 2), label="sH"), draw(st.integers(1, 2), label="sW"))
+    p = (draw(st.integers(0, 2), label="pH"), draw(st.integers(0, 2), label="pW"))
+    pool = (draw(st.integers(1, 3), label="pkH"), draw(st.integers(1, 3), label="pkW"))
+    # output rows / columns: at least one window, some left over
+    oh = pool[0] * draw(st.integers(1, 5), label="wh") + draw(st.integers(0, pool[0] - 1), "rh")
+    ow = pool[1] * draw(st.integers(1, 8), label="ww") + draw(st.integers(0, pool[1] - 1), "rw")
+    h = (oh - 1) * s[0] + kh - 2 * p[0]
+    w = (ow - 1) * s[1] + kw - 2 * p[1]
+    if h < 1 or w < 1:
+        h, w, p = (oh - 1) * s[0] + kh, (ow - 1) * s[1] + kw, (0, 0)
+    n = draw(st.integers(1, 3), label="N")
+    threads = draw(st.integers(1, 3), label="threads")
+    relu = draw(st.booleans(), label="relu")
+    keep = draw(st.booleans(), label="keep")
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    if draw(st.booleans(), label="nan"):
+        x[rng.integers(n), rng.integers(cg * groups), rng.integers(h), rng.integers(w)] = np.nan
+    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
+    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    x0 = x.copy()
+    calls = []
+    real = F._direct
+    with num_threads(threads), at_level(level), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "_direct", lambda *a: calls.append(1) or real(*a))
+        (y, pooled), (y0, pooled0) = both_ways(x, wt, b, s, p, 1, groups, None, relu,
+                                               pool=pool, keep=keep)
+    assert calls == [1]
+    np.testing.assert_array_equal(pooled, pooled0)
+    np.testing.assert_array_equal(x, x0)
+    conv = ref.conv2d(x, wt, b, stride=s, padding=p, groups=groups)
+    if relu:
+        conv = np.maximum(conv, 0)
+    assert conv.shape[2:] == (oh, ow)
+    if keep:
+        np.testing.assert_array_equal(y, y0)
+        nan = np.isnan(conv)
+        np.testing.assert_array_equal(np.isnan(y), nan)
+        close(np.where(nan, 0, y), np.where(nan, 0, conv), dtype)
+    else:
+        assert y is None and y0 is None
+    expected = ref.max_pool2d(conv, pool)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(pooled), nan)
+    close(np.where(nan, 0, pooled), np.where(nan, 0, expected), dtype)
+
+
 @pytest.mark.parametrize("case,dtype", [
     # (N, C, L, H, W, k, stride, padding): shapes the automatic rule sends to the kernels
     ((4, 8, 32, 10, 12, 5, 1, 2), np.float32),        # 5x5, a batch
@@ -138,7 +203,7 @@ def test_direct_automatic_cases(level, case, dtype, monkeypatch):
 def test_direct_rule(level):
     """The automatic rule: 5x5 batches and 7x7 stride-2 stems in both dtypes; at AVX-512 3x3
     stride 2 in float64 and, from at most 64 channels, in float32; never taps that sum fewer
-    than 64 values, a fused max-pool, output channels off the block size, a stride of 3
+    than 64 values, output channels off the block size, a stride of 3
     across, or tiles narrower than 10 pixels (AVX-512) / 4 (AVX2)."""
     avx2 = level == "avx2"
     def use(N, C, L, k, s, dtype, H=20, pool=None, groups=1):
@@ -159,7 +224,8 @@ def test_direct_rule(level):
         assert use(1, 64, 64, 5, 1, np.float64)
         assert not use(1, 64, 64, 5, 1, np.float32)     # batch 1: im2col + GEMM
         assert not use(8, 1, 32, 5, 1, np.float32)      # 25 taps
-        assert not use(8, 32, 64, 5, 1, np.float32, pool=(2, 2))
+        assert use(8, 32, 64, 5, 1, np.float32, pool=(2, 2))    # the pool fused in too
+        assert not use(1, 32, 64, 5, 1, np.float32, pool=(2, 2))
         assert not use(8, 32, 40, 5, 1, np.float32)     # 40 channels: not whole blocks
         assert not use(8, 32, 64, 5, (1, 3), np.float32)
         assert not use(8, 32, 64, 3, 1, np.float32)     # 3x3 stride 1: Winograd / GEMM

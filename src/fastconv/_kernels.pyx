@@ -1195,11 +1195,14 @@ def direct_block(Py_ssize_t itemsize):
 def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H,
                     Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                     Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
-                    Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize):
+                    Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize,
+                    Py_ssize_t pkH=0):
     """(np, rows, Rb, Wp) of conv2d_direct: pixels per tile (OW in tiles of at most 14 at
     AVX-512, 6 at AVX2, evened out), output rows per work item (a whole image, unless its
     padded rows pass 384 KiB or several threads have fewer (image, group) items than 4
-    each), padded rows and their length; a thread's scratch row holds Cg * Rb * Wp values.
+    each; with a fused max-pool of pkH rows, whole windows of rows), padded rows and their
+    length; a thread's scratch row holds Cg * Rb * Wp values, and with a fused max-pool whose
+    input is not kept Lg * rows * OW more (the band's output).
     (A 5x5 on one 32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
     cdef Py_ssize_t NPX = fc_direct_np()
     cdef Py_ssize_t ntl = (OW + NPX - 1) // NPX
@@ -1215,22 +1218,29 @@ def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H
         parts = (4 * threads + N * groups - 1) // (N * groups)
         rows = min(rows, max((OH + parts - 1) // parts, 1))
     rows = min(rows, OH)
+    if pkH > 0 and rows < OH:
+        rows = max(rows // pkH, 1) * pkH
     Rb = (rows - 1) * sH + (kH - 1) * dH + 1
     return np, rows, Rb, Wp
 
 
 cdef struct DirJob:
     # conv2d_direct on the pool: item = (image, group, band of `rows` output rows); the band's
-    # zero-padded input rows (Cg x Rb x Wp) are made in the thread's scratch row
+    # zero-padded input rows (Cg x Rb x Wp) are made in the thread's scratch row.  With a
+    # fused max-pool (pkH > 0; windows that tile the output, kernel == stride, floor mode),
+    # bands are whole rows of windows, each pooled into `pool` once computed: from out, or
+    # (not keep) from the band's output in the scratch row after the padded rows
     const void* x
     const void* w
     const void* b
     void* out
+    void* pool
     void* pad
     const Py_ssize_t* off
     Py_ssize_t ncol, C, H, W, L, Cg, Lg, K, groups, sH, sW, pH, pW, OH, OW, rows, nband, Rb, Wp
+    Py_ssize_t pkH, pkW, POH, POW
     int np
-    bint has_bias, relu, dbl
+    bint has_bias, relu, dbl, keep
     unsigned char* zeroed       # [tid]: the thread's padded rows zeroed in this call
 
 
@@ -1242,7 +1252,15 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
     cdef floating* row
     cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * W
     cdef const floating* b = <const floating*> j.b + g * j.Lg if j.has_bias else NULL
-    cdef floating* out = <floating*> j.out + ((n * j.L + g * j.Lg) * j.OH + r0) * j.OW
+    cdef floating* out
+    cdef Py_ssize_t plane = j.OH * j.OW
+    if j.keep:
+        out = <floating*> j.out + ((n * j.L + g * j.Lg) * j.OH + r0) * j.OW
+    else:       # only pooled: the rows of whole windows, into the scratch row
+        nr = min(nr, j.POH * j.pkH - r0)
+        if nr <= 0:
+            return
+        out, plane = xp + j.Cg * j.Rb * Wp, nr * j.OW
     if not j.zeroed[tid]:
         # the padding columns are never written after this: only the rows' middles change
         memset(xp, 0, j.Cg * j.Rb * Wp * sizeof(floating))
@@ -1257,10 +1275,14 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
                 memcpy(row, x + (c * j.H + ih) * W, W * sizeof(floating))
     if floating is float:
         fc_direct_rows_f(j.K, j.Lg, <const float*> j.w + g * j.Lg * j.K, xp, j.sH, Wp, j.sW,
-                         nr, j.OW, j.np, j.off, out, j.OH * j.OW, b, j.relu)
+                         nr, j.OW, j.np, j.off, out, plane, b, j.relu)
     else:
         fc_direct_rows_d(j.K, j.Lg, <const double*> j.w + g * j.Lg * j.K, xp, j.sH, Wp,
-                         j.sW, nr, j.OW, j.np, j.off, out, j.OH * j.OW, b, j.relu)
+                         j.sW, nr, j.OW, j.np, j.off, out, plane, b, j.relu)
+    if j.pkH > 0:
+        pool_band(out, plane, j.Lg, r0, nr, j.OW,
+                  <floating*> j.pool + (n * j.L + g * j.Lg) * j.POH * j.POW,
+                  j.POH, j.POW, j.pkH, j.pkW)
 
 
 cdef void dir_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -1275,16 +1297,24 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
                   const floating[::1] bias, floating[:, :, :, ::1] out,
                   floating[:, ::1] scratch, Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH,
                   Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t groups,
-                  bint has_bias, int num_threads, bint relu=False):
+                  bint has_bias, int num_threads, bint relu=False,
+                  floating[:, :, :, ::1] pool_out=None, Py_ssize_t pkH=0, Py_ssize_t pkW=0,
+                  Py_ssize_t OH=0, Py_ssize_t OW=0):
     """conv2d_forward by the direct kernels (_direct.h; direct_ok() only): sW 1 or 2, the
-    output channels of a group a multiple of direct_block(itemsize), paddings >= 0; out's
-    size gives the bottom and right padding (taps past the input read zeros).  scratch:
-    (threads, n) with n >= Cg * Rb * Wp of direct_geometry, whose other values this
-    recomputes."""
+    output channels of a group a multiple of direct_block(itemsize), paddings >= 0; the
+    output's size gives the bottom and right padding (taps past the input read zeros).
+    scratch: (threads, n) with n >= Cg * Rb * Wp of direct_geometry (its other values are
+    recomputed here), + Lg * rows * OW when out is None.
+
+    pool_out: also pool_out = max_pool2d(out, (pkH, pkW)) (stride = kernel, no padding, floor
+    mode), each band of rows pooled while it is in cache; out may then be None (the
+    convolution's output is not kept; OH, OW give its size), as in conv2d_forward."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
     cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3]
-    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3]
+    cdef bint keep = out is not None, pooled = pool_out is not None
+    if keep:
+        OH, OW = out.shape[2], out.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, ML = fc_direct_block(sizeof(floating))
     cdef Py_ssize_t l, k, c, kh, kw
     cdef DirJob j
@@ -1293,12 +1323,21 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     if not fc_direct_ok():
         raise ValueError("conv2d_direct: needs the AVX-512 or AVX2 level of the own GEMM")
     if (sW != 1 and sW != 2) or Lg % ML or L % groups or C != Cg * groups or \
-            out.shape[0] != N or out.shape[1] != L or sH < 1 or dH < 1 or dW < 1 or \
-            pH < 0 or pW < 0:
+            (keep and (out.shape[0] != N or out.shape[1] != L)) or sH < 1 or dH < 1 or \
+            dW < 1 or pH < 0 or pW < 0 or OH < 0 or OW < 0:
         raise ValueError("conv2d_direct: unsupported geometry")
+    if pooled and (pkH < 1 or pkW < 1 or pool_out.shape[2] != OH // pkH
+                   or pool_out.shape[3] != OW // pkW or pool_out.shape[2] < 1
+                   or pool_out.shape[3] < 1 or pool_out.shape[1] != L
+                   or pool_out.shape[0] != N):
+        raise ValueError("conv2d_direct: pool_out does not match the pooled output")
+    if not keep and not pooled:
+        raise ValueError("conv2d_direct: out may be None only with pool_out")
     np_, rows, Rb, Wp = direct_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH,
-                                        OW, num_threads, sizeof(floating))
-    if scratch.shape[0] < num_threads or scratch.shape[1] < Cg * Rb * Wp:
+                                        OW, num_threads, sizeof(floating),
+                                        pkH if pooled else 0)
+    if scratch.shape[0] < num_threads or \
+            scratch.shape[1] < Cg * Rb * Wp + (0 if keep else Lg * rows * OW):
         raise ValueError("conv2d_direct: scratch is smaller than one band of padded rows")
     if N == 0 or L == 0 or OH == 0 or OW == 0:
         return
@@ -1320,7 +1359,12 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
         for kh in range(kH):
             for kw in range(kW):
                 off[(c * kH + kh) * kW + kw] = (c * Rb + kh * dH) * Wp + kw * dW
-    j.x, j.w, j.out, j.pad, j.off = &x[0, 0, 0, 0], wd, &out[0, 0, 0, 0], &scratch[0, 0], off
+    j.x, j.w, j.pad, j.off = &x[0, 0, 0, 0], wd, &scratch[0, 0], off
+    j.out = &out[0, 0, 0, 0] if keep else NULL
+    j.pool = &pool_out[0, 0, 0, 0] if pooled else NULL
+    j.pkH, j.pkW, j.POH, j.POW, j.keep = 0, 0, 0, 0, keep
+    if pooled:
+        j.pkH, j.pkW, j.POH, j.POW = pkH, pkW, pool_out.shape[2], pool_out.shape[3]
     j.b = &bias[0] if has_bias else NULL
     j.ncol, j.C, j.H, j.W, j.L, j.Cg, j.Lg, j.K = scratch.shape[1], C, H, W, L, Cg, Lg, K
     j.groups, j.sH, j.sW, j.pH, j.pW, j.OH, j.OW = groups, sH, sW, pH, pW, OH, OW

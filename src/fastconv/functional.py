@@ -463,10 +463,12 @@ def _use_direct(geo, Cg, dt, pool, N):
     16-64) 1.12-1.26x / 1.06-1.11x, 7x7 stride-2 stems 1.26-1.35x / 1.30-1.32x, float64 5x5
     1.12-1.21x (batch 1 too), stems 1.18-1.37x; but 3x3 stride 2 0.94-1.08x in float32 and
     0.86-1.08x in float64, and a float32 5x5 at batch 1 0.98-0.99x: only the 5x5s and up.
-    A convolution fused with a max-pool keeps the own GEMM: the direct kernels and then the
-    pool measured level with it at AVX2 (the LeNet-style model's forward at batch 64: 20.8
-    against 20.7 ms, though its conv2 alone is 1.12x by the direct kernels)."""
-    if _DIRECT == "never" or pool is not None or not _kernels.direct_ok():
+    A max-pool fused after the convolution (nn.Sequential's Conv2d -> ReLU -> MaxPool2d) is
+    fused into the direct kernels too, each band of rows pooled once computed (as in the own
+    GEMM): the LeNet-style model's conv2 (32 -> 64 5x5 on 14x14, 2x2 pool), batch 64, 1.07x /
+    1.08x the own GEMM's fused pooling at 1 / 2 threads, float64 1.14x, batch 8 1.03x (Zen
+    3, 2026-12-04; a separate pool after the direct kernels had measured level with it)."""
+    if _DIRECT == "never" or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
     Lg, g = geo["L"] // geo["g"], geo["g"]
@@ -512,16 +514,20 @@ def _flipped(weight, g, dt):
                                 [..., ::-1, ::-1].reshape(g * Cg, L // g, kH, kW), dtype=dt)
 
 
-def _direct(xc, wc, bc, out, geo, relu, N, dt, fn):
-    """out = conv2d by the direct kernels (see _use_direct)."""
+def _direct(xc, wc, bc, out, geo, relu, N, dt, fn, pooled=None, pool=(0, 0)):
+    """out = conv2d by the direct kernels (see _use_direct); with pooled, also pooled =
+    max_pool2d(out, pool) (windows that tile it), each band of rows pooled while it is in
+    cache, and out may be None (not kept)."""
     (kH, kW), (sH, sW), (dH, dW), pad = geo["k"], geo["s"], geo["d"], geo["pad"]
-    g, Cg, OH, OW = geo["g"], wc.shape[1], out.shape[2], out.shape[3]
+    g, Cg, OH, OW, Lg = geo["g"], wc.shape[1], geo["OH"], geo["OW"], geo["L"] // geo["g"]
     team = _team(N * g * OH, N * geo["L"] * OH * OW * Cg * kH * kW)
-    _, _, Rb, Wp = _kernels.direct_geometry(N, g, Cg, xc.shape[2], xc.shape[3], kH, kW, sH,
-                                            sW, pad[2], dH, dW, OH, OW, team, dt.itemsize)
-    scratch = _scratch(team, Cg * Rb * Wp, dt, fn)
+    pkH, pkW = pool
+    _, rows, Rb, Wp = _kernels.direct_geometry(N, g, Cg, xc.shape[2], xc.shape[3], kH, kW, sH,
+                                               sW, pad[2], dH, dW, OH, OW, team, dt.itemsize,
+                                               pkH)
+    scratch = _scratch(team, Cg * Rb * Wp + (Lg * rows * OW if out is None else 0), dt, fn)
     _kernels.conv2d_direct(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
-                           bc.shape[0] > 0, team, relu)
+                           bc.shape[0] > 0, team, relu, pooled, pkH, pkW, OH, OW)
 
 
 # Winograd's transformed (and packed) weights kept per Python thread for calls on at most
@@ -713,8 +719,9 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     depthwise = _is_depthwise(geo, weight)
     wino = not depthwise and _use_winograd(geo, weight)
-    wpack = _EMPTY[dt.char] if depthwise or wino else _wpack(L // g, K, g, dt, fn)
-    if pool is not None and (depthwise or wino or not wpack.size):
+    direct = not (depthwise or wino) and _use_direct(geo, weight.shape[1], dt, pool, N)
+    wpack = _EMPTY[dt.char] if depthwise or wino or direct else _wpack(L // g, K, g, dt, fn)
+    if pool is not None and not direct and (depthwise or wino or not wpack.size):
         y = _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu)
         return (y if keep else None), max_pool2d(y, pool)
     if pool is not None:
@@ -730,9 +737,12 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         _kernels.depthwise_forward(xc, wc, bc, out, sH, sW, pad[0], pad[2], dH, dW,
                                    b is not None, _team(N * L, N * L * OH * OW * K))
         return done(_relu_inplace(out) if relu else out)
-    if not wino and _use_direct(geo, weight.shape[1], dt, pool, N):
-        _direct(xc, wc, bc, out, geo, relu, N, dt, fn)
-        return done(out)
+    if direct:
+        if pool is None:
+            _direct(xc, wc, bc, out, geo, relu, N, dt, fn)
+            return done(out)
+        _direct(xc, wc, bc, out if keep else None, geo, relu, N, dt, fn, pooled, pool)
+        return (done(out) if keep else None), pooled
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     if wino:
         # fewer images than threads: the kernel shares each image's work among them
