@@ -40,6 +40,19 @@ def level(request):
         yield request.param
 
 
+@contextlib.contextmanager
+def chunks(taps, block, dtype):
+    """The direct kernels' K blocking in chunks of `taps` taps (None: as set)."""
+    if taps is None:
+        yield
+        return
+    old = _kernels.set_direct_kc(taps * block * np.dtype(dtype).itemsize, 0)
+    try:
+        yield
+    finally:
+        _kernels.set_direct_kc(*old)
+
+
 def close(actual, expected, dtype):
     _close(actual, expected, dtype, atol32=2e-5)
 
@@ -63,7 +76,8 @@ def test_direct_same_numbers_as_im2col(level, data):
     """Kernels 1x1 to 7x7, strides 1-3 down and 1-2 across, dilations, paddings (asymmetric
     'same' too), groups, one or two blocks of output channels per group, output rows wider
     than a tile (tails of every width), bias, the fused ReLU, NaN in the input, 1-3 threads
-    (bands of rows when there are few images), both dtypes, at each level."""
+    (bands of rows when there are few images), the taps in one pass or in chunks of 1-25
+    (K blocking: the sums kept between chunks), both dtypes, at each level."""
     draw = data.draw
     dtype = draw(st.sampled_from([np.float32, np.float64]), label="dtype")
     with at_level(level):
@@ -81,6 +95,7 @@ def test_direct_same_numbers_as_im2col(level, data):
     n = draw(st.integers(1, 3), label="N")
     threads = draw(st.integers(1, 3), label="threads")
     relu = draw(st.booleans(), label="relu")
+    taps = draw(st.sampled_from([None, 1, 3, 8, 25]), label="chunk")
     rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
     x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
     if draw(st.booleans(), label="nan"):
@@ -88,7 +103,7 @@ def test_direct_same_numbers_as_im2col(level, data):
     wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
     b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
     x0 = x.copy()
-    with num_threads(threads), at_level(level):
+    with num_threads(threads), at_level(level), chunks(taps, block, dtype):
         y, y0 = both_ways(x, wt, b, s, p, d, groups, None, relu)
     np.testing.assert_array_equal(y, y0)
     np.testing.assert_array_equal(x, x0)
@@ -132,6 +147,7 @@ def test_direct_fused_max_pool(level, data):
     threads = draw(st.integers(1, 3), label="threads")
     relu = draw(st.booleans(), label="relu")
     keep = draw(st.booleans(), label="keep")
+    taps = draw(st.sampled_from([None, 1, 7]), label="chunk")
     rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
     x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
     if draw(st.booleans(), label="nan"):
@@ -141,7 +157,8 @@ def test_direct_fused_max_pool(level, data):
     x0 = x.copy()
     calls = []
     real = F._direct
-    with num_threads(threads), at_level(level), pytest.MonkeyPatch.context() as mp:
+    with num_threads(threads), at_level(level), chunks(taps, block, dtype), \
+            pytest.MonkeyPatch.context() as mp:
         mp.setattr(F, "_direct", lambda *a: calls.append(1) or real(*a))
         (y, pooled), (y0, pooled0) = both_ways(x, wt, b, s, p, 1, groups, None, relu,
                                                pool=pool, keep=keep)

@@ -1163,11 +1163,13 @@ cdef extern from "_direct.h":
     void fc_direct_rows_f(Py_ssize_t K, Py_ssize_t Lg, const float* w, const float* xp,
                           Py_ssize_t sH, Py_ssize_t Wp, Py_ssize_t sW, Py_ssize_t nrows,
                           Py_ssize_t OW, int np, const Py_ssize_t* off, float* out,
-                          Py_ssize_t plane, const float* bias, int relu) nogil
+                          Py_ssize_t plane, const float* bias, int relu, float* acc) nogil
     void fc_direct_rows_d(Py_ssize_t K, Py_ssize_t Lg, const double* w, const double* xp,
                           Py_ssize_t sH, Py_ssize_t Wp, Py_ssize_t sW, Py_ssize_t nrows,
                           Py_ssize_t OW, int np, const Py_ssize_t* off, double* out,
-                          Py_ssize_t plane, const double* bias, int relu) nogil
+                          Py_ssize_t plane, const double* bias, int relu, double* acc) nogil
+    Py_ssize_t fc_direct_acc(Py_ssize_t OW, Py_ssize_t ML, Py_ssize_t itemsize) nogil
+    Py_ssize_t fc_direct_kc_bytes, fc_direct_kc_min
 
 
 # bytes of one item's padded input rows above which the direct convolution splits an image
@@ -1192,6 +1194,26 @@ def direct_block(Py_ssize_t itemsize):
     return fc_direct_block(itemsize)
 
 
+def set_direct_kc(Py_ssize_t nbytes, Py_ssize_t min_bytes):
+    """Set the direct kernels' K blocking: where a block's packed weights take at least
+    min_bytes, chunks of taps of at most nbytes of them (<= 0: all taps in one pass; the
+    numbers are the same either way); returns the previous (nbytes, min_bytes).  For tests
+    and measurements."""
+    global fc_direct_kc_bytes, fc_direct_kc_min
+    old = fc_direct_kc_bytes, fc_direct_kc_min
+    fc_direct_kc_bytes, fc_direct_kc_min = nbytes, min_bytes
+    return old
+
+
+def direct_scratch(Py_ssize_t Cg, Py_ssize_t Rb, Py_ssize_t Wp, Py_ssize_t Lg,
+                   Py_ssize_t rows, Py_ssize_t OW, bint keep, Py_ssize_t itemsize):
+    """Values of one thread's scratch row for conv2d_direct (from direct_geometry's rows, Rb,
+    Wp): the band's padded input rows, its output when not kept (a fused max-pool's), and
+    the sums of a group of rows (fc_direct_acc)."""
+    cdef Py_ssize_t ML = fc_direct_block(itemsize)
+    return Cg * Rb * Wp + (0 if keep else Lg * rows * OW) + fc_direct_acc(OW, ML, itemsize)
+
+
 def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H,
                     Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                     Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
@@ -1201,8 +1223,7 @@ def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H
     AVX-512, 6 at AVX2, evened out), output rows per work item (a whole image, unless its
     padded rows pass 384 KiB or several threads have fewer (image, group) items than 4
     each; with a fused max-pool of pkH rows, whole windows of rows), padded rows and their
-    length; a thread's scratch row holds Cg * Rb * Wp values, and with a fused max-pool whose
-    input is not kept Lg * rows * OW more (the band's output).
+    length; a thread's scratch row holds direct_scratch(...) values.
     (A 5x5 on one 32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
     cdef Py_ssize_t NPX = fc_direct_np()
     cdef Py_ssize_t ntl = (OW + NPX - 1) // NPX
@@ -1253,6 +1274,7 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
     cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * W
     cdef const floating* b = <const floating*> j.b + g * j.Lg if j.has_bias else NULL
     cdef floating* out
+    cdef floating* acc = xp + j.Cg * j.Rb * Wp + (0 if j.keep else j.Lg * j.rows * j.OW)
     cdef Py_ssize_t plane = j.OH * j.OW
     if j.keep:
         out = <floating*> j.out + ((n * j.L + g * j.Lg) * j.OH + r0) * j.OW
@@ -1275,10 +1297,10 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
                 memcpy(row, x + (c * j.H + ih) * W, W * sizeof(floating))
     if floating is float:
         fc_direct_rows_f(j.K, j.Lg, <const float*> j.w + g * j.Lg * j.K, xp, j.sH, Wp, j.sW,
-                         nr, j.OW, j.np, j.off, out, plane, b, j.relu)
+                         nr, j.OW, j.np, j.off, out, plane, b, j.relu, acc)
     else:
         fc_direct_rows_d(j.K, j.Lg, <const double*> j.w + g * j.Lg * j.K, xp, j.sH, Wp,
-                         j.sW, nr, j.OW, j.np, j.off, out, plane, b, j.relu)
+                         j.sW, nr, j.OW, j.np, j.off, out, plane, b, j.relu, acc)
     if j.pkH > 0:
         pool_band(out, plane, j.Lg, r0, nr, j.OW,
                   <floating*> j.pool + (n * j.L + g * j.Lg) * j.POH * j.POW,
@@ -1303,8 +1325,8 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     """conv2d_forward by the direct kernels (_direct.h; direct_ok() only): sW 1 or 2, the
     output channels of a group a multiple of direct_block(itemsize), paddings >= 0; the
     output's size gives the bottom and right padding (taps past the input read zeros).
-    scratch: (threads, n) with n >= Cg * Rb * Wp of direct_geometry (its other values are
-    recomputed here), + Lg * rows * OW when out is None.
+    scratch: (threads, n) with n >= direct_scratch(...) of direct_geometry's values (which
+    are recomputed here).
 
     pool_out: also pool_out = max_pool2d(out, (pkH, pkW)) (stride = kernel, no padding, floor
     mode), each band of rows pooled while it is in cache; out may then be None (the
@@ -1337,7 +1359,7 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
                                         OW, num_threads, sizeof(floating),
                                         pkH if pooled else 0)
     if scratch.shape[0] < num_threads or \
-            scratch.shape[1] < Cg * Rb * Wp + (0 if keep else Lg * rows * OW):
+            scratch.shape[1] < direct_scratch(Cg, Rb, Wp, Lg, rows, OW, keep, sizeof(floating)):
         raise ValueError("conv2d_direct: scratch is smaller than one band of padded rows")
     if N == 0 or L == 0 or OH == 0 or OW == 0:
         return

@@ -525,7 +525,8 @@ def _direct(xc, wc, bc, out, geo, relu, N, dt, fn, pooled=None, pool=(0, 0)):
     _, rows, Rb, Wp = _kernels.direct_geometry(N, g, Cg, xc.shape[2], xc.shape[3], kH, kW, sH,
                                                sW, pad[2], dH, dW, OH, OW, team, dt.itemsize,
                                                pkH)
-    scratch = _scratch(team, Cg * Rb * Wp + (Lg * rows * OW if out is None else 0), dt, fn)
+    scratch = _scratch(team, _kernels.direct_scratch(Cg, Rb, Wp, Lg, rows, OW, out is not None,
+                                                     dt.itemsize), dt, fn)
     _kernels.conv2d_direct(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
                            bc.shape[0] > 0, team, relu, pooled, pkH, pkW, OH, OW)
 
