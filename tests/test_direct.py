@@ -243,6 +243,9 @@ def test_direct_rule(level):
         assert not use(8, 1, 32, 5, 1, np.float32)      # 25 taps
         assert use(8, 32, 64, 5, 1, np.float32, pool=(2, 2))    # the pool fused in too
         assert not use(1, 32, 64, 5, 1, np.float32, pool=(2, 2))
+        assert use(8, 32, 64, 5, 1, np.float64, pool=(2, 2))
+        assert not use(1, 32, 64, 5, 1, np.float64, pool=(2, 2))    # batch 1: the GEMM's
+        assert use(1, 32, 64, 5, 1, np.float64)                     # (without the pool)
         assert not use(8, 32, 40, 5, 1, np.float32)     # 40 channels: not whole blocks
         assert not use(8, 32, 64, 5, (1, 3), np.float32)
         assert not use(8, 32, 64, 3, 1, np.float32)     # 3x3 stride 1: Winograd / GEMM

@@ -467,7 +467,8 @@ def _use_direct(geo, Cg, dt, pool, N):
     fused into the direct kernels too, each band of rows pooled once computed (as in the own
     GEMM): the LeNet-style model's conv2 (32 -> 64 5x5 on 14x14, 2x2 pool), batch 64, 1.07x /
     1.08x the own GEMM's fused pooling at 1 / 2 threads, float64 1.14x, batch 8 1.03x (Zen
-    3, 2026-12-04; a separate pool after the direct kernels had measured level with it)."""
+    3, 2026-12-04; a separate pool after the direct kernels had measured level with it), but
+    at batch 1 0.80x (float32) and 0.90x (float64): a fused pool only over a batch."""
     if _DIRECT == "never" or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
@@ -480,10 +481,12 @@ def _use_direct(geo, Cg, dt, pool, N):
     narrow = 4 if avx2 else 10                      # the narrowest tile worth it
     if kH * kW < 9 or Cg * kH * kW < 64 or -(-ow // -(-ow // npx)) < narrow:
         return False
-    if dt.itemsize == 8:
-        return kH * kW >= 25 or (sH * sW > 1 and not avx2)
     work = N * geo["L"] * geo["OH"] * geo["OW"] * Cg * kH * kW
     batch = N * g >= 2 * _team(N * g, work)
+    if pool is not None and not batch:      # (float64 batch 1, fused pool: 0.90x the GEMM's)
+        return False
+    if dt.itemsize == 8:
+        return kH * kW >= 25 or (sH * sW > 1 and not avx2)
     if sH * sW > 1 and Cg <= 16:        # a stem: 7x7 s2 from 3 channels 1.37x at batch 1-2
         return (batch and not avx2) or kH * kW >= 25
     if sH * sW > 1:                     # 3x3 s2 64->128 1.04-1.06x, 128->256 0.99-1.00x
