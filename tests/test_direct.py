@@ -53,6 +53,17 @@ def chunks(taps, block, dtype):
         _kernels.set_direct_kc(*old)
 
 
+def conv_inputs(draw, dtype, n, groups, cg, lg, h, w, kh, kw):
+    """(x, weight, bias or None) of a drawn convolution: uniform values, a NaN in x or not."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
+    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    if draw(st.booleans(), label="nan"):
+        x[rng.integers(n), rng.integers(cg * groups), rng.integers(h), rng.integers(w)] = np.nan
+    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
+    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    return x, wt, b
+
+
 def close(actual, expected, dtype):
     _close(actual, expected, dtype, atol32=2e-5)
 
@@ -96,12 +107,7 @@ def test_direct_same_numbers_as_im2col(level, data):
     threads = draw(st.integers(1, 3), label="threads")
     relu = draw(st.booleans(), label="relu")
     taps = draw(st.sampled_from([None, 1, 3, 8, 25]), label="chunk")
-    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
-    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
-    if draw(st.booleans(), label="nan"):
-        x[rng.integers(n), rng.integers(cg * groups), rng.integers(h), rng.integers(w)] = np.nan
-    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
-    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    x, wt, b = conv_inputs(draw, dtype, n, groups, cg, lg, h, w, kh, kw)
     x0 = x.copy()
     with num_threads(threads), at_level(level), chunks(taps, block, dtype):
         y, y0 = both_ways(x, wt, b, s, p, d, groups, None, relu)
@@ -148,12 +154,7 @@ def test_direct_fused_max_pool(level, data):
     relu = draw(st.booleans(), label="relu")
     keep = draw(st.booleans(), label="keep")
     taps = draw(st.sampled_from([None, 1, 7]), label="chunk")
-    rng = np.random.default_rng(draw(st.integers(0, 2**31), label="seed"))
-    x = rng.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
-    if draw(st.booleans(), label="nan"):
-        x[rng.integers(n), rng.integers(cg * groups), rng.integers(h), rng.integers(w)] = np.nan
-    wt = rng.uniform(-1, 1, (lg * groups, cg, kh, kw)).astype(dtype)
-    b = rng.uniform(-1, 1, lg * groups).astype(dtype) if draw(st.booleans(), "bias") else None
+    x, wt, b = conv_inputs(draw, dtype, n, groups, cg, lg, h, w, kh, kw)
     x0 = x.copy()
     calls = []
     real = F._direct
@@ -324,3 +325,26 @@ def test_direct_grad_x_is_used(level, monkeypatch):
     assert calls == [(1, 1)]
     close(gx, ref.conv2d_backward(gy, x, wt, padding=2)[0], np.float32)
 
+
+
+@pytest.mark.parametrize("fn", ["conv2d_direct", "conv2d_forward"])
+def test_fused_pool_arguments_checked(level, fn):
+    """The kernels' fused max-pool arguments are checked before any work: a pool_out of the
+    wrong shape, or no output at all (out None without pool_out), raise ValueError."""
+    x = np.zeros((2, 4, 8, 8), np.float32)
+    w = np.zeros((_kernels.direct_block(4), 4, 3, 3), np.float32)
+    L = w.shape[0]
+    b = np.arange(L, dtype=np.float32)
+    scratch = np.zeros((1, 1 << 16), np.float32)
+    kernel = getattr(_kernels, fn)
+    extra = () if fn == "conv2d_direct" else (np.zeros(1 << 12, np.float32),)
+    args = lambda out, pooled: (x, w, b, out, scratch, *extra, 1, 1, 1, 1, 1, 1, 1, True, 1,
+                                False, pooled, 2, 2, 8, 8)
+    with pytest.raises(ValueError, match="pool_out does not match"):
+        kernel(*args(None, np.zeros((2, L, 3, 4), np.float32)))
+    with pytest.raises(ValueError, match="only with pool_out"):
+        kernel(*args(None, None))
+    pooled = np.zeros((2, L, 4, 4), np.float32)
+    kernel(*args(None, pooled))                 # the right shapes: the bias, pooled
+    np.testing.assert_array_equal(pooled, np.broadcast_to(b[:, None, None], pooled.shape[1:])
+                                  [None].repeat(2, 0))

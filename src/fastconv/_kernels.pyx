@@ -853,6 +853,19 @@ cdef extern from "_pool.h":
     bint fc_once_get(unsigned char* f) nogil
 
 
+cdef check_pool_out(str fn, pool_out, bint keep, Py_ssize_t N, Py_ssize_t L, Py_ssize_t OH,
+                    Py_ssize_t OW, Py_ssize_t pkH, Py_ssize_t pkW):
+    """conv2d_forward's / conv2d_direct's fused max-pool arguments: pool_out (None or N x L
+    x OH // pkH x OW // pkW, at least one window) and out None (not keep) only with it."""
+    if pool_out is not None and (pkH < 1 or pkW < 1 or pool_out.shape[2] != OH // pkH
+                                 or pool_out.shape[3] != OW // pkW or pool_out.shape[2] < 1
+                                 or pool_out.shape[3] < 1 or pool_out.shape[1] != L
+                                 or pool_out.shape[0] != N):
+        raise ValueError(f"{fn}: pool_out does not match the pooled output")
+    if not keep and pool_out is None:
+        raise ValueError(f"{fn}: out may be None only with pool_out")
+
+
 cdef struct ConvJob:
     # conv2d_forward by the own GEMM on the caller-runs pool: item = (image, group, block of
     # nb output columns), each in the scratch row of the thread that runs it.  With pooling
@@ -1080,13 +1093,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         bp = &bias[0]
     if scratch.shape[0] < num_threads:
         raise ValueError("conv2d_forward: scratch needs one row per thread")
-    if pooled and (pkH < 1 or pkW < 1 or pool_out.shape[2] != OH // pkH
-                   or pool_out.shape[3] != OW // pkW or pool_out.shape[2] < 1
-                   or pool_out.shape[3] < 1 or pool_out.shape[1] != L
-                   or pool_out.shape[0] != N):
-        raise ValueError("conv2d_forward: pool_out does not match the pooled output")
-    if not keep and not pooled:
-        raise ValueError("conv2d_forward: out may be None only with pool_out")
+    check_pool_out("conv2d_forward", pool_out, keep, N, L, OH, OW, pkH, pkW)
     cdef Py_ssize_t mb = 0
     if psz > 0 and wpack.shape[0] >= groups * psz:
         Ap = &wpack[0]
@@ -1348,13 +1355,7 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
             (keep and (out.shape[0] != N or out.shape[1] != L)) or sH < 1 or dH < 1 or \
             dW < 1 or pH < 0 or pW < 0 or OH < 0 or OW < 0:
         raise ValueError("conv2d_direct: unsupported geometry")
-    if pooled and (pkH < 1 or pkW < 1 or pool_out.shape[2] != OH // pkH
-                   or pool_out.shape[3] != OW // pkW or pool_out.shape[2] < 1
-                   or pool_out.shape[3] < 1 or pool_out.shape[1] != L
-                   or pool_out.shape[0] != N):
-        raise ValueError("conv2d_direct: pool_out does not match the pooled output")
-    if not keep and not pooled:
-        raise ValueError("conv2d_direct: out may be None only with pool_out")
+    check_pool_out("conv2d_direct", pool_out, keep, N, L, OH, OW, pkH, pkW)
     np_, rows, Rb, Wp = direct_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH,
                                         OW, num_threads, sizeof(floating),
                                         pkH if pooled else 0)
