@@ -1280,8 +1280,9 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
     cdef floating* row
     cdef const floating* x = <const floating*> j.x + (n * j.C + g * j.Cg) * j.H * W
     cdef const floating* b = <const floating*> j.b + g * j.Lg if j.has_bias else NULL
-    cdef floating* out
-    cdef floating* acc = xp + j.Cg * j.Rb * Wp + (0 if j.keep else j.Lg * j.rows * j.OW)
+    # the scratch row (direct_scratch): padded rows, [the band's output,] the sums (acc)
+    cdef floating* out = xp + j.Cg * j.Rb * Wp
+    cdef floating* acc = out + (0 if j.keep else j.Lg * j.rows * j.OW)
     cdef Py_ssize_t plane = j.OH * j.OW
     if j.keep:
         out = <floating*> j.out + ((n * j.L + g * j.Lg) * j.OH + r0) * j.OW
@@ -1289,7 +1290,7 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
         nr = min(nr, j.POH * j.pkH - r0)
         if nr <= 0:
             return
-        out, plane = xp + j.Cg * j.Rb * Wp, nr * j.OW
+        plane = nr * j.OW
     if not j.zeroed[tid]:
         # the padding columns are never written after this: only the rows' middles change
         memset(xp, 0, j.Cg * j.Rb * Wp * sizeof(floating))
