@@ -68,6 +68,22 @@ def close(actual, expected, dtype):
     _close(actual, expected, dtype, atol32=2e-5)
 
 
+def spy_direct(mp):
+    """A list that gets (sH, sW) of every kernel call by the direct kernels (a plan's run
+    with no packed weights: _conv2d_own runs every conv2d_direct call) while mp's patch
+    holds."""
+    calls = []
+    real = F._conv2d_own
+
+    def spy(plan, *args, **kwargs):
+        if plan.nwpack == 0:
+            calls.append((plan.sH, plan.sW))
+        return real(plan, *args, **kwargs)
+
+    mp.setattr(F, "_conv2d_own", spy)
+    return calls
+
+
 def both_ways(*args, **kwargs):
     """conv2d by the direct kernels wherever they can run, and never."""
     got = {}
@@ -156,14 +172,12 @@ def test_direct_fused_max_pool(level, data):
     taps = draw(st.sampled_from([None, 1, 7]), label="chunk")
     x, wt, b = conv_inputs(draw, dtype, n, groups, cg, lg, h, w, kh, kw)
     x0 = x.copy()
-    calls = []
-    real = F._direct
     with num_threads(threads), at_level(level), chunks(taps, block, dtype), \
             pytest.MonkeyPatch.context() as mp:
-        mp.setattr(F, "_direct", lambda *a: calls.append(1) or real(*a))
+        calls = spy_direct(mp)
         (y, pooled), (y0, pooled0) = both_ways(x, wt, b, s, p, 1, groups, None, relu,
                                                pool=pool, keep=keep)
-    assert calls == [1]
+    assert len(calls) == 1
     np.testing.assert_array_equal(pooled, pooled0)
     np.testing.assert_array_equal(x, x0)
     conv = ref.conv2d(x, wt, b, stride=s, padding=p, groups=groups)
@@ -196,9 +210,7 @@ def test_direct_automatic_cases(level, case, dtype, monkeypatch):
     numbers through conv2d and nn.Conv2d (with the fused ReLU), with out=, and on a
     non-contiguous, read-only input."""
     N, C, L, H, W, k, s, p = case
-    calls = []
-    real = F._direct
-    monkeypatch.setattr(F, "_direct", lambda *a: calls.append(1) or real(*a))
+    calls = spy_direct(monkeypatch)
     rng = np.random.default_rng(5)
     x = rng.uniform(-1, 1, (N, C, H, 2 * W)).astype(dtype)[:, :, :, ::2]    # non-contiguous
     x.flags.writeable = False
@@ -220,9 +232,10 @@ def test_direct_automatic_cases(level, case, dtype, monkeypatch):
 
 def test_direct_rule(level):
     """The automatic rule: 5x5 batches and 7x7 stride-2 stems in both dtypes; at AVX-512 3x3
-    stride 2 in float64 and, from at most 64 channels, in float32; never taps that sum fewer
-    than 64 values, output channels off the block size, a stride of 3
-    across, or tiles narrower than 10 pixels (AVX-512) / 4 (AVX2)."""
+    stride 2 in float64 and, from at most 64 channels, in float32 over a batch; at AVX2 the
+    5x5s at batch 1 too (with a fused pool) and float32 3x3 stride 2 from at most 64 channels
+    at batch 1 only; never taps that sum fewer than 64 values, output channels off the block
+    size, a stride of 3 across, or tiles narrower than 10 pixels (AVX-512) / 4 (AVX2)."""
     avx2 = level == "avx2"
     def use(N, C, L, k, s, dtype, H=20, pool=None, groups=1):
         x = np.zeros((N, C, H, H), dtype)
@@ -234,18 +247,21 @@ def test_direct_rule(level):
         assert use(8, 32, 64, 5, 1, np.float32)
         assert use(8, 3, 64, 7, 2, np.float32)
         assert use(1, 3, 64, 7, 2, np.float32)          # a stem, even at batch 1
-        assert not use(1, 16, 32, 3, 2, np.float32)
+        assert use(1, 16, 32, 3, 2, np.float32) == avx2
+        assert use(1, 64, 128, 3, 2, np.float32) == avx2
+        assert not use(1, 128, 256, 3, 2, np.float32)
+        assert use(1, 64, 128, 3, 2, np.float64) != avx2   # (AVX2: 0.92x at 1 thread)
         assert use(8, 16, 32, 3, 2, np.float32) != avx2
         assert use(8, 64, 128, 3, 2, np.float32) != avx2
         assert not use(8, 128, 256, 3, 2, np.float32)
         assert use(8, 64, 128, 3, 2, np.float64) != avx2
         assert use(1, 64, 64, 5, 1, np.float64)
-        assert not use(1, 64, 64, 5, 1, np.float32)     # batch 1: im2col + GEMM
+        assert use(1, 64, 64, 5, 1, np.float32) == avx2     # batch 1: im2col + GEMM at 512
         assert not use(8, 1, 32, 5, 1, np.float32)      # 25 taps
         assert use(8, 32, 64, 5, 1, np.float32, pool=(2, 2))    # the pool fused in too
-        assert not use(1, 32, 64, 5, 1, np.float32, pool=(2, 2))
+        assert use(1, 32, 64, 5, 1, np.float32, pool=(2, 2)) == avx2
         assert use(8, 32, 64, 5, 1, np.float64, pool=(2, 2))
-        assert not use(1, 32, 64, 5, 1, np.float64, pool=(2, 2))    # batch 1: the GEMM's
+        assert use(1, 32, 64, 5, 1, np.float64, pool=(2, 2)) == avx2  # AVX-512: the GEMM's
         assert use(1, 32, 64, 5, 1, np.float64)                     # (without the pool)
         assert not use(8, 32, 40, 5, 1, np.float32)     # 40 channels: not whole blocks
         assert not use(8, 32, 64, 5, (1, 3), np.float32)
@@ -313,9 +329,7 @@ def test_direct_grad_x(level, data):
 
 def test_direct_grad_x_is_used(level, monkeypatch):
     """A 5x5 batch's grad_x goes through the direct kernels by the automatic rule."""
-    calls = []
-    real = F._direct
-    monkeypatch.setattr(F, "_direct", lambda *a: calls.append(a[4]["s"]) or real(*a))
+    calls = spy_direct(monkeypatch)
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, (4, 32, 6, 12)).astype(np.float32)
     wt = rng.uniform(-1, 1, (4, 32, 5, 5)).astype(np.float32)

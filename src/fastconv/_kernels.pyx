@@ -1037,6 +1037,12 @@ def conv_block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t Lg, Py_ssize_t ite
     """Values of one thread's scratch row for the own GEMM's forward convolution: one im2col
     block (none when direct), then, pooling (band > 0) without keeping the output, the
     block's Lg output planes."""
+    return block_scratch(K, P, Lg, items, threads, itemsize, band, direct, keep)
+
+
+cdef inline Py_ssize_t block_scratch(Py_ssize_t K, Py_ssize_t P, Py_ssize_t Lg,
+                                     Py_ssize_t items, Py_ssize_t threads, Py_ssize_t itemsize,
+                                     Py_ssize_t band, bint direct, bint keep) noexcept nogil:
     cdef Py_ssize_t nb = (P if conv_chan_block(K, P, Lg, items, threads, itemsize) else
                           pool_block_cols(P, K, items, threads, itemsize, band))
     cdef Py_ssize_t n = 0 if direct else K * col_ld(nb, itemsize)
@@ -1109,8 +1115,8 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         nb = P if mb else pool_block_cols(P, K, N * groups, num_threads, sizeof(floating),
                                           band)
         nblk = (P + nb - 1) // nb
-        if ncol < conv_block_scratch(K, P, Lg, N * groups, num_threads, sizeof(floating),
-                                     band, direct, keep):
+        if ncol < block_scratch(K, P, Lg, N * groups, num_threads, sizeof(floating), band,
+                                direct, keep):
             raise ValueError("conv2d_forward: scratch is smaller than one im2col block")
         cj.x, cj.A, cj.b, cj.out, cj.col = xp, Ap, bp, op, sp
         cj.pool = &pool_out[0, 0, 0, 0] if pooled else NULL
@@ -1217,6 +1223,12 @@ def direct_scratch(Py_ssize_t Cg, Py_ssize_t Rb, Py_ssize_t Wp, Py_ssize_t Lg,
     """Values of one thread's scratch row for conv2d_direct (from direct_geometry's rows, Rb,
     Wp): the band's padded input rows, its output when not kept (a fused max-pool's), and
     the sums of a group of rows (fc_direct_acc)."""
+    return dir_scratch(Cg, Rb, Wp, Lg, rows, OW, keep, itemsize)
+
+
+cdef inline Py_ssize_t dir_scratch(Py_ssize_t Cg, Py_ssize_t Rb, Py_ssize_t Wp, Py_ssize_t Lg,
+                                   Py_ssize_t rows, Py_ssize_t OW, bint keep,
+                                   Py_ssize_t itemsize) noexcept nogil:
     cdef Py_ssize_t ML = fc_direct_block(itemsize)
     return Cg * Rb * Wp + (0 if keep else Lg * rows * OW) + fc_direct_acc(OW, ML, itemsize)
 
@@ -1232,6 +1244,18 @@ def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H
     each; with a fused max-pool of pkH rows, whole windows of rows), padded rows and their
     length; a thread's scratch row holds direct_scratch(...) values.
     (A 5x5 on one 32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
+    cdef Py_ssize_t g[4]
+    dir_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH, OW, threads, itemsize,
+                 pkH, g)
+    return g[0], g[1], g[2], g[3]
+
+
+cdef void dir_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H,
+                       Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
+                       Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
+                       Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize,
+                       Py_ssize_t pkH, Py_ssize_t* geo) noexcept nogil:
+    """direct_geometry's (np, rows, Rb, Wp) into geo[0:4]."""
     cdef Py_ssize_t NPX = fc_direct_np()
     cdef Py_ssize_t ntl = (OW + NPX - 1) // NPX
     cdef Py_ssize_t np = (OW + ntl - 1) // ntl
@@ -1249,7 +1273,7 @@ def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H
     if pkH > 0 and rows < OH:
         rows = max(rows // pkH, 1) * pkH
     Rb = (rows - 1) * sH + (kH - 1) * dH + 1
-    return np, rows, Rb, Wp
+    geo[0], geo[1], geo[2], geo[3] = np, rows, Rb, Wp
 
 
 cdef struct DirJob:
@@ -1346,7 +1370,7 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     if keep:
         OH, OW = out.shape[2], out.shape[3]
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, ML = fc_direct_block(sizeof(floating))
-    cdef Py_ssize_t l, k, c, kh, kw
+    cdef Py_ssize_t l, c, kh, kw
     cdef DirJob j
     cdef floating* wd
     cdef Py_ssize_t* off
@@ -1357,11 +1381,14 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
             dW < 1 or pH < 0 or pW < 0 or OH < 0 or OW < 0:
         raise ValueError("conv2d_direct: unsupported geometry")
     check_pool_out("conv2d_direct", pool_out, keep, N, L, OH, OW, pkH, pkW)
-    np_, rows, Rb, Wp = direct_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH,
-                                        OW, num_threads, sizeof(floating),
-                                        pkH if pooled else 0)
+    # (typed: the offsets' loop below ran on Python ints, ~10 % of a batch-1 call)
+    cdef Py_ssize_t geo[4]
+    dir_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH, OW, num_threads,
+                 sizeof(floating), pkH if pooled else 0, geo)
+    cdef Py_ssize_t rows = geo[1], Rb = geo[2], Wp = geo[3]
+    cdef int np_ = <int> geo[0]
     if scratch.shape[0] < num_threads or \
-            scratch.shape[1] < direct_scratch(Cg, Rb, Wp, Lg, rows, OW, keep, sizeof(floating)):
+            scratch.shape[1] < dir_scratch(Cg, Rb, Wp, Lg, rows, OW, keep, sizeof(floating)):
         raise ValueError("conv2d_direct: scratch is smaller than one band of padded rows")
     if N == 0 or L == 0 or OH == 0 or OW == 0:
         return
@@ -1371,14 +1398,14 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
         free(wd)
         free(off)
         raise MemoryError("conv2d_direct: packed weights")
-    # weights of each group in blocks of ML output channels: wd[g][l // ML][k][l % ML]
-    cdef const floating* wsrc
-    cdef floating* wdst
-    for l in range(L):
-        wsrc = &weight[l, 0, 0, 0]
-        wdst = wd + (l // ML * ML) * K + l % ML
-        for k in range(K):
-            wdst[k * ML] = wsrc[k]
+    # weights of each group in blocks of ML output channels: wd[g][l // ML][k][l % ML], each
+    # block a transpose of its ML x K rows (a scalar loop of strided stores had been 13 % of a
+    # batch-1 call, 32 -> 64 5x5 on 14x14, Zen 3)
+    for l in range(0, L, ML):
+        if floating is float:
+            fc_transpose_f(&weight[l, 0, 0, 0], ML, K, K, wd + l * K, ML)
+        else:
+            fc_transpose_d(&weight[l, 0, 0, 0], ML, K, K, wd + l * K, ML)
     for c in range(Cg):
         for kh in range(kH):
             for kw in range(kW):

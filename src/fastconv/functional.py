@@ -387,6 +387,7 @@ def _wpack(M, K, groups, dtype, fn):
 
 
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}
+_CTYPE = {"f": "float", "d": "double"}     # a fused kernel's specialisation by dtype.char
 _NO_BLAS = contextlib.nullcontext()
 
 
@@ -467,8 +468,16 @@ def _use_direct(geo, Cg, dt, pool, N):
     fused into the direct kernels too, each band of rows pooled once computed (as in the own
     GEMM): the LeNet-style model's conv2 (32 -> 64 5x5 on 14x14, 2x2 pool), batch 64, 1.07x /
     1.08x the own GEMM's fused pooling at 1 / 2 threads, float64 1.14x, batch 8 1.03x (Zen
-    3, 2026-12-04; a separate pool after the direct kernels had measured level with it), but
-    at batch 1 0.80x (float32) and 0.90x (float64): a fused pool only over a batch."""
+    3, 2026-12-04; a separate pool after the direct kernels had measured level with it).
+    Batch 1 at AVX2, since conv2d_direct packs its weights by transposes and its taps'
+    offsets in C (they had been a scalar strided loop and Python ints: 13 % and ~20 % of a
+    batch-1 call) and runs from a plan (Zen 3, 2026-12-04, 1 / 2 threads, noisy at 2):
+    LeNet's conv2 32 -> 64 5x5 on 14x14 1.09-1.11x / 0.98-1.18x (with the fused pool or
+    not; float64 1.12-1.20x / 1.03-1.12x), 64->64 5x5 on 28x28 1.10-1.14x / 1.16-1.19x,
+    16->32 5x5 on 32x32 1.17x / 1.18-1.25x; 3x3 stride 2 from 16-64 channels 1.02-1.25x /
+    1.04-1.40x, but from 128 channels 0.99x / 1.18x and in float64 0.92x / 1.13x (at batch 8
+    the float32 ones 1.03-1.10x / 0.98-1.06x: left on the GEMM).  At AVX-512 the batch-1
+    rule is older than that fix: a fused pool only over a batch there (unmeasured since)."""
     if _DIRECT == "never" or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
@@ -483,15 +492,17 @@ def _use_direct(geo, Cg, dt, pool, N):
         return False
     work = N * geo["L"] * geo["OH"] * geo["OW"] * Cg * kH * kW
     batch = N * g >= 2 * _team(N * g, work)
-    if pool is not None and not batch:      # (float64 batch 1, fused pool: 0.90x the GEMM's)
+    if pool is not None and not batch and not avx2:
         return False
     if dt.itemsize == 8:
         return kH * kW >= 25 or (sH * sW > 1 and not avx2)
+    if sH * sW > 1 and avx2:            # 3x3 s2 from 16-64 channels at batch 1 1.02-1.40x
+        return kH * kW >= 25 or (not batch and Cg <= 64)
     if sH * sW > 1 and Cg <= 16:        # a stem: 7x7 s2 from 3 channels 1.37x at batch 1-2
-        return (batch and not avx2) or kH * kW >= 25
+        return batch or kH * kW >= 25
     if sH * sW > 1:                     # 3x3 s2 64->128 1.04-1.06x, 128->256 0.99-1.00x
-        return batch and Cg <= 64 and not avx2
-    return batch and kH * kW >= 25
+        return batch and Cg <= 64
+    return (batch or avx2) and kH * kW >= 25
 
 
 def _xgrad_geometry(geo, Cg):
@@ -517,21 +528,22 @@ def _flipped(weight, g, dt):
                                 [..., ::-1, ::-1].reshape(g * Cg, L // g, kH, kW), dtype=dt)
 
 
-def _direct(xc, wc, bc, out, geo, relu, N, dt, fn, pooled=None, pool=(0, 0)):
-    """out = conv2d by the direct kernels (see _use_direct); with pooled, also pooled =
-    max_pool2d(out, pool) (windows that tile it), each band of rows pooled while it is in
-    cache, and out may be None (not kept)."""
+def _direct_plan(geo, xc, wc, N, dt, has_bias, pool=None, keep=True):
+    """The plan (see _ConvPlan) of a conv2d call by the direct kernels (see _use_direct):
+    conv2d_direct's threads and scratch.  With pool, the kernels also max-pool each band of
+    rows while it is in cache (windows that tile the output), which is kept only with keep."""
     (kH, kW), (sH, sW), (dH, dW), pad = geo["k"], geo["s"], geo["d"], geo["pad"]
     g, Cg, OH, OW, Lg = geo["g"], wc.shape[1], geo["OH"], geo["OW"], geo["L"] // geo["g"]
     team = _team(N * g * OH, N * geo["L"] * OH * OW * Cg * kH * kW)
-    pkH, pkW = pool
+    pkH = pool[0] if pool is not None else 0
     _, rows, Rb, Wp = _kernels.direct_geometry(N, g, Cg, xc.shape[2], xc.shape[3], kH, kW, sH,
                                                sW, pad[2], dH, dW, OH, OW, team, dt.itemsize,
                                                pkH)
-    scratch = _scratch(team, _kernels.direct_scratch(Cg, Rb, Wp, Lg, rows, OW, out is not None,
-                                                     dt.itemsize), dt, fn)
-    _kernels.conv2d_direct(xc, wc, bc, out, scratch, sH, sW, pad[0], pad[2], dH, dW, g,
-                           bc.shape[0] > 0, team, relu, pooled, pkH, pkW, OH, OW)
+    ncol = _kernels.direct_scratch(Cg, Rb, Wp, Lg, rows, OW, keep or pool is None,
+                                   dt.itemsize)
+    return _ConvPlan(dt, N, geo["L"], OH, OW, g, sH, sW, pad[0], pad[2], dH, dW, has_bias,
+                     team, 0, pool, _kernels.gemm_level(), ncol,
+                     _kernels.conv2d_direct[_CTYPE[dt.char]])
 
 
 # Winograd's transformed (and packed) weights kept per Python thread for calls on at most
@@ -742,11 +754,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
                                    b is not None, _team(N * L, N * L * OH * OW * K))
         return done(_relu_inplace(out) if relu else out)
     if direct:
-        if pool is None:
-            _direct(xc, wc, bc, out, geo, relu, N, dt, fn)
-            return done(out)
-        _direct(xc, wc, bc, out if keep else None, geo, relu, N, dt, fn, pooled, pool)
-        return (done(out) if keep else None), pooled
+        plan = _direct_plan(geo, xc, wc, N, dt, b is not None, pool, keep)
+        _keep_plan(key, plan)
+        return _conv2d_own(plan, xc, wc, bc, relu, keep, out, done,
+                           pooled if pool is not None else None)
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     if wino:
         # fewer images than threads: the kernel shares each image's work among them
@@ -759,12 +770,13 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         itemsize = np.dtype(dt).itemsize
         team, nblas = _threads(N * g * -(-OH * OW // _kernels.gemm_nr(itemsize)),
                                N * L * OH * OW * K)
-        plan = _ConvPlan(dt, N, L, OH, OW, K, g, sH, sW, pad[0], pad[2], dH, dW,
-                         b is not None, team, wpack.size, direct, pool, _kernels.gemm_level())
-        if key is not None:
-            if len(_PLANS) >= _SETUPS_MAX:
-                _PLANS.clear()
-            _PLANS[key] = plan
+        pkH = pool[0] if pool is not None else 0
+        ncol = _kernels.conv_block_scratch(K, OH * OW, L // g, N * g, team, dt.itemsize,
+                                           pkH * OW, direct, keep)
+        plan = _ConvPlan(dt, N, L, OH, OW, g, sH, sW, pad[0], pad[2], dH, dW, b is not None,
+                         team, wpack.size, pool, _kernels.gemm_level(), ncol,
+                         _kernels.conv2d_forward[_CTYPE[dt.char]])
+        _keep_plan(key, plan)
         return _conv2d_own(plan, xc, wc, bc, relu, keep, out, done,
                            pooled if pool is not None else None)
     scratch = _scratch(team, 0 if direct else K * _col_ld(OH * OW, dt), dt, fn)
@@ -774,13 +786,22 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     return done(out)
 
 
-# conv2d's own-GEMM calls: everything the checks and choices of a call decided, by its
-# arguments' shapes, dtypes and plain values and the settings that steer the choices (_PLANS,
-# keyed by _plan_key).  A call that finds its plan is only converted and allocated for:
-# ~10 us less of a batch-1 layer's ~13 us of Python (LeNet-style model, 2026-12-04)
-_ConvPlan = collections.namedtuple("_ConvPlan", "dt N L OH OW K g sH sW pT pL dH dW has_bias "
-                                                "team nwpack direct pool level")
+# conv2d's calls by the own GEMM or the direct kernels: everything the checks and choices of
+# a call decided, by its arguments' shapes, dtypes and plain values and the settings that
+# steer the choices (_PLANS, keyed by _plan_key).  A call that finds its plan is only
+# converted and allocated for: ~10 us less of a batch-1 layer's ~13 us of Python (LeNet-style
+# model, 2026-12-04).  kern: the kernel specialised for dt, conv2d_forward (nwpack > 0 values
+# of packed weights) or conv2d_direct (nwpack 0); ncol: a thread's scratch row.
+_ConvPlan = collections.namedtuple("_ConvPlan", "dt N L OH OW g sH sW pT pL dH dW has_bias "
+                                                "team nwpack pool level ncol kern")
 _PLANS = {}
+
+
+def _keep_plan(key, plan):
+    if key is not None:
+        if len(_PLANS) >= _SETUPS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
 
 
 def _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, keep):
@@ -805,8 +826,8 @@ def _knobs():
 
 
 def _conv2d_own(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=None):
-    """The own GEMM's conv2d_forward call of a plan (out, done, pooled: from the first call,
-    which made them; else allocated here)."""
+    """The kernel call of a plan (out, done, pooled: from the first call, which made them;
+    else allocated here)."""
     dt, N, L, OH, OW = plan.dt, plan.N, plan.L, plan.OH, plan.OW
     xc, wc = _c(x, dt), _c(weight, dt)
     bc = _c(bias, dt) if plan.has_bias else _EMPTY[dt.char]
@@ -815,16 +836,18 @@ def _conv2d_own(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=N
     pkH, pkW = plan.pool if plan.pool is not None else (0, 0)
     if plan.pool is not None and pooled is None:
         pooled = np.empty((N, L, OH // pkH, OW // pkW), dt)
-    ncol = _kernels.conv_block_scratch(plan.K, OH * OW, L // plan.g, N * plan.g, plan.team,
-                                       dt.itemsize, pkH * OW, plan.direct, keep)
-    scratch = _scratch(plan.team, ncol, dt, "conv2d")
-    wpack = _scratch(1, plan.nwpack, dt, "conv2d", "wpack")[0]
-    args = (xc, wc, bc, out if keep else None, scratch, wpack, plan.sH, plan.sW, plan.pT,
-            plan.pL, plan.dH, plan.dW, plan.g, plan.has_bias, plan.team, relu)
+    scratch = _scratch(plan.team, plan.ncol, dt, "conv2d")
+    if plan.nwpack:
+        args = (xc, wc, bc, out if keep else None, scratch,
+                _scratch(1, plan.nwpack, dt, "conv2d", "wpack")[0])
+    else:
+        args = (xc, wc, bc, out if keep else None, scratch)
+    args += (plan.sH, plan.sW, plan.pT, plan.pL, plan.dH, plan.dW, plan.g, plan.has_bias,
+             plan.team, relu)
     if plan.pool is None:
-        _kernels.conv2d_forward(*args)
+        plan.kern(*args)
         return done(out) if done is not None else out
-    _kernels.conv2d_forward(*args, pooled, pkH, pkW, OH, OW)
+    plan.kern(*args, pooled, pkH, pkW, OH, OW)
     if not keep:
         return None, pooled
     return (done(out) if done is not None else out), pooled
@@ -926,8 +949,9 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
         if geo_x is not None and _use_direct(geo_x, L // g, dt, None, N):
             # the same convolution by the direct kernels (a 64->32 5x5 on 14x14: 1.33x the
             # GEMM + col2im it replaces)
-            _direct(_c(grad_out, dt), _flipped(weight, g, dt), np.zeros(0, dt), gx, geo_x,
-                    False, N, dt, fn)
+            gyc, wf = _c(grad_out, dt), _flipped(weight, g, dt)
+            _conv2d_own(_direct_plan(geo_x, gyc, wf, N, dt, False), gyc, wf, None, False,
+                        True, gx)
             need_x = False
     wtrans = False
     if N > 0 and (need_x or need_w or need_b):
