@@ -154,13 +154,17 @@ def test_linear_forward_rows(level, dtype, threads):
     both read in place): every row count up to 15 (blocks of up to 6 / 2 rows at AVX-512 /
     AVX2 and their remainders), output columns in blocks of 4 and single ones (o), the sum
     over i in whole vectors, a masked last one, fewer values than a vector, and over the
-    4 KiB blocks of i (1024 floats, 512 doubles) with partial ones; with and without bias,
+    4 KiB blocks of i (1024 floats, 512 doubles) with partial ones; one row (batch 1: its
+    own kernel) over i of every kind of tail; with and without bias,
     against the reference, and NaN / inf where they belong; inputs unchanged."""
     r = np.random.default_rng(12)
     dt = np.dtype(dtype)
     shapes = [(1, 1, 1), (2, 5, 3), (3, 16, 4), (4, 17, 5), (5, 33, 9), (6, 100, 8),
               (7, 512, 7), (8, 513, 12), (9, 1024, 13), (10, 1025, 2), (11, 2100, 17),
-              (12, 3136, 16), (13, 7, 1), (14, 300, 33), (15, 1500, 6)]
+              (12, 3136, 16), (13, 7, 1), (14, 300, 33), (15, 1500, 6),
+              # one row (its own kernel, all of i at once, two sums per output): i in pairs
+              # of vectors, one more vector, a masked last one
+              (1, 8, 4), (1, 7, 5), (1, 24, 9), (1, 29, 3), (1, 40, 6), (1, 3136, 130)]
     for n, i, o in shapes:
         x = r.uniform(-1, 1, (n, i)).astype(dtype)
         w = r.uniform(-1, 1, (o, i)).astype(dtype)

@@ -206,6 +206,10 @@ cdef extern from "_gemm.h":
     void fc_wdot_d(Py_ssize_t K, Py_ssize_t R, Py_ssize_t P, const double* A,
                    Py_ssize_t lda, const Py_ssize_t* bo, const double* B, Py_ssize_t ldb,
                    double* gwt) nogil
+    void fc_rowdot1_f(Py_ssize_t K, const float* x, const float* w, Py_ssize_t ldw,
+                      Py_ssize_t j0, Py_ssize_t j1, const float* b, float* y) nogil
+    void fc_rowdot1_d(Py_ssize_t K, const double* x, const double* w, Py_ssize_t ldw,
+                      Py_ssize_t j0, Py_ssize_t j1, const double* b, double* y) nogil
     void fc_rowdot_f(Py_ssize_t R, Py_ssize_t K, const float* x, Py_ssize_t ldx,
                      const float* w, Py_ssize_t ldw, Py_ssize_t j0, Py_ssize_t j1,
                      const float* b, float* y, Py_ssize_t ldy) nogil
@@ -2487,6 +2491,13 @@ cdef void lin_run(LinJob* j, Py_ssize_t i, floating* tag) noexcept nogil:
         r1 = min(r0 + j.rblk, N)
         c0 = (i % j.ncb) * j.cblk
         c1 = min(c0 + j.cblk, O)
+        if j.path == LIN_ROWS and N == 1:
+            # one row (batch 1): its own kernel, all of K at once
+            if floating is float:
+                fc_rowdot1_f(I, x, w, I, c0, c1, b, y)
+            else:
+                fc_rowdot1_d(I, x, w, I, c0, c1, b, y)
+            return
         if j.path == LIN_ROWS:
             # dot products of x's rows with w's rows, both read in place, bias added
             if floating is float:
