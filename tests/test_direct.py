@@ -327,6 +327,49 @@ def test_direct_grad_x(level, data):
         close(np.where(nan, 0, a), np.where(nan, 0, e), dtype)
 
 
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_channel_blocks(level, dtype):
+    """Fewer (image, group) items than threads: items of blocks of output channels over all
+    the rows (1 to all of a group's blocks, some blocks shorter) give bit for bit the bands
+    of rows' numbers, with the fused pool kept or not, and the reference's."""
+    if level == "none":
+        pytest.skip("no direct kernels at this level")
+    rng = np.random.default_rng(8)
+    block = _kernels.direct_block(np.dtype(dtype).itemsize)
+    for n, groups, lg, threads, pool in [(1, 1, 4, 2, None), (1, 1, 3, 3, (2, 2)),
+                                         (1, 2, 2, 3, (2, 3)), (2, 1, 4, 3, None)]:
+        x = rng.uniform(-1, 1, (n, 3 * groups, 11, 13)).astype(dtype)
+        wt = rng.uniform(-1, 1, (lg * block * groups, 3, 5, 3)).astype(dtype)
+        b = rng.uniform(-1, 1, lg * block * groups).astype(dtype)
+        want = ref.conv2d(x, wt, b, padding=(2, 1), groups=groups)
+        got = []
+        old = _kernels.set_direct_chan_items(0)
+        try:
+            for items in (0, -1, 1, 2, lg):
+                _kernels.set_direct_chan_items(items)
+                F._PLANS.clear()            # (a plan holds its scratch's size)
+                for keep in ((True, False) if pool else (True,)):
+                    with num_threads(threads):
+                        got.append((items, keep,
+                                    both_ways(x, wt, b, 1, (2, 1), 1, groups, None, False,
+                                              pool=pool, keep=keep)[0]))
+        finally:
+            _kernels.set_direct_chan_items(old)
+            F._PLANS.clear()
+        for items, keep, y in got:
+            first = [g for i, k, g in got if k == keep][0]
+            if pool is None:
+                np.testing.assert_array_equal(y, first)
+                close(y, want, dtype)
+                continue
+            np.testing.assert_array_equal(y[1], first[1])
+            close(y[1], ref.max_pool2d(want, pool), dtype)
+            if keep:
+                np.testing.assert_array_equal(y[0], first[0])
+                close(y[0], want, dtype)
+
+
 def test_direct_grad_x_is_used(level, monkeypatch):
     """A 5x5 batch's grad_x goes through the direct kernels by the automatic rule."""
     calls = spy_direct(monkeypatch)

@@ -1194,6 +1194,22 @@ cdef extern from "_direct.h":
 DEF DIRECT_BAND_MAX = 393216
 
 
+# conv2d_direct's blocks of channels per (image, group) with fewer of those than threads:
+# about 2 per thread (-1), never (0), or this many
+cdef Py_ssize_t DIRECT_CHAN_ITEMS = -1
+
+
+def set_direct_chan_items(Py_ssize_t n):
+    """conv2d_direct's channel blocks per (image, group) when there are fewer of those than
+    threads: -1 about 2 per thread (the default), 0 none (bands of rows), n > 0 that many
+    (at most the group's blocks); returns the previous setting.  For tests and A/B runs,
+    while no kernel runs."""
+    global DIRECT_CHAN_ITEMS
+    old = DIRECT_CHAN_ITEMS
+    DIRECT_CHAN_ITEMS = n
+    return old
+
+
 def direct_ok():
     """Whether conv2d_direct can run (the own GEMM's AVX-512 or AVX2 level is in use)."""
     return bool(fc_direct_ok())
@@ -1241,16 +1257,17 @@ def direct_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t H
                     Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                     Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
                     Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize,
-                    Py_ssize_t pkH=0):
+                    Py_ssize_t pkH=0, Py_ssize_t Lg=0):
     """(np, rows, Rb, Wp) of conv2d_direct: pixels per tile (OW in tiles of at most 14 at
     AVX-512, 6 at AVX2, evened out), output rows per work item (a whole image, unless its
     padded rows pass 384 KiB or several threads have fewer (image, group) items than 4
-    each; with a fused max-pool of pkH rows, whole windows of rows), padded rows and their
-    length; a thread's scratch row holds direct_scratch(...) values.
+    each but not fewer than 1 with Lg output channels per group in 2 blocks or more; with a
+    fused max-pool of pkH rows, whole windows of rows), padded rows and their length; a
+    thread's scratch row holds direct_scratch(...) values.
     (A 5x5 on one 32x32 image ran 1.5x slower in 4 bands than whole on one thread.)"""
-    cdef Py_ssize_t g[4]
+    cdef Py_ssize_t g[5]
     dir_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH, OW, threads, itemsize,
-                 pkH, g)
+                 pkH, Lg, g)
     return g[0], g[1], g[2], g[3]
 
 
@@ -1258,19 +1275,28 @@ cdef void dir_geometry(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_
                        Py_ssize_t W, Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t sH, Py_ssize_t sW,
                        Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW, Py_ssize_t OH,
                        Py_ssize_t OW, Py_ssize_t threads, Py_ssize_t itemsize,
-                       Py_ssize_t pkH, Py_ssize_t* geo) noexcept nogil:
-    """direct_geometry's (np, rows, Rb, Wp) into geo[0:4]."""
+                       Py_ssize_t pkH, Py_ssize_t Lg, Py_ssize_t* geo) noexcept nogil:
+    """direct_geometry's (np, rows, Rb, Wp) into geo[0:4], and into geo[4] the output
+    channels of a work item (0: a group's Lg), blocks of them, about 2 per thread, over all
+    the rows when there are fewer (image, group) items than threads (batch 1: bands of 2
+    rows, 7 for LeNet's conv2 on 2 threads, had it at 1.31x the one-thread speed)."""
     cdef Py_ssize_t NPX = fc_direct_np()
     cdef Py_ssize_t ntl = (OW + NPX - 1) // NPX
     cdef Py_ssize_t np = (OW + ntl - 1) // ntl
     cdef Py_ssize_t Wp = (ntl * np - 1) * sW + (kW - 1) * dW + 1, rows = OH, Rb, parts
+    cdef Py_ssize_t ML = fc_direct_block(itemsize), nb, blocks = Lg // ML
+    geo[4] = 0
     if Wp < pW + W:
         Wp = pW + W
     Rb = (rows - 1) * sH + (kH - 1) * dH + 1
     if Cg * Rb * Wp * itemsize > DIRECT_BAND_MAX:
         rows = (DIRECT_BAND_MAX // (Cg * Wp * itemsize) - (kH - 1) * dH - 1) // sH + 1
         rows = max(rows, 1)
-    if threads > 1 and N * groups < 4 * threads:
+    if threads > 1 and N * groups < threads and blocks > 1 and DIRECT_CHAN_ITEMS != 0:
+        nb = min(blocks, (2 * threads + N * groups - 1) // (N * groups)
+                 if DIRECT_CHAN_ITEMS < 0 else DIRECT_CHAN_ITEMS)
+        geo[4] = (blocks + nb - 1) // nb * ML
+    elif threads > 1 and N * groups < 4 * threads:
         parts = (4 * threads + N * groups - 1) // (N * groups)
         rows = min(rows, max((OH + parts - 1) // parts, 1))
     rows = min(rows, OH)
@@ -1295,12 +1321,16 @@ cdef struct DirJob:
     const Py_ssize_t* off
     Py_ssize_t ncol, C, H, W, L, Cg, Lg, K, groups, sH, sW, pH, pW, OH, OW, rows, nband, Rb, Wp
     Py_ssize_t pkH, pkW, POH, POW
+    Py_ssize_t lb, nlb          # output channels per item (a multiple of the block), items
+    Py_ssize_t* have            # [tid]: the (image, group, band) whose padded rows are there
     int np
     bint has_bias, relu, dbl, keep
     unsigned char* zeroed       # [tid]: the thread's padded rows zeroed in this call
 
 
 cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
+    cdef Py_ssize_t l0 = (i % j.nlb) * j.lb, ln = min(j.lb, j.Lg - (i % j.nlb) * j.lb)
+    i = i // j.nlb      # (image, group, band)
     cdef Py_ssize_t ng = i // j.nband, r0 = (i % j.nband) * j.rows
     cdef Py_ssize_t n = ng // j.groups, g = ng % j.groups, nr = min(j.rows, j.OH - r0)
     cdef Py_ssize_t c, rr, ih, Wp = j.Wp, W = j.W, pW = j.pW
@@ -1323,23 +1353,29 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
         # the padding columns are never written after this: only the rows' middles change
         memset(xp, 0, j.Cg * j.Rb * Wp * sizeof(floating))
         j.zeroed[tid] = 1
-    for c in range(j.Cg):
-        for rr in range(j.Rb):
-            row = xp + (c * j.Rb + rr) * Wp + pW
-            ih = r0 * j.sH - j.pH + rr
-            if ih < 0 or ih >= j.H:
-                memset(row, 0, W * sizeof(floating))
-            else:
-                memcpy(row, x + (c * j.H + ih) * W, W * sizeof(floating))
+    if j.have[tid] != i:        # (the thread's last item had another band)
+        j.have[tid] = i
+        for c in range(j.Cg):
+            for rr in range(j.Rb):
+                row = xp + (c * j.Rb + rr) * Wp + pW
+                ih = r0 * j.sH - j.pH + rr
+                if ih < 0 or ih >= j.H:
+                    memset(row, 0, W * sizeof(floating))
+                else:
+                    memcpy(row, x + (c * j.H + ih) * W, W * sizeof(floating))
+    # output channels [l0, l0 + ln) of the group
+    if b != NULL:
+        b += l0
+    out += l0 * plane
     if floating is float:
-        fc_direct_rows_f(j.K, j.Lg, <const float*> j.w + g * j.Lg * j.K, xp, j.sH, Wp, j.sW,
-                         nr, j.OW, j.np, j.off, out, plane, b, j.relu, acc)
+        fc_direct_rows_f(j.K, ln, <const float*> j.w + (g * j.Lg + l0) * j.K, xp, j.sH, Wp,
+                         j.sW, nr, j.OW, j.np, j.off, out, plane, b, j.relu, acc)
     else:
-        fc_direct_rows_d(j.K, j.Lg, <const double*> j.w + g * j.Lg * j.K, xp, j.sH, Wp,
+        fc_direct_rows_d(j.K, ln, <const double*> j.w + (g * j.Lg + l0) * j.K, xp, j.sH, Wp,
                          j.sW, nr, j.OW, j.np, j.off, out, plane, b, j.relu, acc)
     if j.pkH > 0:
-        pool_band(out, plane, j.Lg, r0, nr, j.OW,
-                  <floating*> j.pool + (n * j.L + g * j.Lg) * j.POH * j.POW,
+        pool_band(out, plane, ln, r0, nr, j.OW,
+                  <floating*> j.pool + (n * j.L + g * j.Lg + l0) * j.POH * j.POW,
                   j.POH, j.POW, j.pkH, j.pkW)
 
 
@@ -1386,9 +1422,9 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
         raise ValueError("conv2d_direct: unsupported geometry")
     check_pool_out("conv2d_direct", pool_out, keep, N, L, OH, OW, pkH, pkW)
     # (typed: the offsets' loop below ran on Python ints, ~10 % of a batch-1 call)
-    cdef Py_ssize_t geo[4]
+    cdef Py_ssize_t geo[5]
     dir_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH, OW, num_threads,
-                 sizeof(floating), pkH if pooled else 0, geo)
+                 sizeof(floating), pkH if pooled else 0, Lg, geo)
     cdef Py_ssize_t rows = geo[1], Rb = geo[2], Wp = geo[3]
     cdef int np_ = <int> geo[0]
     if scratch.shape[0] < num_threads or \
@@ -1425,16 +1461,24 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     j.groups, j.sH, j.sW, j.pH, j.pW, j.OH, j.OW = groups, sH, sW, pH, pW, OH, OW
     j.rows, j.nband, j.Rb, j.Wp, j.np = rows, (OH + rows - 1) // rows, Rb, Wp, np_
     j.has_bias, j.relu, j.dbl = has_bias, relu, floating is double
+    j.lb = geo[4] if geo[4] > 0 else Lg
+    j.nlb = (Lg + j.lb - 1) // j.lb
     j.zeroed = <unsigned char*> calloc(max(num_threads, 1), 1)
-    if j.zeroed == NULL:
+    j.have = <Py_ssize_t*> malloc(max(num_threads, 1) * sizeof(Py_ssize_t))
+    if j.zeroed == NULL or j.have == NULL:
         free(wd)
         free(off)
+        free(j.zeroed)
+        free(j.have)
         raise MemoryError("conv2d_direct: thread flags")
+    for c in range(max(num_threads, 1)):
+        j.have[c] = -1
     with nogil:
-        fc_pool_run(num_threads, dir_item, &j, N * groups * j.nband)
+        fc_pool_run(num_threads, dir_item, &j, N * groups * j.nband * j.nlb)
     free(wd)
     free(off)
     free(j.zeroed)
+    free(j.have)
 
 
 cdef extern from "_winograd.h":
