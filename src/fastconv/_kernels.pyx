@@ -1203,7 +1203,8 @@ def set_direct_chan_items(Py_ssize_t n):
     """conv2d_direct's channel blocks per (image, group) when there are fewer of those than
     threads: -1 about 2 per thread (the default), 0 none (bands of rows), n > 0 that many
     (at most the group's blocks); returns the previous setting.  For tests and A/B runs,
-    while no kernel runs."""
+    while no kernel runs; the scratch of conv2d's plans follows it (functional._PLANS.clear()
+    after a change)."""
     global DIRECT_CHAN_ITEMS
     old = DIRECT_CHAN_ITEMS
     DIRECT_CHAN_ITEMS = n
@@ -1329,7 +1330,8 @@ cdef struct DirJob:
 
 
 cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
-    cdef Py_ssize_t l0 = (i % j.nlb) * j.lb, ln = min(j.lb, j.Lg - (i % j.nlb) * j.lb)
+    cdef Py_ssize_t l0 = (i % j.nlb) * j.lb
+    cdef Py_ssize_t ln = min(j.lb, j.Lg - l0)
     i = i // j.nlb      # (image, group, band)
     cdef Py_ssize_t ng = i // j.nband, r0 = (i % j.nband) * j.rows
     cdef Py_ssize_t n = ng // j.groups, g = ng % j.groups, nr = min(j.rows, j.OH - r0)
