@@ -261,6 +261,30 @@ def test_max_pool_2x2_stride2_forward(level, dtype):
             close(fc.max_pool2d(x, 2), ref.max_pool2d(x, 2), dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_2x2_levels_bit_for_bit(dtype):
+    """fc_maxpool22 (the float one hand-written at AVX2) gives the baseline's bits: which of
+    +0 / -0 wins a tie, which of two NaN payloads comes out, -inf, on widths with vector
+    bodies and tails in both passes and several row chunks."""
+    if len(LEVELS) < 2:
+        pytest.skip("this CPU has no AVX2+FMA")
+    r = np.random.default_rng(23)
+    it = np.uint32 if dtype == np.float32 else np.uint64
+    for H, W in ((4, 14), (6, 16), (8, 28), (5, 34), (4, 1000), (2, 2)):
+        x = r.choice(np.array([0.0, -0.0, 1.0, -1.0, -np.inf], dtype), (3, 2, H, W))
+        bits = x.view(it)
+        nan_a = np.array(np.nan, dtype).view(it) | 1       # two NaN payloads
+        nan_b = np.array(np.nan, dtype).view(it) | 2
+        bits[r.random(x.shape) < 0.05] = nan_a
+        bits[r.random(x.shape) < 0.05] = nan_b
+        got = {}
+        for level in LEVELS:
+            with simd(level):
+                got[level] = fc.max_pool2d(x, 2).view(it)
+        np.testing.assert_array_equal(got["avx2"], got["baseline"])
+        close(fc.max_pool2d(x, 2), ref.max_pool2d(x, 2), dtype)
+
+
 @pytest.mark.usefixtures("tiny_grain")
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
