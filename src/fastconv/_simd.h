@@ -1007,7 +1007,7 @@ ATTR static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restric
 FC_MAXPOOL22_FWD(float, fc_maxpool22_f_base, )
 FC_MAXPOOL22_FWD(double, fc_maxpool22_d_base, )
 #ifdef FC_HAVE_AVX2_PATH
-/* The float one by hand: gcc's vectorisation of the loops above took 4 instructions for each
+/* By hand: gcc's vectorisation of the loops above took 4 instructions for each
    NaN-aware max and gathered the pairs by vpermd, 2 input values a cycle (the pool fused
    after LeNet's conv1 was 20 % of that call at batch 64, Zen 3).  max_ps(q, p) is q > p ? q
    : p (p when either is NaN), then q where q is NaN: the scalar's (q > p) | (q != q) ? q : p,
@@ -1049,7 +1049,42 @@ FC_AVX2 static void fc_maxpool22_f_avx2(const float* restrict x, ptrdiff_t OH, p
         }
     }
 }
-FC_MAXPOOL22_FWD(double, fc_maxpool22_d_avx2, FC_AVX2)
+FC_AVX2 static inline __m256d fc_nanmax4(__m256d p, __m256d q) {
+    return _mm256_blendv_pd(_mm256_max_pd(q, p), q, _mm256_cmp_pd(q, q, _CMP_UNORD_Q));
+}
+FC_AVX2 static void fc_maxpool22_d_avx2(const double* restrict x, ptrdiff_t OH, ptrdiff_t W,
+                                        double* restrict out) {
+    double vm[FC_MP22_BUF + FC_MP22_PAD];
+    ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;
+    ptrdiff_t Wr = (W + FC_MP22_PAD - 1) / FC_MP22_PAD * FC_MP22_PAD;
+    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {
+        ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;
+        for (ptrdiff_t r = 0; r < nr; r++) {
+            const double* a = x + 2 * (oh0 + r) * W;
+            const double* b = a + W;
+            double* v = vm + r * W;
+            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W, w = 0;
+            for (; w + 4 <= n; w += 4)
+                _mm256_storeu_pd(v + w, fc_nanmax4(_mm256_loadu_pd(a + w),
+                                                   _mm256_loadu_pd(b + w)));
+            for (; w < n; w++) {
+                double p = a[w], q = b[w];
+                v[w] = (q > p) | (q != q) ? q : p;
+            }
+        }
+        double* o = out + oh0 * OW;
+        ptrdiff_t m = nr * OW, i = 0;
+        for (; i + 4 <= m; i += 4) {    /* unpacks: (o0, o2, o1, o3), then the lanes swapped */
+            __m256d v0 = _mm256_loadu_pd(vm + 2 * i), v1 = _mm256_loadu_pd(vm + 2 * i + 4);
+            __m256d r = fc_nanmax4(_mm256_unpacklo_pd(v0, v1), _mm256_unpackhi_pd(v0, v1));
+            _mm256_storeu_pd(o + i, _mm256_permute4x64_pd(r, 0xD8));
+        }
+        for (; i < m; i++) {
+            double p = vm[2 * i], q = vm[2 * i + 1];
+            o[i] = (q > p) | (q != q) ? q : p;
+        }
+    }
+}
 #endif
 static void fc_maxpool22_f(const float* x, ptrdiff_t OH, ptrdiff_t W, float* out) {
     FC_PICK(fc_maxpool22_f, x, OH, W, out);
