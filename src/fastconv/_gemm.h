@@ -1482,8 +1482,15 @@ static int fc_im2col_rows_ok(void) {
         if (fc_gemm_on == 2) F##_512(__VA_ARGS__);                                              \
         else if (fc_gemm_on == 1) F##_256(__VA_ARGS__);                                         \
     } while (0)
+/* the same for the one-row variants (F##_512_1, F##_256_1) */
+#define FC_AT_LEVEL1(F, ...)                                                                    \
+    do {                                                                                        \
+        if (fc_gemm_on == 2) F##_512_1(__VA_ARGS__);                                            \
+        else if (fc_gemm_on == 1) F##_256_1(__VA_ARGS__);                                       \
+    } while (0)
 #else
 #define FC_AT_LEVEL(F, ...) do { } while (0)
+#define FC_AT_LEVEL1(F, ...) do { } while (0)
 #endif
 #define FC_GEMM_TABLES(S, T)                                                                    \
 static void fc_gemmb_##S(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* Ap,    \
@@ -1689,20 +1696,13 @@ FC_ROWDOT(fc_rowdot_d_256, double, __m256d, 4, 2, FC_T256, _mm256_setzero_pd, _m
           __m256i, fc_lanes_i64, FC_MLOAD_PD256, _mm256_fmadd_pd, fc_red_pd256, "x")
 #endif
 /* Only callable when fc_gemm_level() > 0. */
-static void fc_rowdot1_f(ptrdiff_t K, const float* x, const float* w, ptrdiff_t ldw,
-                         ptrdiff_t j0, ptrdiff_t j1, const float* b, float* y) {
-#ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2) fc_rowdot_f_512_1(K, x, w, ldw, j0, j1, b, y);
-    else if (fc_gemm_on == 1) fc_rowdot_f_256_1(K, x, w, ldw, j0, j1, b, y);
-#endif
+#define FC_ROWDOT1_PICK(S, T)                                                                   \
+static void fc_rowdot1_##S(ptrdiff_t K, const T* x, const T* w, ptrdiff_t ldw, ptrdiff_t j0,    \
+                           ptrdiff_t j1, const T* b, T* y) {                                    \
+    FC_AT_LEVEL1(fc_rowdot_##S, K, x, w, ldw, j0, j1, b, y);                                    \
 }
-static void fc_rowdot1_d(ptrdiff_t K, const double* x, const double* w, ptrdiff_t ldw,
-                         ptrdiff_t j0, ptrdiff_t j1, const double* b, double* y) {
-#ifdef FC_HAVE_GEMM
-    if (fc_gemm_on == 2) fc_rowdot_d_512_1(K, x, w, ldw, j0, j1, b, y);
-    else if (fc_gemm_on == 1) fc_rowdot_d_256_1(K, x, w, ldw, j0, j1, b, y);
-#endif
-}
+FC_ROWDOT1_PICK(f, float)
+FC_ROWDOT1_PICK(d, double)
 static void fc_rowdot_f(ptrdiff_t R, ptrdiff_t K, const float* x, ptrdiff_t ldx, const float* w,
                         ptrdiff_t ldw, ptrdiff_t j0, ptrdiff_t j1, const float* b, float* y,
                         ptrdiff_t ldy) {

@@ -1009,82 +1009,57 @@ FC_MAXPOOL22_FWD(double, fc_maxpool22_d_base, )
 #ifdef FC_HAVE_AVX2_PATH
 /* By hand: gcc's vectorisation of the loops above took 4 instructions for each
    NaN-aware max and gathered the pairs by vpermd, 2 input values a cycle (the pool fused
-   after LeNet's conv1 was 20 % of that call at batch 64, Zen 3).  max_ps(q, p) is q > p ? q
-   : p (p when either is NaN), then q where q is NaN: the scalar's (q > p) | (q != q) ? q : p,
-   bit for bit; the pairs by two shuffles and one lane permute. */
+   after LeNet's conv1 was 20 % of that call at batch 64, Zen 3).  max(q, p) is q > p ? q :
+   p (p when either is NaN), then q where q is NaN: the scalar's (q > p) | (q != q) ? q : p,
+   bit for bit; the pairs by two shuffles (float) or unpacks (double), each giving the lanes
+   (o0, o1, o4, o5 | o2, o3, o6, o7) or (o0, o2 | o1, o3), and one lane permute. */
 FC_AVX2 static inline __m256 fc_nanmax8(__m256 p, __m256 q) {
     return _mm256_blendv_ps(_mm256_max_ps(q, p), q, _mm256_cmp_ps(q, q, _CMP_UNORD_Q));
-}
-FC_AVX2 static void fc_maxpool22_f_avx2(const float* restrict x, ptrdiff_t OH, ptrdiff_t W,
-                                        float* restrict out) {
-    float vm[FC_MP22_BUF + FC_MP22_PAD];
-    ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;
-    ptrdiff_t Wr = (W + FC_MP22_PAD - 1) / FC_MP22_PAD * FC_MP22_PAD;
-    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {
-        ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;
-        for (ptrdiff_t r = 0; r < nr; r++) {    /* (as FC_MAXPOOL22_FWD: Wr where it fits) */
-            const float* a = x + 2 * (oh0 + r) * W;
-            const float* b = a + W;
-            float* v = vm + r * W;
-            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W, w = 0;
-            for (; w + 8 <= n; w += 8)
-                _mm256_storeu_ps(v + w, fc_nanmax8(_mm256_loadu_ps(a + w),
-                                                   _mm256_loadu_ps(b + w)));
-            for (; w < n; w++) {
-                float p = a[w], q = b[w];
-                v[w] = (q > p) | (q != q) ? q : p;
-            }
-        }
-        float* o = out + oh0 * OW;
-        ptrdiff_t m = nr * OW, i = 0;
-        for (; i + 8 <= m; i += 8) {
-            __m256 v0 = _mm256_loadu_ps(vm + 2 * i), v1 = _mm256_loadu_ps(vm + 2 * i + 8);
-            __m256 r = fc_nanmax8(_mm256_shuffle_ps(v0, v1, 0x88), _mm256_shuffle_ps(v0, v1, 0xDD));
-            _mm256_storeu_ps(o + i, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(r),
-                                                                           0xD8)));
-        }
-        for (; i < m; i++) {
-            float p = vm[2 * i], q = vm[2 * i + 1];
-            o[i] = (q > p) | (q != q) ? q : p;
-        }
-    }
 }
 FC_AVX2 static inline __m256d fc_nanmax4(__m256d p, __m256d q) {
     return _mm256_blendv_pd(_mm256_max_pd(q, p), q, _mm256_cmp_pd(q, q, _CMP_UNORD_Q));
 }
-FC_AVX2 static void fc_maxpool22_d_avx2(const double* restrict x, ptrdiff_t OH, ptrdiff_t W,
-                                        double* restrict out) {
-    double vm[FC_MP22_BUF + FC_MP22_PAD];
-    ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;
-    ptrdiff_t Wr = (W + FC_MP22_PAD - 1) / FC_MP22_PAD * FC_MP22_PAD;
-    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {
-        ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;
-        for (ptrdiff_t r = 0; r < nr; r++) {
-            const double* a = x + 2 * (oh0 + r) * W;
-            const double* b = a + W;
-            double* v = vm + r * W;
-            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W, w = 0;
-            for (; w + 4 <= n; w += 4)
-                _mm256_storeu_pd(v + w, fc_nanmax4(_mm256_loadu_pd(a + w),
-                                                   _mm256_loadu_pd(b + w)));
-            for (; w < n; w++) {
-                double p = a[w], q = b[w];
-                v[w] = (q > p) | (q != q) ? q : p;
-            }
-        }
-        double* o = out + oh0 * OW;
-        ptrdiff_t m = nr * OW, i = 0;
-        for (; i + 4 <= m; i += 4) {    /* unpacks: (o0, o2, o1, o3), then the lanes swapped */
-            __m256d v0 = _mm256_loadu_pd(vm + 2 * i), v1 = _mm256_loadu_pd(vm + 2 * i + 4);
-            __m256d r = fc_nanmax4(_mm256_unpacklo_pd(v0, v1), _mm256_unpackhi_pd(v0, v1));
-            _mm256_storeu_pd(o + i, _mm256_permute4x64_pd(r, 0xD8));
-        }
-        for (; i < m; i++) {
-            double p = vm[2 * i], q = vm[2 * i + 1];
-            o[i] = (q > p) | (q != q) ? q : p;
-        }
-    }
+FC_AVX2 static inline __m256 fc_pairmax8(__m256 v0, __m256 v1) {
+    __m256 r = fc_nanmax8(_mm256_shuffle_ps(v0, v1, 0x88), _mm256_shuffle_ps(v0, v1, 0xDD));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(r), 0xD8));
 }
+FC_AVX2 static inline __m256d fc_pairmax4(__m256d v0, __m256d v1) {
+    __m256d r = fc_nanmax4(_mm256_unpacklo_pd(v0, v1), _mm256_unpackhi_pd(v0, v1));
+    return _mm256_permute4x64_pd(r, 0xD8);
+}
+#define FC_MAXPOOL22_AVX2(T, NAME, LANES, LOADU, STOREU, NANMAX, PAIRMAX)                    \
+FC_AVX2 static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restrict out) {  \
+    T vm[FC_MP22_BUF + FC_MP22_PAD];                                                         \
+    ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;                                            \
+    ptrdiff_t Wr = (W + FC_MP22_PAD - 1) / FC_MP22_PAD * FC_MP22_PAD;                        \
+    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {                                         \
+        ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;                                    \
+        for (ptrdiff_t r = 0; r < nr; r++) {    /* (as FC_MAXPOOL22_FWD: Wr where it fits) */ \
+            const T* a = x + 2 * (oh0 + r) * W;                                              \
+            const T* b = a + W;                                                              \
+            T* v = vm + r * W;                                                               \
+            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W, w = 0;        \
+            for (; w + LANES <= n; w += LANES)                                               \
+                STOREU(v + w, NANMAX(LOADU(a + w), LOADU(b + w)));                           \
+            for (; w < n; w++) {                                                             \
+                T p = a[w], q = b[w];                                                        \
+                v[w] = (q > p) | (q != q) ? q : p;                                           \
+            }                                                                                \
+        }                                                                                    \
+        T* o = out + oh0 * OW;                                                               \
+        ptrdiff_t m = nr * OW, i = 0;                                                        \
+        for (; i + LANES <= m; i += LANES)                                                   \
+            STOREU(o + i, PAIRMAX(LOADU(vm + 2 * i), LOADU(vm + 2 * i + LANES)));            \
+        for (; i < m; i++) {                                                                 \
+            T p = vm[2 * i], q = vm[2 * i + 1];                                              \
+            o[i] = (q > p) | (q != q) ? q : p;                                               \
+        }                                                                                    \
+    }                                                                                        \
+}
+FC_MAXPOOL22_AVX2(float, fc_maxpool22_f_avx2, 8, _mm256_loadu_ps, _mm256_storeu_ps, fc_nanmax8,
+                  fc_pairmax8)
+FC_MAXPOOL22_AVX2(double, fc_maxpool22_d_avx2, 4, _mm256_loadu_pd, _mm256_storeu_pd,
+                  fc_nanmax4, fc_pairmax4)
 #endif
 static void fc_maxpool22_f(const float* x, ptrdiff_t OH, ptrdiff_t W, float* out) {
     FC_PICK(fc_maxpool22_f, x, OH, W, out);
