@@ -1324,9 +1324,9 @@ cdef struct DirJob:
     Py_ssize_t pkH, pkW, POH, POW
     Py_ssize_t lb, nlb          # output channels per item (a multiple of the block), items
     Py_ssize_t* have            # [tid]: the (image, group, band) whose padded rows are there
+                                # (-1: none yet in this call, the padding not zeroed either)
     int np
     bint has_bias, relu, dbl, keep
-    unsigned char* zeroed       # [tid]: the thread's padded rows zeroed in this call
 
 
 cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
@@ -1351,10 +1351,9 @@ cdef void dir_job_run(DirJob* j, Py_ssize_t i, int tid, floating* tag) noexcept 
         if nr <= 0:
             return
         plane = nr * j.OW
-    if not j.zeroed[tid]:
+    if j.have[tid] < 0:
         # the padding columns are never written after this: only the rows' middles change
         memset(xp, 0, j.Cg * j.Rb * Wp * sizeof(floating))
-        j.zeroed[tid] = 1
     if j.have[tid] != i:        # (the thread's last item had another band)
         j.have[tid] = i
         for c in range(j.Cg):
@@ -1423,7 +1422,7 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
             dW < 1 or pH < 0 or pW < 0 or OH < 0 or OW < 0:
         raise ValueError("conv2d_direct: unsupported geometry")
     check_pool_out("conv2d_direct", pool_out, keep, N, L, OH, OW, pkH, pkW)
-    # (typed: the offsets' loop below ran on Python ints, ~10 % of a batch-1 call)
+    # (typed: the offsets' loop below ran on Python ints, ~20 % of a batch-1 call)
     cdef Py_ssize_t geo[5]
     dir_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH, OW, num_threads,
                  sizeof(floating), pkH if pooled else 0, Lg, geo)
@@ -1465,13 +1464,10 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     j.has_bias, j.relu, j.dbl = has_bias, relu, floating is double
     j.lb = geo[4] if geo[4] > 0 else Lg
     j.nlb = (Lg + j.lb - 1) // j.lb
-    j.zeroed = <unsigned char*> calloc(max(num_threads, 1), 1)
     j.have = <Py_ssize_t*> malloc(max(num_threads, 1) * sizeof(Py_ssize_t))
-    if j.zeroed == NULL or j.have == NULL:
+    if j.have == NULL:
         free(wd)
         free(off)
-        free(j.zeroed)
-        free(j.have)
         raise MemoryError("conv2d_direct: thread flags")
     for c in range(max(num_threads, 1)):
         j.have[c] = -1
@@ -1479,7 +1475,6 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
         fc_pool_run(num_threads, dir_item, &j, N * groups * j.nband * j.nlb)
     free(wd)
     free(off)
-    free(j.zeroed)
     free(j.have)
 
 

@@ -976,7 +976,11 @@ static void fc_avgpool22_d(const double* x0, const double* x1, ptrdiff_t OW, dou
    values (W <= FC_MP22_BUF). */
 #define FC_MP22_BUF 2048
 #define FC_MP22_PAD 16      /* Wr: W rounded up to a multiple of this (a 512-bit vector of floats) */
-#define FC_MAXPOOL22_FWD(T, NAME, ATTR)                                                      \
+#define FC_MX(a, m) (((a) > (m)) | ((a) != (a)) ? (a) : (m))
+/* LANES values at a time (1: scalar, left to the compiler's vectoriser) by LOADU / STOREU,
+   NANMAX(p, q) = FC_MX(q, p) of each lane, PAIRMAX(v0, v1): NANMAX of the adjacent pairs of
+   the 2 LANES values, in order (scalar: NANMAX) */
+#define FC_MAXPOOL22_FWD(T, NAME, ATTR, LANES, LOADU, STOREU, NANMAX, PAIRMAX)               \
 ATTR static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restrict out) {     \
     T vm[FC_MP22_BUF + FC_MP22_PAD];                                                         \
     ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;                                            \
@@ -991,28 +995,33 @@ ATTR static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restric
             const T* a = x + 2 * (oh0 + r) * W;                                              \
             const T* b = a + W;                                                              \
             T* v = vm + r * W;                                                               \
-            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W;               \
-            for (ptrdiff_t w = 0; w < n; w++) {                                              \
-                T p = a[w], q = b[w];                                                        \
-                v[w] = (q > p) | (q != q) ? q : p;                                           \
-            }                                                                                \
+            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W, w = 0;        \
+            for (; w + LANES <= n; w += LANES)                                               \
+                STOREU(v + w, NANMAX(LOADU(a + w), LOADU(b + w)));                           \
+            for (; w < n; w++)                                                               \
+                v[w] = FC_MX(b[w], a[w]);                                                    \
         }                                                                                    \
         T* o = out + oh0 * OW;                                                               \
-        for (ptrdiff_t i = 0; i < nr * OW; i++) {                                            \
-            T p = vm[2 * i], q = vm[2 * i + 1];                                              \
-            o[i] = (q > p) | (q != q) ? q : p;                                               \
-        }                                                                                    \
+        ptrdiff_t m = nr * OW, i = 0;                                                        \
+        for (; i + LANES <= m; i += LANES)                                                   \
+            STOREU(o + i, PAIRMAX(LOADU(vm + 2 * i), LOADU(vm + 2 * i + LANES)));            \
+        for (; i < m; i++)                                                                   \
+            o[i] = FC_MX(vm[2 * i + 1], vm[2 * i]);                                          \
     }                                                                                        \
 }
-FC_MAXPOOL22_FWD(float, fc_maxpool22_f_base, )
-FC_MAXPOOL22_FWD(double, fc_maxpool22_d_base, )
+#define FC_LOAD1(p) (*(p))
+#define FC_STORE1(p, v) (*(p) = (v))
+#define FC_NANMAX1(p, q) FC_MX(q, p)
+FC_MAXPOOL22_FWD(float, fc_maxpool22_f_base, , 1, FC_LOAD1, FC_STORE1, FC_NANMAX1, FC_NANMAX1)
+FC_MAXPOOL22_FWD(double, fc_maxpool22_d_base, , 1, FC_LOAD1, FC_STORE1, FC_NANMAX1,
+                 FC_NANMAX1)
 #ifdef FC_HAVE_AVX2_PATH
-/* By hand: gcc's vectorisation of the loops above took 4 instructions for each
+/* At AVX2 by hand: gcc's vectorisation of the scalar loops took 4 instructions for each
    NaN-aware max and gathered the pairs by vpermd, 2 input values a cycle (the pool fused
    after LeNet's conv1 was 20 % of that call at batch 64, Zen 3).  max(q, p) is q > p ? q :
-   p (p when either is NaN), then q where q is NaN: the scalar's (q > p) | (q != q) ? q : p,
-   bit for bit; the pairs by two shuffles (float) or unpacks (double), each giving the lanes
-   (o0, o1, o4, o5 | o2, o3, o6, o7) or (o0, o2 | o1, o3), and one lane permute. */
+   p (p when either is NaN), then q where q is NaN: FC_MX(q, p) bit for bit; the pairs by
+   two shuffles (float) or unpacks (double), each giving the lanes (o0, o1, o4, o5 | o2, o3,
+   o6, o7) or (o0, o2 | o1, o3), and one lane permute. */
 FC_AVX2 static inline __m256 fc_nanmax8(__m256 p, __m256 q) {
     return _mm256_blendv_ps(_mm256_max_ps(q, p), q, _mm256_cmp_ps(q, q, _CMP_UNORD_Q));
 }
@@ -1027,39 +1036,10 @@ FC_AVX2 static inline __m256d fc_pairmax4(__m256d v0, __m256d v1) {
     __m256d r = fc_nanmax4(_mm256_unpacklo_pd(v0, v1), _mm256_unpackhi_pd(v0, v1));
     return _mm256_permute4x64_pd(r, 0xD8);
 }
-#define FC_MAXPOOL22_AVX2(T, NAME, LANES, LOADU, STOREU, NANMAX, PAIRMAX)                    \
-FC_AVX2 static void NAME(const T* restrict x, ptrdiff_t OH, ptrdiff_t W, T* restrict out) {  \
-    T vm[FC_MP22_BUF + FC_MP22_PAD];                                                         \
-    ptrdiff_t OW = W / 2, rows = FC_MP22_BUF / W;                                            \
-    ptrdiff_t Wr = (W + FC_MP22_PAD - 1) / FC_MP22_PAD * FC_MP22_PAD;                        \
-    for (ptrdiff_t oh0 = 0; oh0 < OH; oh0 += rows) {                                         \
-        ptrdiff_t nr = OH - oh0 < rows ? OH - oh0 : rows;                                    \
-        for (ptrdiff_t r = 0; r < nr; r++) {    /* (as FC_MAXPOOL22_FWD: Wr where it fits) */ \
-            const T* a = x + 2 * (oh0 + r) * W;                                              \
-            const T* b = a + W;                                                              \
-            T* v = vm + r * W;                                                               \
-            ptrdiff_t n = (2 * (oh0 + r) + 1) * W + Wr <= 2 * OH * W ? Wr : W, w = 0;        \
-            for (; w + LANES <= n; w += LANES)                                               \
-                STOREU(v + w, NANMAX(LOADU(a + w), LOADU(b + w)));                           \
-            for (; w < n; w++) {                                                             \
-                T p = a[w], q = b[w];                                                        \
-                v[w] = (q > p) | (q != q) ? q : p;                                           \
-            }                                                                                \
-        }                                                                                    \
-        T* o = out + oh0 * OW;                                                               \
-        ptrdiff_t m = nr * OW, i = 0;                                                        \
-        for (; i + LANES <= m; i += LANES)                                                   \
-            STOREU(o + i, PAIRMAX(LOADU(vm + 2 * i), LOADU(vm + 2 * i + LANES)));            \
-        for (; i < m; i++) {                                                                 \
-            T p = vm[2 * i], q = vm[2 * i + 1];                                              \
-            o[i] = (q > p) | (q != q) ? q : p;                                               \
-        }                                                                                    \
-    }                                                                                        \
-}
-FC_MAXPOOL22_AVX2(float, fc_maxpool22_f_avx2, 8, _mm256_loadu_ps, _mm256_storeu_ps, fc_nanmax8,
-                  fc_pairmax8)
-FC_MAXPOOL22_AVX2(double, fc_maxpool22_d_avx2, 4, _mm256_loadu_pd, _mm256_storeu_pd,
-                  fc_nanmax4, fc_pairmax4)
+FC_MAXPOOL22_FWD(float, fc_maxpool22_f_avx2, FC_AVX2, 8, _mm256_loadu_ps, _mm256_storeu_ps,
+                 fc_nanmax8, fc_pairmax8)
+FC_MAXPOOL22_FWD(double, fc_maxpool22_d_avx2, FC_AVX2, 4, _mm256_loadu_pd, _mm256_storeu_pd,
+                 fc_nanmax4, fc_pairmax4)
 #endif
 static void fc_maxpool22_f(const float* x, ptrdiff_t OH, ptrdiff_t W, float* out) {
     FC_PICK(fc_maxpool22_f, x, OH, W, out);
@@ -1085,7 +1065,6 @@ static void fc_maxpool22_d(const double* x, ptrdiff_t OH, ptrdiff_t W, double* o
    W / 2 + 2 <= FC_MP33_ROW and 3 * OW <= FC_MP33_BUF (the caller checks). */
 #define FC_MP33_ROW 1024
 #define FC_MP33_BUF 4096
-#define FC_MX(a, m) (((a) > (m)) | ((a) != (a)) ? (a) : (m))
 #define FC_MAXPOOL33S2_FWD(T, NAME, ATTR)                                                    \
 ATTR static void NAME##_hrow(const T* restrict row, ptrdiff_t W, ptrdiff_t OW, int pW,       \
                              T* restrict E, T* restrict O, T* restrict h) {                  \
