@@ -542,6 +542,37 @@ def test_depthwise_3x3_padded_planes(level, dtype):
                 close(g, e, dtype)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depthwise_3x3_plane_kernels(level, dtype):
+    """The whole-plane 3x3 stride-1 kernels over a zero-padded copy (fc_dw33_fwd: two output
+    rows a pass, the last of an odd count alone; fc_dw33_gw: the nine weight-gradient taps
+    and the bias gradient in one pass): every row tail of a vector of 8 floats / 4 doubles
+    (widths 1-19), odd and even heights, paddings 0-2 per axis, a channel multiplier of 2
+    (input gradient summed over two planes), NaN in x; and an infinite gy on the border,
+    whose padded sums would be inf * 0 = NaN where the definition has no term (that plane
+    redone tap by tap), against the reference."""
+    r = np.random.default_rng(11)
+    with simd(level):
+        for W in range(1, 20):
+            for H, p, M in ((1 + W % 4, (1, 1), 1), (2 + W % 3, (W % 3, 1), 2),
+                            (3 + W % 2, (2, W % 3), 1)):
+                x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
+                w = r.uniform(-1, 1, (3 * M, 1, 3, 3)).astype(dtype)
+                b = r.uniform(-1, 1, 3 * M).astype(dtype)
+                kw = dict(padding=p, groups=3)
+                if H + 2 * p[0] < 3 or W + 2 * p[1] < 3:
+                    continue
+                x[1, 2, H // 2, W // 2] = np.nan
+                y = fc.conv2d(x, w, b, **kw)
+                close(y, ref.conv2d(x, w, b, **kw), dtype)
+                gy = r.uniform(-1, 1, y.shape).astype(dtype)
+                gy[0, 1, 0, -1] = np.inf           # its taps reach the padding when p > 0
+                got = fc.conv2d_backward(gy, x, w, **kw)
+                for g, e in zip(got, ref.conv2d_backward(gy, x, w, **kw)):
+                    close(g, e, dtype)
+
+
 @pytest.mark.parametrize("x512", [True, False])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -73,6 +73,14 @@ cdef extern from "_simd.h":
                       Py_ssize_t rows, Py_ssize_t n) nogil
     double fc_dot2d_d(const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
                       Py_ssize_t rows, Py_ssize_t n) nogil
+    void fc_dw33_fwd_f(const float* P, Py_ssize_t PW, const float* w, float b, float* out,
+                       Py_ssize_t OH, Py_ssize_t OW) nogil
+    void fc_dw33_fwd_d(const double* P, Py_ssize_t PW, const double* w, double b, double* out,
+                       Py_ssize_t OH, Py_ssize_t OW) nogil
+    void fc_dw33_gw_f(const float* P, Py_ssize_t PW, const float* gy, Py_ssize_t OH,
+                      Py_ssize_t OW, double* s) nogil
+    void fc_dw33_gw_d(const double* P, Py_ssize_t PW, const double* gy, Py_ssize_t OH,
+                      Py_ssize_t OW, double* s) nogil
     int fc_maxpool22_bwd_f(const float* x0, const float* x1, const float* g, Py_ssize_t OW,
                            float* gx0, float* gx1) nogil
     int fc_maxpool22_bwd_d(const double* x0, const double* x1, const double* g,
@@ -2250,31 +2258,70 @@ cdef enum:
     DW_PAD_BUF = 8192    # values of a zero-padded plane depthwise_plane_padded takes
 
 
+cdef void pad_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
+                    Py_ssize_t pW, floating* P) noexcept nogil:
+    """P = x with pH zero rows above and below and pW zero columns either side (rows of
+    W + 2 pW values); only the padding is zeroed, not the whole buffer."""
+    cdef Py_ssize_t PW = W + 2 * pW, i, j
+    cdef floating* r
+    memset(P, 0, pH * PW * sizeof(floating))
+    memset(P + (H + pH) * PW, 0, pH * PW * sizeof(floating))
+    for i in range(H):
+        r = P + (i + pH) * PW
+        for j in range(pW):             # (a few values: no memset call)
+            r[j] = 0
+            r[pW + W + j] = 0
+        memcpy(r + pW, x + i * W, W * sizeof(floating))
+
+
+cdef inline bint pad_fits(Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
+                          Py_ssize_t pW) noexcept nogil:
+    return pH >= 0 and pW >= 0 and (H + 2 * pH) * (W + 2 * pW) <= DW_PAD_BUF
+
+
 cdef bint depthwise_plane_padded(const floating* x, Py_ssize_t H, Py_ssize_t W,
                                  const floating* w, floating b, floating* out, Py_ssize_t OH,
                                  Py_ssize_t OW, Py_ssize_t pH, Py_ssize_t pW) noexcept nogil:
-    """A 3x3 stride-1 depthwise plane through a zero-padded copy: every output row is one
-    fc_dw3 pass, no edge columns (on 32-wide planes the scalar edges and per-row set-up
-    were 40 % of the time).  The padding's taps add w * 0, which changes nothing but the
+    """A 3x3 stride-1 depthwise plane through a zero-padded copy (fc_dw33_fwd: two output
+    rows a pass, no edge columns; on 32-wide planes the scalar edges and per-row set-up had
+    been 40 % of the time).  The padding's taps add w * 0, which changes nothing but the
     sign of a zero sum, unless w is not finite: False then (nothing written), and the
     caller skips the padding tap by tap, as the definition does."""
     cdef floating pad[DW_PAD_BUF]
-    cdef Py_ssize_t PW = W + 2 * pW, i, oh, ow
-    cdef floating* r0
+    cdef Py_ssize_t i
     for i in range(9):
         if not (w[i] - w[i] == 0):
             return False
-    memset(pad, 0, (H + 2 * pH) * PW * sizeof(floating))
-    for i in range(H):
-        memcpy(pad + (i + pH) * PW + pW, x + i * W, W * sizeof(floating))
-    for oh in range(OH):
-        for ow in range(OW):
-            out[oh * OW + ow] = b
-        r0 = pad + oh * PW
-        if floating is float:
-            fc_dw3_f(out + oh * OW, OW, 3, r0, r0 + PW, r0 + 2 * PW, w, w + 3, w + 6)
-        else:
-            fc_dw3_d(out + oh * OW, OW, 3, r0, r0 + PW, r0 + 2 * PW, w, w + 3, w + 6)
+    pad_plane(x, H, W, pH, pW, pad)
+    if floating is float:
+        fc_dw33_fwd_f(pad, W + 2 * pW, w, b, out, OH, OW)
+    else:
+        fc_dw33_fwd_d(pad, W + 2 * pW, w, b, out, OH, OW)
+    return True
+
+
+cdef bint depthwise_gw_padded(const floating* gy, const floating* x, Py_ssize_t H,
+                              Py_ssize_t W, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t pH,
+                              Py_ssize_t pW, floating* gw, floating* gb) noexcept nogil:
+    """A 3x3 stride-1 plane's weight (and, gb not NULL, bias) gradient in one pass over a
+    zero-padded copy of x (fc_dw33_gw).  A non-finite gy times the padding's zeros would
+    give NaN where the definition has no term: when a sum is not finite, nothing is added
+    and False is returned (the caller then goes tap by tap over the valid blocks)."""
+    cdef floating pad[DW_PAD_BUF]
+    cdef double s[10]
+    cdef Py_ssize_t k
+    pad_plane(x, H, W, pH, pW, pad)
+    if floating is float:
+        fc_dw33_gw_f(pad, W + 2 * pW, gy, OH, OW, s)
+    else:
+        fc_dw33_gw_d(pad, W + 2 * pW, gy, OH, OW, s)
+    for k in range(10):
+        if not (s[k] - s[k] == 0):
+            return False
+    for k in range(9):
+        gw[k] += <floating>s[k]
+    if gb != NULL:
+        gb[0] += <floating>s[9]
     return True
 
 
@@ -2294,8 +2341,7 @@ cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
     # (pH, pW < 0: the input gradient's forward pass of a padding > 2 (k - 1 - p); the
     # padded copy would start before its buffer)
     if (kH == 3 and kW == 3 and sH == 1 and sW == 1 and dH == 1 and dW == 1
-            and pH >= 0 and pW >= 0
-            and (H + 2 * pH) * (W + 2 * pW) <= DW_PAD_BUF and OW == W + 2 * pW - 2
+            and pad_fits(H, W, pH, pW) and OW == W + 2 * pW - 2
             and OH == H + 2 * pH - 2 and OW > 0 and OH > 0
             and depthwise_plane_padded(x, H, W, w, b, out, OH, OW, pH, pW)):
         return
@@ -2356,6 +2402,13 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
     cdef floating wflip[MAX_FLIP]
     cdef Py_ssize_t r0, r1
     cdef double acc
+    if (need_w and kH == 3 and kW == 3 and sH == 1 and sW == 1 and dH == 1 and dW == 1
+            and OH == H + 2 * pH - 2 and OW == W + 2 * pW - 2 and OH > 0 and OW > 0
+            and pad_fits(H, W, pH, pW)
+            and depthwise_gw_padded(gy, x, H, W, OH, OW, pH, pW, gw,
+                                    gb if need_b else NULL)):
+        need_w = False
+        need_b = False
     if need_b:
         gb[0] += <floating>row_dot(gy, NULL, OH * OW)
     if not (need_w or need_x):
@@ -2480,10 +2533,13 @@ def depthwise_backward(const floating[:, :, :, ::1] grad_out, const floating[:, 
     cdef floating* gwp = &grad_w_out[0] if need_w else NULL
     cdef floating* gbp = &grad_b_out[0] if need_b else NULL
     cdef Py_ssize_t c, n, m
+    # stride 1 with one output channel per input channel: the plane's input gradient is
+    # written whole by a forward pass (depthwise_plane_backward), nothing to zero first
+    cdef bint overwrite = sH == 1 and sW == 1 and kH * kW <= MAX_FLIP and M == 1
     with nogil:
         for c in prange(C, schedule='guided', num_threads=num_threads):
             for n in range(N):
-                if need_x:
+                if need_x and not overwrite:
                     memset(gxp + (n * C + c) * H * W, 0, H * W * sizeof(floating))
                 for m in range(M):
                     depthwise_plane_backward(

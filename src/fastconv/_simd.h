@@ -834,6 +834,255 @@ static double NAME(const T* restrict a, ptrdiff_t lda, const T* restrict b, ptrd
 FC_DOT2D(float, fc_dot2d_f)
 FC_DOT2D(double, fc_dot2d_d)
 
+/* ---- 3x3 stride-1 depthwise planes over a zero-padded copy --------------------------------
+   P: the input plane with its padding written out (rows of PW values, at least OH + 2 rows
+   and OW + 2 columns).  No edge cases in the loops: the padding's zeros are multiplied like
+   any value, which changes nothing but the sign of a zero sum while the other factor is
+   finite (the callers check).  The AVX2 builds contract to FMA. */
+
+/* out[oh][ow] = b + sum over kh, kw of w[3 kh + kw] P[oh + kh][ow + kw]: two output rows a
+   pass (their four input rows loaded once for both), bias first, then the taps row by row */
+#define FC_DW33_FWD(T, NAME, ATTR)                                                           \
+ATTR static void NAME(const T* restrict P, ptrdiff_t PW, const T* restrict w, T b,          \
+                      T* restrict out, ptrdiff_t OH, ptrdiff_t OW) {                         \
+    const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5];                \
+    const T w6 = w[6], w7 = w[7], w8 = w[8];                                                 \
+    ptrdiff_t oh = 0;                                                                        \
+    for (; oh + 2 <= OH; oh += 2) {                                                          \
+        const T* restrict r0 = P + oh * PW;                                                  \
+        const T* restrict r1 = r0 + PW;                                                      \
+        const T* restrict r2 = r1 + PW;                                                      \
+        const T* restrict r3 = r2 + PW;                                                      \
+        T* restrict o0 = out + oh * OW;                                                      \
+        T* restrict o1 = o0 + OW;                                                            \
+        for (ptrdiff_t i = 0; i < OW; i++) {                                                 \
+            T a = b + w0 * r0[i];                                                            \
+            a = a + w1 * r0[i + 1];                                                          \
+            a = a + w2 * r0[i + 2];                                                          \
+            T c = b + w0 * r1[i];                                                            \
+            a = a + w3 * r1[i];                                                              \
+            c = c + w1 * r1[i + 1];                                                          \
+            a = a + w4 * r1[i + 1];                                                          \
+            c = c + w2 * r1[i + 2];                                                          \
+            a = a + w5 * r1[i + 2];                                                          \
+            c = c + w3 * r2[i];                                                              \
+            a = a + w6 * r2[i];                                                              \
+            c = c + w4 * r2[i + 1];                                                          \
+            a = a + w7 * r2[i + 1];                                                          \
+            c = c + w5 * r2[i + 2];                                                          \
+            a = a + w8 * r2[i + 2];                                                          \
+            c = c + w6 * r3[i];                                                              \
+            c = c + w7 * r3[i + 1];                                                          \
+            c = c + w8 * r3[i + 2];                                                          \
+            o0[i] = a;                                                                       \
+            o1[i] = c;                                                                       \
+        }                                                                                    \
+    }                                                                                        \
+    if (oh < OH) {                                                                           \
+        const T* restrict r0 = P + oh * PW;                                                  \
+        const T* restrict r1 = r0 + PW;                                                      \
+        const T* restrict r2 = r1 + PW;                                                      \
+        T* restrict o0 = out + oh * OW;                                                      \
+        for (ptrdiff_t i = 0; i < OW; i++) {                                                 \
+            T a = b + w0 * r0[i];                                                            \
+            a = a + w1 * r0[i + 1];                                                          \
+            a = a + w2 * r0[i + 2];                                                          \
+            a = a + w3 * r1[i];                                                              \
+            a = a + w4 * r1[i + 1];                                                          \
+            a = a + w5 * r1[i + 2];                                                          \
+            a = a + w6 * r2[i];                                                              \
+            a = a + w7 * r2[i + 1];                                                          \
+            a = a + w8 * r2[i + 2];                                                          \
+            o0[i] = a;                                                                       \
+        }                                                                                    \
+    }                                                                                        \
+}
+FC_DW33_FWD(float, fc_dw33_fwd_f_base, )
+FC_DW33_FWD(double, fc_dw33_fwd_d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+/* (gcc left the plain loop above scalar at -O3 with avx2: by hand, the same order of
+   operations, each tap's product added by FMA).  Hooks as FC_DW33_GW_AVX2's, and ST, MST
+   (masked store), SET1 */
+#define FC_DW33_FWD_AVX2(T, NAME, V, L, LD, MLD, ST, MST, SET1, FMA, MASK)                  \
+FC_AVX2 static void NAME(const T* P, ptrdiff_t PW, const T* w, T b, T* out, ptrdiff_t OH,    \
+                         ptrdiff_t OW) {                                                     \
+    const V w0 = SET1(w[0]), w1 = SET1(w[1]), w2 = SET1(w[2]), w3 = SET1(w[3]);              \
+    const V w4 = SET1(w[4]), w5 = SET1(w[5]), w6 = SET1(w[6]), w7 = SET1(w[7]);              \
+    const V w8 = SET1(w[8]), vb = SET1(b);                                                   \
+    const ptrdiff_t full = OW - OW % L;                                                      \
+    const __m256i m = MASK(OW - full);                                                       \
+    ptrdiff_t oh = 0;                                                                        \
+    for (; oh + 2 <= OH; oh += 2) {                                                          \
+        const T* r0 = P + oh * PW;                                                           \
+        const T* r1 = r0 + PW;                                                               \
+        const T* r2 = r1 + PW;                                                               \
+        const T* r3 = r2 + PW;                                                               \
+        T* o0 = out + oh * OW;                                                               \
+        T* o1 = o0 + OW;                                                                     \
+        for (ptrdiff_t i = 0; i < OW; i += L) {                                              \
+            V a, c, t0, t1, t2;                                                              \
+            if (i < full) {                                                                  \
+                a = FMA(w0, LD(r0 + i), vb);                                                 \
+                a = FMA(w1, LD(r0 + i + 1), a);                                              \
+                a = FMA(w2, LD(r0 + i + 2), a);                                              \
+                t0 = LD(r1 + i); t1 = LD(r1 + i + 1); t2 = LD(r1 + i + 2);                   \
+            } else {                                                                         \
+                a = FMA(w0, MLD(r0 + i, m), vb);                                             \
+                a = FMA(w1, MLD(r0 + i + 1, m), a);                                          \
+                a = FMA(w2, MLD(r0 + i + 2, m), a);                                          \
+                t0 = MLD(r1 + i, m); t1 = MLD(r1 + i + 1, m); t2 = MLD(r1 + i + 2, m);       \
+            }                                                                                \
+            c = FMA(w0, t0, vb);                                                             \
+            a = FMA(w3, t0, a);                                                              \
+            c = FMA(w1, t1, c);                                                              \
+            a = FMA(w4, t1, a);                                                              \
+            c = FMA(w2, t2, c);                                                              \
+            a = FMA(w5, t2, a);                                                              \
+            if (i < full) {                                                                  \
+                t0 = LD(r2 + i); t1 = LD(r2 + i + 1); t2 = LD(r2 + i + 2);                   \
+            } else {                                                                         \
+                t0 = MLD(r2 + i, m); t1 = MLD(r2 + i + 1, m); t2 = MLD(r2 + i + 2, m);       \
+            }                                                                                \
+            c = FMA(w3, t0, c);                                                              \
+            a = FMA(w6, t0, a);                                                              \
+            c = FMA(w4, t1, c);                                                              \
+            a = FMA(w7, t1, a);                                                              \
+            c = FMA(w5, t2, c);                                                              \
+            a = FMA(w8, t2, a);                                                              \
+            if (i < full) {                                                                  \
+                t0 = LD(r3 + i); t1 = LD(r3 + i + 1); t2 = LD(r3 + i + 2);                   \
+            } else {                                                                         \
+                t0 = MLD(r3 + i, m); t1 = MLD(r3 + i + 1, m); t2 = MLD(r3 + i + 2, m);       \
+            }                                                                                \
+            c = FMA(w6, t0, c);                                                              \
+            c = FMA(w7, t1, c);                                                              \
+            c = FMA(w8, t2, c);                                                              \
+            if (i < full) {                                                                  \
+                ST(o0 + i, a);                                                               \
+                ST(o1 + i, c);                                                               \
+            } else {                                                                         \
+                MST(o0 + i, m, a);                                                           \
+                MST(o1 + i, m, c);                                                           \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    if (oh < OH) {                    /* the last row of an odd count: a zero-weight 4th */ \
+        const T* r0 = P + oh * PW;                                                           \
+        const T* r1 = r0 + PW;                                                               \
+        const T* r2 = r1 + PW;                                                               \
+        T* o0 = out + oh * OW;                                                               \
+        for (ptrdiff_t i = 0; i < OW; i += L) {                                              \
+            const __m256i mm = i < full ? MASK(L) : m;                                       \
+            V a = FMA(w0, MLD(r0 + i, mm), vb);                                              \
+            a = FMA(w1, MLD(r0 + i + 1, mm), a);                                             \
+            a = FMA(w2, MLD(r0 + i + 2, mm), a);                                             \
+            a = FMA(w3, MLD(r1 + i, mm), a);                                                 \
+            a = FMA(w4, MLD(r1 + i + 1, mm), a);                                             \
+            a = FMA(w5, MLD(r1 + i + 2, mm), a);                                             \
+            a = FMA(w6, MLD(r2 + i, mm), a);                                                 \
+            a = FMA(w7, MLD(r2 + i + 1, mm), a);                                             \
+            a = FMA(w8, MLD(r2 + i + 2, mm), a);                                             \
+            MST(o0 + i, mm, a);                                                              \
+        }                                                                                    \
+    }                                                                                        \
+}
+#endif
+
+/* The weight gradient's share of one plane: s[3 kh + kw] = sum over oh, ow of
+   gy[oh][ow] P[oh + kh][ow + kw] and s[9] = sum of gy, each in double (lane partial sums of
+   the type within the plane).  Portable: nine fc_dot2d passes; AVX2: one pass, ten
+   accumulator vectors, the row's tail by masked loads. */
+static void fc_dw33_gw_f_base(const float* P, ptrdiff_t PW, const float* gy, ptrdiff_t OH,
+                              ptrdiff_t OW, double* s) {
+    for (int k = 0; k < 9; k++)
+        s[k] = fc_dot2d_f(gy, OW, P + (k / 3) * PW + k % 3, PW, OH, OW);
+    double t = 0;
+    for (ptrdiff_t i = 0; i < OH * OW; i++) t += gy[i];
+    s[9] = t;
+}
+static void fc_dw33_gw_d_base(const double* P, ptrdiff_t PW, const double* gy, ptrdiff_t OH,
+                              ptrdiff_t OW, double* s) {
+    for (int k = 0; k < 9; k++)
+        s[k] = fc_dot2d_d(gy, OW, P + (k / 3) * PW + k % 3, PW, OH, OW);
+    double t = 0;
+    for (ptrdiff_t i = 0; i < OH * OW; i++) t += gy[i];
+    s[9] = t;
+}
+#ifdef FC_HAVE_AVX2_PATH
+/* V: vector type; L: lanes; LD, MLD (masked), Z (zero), FMA, ADD, MASK, HSUM */
+#define FC_DW33_GW_AVX2(T, NAME, V, L, LD, MLD, Z, FMA, ADD, MASK, HSUM)                    \
+FC_AVX2 static void NAME(const T* P, ptrdiff_t PW, const T* gy, ptrdiff_t OH, ptrdiff_t OW,  \
+                         double* s) {                                                        \
+    V a0 = Z(), a1 = Z(), a2 = Z(), a3 = Z(), a4 = Z(), a5 = Z(), a6 = Z(), a7 = Z();        \
+    V a8 = Z(), ab = Z();                                                                    \
+    const ptrdiff_t full = OW - OW % L;                                                      \
+    const __m256i m = MASK(OW - full);                                                       \
+    for (ptrdiff_t oh = 0; oh < OH; oh++) {                                                  \
+        const T* g = gy + oh * OW;                                                           \
+        const T* r0 = P + oh * PW;                                                           \
+        const T* r1 = r0 + PW;                                                               \
+        const T* r2 = r1 + PW;                                                               \
+        ptrdiff_t i = 0;                                                                     \
+        for (; i < full; i += L) {                                                           \
+            V v = LD(g + i);                                                                 \
+            ab = ADD(ab, v);                                                                 \
+            a0 = FMA(v, LD(r0 + i), a0);                                                     \
+            a1 = FMA(v, LD(r0 + i + 1), a1);                                                 \
+            a2 = FMA(v, LD(r0 + i + 2), a2);                                                 \
+            a3 = FMA(v, LD(r1 + i), a3);                                                     \
+            a4 = FMA(v, LD(r1 + i + 1), a4);                                                 \
+            a5 = FMA(v, LD(r1 + i + 2), a5);                                                 \
+            a6 = FMA(v, LD(r2 + i), a6);                                                     \
+            a7 = FMA(v, LD(r2 + i + 1), a7);                                                 \
+            a8 = FMA(v, LD(r2 + i + 2), a8);                                                 \
+        }                                                                                    \
+        if (i < OW) {                 /* lanes past the row load 0 from both factors */     \
+            V v = MLD(g + i, m);                                                             \
+            ab = ADD(ab, v);                                                                 \
+            a0 = FMA(v, MLD(r0 + i, m), a0);                                                 \
+            a1 = FMA(v, MLD(r0 + i + 1, m), a1);                                             \
+            a2 = FMA(v, MLD(r0 + i + 2, m), a2);                                             \
+            a3 = FMA(v, MLD(r1 + i, m), a3);                                                 \
+            a4 = FMA(v, MLD(r1 + i + 1, m), a4);                                             \
+            a5 = FMA(v, MLD(r1 + i + 2, m), a5);                                             \
+            a6 = FMA(v, MLD(r2 + i, m), a6);                                                 \
+            a7 = FMA(v, MLD(r2 + i + 1, m), a7);                                             \
+            a8 = FMA(v, MLD(r2 + i + 2, m), a8);                                             \
+        }                                                                                    \
+    }                                                                                        \
+    s[0] = HSUM(a0); s[1] = HSUM(a1); s[2] = HSUM(a2); s[3] = HSUM(a3); s[4] = HSUM(a4);     \
+    s[5] = HSUM(a5); s[6] = HSUM(a6); s[7] = HSUM(a7); s[8] = HSUM(a8); s[9] = HSUM(ab);     \
+}
+FC_AVX2 static inline __m256 fc_mld8(const float* p, __m256i m) { return _mm256_maskload_ps(p, m); }
+FC_AVX2 static inline __m256d fc_mld4(const double* p, __m256i m) { return _mm256_maskload_pd(p, m); }
+FC_DW33_FWD_AVX2(float, fc_dw33_fwd_f_avx2, __m256, 8, _mm256_loadu_ps, fc_mld8,
+                 _mm256_storeu_ps, _mm256_maskstore_ps, _mm256_set1_ps, _mm256_fmadd_ps,
+                 fc_mask8)
+FC_DW33_FWD_AVX2(double, fc_dw33_fwd_d_avx2, __m256d, 4, _mm256_loadu_pd, fc_mld4,
+                 _mm256_storeu_pd, _mm256_maskstore_pd, _mm256_set1_pd, _mm256_fmadd_pd,
+                 fc_mask4)
+FC_DW33_GW_AVX2(float, fc_dw33_gw_f_avx2, __m256, 8, _mm256_loadu_ps, fc_mld8,
+                _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_add_ps, fc_mask8, fc_hsum8)
+FC_DW33_GW_AVX2(double, fc_dw33_gw_d_avx2, __m256d, 4, _mm256_loadu_pd, fc_mld4,
+                _mm256_setzero_pd, _mm256_fmadd_pd, _mm256_add_pd, fc_mask4, fc_hsum4)
+#endif
+static void fc_dw33_fwd_f(const float* P, ptrdiff_t PW, const float* w, float b, float* out,
+                          ptrdiff_t OH, ptrdiff_t OW) {
+    FC_PICK(fc_dw33_fwd_f, P, PW, w, b, out, OH, OW);
+}
+static void fc_dw33_fwd_d(const double* P, ptrdiff_t PW, const double* w, double b,
+                          double* out, ptrdiff_t OH, ptrdiff_t OW) {
+    FC_PICK(fc_dw33_fwd_d, P, PW, w, b, out, OH, OW);
+}
+static void fc_dw33_gw_f(const float* P, ptrdiff_t PW, const float* gy, ptrdiff_t OH,
+                         ptrdiff_t OW, double* s) {
+    FC_PICK(fc_dw33_gw_f, P, PW, gy, OH, OW, s);
+}
+static void fc_dw33_gw_d(const double* P, ptrdiff_t PW, const double* gy, ptrdiff_t OH,
+                         ptrdiff_t OW, double* s) {
+    FC_PICK(fc_dw33_gw_d, P, PW, gy, OH, OW, s);
+}
+
 /* Max-pool backward for 2x2 windows with stride 2, one output row: the gradient goes to the
    first (row-major) element equal to the window's maximum, the three others get 0, all in
    one vectorisable pass (loads, compares and selects; the argmax kept as a T so that gcc
