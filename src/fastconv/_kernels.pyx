@@ -878,6 +878,48 @@ cdef check_pool_out(str fn, pool_out, bint keep, Py_ssize_t N, Py_ssize_t L, Py_
         raise ValueError(f"{fn}: out may be None only with pool_out")
 
 
+cdef struct ConvCall:
+    # one forward convolution (conv_gemm_run, conv_direct_run): C-contiguous arrays and their
+    # geometry, from the def kernels' memoryviews (conv_call_views) or from a ConvStep
+    const void* x
+    const void* w
+    const void* b       # NULL: no bias
+    void* out           # NULL: the output is not kept (pool only)
+    void* scratch       # srows x ncol
+    void* wpack         # nwpack values (conv_gemm_run; fewer than it needs: BLAS)
+    void* pool          # NULL: no fused max-pool, else POH x POW windows of pkH x pkW
+    Py_ssize_t N, C, H, W, L, Cg, kH, kW, OH, OW, POH, POW, pkH, pkW
+    Py_ssize_t srows, ncol, nwpack, sH, sW, pH, pW, dH, dW, groups
+    bint relu
+    int num_threads
+
+
+cdef int conv_call_views(ConvCall* a, const floating[:, :, :, ::1] x,
+                         const floating[:, :, :, ::1] weight, const floating[::1] bias,
+                         floating[:, :, :, ::1] out, floating[:, ::1] scratch, bint has_bias,
+                         floating[:, :, :, ::1] pool_out, Py_ssize_t pkH, Py_ssize_t pkW,
+                         Py_ssize_t OH, Py_ssize_t OW, str fn) except -1:
+    """a's arrays and sizes from the def kernels' arguments (OH, OW: from out when kept)."""
+    cdef bint keep = out is not None
+    if keep:
+        OH, OW = out.shape[2], out.shape[3]
+        if out.shape[0] != x.shape[0] or out.shape[1] != weight.shape[0]:
+            raise ValueError(f"{fn}: out does not match the output")
+    check_pool_out(fn, pool_out, keep, x.shape[0], weight.shape[0], OH, OW, pkH, pkW)
+    a.N, a.C, a.H, a.W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    a.L, a.Cg, a.kH, a.kW = weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3]
+    a.OH, a.OW, a.pkH, a.pkW = OH, OW, pkH, pkW
+    a.x, a.w = &x[0, 0, 0, 0], &weight[0, 0, 0, 0]
+    a.b = &bias[0] if has_bias else NULL
+    a.out = &out[0, 0, 0, 0] if keep else NULL
+    a.scratch, a.srows, a.ncol = &scratch[0, 0], scratch.shape[0], scratch.shape[1]
+    a.pool, a.POH, a.POW = NULL, 0, 0
+    if pool_out is not None:
+        a.pool, a.POH, a.POW = &pool_out[0, 0, 0, 0], pool_out.shape[2], pool_out.shape[3]
+    a.wpack, a.nwpack = NULL, 0
+    return 0
+
+
 cdef struct ConvJob:
     # conv2d_forward by the own GEMM on the caller-runs pool: item = (image, group, block of
     # nb output columns), each in the scratch row of the thread that runs it.  With pooling
@@ -1085,36 +1127,45 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     padding, floor mode), each block of the convolution pooled while it is in cache; out may
     then be None (the convolution's output is not kept; OH, OW give its size).
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
-    cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3]
-    cdef bint keep = out is not None
-    if keep:
-        OH, OW = out.shape[2], out.shape[3]
+    cdef ConvCall a
+    conv_call_views(&a, x, weight, bias, out, scratch, has_bias, pool_out, pkH, pkW, OH, OW,
+                    "conv2d_forward")
+    a.wpack = &wpack[0] if wpack.shape[0] > 0 else NULL
+    a.nwpack = wpack.shape[0]
+    a.sH, a.sW, a.pH, a.pW, a.dH, a.dW, a.groups = sH, sW, pH, pW, dH, dW, groups
+    a.relu, a.num_threads = relu, num_threads
+    conv_gemm_run(&a, <floating*> NULL)
+
+
+cdef int conv_gemm_run(ConvCall* a, floating* tag) except -1:
+    """conv2d_forward's work on the arrays and geometry of a (see ConvCall)."""
+    cdef Py_ssize_t N = a.N, C = a.C, H = a.H, W = a.W, L = a.L, Cg = a.Cg
+    cdef Py_ssize_t kH = a.kH, kW = a.kW, OH = a.OH, OW = a.OW, groups = a.groups
+    cdef Py_ssize_t sH = a.sH, sW = a.sW, pH = a.pH, pW = a.pW, dH = a.dH, dW = a.dW
+    cdef Py_ssize_t pkH = a.pkH, pkW = a.pkW
+    cdef int num_threads = a.num_threads
+    cdef bint keep = a.out != NULL, has_bias = a.b != NULL, relu = a.relu
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, P = OH * OW
-    cdef Py_ssize_t ncol = scratch.shape[1], ld = col_ld(P, sizeof(floating))
+    cdef Py_ssize_t ncol = a.ncol, ld = col_ld(P, sizeof(floating))
     cdef bint direct = (kH == 1 and kW == 1 and sH == 1 and sW == 1 and pH == 0 and pW == 0
                         and OH == H and OW == W)
-    cdef bint pooled = pool_out is not None
-    cdef const floating* xp = &x[0, 0, 0, 0]
-    cdef const floating* wp = &weight[0, 0, 0, 0]
-    cdef const floating* bp = NULL
-    cdef floating* op = &out[0, 0, 0, 0] if keep else NULL
-    cdef floating* sp = &scratch[0, 0]
+    cdef bint pooled = a.pool != NULL
+    cdef const floating* xp = <const floating*> a.x
+    cdef const floating* wp = <const floating*> a.w
+    cdef const floating* bp = <const floating*> a.b
+    cdef floating* op = <floating*> a.out
+    cdef floating* sp = <floating*> a.scratch
     cdef floating* col
     cdef floating* Ap = NULL
     cdef Py_ssize_t item, n, g, psz = fc_gemm_packed_size(Lg, K)
     cdef Py_ssize_t nb, nblk, band = pkH * OW if pooled else 0
     cdef Py_ssize_t* bo = NULL
     cdef ConvJob cj
-    if has_bias:
-        bp = &bias[0]
-    if scratch.shape[0] < num_threads:
+    if a.srows < num_threads:
         raise ValueError("conv2d_forward: scratch needs one row per thread")
-    check_pool_out("conv2d_forward", pool_out, keep, N, L, OH, OW, pkH, pkW)
     cdef Py_ssize_t mb = 0
-    if psz > 0 and wpack.shape[0] >= groups * psz:
-        Ap = &wpack[0]
+    if psz > 0 and a.nwpack >= groups * psz:
+        Ap = <floating*> a.wpack
         mb = conv_chan_block(K, P, Lg, N * groups, num_threads, sizeof(floating))
         if mb == 0:         # (by channel blocks, each item packs its own rows)
             for g in range(groups):
@@ -1131,13 +1182,13 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                                 direct, keep):
             raise ValueError("conv2d_forward: scratch is smaller than one im2col block")
         cj.x, cj.A, cj.b, cj.out, cj.col = xp, Ap, bp, op, sp
-        cj.pool = &pool_out[0, 0, 0, 0] if pooled else NULL
+        cj.pool = a.pool
         cj.ncol, cj.nblk, cj.nb, cj.C, cj.Cg, cj.H, cj.W, cj.L, cj.Lg = ncol, nblk, nb, C, Cg, H, W, L, Lg
         cj.kH, cj.kW, cj.sH, cj.sW, cj.pH, cj.pW, cj.dH, cj.dW = kH, kW, sH, sW, pH, pW, dH, dW
         cj.OH, cj.OW, cj.groups, cj.psz = OH, OW, groups, psz
         cj.pkH, cj.pkW, cj.POH, cj.POW = 0, 0, 0, 0
         if pooled:
-            cj.pkH, cj.pkW, cj.POH, cj.POW = pkH, pkW, pool_out.shape[2], pool_out.shape[3]
+            cj.pkH, cj.pkW, cj.POH, cj.POW = pkH, pkW, a.POH, a.POW
         cj.cbuf = 0 if direct else K * col_ld(nb, sizeof(floating))
         cj.has_bias, cj.direct, cj.relu, cj.dbl = has_bias, direct, relu, floating is double
         cj.keep = keep
@@ -1166,7 +1217,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
         free(bo)
         free(cj.have)
         free(cj.packed)
-        return
+        return 0
     if not direct and ncol < K * ld:
         raise ValueError("conv2d_forward: scratch is smaller than one im2col matrix")
     with nogil, parallel(num_threads=num_threads):
@@ -1179,6 +1230,7 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
                       Cg, H, W, Lg, kH, kW, sH, sW, pH, pW, dH, dW, OH, OW, direct)
             if relu:
                 relu_rows(op + (n * L + g * Lg) * P, 1, 0, Lg * P)
+    return 0
 
 
 cdef extern from "_direct.h":
@@ -1412,12 +1464,24 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     pool_out: also pool_out = max_pool2d(out, (pkH, pkW)) (stride = kernel, no padding, floor
     mode), each band of rows pooled while it is in cache; out may then be None (the
     convolution's output is not kept; OH, OW give its size), as in conv2d_forward."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
-    cdef Py_ssize_t kH = weight.shape[2], kW = weight.shape[3]
-    cdef bint keep = out is not None, pooled = pool_out is not None
-    if keep:
-        OH, OW = out.shape[2], out.shape[3]
+    cdef ConvCall a
+    conv_call_views(&a, x, weight, bias, out, scratch, has_bias, pool_out, pkH, pkW, OH, OW,
+                    "conv2d_direct")
+    a.sH, a.sW, a.pH, a.pW, a.dH, a.dW, a.groups = sH, sW, pH, pW, dH, dW, groups
+    a.relu, a.num_threads = relu, num_threads
+    conv_direct_run(&a, <floating*> NULL)
+
+
+cdef int conv_direct_run(ConvCall* a, floating* tag) except -1:
+    """conv2d_direct's work on the arrays and geometry of a (see ConvCall)."""
+    cdef Py_ssize_t N = a.N, C = a.C, H = a.H, W = a.W, L = a.L, Cg = a.Cg
+    cdef Py_ssize_t kH = a.kH, kW = a.kW, OH = a.OH, OW = a.OW, groups = a.groups
+    cdef Py_ssize_t sH = a.sH, sW = a.sW, pH = a.pH, pW = a.pW, dH = a.dH, dW = a.dW
+    cdef Py_ssize_t pkH = a.pkH, pkW = a.pkW
+    cdef int num_threads = a.num_threads
+    cdef bint keep = a.out != NULL, pooled = a.pool != NULL, has_bias = a.b != NULL
+    cdef bint relu = a.relu
+    cdef const floating* wp = <const floating*> a.w
     cdef Py_ssize_t Lg = L // groups, K = Cg * kH * kW, ML = fc_direct_block(sizeof(floating))
     cdef Py_ssize_t l, c, kh, kw
     cdef DirJob j
@@ -1426,21 +1490,20 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     if not fc_direct_ok():
         raise ValueError("conv2d_direct: needs the AVX-512 or AVX2 level of the own GEMM")
     if (sW != 1 and sW != 2) or Lg % ML or L % groups or C != Cg * groups or \
-            (keep and (out.shape[0] != N or out.shape[1] != L)) or sH < 1 or dH < 1 or \
+            sH < 1 or dH < 1 or \
             dW < 1 or pH < 0 or pW < 0 or OH < 0 or OW < 0:
         raise ValueError("conv2d_direct: unsupported geometry")
-    check_pool_out("conv2d_direct", pool_out, keep, N, L, OH, OW, pkH, pkW)
     # (typed: the offsets' loop below ran on Python ints, ~20 % of a batch-1 call)
     cdef Py_ssize_t geo[5]
     dir_geometry(N, groups, Cg, H, W, kH, kW, sH, sW, pW, dH, dW, OH, OW, num_threads,
                  sizeof(floating), pkH if pooled else 0, Lg, geo)
     cdef Py_ssize_t rows = geo[1], Rb = geo[2], Wp = geo[3]
     cdef int np_ = <int> geo[0]
-    if scratch.shape[0] < num_threads or \
-            scratch.shape[1] < dir_scratch(Cg, Rb, Wp, Lg, rows, OW, keep, sizeof(floating)):
+    if a.srows < num_threads or \
+            a.ncol < dir_scratch(Cg, Rb, Wp, Lg, rows, OW, keep, sizeof(floating)):
         raise ValueError("conv2d_direct: scratch is smaller than one band of padded rows")
     if N == 0 or L == 0 or OH == 0 or OW == 0:
-        return
+        return 0
     wd = <floating*> malloc(L * K * sizeof(floating))
     off = <Py_ssize_t*> malloc(K * sizeof(Py_ssize_t))
     if wd == NULL or off == NULL:
@@ -1452,21 +1515,21 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     # batch-1 call, 32 -> 64 5x5 on 14x14, Zen 3)
     for l in range(0, L, ML):
         if floating is float:
-            fc_transpose_f(&weight[l, 0, 0, 0], ML, K, K, wd + l * K, ML)
+            fc_transpose_f(<const float*> wp + l * K, ML, K, K, <float*> wd + l * K, ML)
         else:
-            fc_transpose_d(&weight[l, 0, 0, 0], ML, K, K, wd + l * K, ML)
+            fc_transpose_d(<const double*> wp + l * K, ML, K, K, <double*> wd + l * K, ML)
     for c in range(Cg):
         for kh in range(kH):
             for kw in range(kW):
                 off[(c * kH + kh) * kW + kw] = (c * Rb + kh * dH) * Wp + kw * dW
-    j.x, j.w, j.pad, j.off = &x[0, 0, 0, 0], wd, &scratch[0, 0], off
-    j.out = &out[0, 0, 0, 0] if keep else NULL
-    j.pool = &pool_out[0, 0, 0, 0] if pooled else NULL
+    j.x, j.w, j.pad, j.off = a.x, wd, a.scratch, off
+    j.out = a.out
+    j.pool = a.pool
     j.pkH, j.pkW, j.POH, j.POW, j.keep = 0, 0, 0, 0, keep
     if pooled:
-        j.pkH, j.pkW, j.POH, j.POW = pkH, pkW, pool_out.shape[2], pool_out.shape[3]
-    j.b = &bias[0] if has_bias else NULL
-    j.ncol, j.C, j.H, j.W, j.L, j.Cg, j.Lg, j.K = scratch.shape[1], C, H, W, L, Cg, Lg, K
+        j.pkH, j.pkW, j.POH, j.POW = pkH, pkW, a.POH, a.POW
+    j.b = a.b
+    j.ncol, j.C, j.H, j.W, j.L, j.Cg, j.Lg, j.K = a.ncol, C, H, W, L, Cg, Lg, K
     j.groups, j.sH, j.sW, j.pH, j.pW, j.OH, j.OW = groups, sH, sW, pH, pW, OH, OW
     j.rows, j.nband, j.Rb, j.Wp, j.np = rows, (OH + rows - 1) // rows, Rb, Wp, np_
     j.has_bias, j.relu, j.dbl = has_bias, relu, floating is double
@@ -1484,6 +1547,7 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     free(wd)
     free(off)
     free(j.have)
+    return 0
 
 
 cdef extern from "_winograd.h":
