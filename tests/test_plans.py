@@ -134,6 +134,35 @@ def test_planned_calls_run_no_part_the_usual_way(monkeypatch):
     assert seen == []
 
 
+@pytest.mark.parametrize("direct", ["always", "never"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_steps_call_the_kernels_themselves(dtype, direct, monkeypatch):
+    """Planned Conv2d and Linear parts are _kernels.ConvStep / LinearStep (the kernel called
+    on the arrays' pointers), by the direct kernels or the own GEMM as the conv2d plan chose,
+    bit for bit the layers one by one, batch 1 and 3, 1 and 2 threads."""
+    from fastconv import _kernels, functional as F
+    if _kernels.gemm_level() == "blas" or (direct == "always" and not _kernels.direct_ok()):
+        pytest.skip("no own GEMM / direct kernels on this CPU")
+    monkeypatch.setattr(F, "_DIRECT", direct)
+    old = fc.get_num_threads()
+    try:
+        for threads in (1, 2):
+            fc.set_num_threads(threads)
+            for n in (1, 3):
+                model = nn.Sequential(
+                    nn.Conv2d(2, 16, 5, padding=2, dtype=dtype, rng=1), nn.ReLU(),
+                    nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1, dtype=dtype, rng=2),
+                    nn.Flatten(), nn.Linear(16 * 6 * 6, 7, dtype=dtype, rng=3), nn.ReLU())
+                x = np.random.default_rng(n).uniform(-1, 1, (n, 2, 12, 12)).astype(dtype)
+                check(model, x)
+                steps = next(iter(model._plans.values()))
+                kinds = [type(s).__name__ for s in steps]
+                assert kinds[:2] == ["ConvStep", "ConvStep"] and kinds[3] == "LinearStep"
+                assert all(s.direct == (direct == "always") for s in steps[:2])
+    finally:
+        fc.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_plans_follow_the_parameters(dtype):
     """Parameters changed in place, replaced by new arrays (also non-contiguous ones), or a

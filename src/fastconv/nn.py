@@ -596,19 +596,11 @@ def _conv_step(m, relu, pool, x, slow):
     plan = F._PLANS.get(key) if key is not None else None
     if plan is None or plan.dt != x.dtype:
         return slow
-    shapes = (x.shape, w.shape, None if b is None else b.shape)
-    dt, relu = plan.dt, bool(relu)
-
-    def step(z):
-        wb = _as_planned(m, z, shapes, dt)
-        if wb is None:
-            return slow(z)
-        w, b = wb
-        y = F._conv2d_own(plan, z, w, b, relu, keep)
-        return y if keep else y[1]
-
-    step.fresh = True
-    return step
+    if x.size == 0 or plan.N == 0:
+        return slow
+    # (the kernel on the arrays' pointers, nothing between the checks and it: see ConvStep)
+    return _kernels.ConvStep(m, slow, plan, x.shape, w.shape, None if b is None else b.shape,
+                             bool(relu), F._scratch, np.empty, np.ndarray)
 
 
 def _linear_step(m, relu, x, slow):
@@ -617,21 +609,10 @@ def _linear_step(m, relu, x, slow):
     if (x.dtype != dt or x.ndim < 1 or x.shape[-1] != I or I == 0 or w.shape != (O, I)
             or _kernels.gemm_level() == "blas"):
         return slow
-    shapes = (x.shape, w.shape, None if b is None else b.shape)
     team, path = F._linear_plan(math.prod(x.shape[:-1]), I, O)
-    oshape, relu = x.shape[:-1] + (O,), bool(relu)
-
-    def step(z):
-        wb = _as_planned(m, z, shapes, dt)
-        if wb is None:
-            return slow(z)
-        w, b = wb
-        return F._linear_run(F._c(z.reshape(-1, I), dt), F._c(w, dt),
-                             None if b is None else F._c(b, dt), team, path,
-                             relu).reshape(oshape)
-
-    step.fresh = True
-    return step
+    return _kernels.LinearStep(m, slow, dt, x.shape, w.shape, None if b is None else b.shape,
+                               x.shape[:-1] + (O,), bool(relu), team, path, np.empty,
+                               np.ndarray)
 
 
 def _relu_step(x, slow):
