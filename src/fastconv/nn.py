@@ -575,18 +575,6 @@ def _plan_step(seq, mods, i, j, relu, pool, x, y, steps):
     return step
 
 
-def _as_planned(m, z, shapes, dt):
-    """(weight, bias or None) of layer m when they and the step's input z are ndarrays of the
-    plan's shapes and dtype dt, else None."""
-    w, b = m.weight.data, None if m.bias is None else m.bias.data
-    if (type(z) is not np.ndarray or type(w) is not np.ndarray
-            or (b is not None and type(b) is not np.ndarray)
-            or (z.shape, w.shape, None if b is None else b.shape) != shapes
-            or z.dtype != dt or w.dtype != dt or (b is not None and b.dtype != dt)):
-        return None
-    return w, b
-
-
 def _conv_step(m, relu, pool, x, slow):
     w, b = m.weight.data, None if m.bias is None else m.bias.data
     kw = m._kw()
