@@ -573,6 +573,47 @@ def test_depthwise_3x3_plane_kernels(level, dtype):
                     close(g, e, dtype)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depthwise_any_kernel_planes(level, dtype):
+    """Depthwise planes of any kernel at stride 1 or 2 along the width over a zero-padded
+    copy (fc_dwk_fwd: blocks of 4 x 2, 2 x 4 or 1 x 8 vectors x rows, chosen by the output
+    width; fc_dwk_gw: taps in groups of up to 8 a pass; stride 2 through the even and odd
+    columns' planes): kernels 1-7 (square and not), strides 1-3 along the height, dilation
+    1-2, paddings from 0 to half the kernel, output widths 1-19 (every vector tail) and a
+    wide one, a channel multiplier of 2, NaN in x; an infinite weight (forward tap by tap)
+    and an infinite gy on the border (weight gradient tap by tap), against the reference."""
+    r = np.random.default_rng(12)
+    cases = []
+    for i, (kh, kw) in enumerate([(1, 1), (2, 2), (3, 3), (5, 5), (7, 7), (3, 5), (5, 2),
+                                  (4, 3), (1, 3)]):
+        for sh, sw in ((1, 1), (2, 2), (1, 2), (3, 1), (2, 1)):
+            d = 1 + (i + sh) % 2 if kh * kw > 1 else 1
+            cases.append((kh, kw, sh, sw, d, (kh // 2, kw // 2) if i % 2 else (0, kw // 2)))
+    with simd(level):
+        for j, (kh, kw, sh, sw, d, p) in enumerate(cases):
+            W = 1 + j % 19 + (40 if j % 7 == 0 else 0)
+            H = 2 + j % 5
+            M = 1 + j % 2
+            x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
+            w = r.uniform(-1, 1, (3 * M, 1, kh, kw)).astype(dtype)
+            b = r.uniform(-1, 1, 3 * M).astype(dtype)
+            kw_ = dict(stride=(sh, sw), padding=p, dilation=d, groups=3)
+            if (H + 2 * p[0] - d * (kh - 1) - 1 < 0) or (W + 2 * p[1] - d * (kw - 1) - 1 < 0):
+                continue
+            x[1, 2, H // 2, W // 2] = np.nan
+            w[-1, 0, 0, 0] = np.inf if j % 3 == 0 else w[-1, 0, 0, 0]
+            y = fc.conv2d(x, w, b, **kw_)
+            close(y, ref.conv2d(x, w, b, **kw_), dtype)
+            w[-1, 0, 0, 0] = 0.5
+            gy = r.uniform(-1, 1, y.shape).astype(dtype)
+            if j % 2:
+                gy[0, 1, 0, -1] = np.inf          # its taps reach the padding when p > 0
+            got = fc.conv2d_backward(gy, x, w, **kw_)
+            for g, e in zip(got, ref.conv2d_backward(gy, x, w, **kw_)):
+                close(g, e, dtype)
+
+
 @pytest.mark.parametrize("x512", [True, False])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -83,6 +83,15 @@ cdef extern from "_simd.h":
                       Py_ssize_t OW, double* s) nogil
     void fc_dw33_gw_d(const double* P, Py_ssize_t PW, const double* gy, Py_ssize_t OH,
                       Py_ssize_t OW, double* s) nogil
+    void fc_dwk_fwd_f(const float* P, Py_ssize_t rs, const Py_ssize_t* off, const float* w,
+                      Py_ssize_t ntap, float b, float* out, Py_ssize_t OH, Py_ssize_t OW) nogil
+    void fc_dwk_fwd_d(const double* P, Py_ssize_t rs, const Py_ssize_t* off, const double* w,
+                      Py_ssize_t ntap, double b, double* out, Py_ssize_t OH, Py_ssize_t OW) nogil
+    void fc_dwk_gw_f(const float* P, Py_ssize_t rs, const Py_ssize_t* off, Py_ssize_t ntap,
+                     const float* gy, Py_ssize_t OH, Py_ssize_t OW, double* s) nogil
+    void fc_dwk_gw_d(const double* P, Py_ssize_t rs, const Py_ssize_t* off, Py_ssize_t ntap,
+                     const double* gy, Py_ssize_t OH, Py_ssize_t OW, double* s) nogil
+    enum: FC_DWK_SLACK
     int fc_maxpool22_bwd_f(const float* x0, const float* x1, const float* g, Py_ssize_t OW,
                            float* gx0, float* gx1) nogil
     int fc_maxpool22_bwd_d(const double* x0, const double* x1, const double* g,
@@ -2391,6 +2400,122 @@ cdef bint depthwise_gw_padded(const floating* gy, const floating* x, Py_ssize_t 
     return True
 
 
+cdef bint dwk_layout(Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t OH, Py_ssize_t OW,
+                     Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t dH, Py_ssize_t dW,
+                     Py_ssize_t* PR, Py_ssize_t* PW, Py_ssize_t* off) noexcept nogil:
+    """The padded copy fc_dwk_* read (see _simd.h): PR rows of PW values (stride 1), or its
+    even and its odd columns as two planes of PR x PW (stride 2), and each tap's offset;
+    False when it does not fit DW_PAD_BUF (or more than MAX_TAPS taps)."""
+    cdef Py_ssize_t kh, kw, c, PWF
+    if kH * kW > MAX_TAPS or (sW != 1 and sW != 2):
+        return False
+    PR[0] = (OH - 1) * sH + (kH - 1) * dH + 1
+    PWF = (OW - 1) * sW + (kW - 1) * dW + 1
+    PW[0] = PWF if sW == 1 else (PWF + 1) // 2
+    if PR[0] > DW_PAD_BUF or PW[0] > DW_PAD_BUF or sW * PR[0] * PW[0] > DW_PAD_BUF:
+        return False
+    for kh in range(kH):
+        for kw in range(kW):
+            c = kw * dW
+            if sW == 1:
+                off[kh * kW + kw] = kh * dH * PW[0] + c
+            else:
+                off[kh * kW + kw] = (c % 2) * PR[0] * PW[0] + kh * dH * PW[0] + c // 2
+    return True
+
+
+cdef void dwk_pad(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
+                  Py_ssize_t pW, Py_ssize_t PR, Py_ssize_t PW, Py_ssize_t sW,
+                  floating* P) noexcept nogil:
+    """P (dwk_layout's) from the plane x: padded value (r, c) = x[r - pH][c - pW] in the
+    plane, else 0; the slack after it zeroed."""
+    cdef Py_ssize_t r, ih, j, c, lo, hi, PWF = PW * sW
+    cdef floating* row
+    cdef floating* odd
+    cdef const floating* xr
+    for r in range(PR):
+        ih = r - pH
+        row = P + r * PW
+        if ih < 0 or ih >= H:
+            memset(row, 0, PW * sizeof(floating))
+            if sW == 2:
+                memset(row + PR * PW, 0, PW * sizeof(floating))
+            continue
+        xr = x + ih * W
+        if sW == 1:
+            lo = min(pW, PW)
+            hi = min(PW, pW + W)
+            for j in range(lo):
+                row[j] = 0
+            if hi > lo:
+                memcpy(row + lo, xr + lo - pW, (hi - lo) * sizeof(floating))
+            for j in range(max(hi, lo), PW):
+                row[j] = 0
+        else:
+            odd = row + PR * PW
+            for j in range(PW):
+                c = 2 * j - pW
+                row[j] = xr[c] if 0 <= c < W else 0
+                odd[j] = xr[c + 1] if 0 <= c + 1 < W else 0
+    memset(P + sW * PR * PW, 0, FC_DWK_SLACK * sizeof(floating))
+
+
+cdef bint depthwise_plane_dwk(const floating* x, Py_ssize_t H, Py_ssize_t W,
+                              const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating b,
+                              floating* out, Py_ssize_t OH, Py_ssize_t OW,
+                              Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                              Py_ssize_t dH, Py_ssize_t dW) noexcept nogil:
+    """A depthwise plane of any kernel at stride 1 or 2 along the width through dwk_layout's
+    padded copy (fc_dwk_fwd: every tap a run of consecutive values, no edge cases).  False
+    (nothing written) when the copy does not fit or a weight is not finite (the padding's
+    zeros would give NaN where the definition has no term): the caller goes tap by tap."""
+    cdef floating pad[DW_PAD_BUF + FC_DWK_SLACK]
+    cdef Py_ssize_t off[MAX_TAPS]
+    cdef Py_ssize_t PR, PW, t
+    if pH < 0 or pW < 0 or OH <= 0 or OW <= 0:
+        return False
+    for t in range(kH * kW):
+        if not (w[t] - w[t] == 0):
+            return False
+    if not dwk_layout(kH, kW, OH, OW, sH, sW, dH, dW, &PR, &PW, off):
+        return False
+    dwk_pad(x, H, W, pH, pW, PR, PW, sW, pad)
+    if floating is float:
+        fc_dwk_fwd_f(pad, sH * PW, off, w, kH * kW, b, out, OH, OW)
+    else:
+        fc_dwk_fwd_d(pad, sH * PW, off, w, kH * kW, b, out, OH, OW)
+    return True
+
+
+cdef bint depthwise_gw_dwk(const floating* gy, const floating* x, Py_ssize_t H, Py_ssize_t W,
+                           Py_ssize_t kH, Py_ssize_t kW, Py_ssize_t OH, Py_ssize_t OW,
+                           Py_ssize_t sH, Py_ssize_t sW, Py_ssize_t pH, Py_ssize_t pW,
+                           Py_ssize_t dH, Py_ssize_t dW, floating* gw) noexcept nogil:
+    """A plane's weight gradient, any kernel at stride 1 or 2 along the width, over
+    dwk_layout's padded copy of x (fc_dwk_gw: up to 8 taps a pass over gy).  False (nothing
+    added) when the copy does not fit or a sum is not finite (a non-finite gy times the
+    padding's zeros: the caller goes tap by tap over the valid blocks)."""
+    cdef floating pad[DW_PAD_BUF + FC_DWK_SLACK]
+    cdef Py_ssize_t off[MAX_TAPS]
+    cdef double s[MAX_TAPS]
+    cdef Py_ssize_t PR, PW, t
+    if pH < 0 or pW < 0 or OH <= 0 or OW <= 0:
+        return False
+    if not dwk_layout(kH, kW, OH, OW, sH, sW, dH, dW, &PR, &PW, off):
+        return False
+    dwk_pad(x, H, W, pH, pW, PR, PW, sW, pad)
+    if floating is float:
+        fc_dwk_gw_f(pad, sH * PW, off, kH * kW, gy, OH, OW, s)
+    else:
+        fc_dwk_gw_d(pad, sH * PW, off, kH * kW, gy, OH, OW, s)
+    for t in range(kH * kW):
+        if not (s[t] - s[t] == 0):
+            return False
+    for t in range(kH * kW):
+        gw[t] += <floating>s[t]
+    return True
+
+
 cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
                           const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating b,
                           floating* out, Py_ssize_t OH, Py_ssize_t OW,
@@ -2410,6 +2535,8 @@ cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
             and pad_fits(H, W, pH, pW) and OW == W + 2 * pW - 2
             and OH == H + 2 * pH - 2 and OW > 0 and OH > 0
             and depthwise_plane_padded(x, H, W, w, b, out, OH, OW, pH, pW)):
+        return
+    if depthwise_plane_dwk(x, H, W, w, kH, kW, b, out, OH, OW, sH, sW, pH, pW, dH, dW):
         return
     ntab = depthwise_taps(kW, dW, pW, sW, W, OW, tab, &clo, &chi)
     for ow in range(OH * OW):
@@ -2475,6 +2602,8 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
                                     gb if need_b else NULL)):
         need_w = False
         need_b = False
+    if need_w and depthwise_gw_dwk(gy, x, H, W, kH, kW, OH, OW, sH, sW, pH, pW, dH, dW, gw):
+        need_w = False
     if need_b:
         gb[0] += <floating>row_dot(gy, NULL, OH * OW)
     if not (need_w or need_x):

@@ -1083,6 +1083,193 @@ static void fc_dw33_gw_d(const double* P, ptrdiff_t PW, const double* gy, ptrdif
     FC_PICK(fc_dw33_gw_d, P, PW, gy, OH, OW, s);
 }
 
+/* ---- depthwise planes of any kernel at stride 1 or 2 over a zero-padded copy ----------------
+   P: the padded plane (stride 1 along the width), or its even columns then its odd columns
+   (stride 2: two planes one after the other), with slack after it for whole-vector reads.
+   off[t]: tap t's offset from the first input value of an output row's window; rs: values
+   between consecutive output rows' first inputs.  So output (oh, ow) sums w[t] P[oh rs +
+   off[t] + ow] over the taps t, each tap a run of consecutive values. */
+
+/* out[oh][ow] = b + sum over t of w[t] P[oh rs + off[t] + ow] */
+#define FC_DWK_FWD_BASE(T, NAME)                                                             \
+static void NAME(const T* P, ptrdiff_t rs, const ptrdiff_t* off, const T* w, ptrdiff_t ntap, \
+                 T b, T* out, ptrdiff_t OH, ptrdiff_t OW) {                                  \
+    for (ptrdiff_t oh = 0; oh < OH; oh++) {                                                  \
+        T* restrict o = out + oh * OW;                                                       \
+        for (ptrdiff_t i = 0; i < OW; i++) o[i] = b;                                         \
+        for (ptrdiff_t t = 0; t < ntap; t++) {                                               \
+            const T* restrict p = P + oh * rs + off[t];                                      \
+            const T wv = w[t];                                                               \
+            for (ptrdiff_t i = 0; i < OW; i++) o[i] = o[i] + wv * p[i];                      \
+        }                                                                                    \
+    }                                                                                        \
+}
+FC_DWK_FWD_BASE(float, fc_dwk_fwd_f_base)
+FC_DWK_FWD_BASE(double, fc_dwk_fwd_d_base)
+
+/* s[t] = sum over oh, ow of gy[oh][ow] P[oh rs + off[t] + ow] (in double) */
+#define FC_DWK_GW_BASE(T, NAME, DOT2D)                                                       \
+static void NAME(const T* P, ptrdiff_t rs, const ptrdiff_t* off, ptrdiff_t ntap,             \
+                 const T* gy, ptrdiff_t OH, ptrdiff_t OW, double* s) {                       \
+    for (ptrdiff_t t = 0; t < ntap; t++) s[t] = DOT2D(gy, OW, P + off[t], rs, OH, OW);       \
+}
+FC_DWK_GW_BASE(float, fc_dwk_gw_f_base, fc_dot2d_f)
+FC_DWK_GW_BASE(double, fc_dwk_gw_d_base, fc_dot2d_d)
+
+#ifdef FC_HAVE_AVX2_PATH
+/* NR output rows x NV vectors a block (8 accumulators: as many FMA chains as two pipes of
+   4-cycle FMAs keep busy), every tap's weight broadcast once for the block.  Rows past OH
+   repeat the last row (not stored); columns past OW read the next values (the slack: lanes
+   never stored). */
+#define FC_DWK_FWD_AVX2(T, NAME, V, L, NV, NR, LD, ST, MST, SET1, FMA, MASK)                \
+FC_AVX2 static void NAME(const T* P, ptrdiff_t rs, const ptrdiff_t* off, const T* w,        \
+                         ptrdiff_t ntap, T b, T* out, ptrdiff_t OH, ptrdiff_t OW) {          \
+    const V vb = SET1(b);                                                                    \
+    for (ptrdiff_t oh = 0; oh < OH; oh += NR) {                                              \
+        const T* r[NR];                                                                      \
+        _Pragma("GCC unroll 8")                                                              \
+        for (int q = 0; q < NR; q++) r[q] = P + (oh + q < OH ? oh + q : OH - 1) * rs;        \
+        for (ptrdiff_t ow = 0; ow < OW; ow += NV * L) {                                      \
+            V acc[NR][NV];                                                                   \
+            _Pragma("GCC unroll 8")                                                          \
+            for (int q = 0; q < NR; q++)                                                     \
+                _Pragma("GCC unroll 8")                                                      \
+                for (int v = 0; v < NV; v++) acc[q][v] = vb;                                 \
+            for (ptrdiff_t t = 0; t < ntap; t++) {                                           \
+                const V wv = SET1(w[t]);                                                     \
+                const ptrdiff_t o = off[t] + ow;                                             \
+                _Pragma("GCC unroll 8")                                                      \
+                for (int q = 0; q < NR; q++)                                                 \
+                    _Pragma("GCC unroll 8")                                                  \
+                    for (int v = 0; v < NV; v++)                                             \
+                        acc[q][v] = FMA(wv, LD(r[q] + o + v * L), acc[q][v]);                \
+            }                                                                                \
+            _Pragma("GCC unroll 8")                                                          \
+            for (int q = 0; q < NR; q++) {                                                   \
+                if (oh + q >= OH) break;                                                     \
+                T* o = out + (oh + q) * OW + ow;                                             \
+                _Pragma("GCC unroll 8")                                                      \
+                for (int v = 0; v < NV; v++) {                                               \
+                    const ptrdiff_t n = OW - ow - v * L;                                     \
+                    if (n >= L) ST(o + v * L, acc[q][v]);                                    \
+                    else if (n > 0) MST(o + v * L, MASK(n), acc[q][v]);                      \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}
+FC_DWK_FWD_AVX2(float, fc_dwk_fwd_f_4x2, __m256, 8, 4, 2, _mm256_loadu_ps, _mm256_storeu_ps,
+                _mm256_maskstore_ps, _mm256_set1_ps, _mm256_fmadd_ps, fc_mask8)
+FC_DWK_FWD_AVX2(float, fc_dwk_fwd_f_2x4, __m256, 8, 2, 4, _mm256_loadu_ps, _mm256_storeu_ps,
+                _mm256_maskstore_ps, _mm256_set1_ps, _mm256_fmadd_ps, fc_mask8)
+FC_DWK_FWD_AVX2(float, fc_dwk_fwd_f_1x8, __m256, 8, 1, 8, _mm256_loadu_ps, _mm256_storeu_ps,
+                _mm256_maskstore_ps, _mm256_set1_ps, _mm256_fmadd_ps, fc_mask8)
+FC_DWK_FWD_AVX2(double, fc_dwk_fwd_d_4x2, __m256d, 4, 4, 2, _mm256_loadu_pd, _mm256_storeu_pd,
+                _mm256_maskstore_pd, _mm256_set1_pd, _mm256_fmadd_pd, fc_mask4)
+FC_DWK_FWD_AVX2(double, fc_dwk_fwd_d_2x4, __m256d, 4, 2, 4, _mm256_loadu_pd, _mm256_storeu_pd,
+                _mm256_maskstore_pd, _mm256_set1_pd, _mm256_fmadd_pd, fc_mask4)
+FC_DWK_FWD_AVX2(double, fc_dwk_fwd_d_1x8, __m256d, 4, 1, 8, _mm256_loadu_pd, _mm256_storeu_pd,
+                _mm256_maskstore_pd, _mm256_set1_pd, _mm256_fmadd_pd, fc_mask4)
+
+/* G taps (G <= 8 accumulators) in one pass over the plane: one gy vector load for G FMAs;
+   the row's tail by masked loads of gy and P (lanes past OW add 0 * 0) */
+#define FC_DWK_GW_AVX2(T, NAME, V, L, G, LD, MLD, Z, FMA, MASK, HSUM)                        \
+FC_AVX2 static void NAME(const T* P, ptrdiff_t rs, const ptrdiff_t* off, const T* gy,        \
+                         ptrdiff_t OH, ptrdiff_t OW, double* s) {                            \
+    V acc[G];                                                                                \
+    _Pragma("GCC unroll 8")                                                                  \
+    for (int j = 0; j < G; j++) acc[j] = Z();                                                \
+    const ptrdiff_t full = OW - OW % L;                                                      \
+    const __m256i m = MASK(OW - full);                                                       \
+    for (ptrdiff_t oh = 0; oh < OH; oh++) {                                                  \
+        const T* g = gy + oh * OW;                                                           \
+        const T* r = P + oh * rs;                                                            \
+        ptrdiff_t i = 0;                                                                     \
+        for (; i < full; i += L) {                                                           \
+            const V gv = LD(g + i);                                                          \
+            _Pragma("GCC unroll 8")                                                          \
+            for (int j = 0; j < G; j++) acc[j] = FMA(gv, LD(r + off[j] + i), acc[j]);        \
+        }                                                                                    \
+        if (i < OW) {                                                                        \
+            const V gv = MLD(g + i, m);                                                      \
+            _Pragma("GCC unroll 8")                                                          \
+            for (int j = 0; j < G; j++) acc[j] = FMA(gv, MLD(r + off[j] + i, m), acc[j]);    \
+        }                                                                                    \
+    }                                                                                        \
+    _Pragma("GCC unroll 8")                                                                  \
+    for (int j = 0; j < G; j++) s[j] = HSUM(acc[j]);                                         \
+}
+#define FC_DWK_GW_F(G) FC_DWK_GW_AVX2(float, fc_dwk_gw_f_##G, __m256, 8, G, _mm256_loadu_ps,  \
+                                      fc_mld8, _mm256_setzero_ps, _mm256_fmadd_ps, fc_mask8,  \
+                                      fc_hsum8)
+#define FC_DWK_GW_D(G) FC_DWK_GW_AVX2(double, fc_dwk_gw_d_##G, __m256d, 4, G, _mm256_loadu_pd, \
+                                      fc_mld4, _mm256_setzero_pd, _mm256_fmadd_pd, fc_mask4,  \
+                                      fc_hsum4)
+FC_DWK_GW_F(1) FC_DWK_GW_F(2) FC_DWK_GW_F(3) FC_DWK_GW_F(4) FC_DWK_GW_F(5) FC_DWK_GW_F(6)
+FC_DWK_GW_F(7) FC_DWK_GW_F(8)
+FC_DWK_GW_D(1) FC_DWK_GW_D(2) FC_DWK_GW_D(3) FC_DWK_GW_D(4) FC_DWK_GW_D(5) FC_DWK_GW_D(6)
+FC_DWK_GW_D(7) FC_DWK_GW_D(8)
+
+/* the taps in ceil(ntap / 8) groups of about equal size */
+#define FC_DWK_GW_PICK(T, NAME, PRE)                                                         \
+static void NAME(const T* P, ptrdiff_t rs, const ptrdiff_t* off, ptrdiff_t ntap,             \
+                 const T* gy, ptrdiff_t OH, ptrdiff_t OW, double* s) {                       \
+    const ptrdiff_t ng = (ntap + 7) / 8;                                                     \
+    for (ptrdiff_t t0 = 0, gi = 0; t0 < ntap; gi++) {                                        \
+        const ptrdiff_t G = (ntap - t0 + (ng - gi) - 1) / (ng - gi);                         \
+        switch (G) {                                                                         \
+            case 1: PRE##1(P, rs, off + t0, gy, OH, OW, s + t0); break;                      \
+            case 2: PRE##2(P, rs, off + t0, gy, OH, OW, s + t0); break;                      \
+            case 3: PRE##3(P, rs, off + t0, gy, OH, OW, s + t0); break;                      \
+            case 4: PRE##4(P, rs, off + t0, gy, OH, OW, s + t0); break;                      \
+            case 5: PRE##5(P, rs, off + t0, gy, OH, OW, s + t0); break;                      \
+            case 6: PRE##6(P, rs, off + t0, gy, OH, OW, s + t0); break;                      \
+            case 7: PRE##7(P, rs, off + t0, gy, OH, OW, s + t0); break;                      \
+            default: PRE##8(P, rs, off + t0, gy, OH, OW, s + t0); break;                     \
+        }                                                                                    \
+        t0 += G;                                                                             \
+    }                                                                                        \
+}
+FC_DWK_GW_PICK(float, fc_dwk_gw_f_avx2, fc_dwk_gw_f_)
+FC_DWK_GW_PICK(double, fc_dwk_gw_d_avx2, fc_dwk_gw_d_)
+#endif
+
+/* values of slack a padded plane needs after it for fc_dwk_fwd's whole-vector reads */
+#define FC_DWK_SLACK 64
+
+static void fc_dwk_fwd_f(const float* P, ptrdiff_t rs, const ptrdiff_t* off, const float* w,
+                         ptrdiff_t ntap, float b, float* out, ptrdiff_t OH, ptrdiff_t OW) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) {
+        if (OW > 16) fc_dwk_fwd_f_4x2(P, rs, off, w, ntap, b, out, OH, OW);
+        else if (OW > 8) fc_dwk_fwd_f_2x4(P, rs, off, w, ntap, b, out, OH, OW);
+        else fc_dwk_fwd_f_1x8(P, rs, off, w, ntap, b, out, OH, OW);
+        return;
+    }
+#endif
+    fc_dwk_fwd_f_base(P, rs, off, w, ntap, b, out, OH, OW);
+}
+static void fc_dwk_fwd_d(const double* P, ptrdiff_t rs, const ptrdiff_t* off, const double* w,
+                         ptrdiff_t ntap, double b, double* out, ptrdiff_t OH, ptrdiff_t OW) {
+#ifdef FC_HAVE_AVX2_PATH
+    if (FC_USE_AVX2) {
+        if (OW > 8) fc_dwk_fwd_d_4x2(P, rs, off, w, ntap, b, out, OH, OW);
+        else if (OW > 4) fc_dwk_fwd_d_2x4(P, rs, off, w, ntap, b, out, OH, OW);
+        else fc_dwk_fwd_d_1x8(P, rs, off, w, ntap, b, out, OH, OW);
+        return;
+    }
+#endif
+    fc_dwk_fwd_d_base(P, rs, off, w, ntap, b, out, OH, OW);
+}
+static void fc_dwk_gw_f(const float* P, ptrdiff_t rs, const ptrdiff_t* off, ptrdiff_t ntap,
+                        const float* gy, ptrdiff_t OH, ptrdiff_t OW, double* s) {
+    FC_PICK(fc_dwk_gw_f, P, rs, off, ntap, gy, OH, OW, s);
+}
+static void fc_dwk_gw_d(const double* P, ptrdiff_t rs, const ptrdiff_t* off, ptrdiff_t ntap,
+                        const double* gy, ptrdiff_t OH, ptrdiff_t OW, double* s) {
+    FC_PICK(fc_dwk_gw_d, P, rs, off, ntap, gy, OH, OW, s);
+}
+
 /* Max-pool backward for 2x2 windows with stride 2, one output row: the gradient goes to the
    first (row-major) element equal to the window's maximum, the three others get 0, all in
    one vectorisable pass (loads, compares and selects; the argmax kept as a T so that gcc
