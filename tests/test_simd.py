@@ -581,8 +581,10 @@ def test_depthwise_any_kernel_planes(level, dtype):
     width; fc_dwk_gw: taps in groups of up to 8 a pass; stride 2 through the even and odd
     columns' planes): kernels 1-7 (square and not), strides 1-3 along the height, dilation
     1-2, paddings from 0 to half the kernel, output widths 1-19 (every vector tail) and a
-    wide one, a channel multiplier of 2, NaN in x; an infinite weight (forward tap by tap)
-    and an infinite gy on the border (weight gradient tap by tap), against the reference."""
+    wide one, a channel multiplier of 2, NaN in x; the input gradient at strides > 1 by
+    phases (some with no tap), stored or, with the multiplier, added; an infinite weight
+    (forward and input gradient tap by tap) and an infinite gy on the border (weight
+    gradient tap by tap), against the reference."""
     r = np.random.default_rng(12)
     cases = []
     for i, (kh, kw) in enumerate([(1, 1), (2, 2), (3, 3), (5, 5), (7, 7), (3, 5), (5, 2),
@@ -602,10 +604,11 @@ def test_depthwise_any_kernel_planes(level, dtype):
             if (H + 2 * p[0] - d * (kh - 1) - 1 < 0) or (W + 2 * p[1] - d * (kw - 1) - 1 < 0):
                 continue
             x[1, 2, H // 2, W // 2] = np.nan
-            w[-1, 0, 0, 0] = np.inf if j % 3 == 0 else w[-1, 0, 0, 0]
+            w[-1, 0, 0, 0] = np.inf if j % 3 != 2 else w[-1, 0, 0, 0]
             y = fc.conv2d(x, w, b, **kw_)
             close(y, ref.conv2d(x, w, b, **kw_), dtype)
-            w[-1, 0, 0, 0] = 0.5
+            if j % 3 != 1:          # (else inf: the input gradient tap by tap)
+                w[-1, 0, 0, 0] = 0.5
             gy = r.uniform(-1, 1, y.shape).astype(dtype)
             if j % 2:
                 gy[0, 1, 0, -1] = np.inf          # its taps reach the padding when p > 0

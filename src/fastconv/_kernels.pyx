@@ -2516,6 +2516,85 @@ cdef bint depthwise_gw_dwk(const floating* gy, const floating* x, Py_ssize_t H, 
     return True
 
 
+cdef bint depthwise_gx_phases(const floating* gy, Py_ssize_t OH, Py_ssize_t OW,
+                              const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating* gx,
+                              Py_ssize_t H, Py_ssize_t W, Py_ssize_t sH, Py_ssize_t sW,
+                              Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
+                              Py_ssize_t dW, bint add) noexcept nogil:
+    """gx += (add) or = a plane's input gradient at any stride, by phases: the input rows r = ih + pH
+    with r % sH == a (and columns c % sW == b) only get the taps with kh dH % sH == a (kw dW %
+    sW == b), from gy[r // sH - u][c // sW - v], u = kh dH // sH (v alike); so each phase is a
+    stride-1 pass of fc_dwk_fwd over gy zero-padded by the largest u / v (any tap offsets),
+    its values then stored (added) to their strided places in gx: every value of gx is in
+    one phase's range, so without add all of gx is written.  (Tap by tap, the strided stores of
+    every tap had been 2/3 of a 3x3 stride-2 backward.)  False (nothing added) when the
+    copies do not fit or a weight is not finite (times the padding's zeros: NaN)."""
+    cdef floating pad[DW_PAD_BUF + FC_DWK_SLACK]
+    cdef floating tmp[DW_PAD_BUF + FC_DWK_SLACK]
+    cdef floating loc[DW_PAD_BUF]
+    cdef floating wsub[MAX_TAPS]
+    cdef Py_ssize_t off[MAX_TAPS]
+    cdef Py_ssize_t U = (kH - 1) * dH // sH, V = (kW - 1) * dW // sW
+    cdef Py_ssize_t R1 = (H - 1 + pH) // sH + 1, C1 = (W - 1 + pW) // sW + 1
+    cdef Py_ssize_t PR = R1 + U, PW = C1 + V
+    cdef Py_ssize_t a, bb, kh, kw, nt, R0, C0, nR, nC, r, c, ih, iw
+    cdef floating* g
+    cdef floating* dst = gx
+    if kH * kW > MAX_TAPS or OH <= 0 or OW <= 0 or pH < 0 or pW < 0 or PR * PW > DW_PAD_BUF:
+        return False
+    if not add and H * W <= DW_PAD_BUF:
+        # the strided stores into a plane in L1, then one copy (into gx, 8 MB of a 3x3
+        # stride-2 batch: the scattered stores' misses had been half of its time)
+        dst = loc
+    for a in range(kH * kW):
+        if not (w[a] - w[a] == 0):
+            return False
+    # gyp[i][j] = gy[i - U][j - V] (zero outside)
+    dwk_pad(gy, OH, OW, U, V, PR, PW, 1, pad)
+    for a in range(sH):
+        for bb in range(sW):
+            nt = 0
+            for kh in range(kH):
+                if (kh * dH) % sH != a:
+                    continue
+                for kw in range(kW):
+                    if (kw * dW) % sW != bb:
+                        continue
+                    off[nt] = (U - (kh * dH) // sH) * PW + V - (kw * dW) // sW
+                    wsub[nt] = w[kh * kW + kw]
+                    nt += 1
+            # the phase's rows r = a + sH R with 0 <= r - pH < H: R in [R0, R1a)
+            R0 = (pH - a + sH - 1) // sH if pH > a else 0
+            C0 = (pW - bb + sW - 1) // sW if pW > bb else 0
+            nR = (H - 1 + pH - a) // sH + 1 - R0 if H - 1 + pH >= a else 0
+            nC = (W - 1 + pW - bb) // sW + 1 - C0 if W - 1 + pW >= bb else 0
+            if nR <= 0 or nC <= 0:
+                continue
+            if nt == 0:                 # (no tap reaches these: 0)
+                if not add:
+                    for r in range(nR):
+                        g = dst + (a + sH * (R0 + r) - pH) * W + bb + sW * C0 - pW
+                        for c in range(nC):
+                            g[sW * c] = 0
+                continue
+            if floating is float:
+                fc_dwk_fwd_f(pad + R0 * PW + C0, PW, off, wsub, nt, 0, tmp, nR, nC)
+            else:
+                fc_dwk_fwd_d(pad + R0 * PW + C0, PW, off, wsub, nt, 0, tmp, nR, nC)
+            for r in range(nR):
+                ih = a + sH * (R0 + r) - pH
+                g = dst + ih * W + bb + sW * C0 - pW
+                if add:
+                    for c in range(nC):
+                        g[sW * c] += tmp[r * nC + c]
+                else:
+                    for c in range(nC):
+                        g[sW * c] = tmp[r * nC + c]
+    if dst != gx:
+        memcpy(gx, dst, H * W * sizeof(floating))
+    return True
+
+
 cdef void depthwise_plane(const floating* x, Py_ssize_t H, Py_ssize_t W,
                           const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating b,
                           floating* out, Py_ssize_t OH, Py_ssize_t OW,
@@ -2644,6 +2723,13 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
             need_x = False
         if not (need_w or need_x):
             return
+    if need_x and depthwise_gx_phases(gy, OH, OW, w, kH, kW, gx, H, W, sH, sW, pH, pW, dH, dW,
+                                      not sole):
+        need_x = False
+        if not need_w:
+            return
+    if need_x and sole:                 # (not zeroed by the caller: see depthwise_backward)
+        memset(gx, 0, H * W * sizeof(floating))
     ntab = depthwise_taps(kW, dW, pW, sW, W, OW, tab, &clo, &chi)
     if need_x and sW == 1 and ntab == 3:
         # gx[j] += w_k gy[j - off_k] for all k when j - off_k is in [lo_k, hi_k) for all k
@@ -2728,9 +2814,9 @@ def depthwise_backward(const floating[:, :, :, ::1] grad_out, const floating[:, 
     cdef floating* gwp = &grad_w_out[0] if need_w else NULL
     cdef floating* gbp = &grad_b_out[0] if need_b else NULL
     cdef Py_ssize_t c, n, m
-    # stride 1 with one output channel per input channel: the plane's input gradient is
-    # written whole by a forward pass (depthwise_plane_backward), nothing to zero first
-    cdef bint overwrite = sH == 1 and sW == 1 and kH * kW <= MAX_FLIP and M == 1
+    # one output channel per input channel: depthwise_plane_backward writes the plane's
+    # whole input gradient (a forward pass, phases, or zeroes it before going tap by tap)
+    cdef bint overwrite = M == 1
     with nogil:
         for c in prange(C, schedule='guided', num_threads=num_threads):
             for n in range(N):
