@@ -2516,6 +2516,52 @@ cdef bint depthwise_gw_dwk(const floating* gy, const floating* x, Py_ssize_t H, 
     return True
 
 
+cdef bint depthwise_gx_stuffed(const floating* gy, Py_ssize_t OH, Py_ssize_t OW,
+                               const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating* gx,
+                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t sH, Py_ssize_t sW,
+                               Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH,
+                               Py_ssize_t dW) noexcept nogil:
+    """gx = a plane's input gradient at a small stride: gy spread out by the stride with zeros
+    between (and the stride-1 input gradient's padding, k - 1 - p), then the stride-1
+    forward pass of the flipped kernel over it (fc_dwk_fwd, whole rows of gx stored as
+    vectors; at stride 2, 3/4 of its products are by those zeros, and still faster than
+    storing the phases' values one by one).  False (nothing written) when the copy does not
+    fit, a padding exceeds the dilated kernel or a weight is not finite."""
+    cdef floating pad[DW_PAD_BUF + FC_DWK_SLACK]
+    cdef floating wflip[MAX_TAPS]
+    cdef Py_ssize_t off[MAX_TAPS]
+    cdef Py_ssize_t top = (kH - 1) * dH - pH, left = (kW - 1) * dW - pW
+    cdef Py_ssize_t PR = H + (kH - 1) * dH, PW = W + (kW - 1) * dW
+    cdef Py_ssize_t kh, kw, oh, ow, r, c
+    cdef floating* row
+    if (kH * kW > MAX_TAPS or top < 0 or left < 0 or PR * PW > DW_PAD_BUF or H <= 0
+            or W <= 0):
+        return False
+    for kh in range(kH * kW):
+        if not (w[kh] - w[kh] == 0):
+            return False
+    for kh in range(kH):
+        for kw in range(kW):
+            wflip[kh * kW + kw] = w[(kH - 1 - kh) * kW + (kW - 1 - kw)]
+            off[kh * kW + kw] = kh * dH * PW + kw * dW
+    memset(pad, 0, (PR * PW + FC_DWK_SLACK) * sizeof(floating))
+    for oh in range(OH):
+        r = top + oh * sH
+        if r >= PR:
+            break
+        row = pad + r * PW + left
+        for ow in range(OW):
+            c = left + ow * sW
+            if c >= PW:
+                break
+            row[ow * sW] = gy[oh * OW + ow]
+    if floating is float:
+        fc_dwk_fwd_f(pad, PW, off, wflip, kH * kW, 0, gx, H, W)
+    else:
+        fc_dwk_fwd_d(pad, PW, off, wflip, kH * kW, 0, gx, H, W)
+    return True
+
+
 cdef bint depthwise_gx_phases(const floating* gy, Py_ssize_t OH, Py_ssize_t OW,
                               const floating* w, Py_ssize_t kH, Py_ssize_t kW, floating* gx,
                               Py_ssize_t H, Py_ssize_t W, Py_ssize_t sH, Py_ssize_t sW,
@@ -2722,6 +2768,11 @@ cdef void depthwise_plane_backward(const floating* gy, const floating* x, const 
                             (kH - 1) * dH - pH, (kW - 1) * dW - pW, dH, dW)
             need_x = False
         if not (need_w or need_x):
+            return
+    if (need_x and sole and sH <= 2 and sW <= 2
+            and depthwise_gx_stuffed(gy, OH, OW, w, kH, kW, gx, H, W, sH, sW, pH, pW, dH, dW)):
+        need_x = False
+        if not need_w:
             return
     if need_x and depthwise_gx_phases(gy, OH, OW, w, kH, kW, gx, H, W, sH, sW, pH, pW, dH, dW,
                                       not sole):
