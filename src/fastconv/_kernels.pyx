@@ -909,8 +909,10 @@ cdef int conv_call_views(ConvCall* a, const floating[:, :, :, ::1] x,
                          const floating[:, :, :, ::1] weight, const floating[::1] bias,
                          floating[:, :, :, ::1] out, floating[:, ::1] scratch, bint has_bias,
                          floating[:, :, :, ::1] pool_out, Py_ssize_t pkH, Py_ssize_t pkW,
-                         Py_ssize_t OH, Py_ssize_t OW, str fn) except -1:
-    """a's arrays and sizes from the def kernels' arguments (OH, OW: from out when kept)."""
+                         Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t sH, Py_ssize_t sW,
+                         Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t dH, Py_ssize_t dW,
+                         Py_ssize_t groups, bint relu, int num_threads, str fn) except -1:
+    """a from the def kernels' arguments (OH, OW: from out when kept; no packed weights)."""
     cdef bint keep = out is not None
     if keep:
         OH, OW = out.shape[2], out.shape[3]
@@ -928,6 +930,8 @@ cdef int conv_call_views(ConvCall* a, const floating[:, :, :, ::1] x,
     if pool_out is not None:
         a.pool, a.POH, a.POW = &pool_out[0, 0, 0, 0], pool_out.shape[2], pool_out.shape[3]
     a.wpack, a.nwpack = NULL, 0
+    a.sH, a.sW, a.pH, a.pW, a.dH, a.dW, a.groups = sH, sW, pH, pW, dH, dW, groups
+    a.relu, a.num_threads = relu, num_threads
     return 0
 
 
@@ -1140,11 +1144,9 @@ def conv2d_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] 
     """
     cdef ConvCall a
     conv_call_views(&a, x, weight, bias, out, scratch, has_bias, pool_out, pkH, pkW, OH, OW,
-                    "conv2d_forward")
+                    sH, sW, pH, pW, dH, dW, groups, relu, num_threads, "conv2d_forward")
     a.wpack = &wpack[0] if wpack.shape[0] > 0 else NULL
     a.nwpack = wpack.shape[0]
-    a.sH, a.sW, a.pH, a.pW, a.dH, a.dW, a.groups = sH, sW, pH, pW, dH, dW, groups
-    a.relu, a.num_threads = relu, num_threads
     conv_gemm_run(&a, <floating*> NULL)
 
 
@@ -1477,9 +1479,7 @@ def conv2d_direct(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] w
     convolution's output is not kept; OH, OW give its size), as in conv2d_forward."""
     cdef ConvCall a
     conv_call_views(&a, x, weight, bias, out, scratch, has_bias, pool_out, pkH, pkW, OH, OW,
-                    "conv2d_direct")
-    a.sH, a.sW, a.pH, a.pW, a.dH, a.dW, a.groups = sH, sW, pH, pW, dH, dW, groups
-    a.relu, a.num_threads = relu, num_threads
+                    sH, sW, pH, pW, dH, dW, groups, relu, num_threads, "conv2d_direct")
     conv_direct_run(&a, <floating*> NULL)
 
 

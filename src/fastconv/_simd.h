@@ -903,6 +903,16 @@ FC_DW33_FWD(double, fc_dw33_fwd_d_base, )
 /* (gcc left the plain loop above scalar at -O3 with avx2: by hand, the same order of
    operations, each tap's product added by FMA).  Hooks as FC_DW33_GW_AVX2's, and ST, MST
    (masked store), SET1 */
+/* t0, t1, t2 = a row's values at i, i + 1, i + 2: whole vectors while i < full, else the
+   lanes of mask m (the rest 0) */
+#define FC_DW33_LOAD3(LD, MLD, r, i, full, m, t0, t1, t2)                                    \
+    do {                                                                                     \
+        if ((i) < (full)) {                                                                  \
+            t0 = LD((r) + (i)); t1 = LD((r) + (i) + 1); t2 = LD((r) + (i) + 2);              \
+        } else {                                                                             \
+            t0 = MLD((r) + (i), m); t1 = MLD((r) + (i) + 1, m); t2 = MLD((r) + (i) + 2, m);  \
+        }                                                                                    \
+    } while (0)
 #define FC_DW33_FWD_AVX2(T, NAME, V, L, LD, MLD, ST, MST, SET1, FMA, MASK)                  \
 FC_AVX2 static void NAME(const T* P, ptrdiff_t PW, const T* w, T b, T* out, ptrdiff_t OH,    \
                          ptrdiff_t OW) {                                                     \
@@ -921,39 +931,25 @@ FC_AVX2 static void NAME(const T* P, ptrdiff_t PW, const T* w, T b, T* out, ptrd
         T* o1 = o0 + OW;                                                                     \
         for (ptrdiff_t i = 0; i < OW; i += L) {                                              \
             V a, c, t0, t1, t2;                                                              \
-            if (i < full) {                                                                  \
-                a = FMA(w0, LD(r0 + i), vb);                                                 \
-                a = FMA(w1, LD(r0 + i + 1), a);                                              \
-                a = FMA(w2, LD(r0 + i + 2), a);                                              \
-                t0 = LD(r1 + i); t1 = LD(r1 + i + 1); t2 = LD(r1 + i + 2);                   \
-            } else {                                                                         \
-                a = FMA(w0, MLD(r0 + i, m), vb);                                             \
-                a = FMA(w1, MLD(r0 + i + 1, m), a);                                          \
-                a = FMA(w2, MLD(r0 + i + 2, m), a);                                          \
-                t0 = MLD(r1 + i, m); t1 = MLD(r1 + i + 1, m); t2 = MLD(r1 + i + 2, m);       \
-            }                                                                                \
+            FC_DW33_LOAD3(LD, MLD, r0, i, full, m, t0, t1, t2);                              \
+            a = FMA(w0, t0, vb);                                                             \
+            a = FMA(w1, t1, a);                                                              \
+            a = FMA(w2, t2, a);                                                              \
+            FC_DW33_LOAD3(LD, MLD, r1, i, full, m, t0, t1, t2);                              \
             c = FMA(w0, t0, vb);                                                             \
             a = FMA(w3, t0, a);                                                              \
             c = FMA(w1, t1, c);                                                              \
             a = FMA(w4, t1, a);                                                              \
             c = FMA(w2, t2, c);                                                              \
             a = FMA(w5, t2, a);                                                              \
-            if (i < full) {                                                                  \
-                t0 = LD(r2 + i); t1 = LD(r2 + i + 1); t2 = LD(r2 + i + 2);                   \
-            } else {                                                                         \
-                t0 = MLD(r2 + i, m); t1 = MLD(r2 + i + 1, m); t2 = MLD(r2 + i + 2, m);       \
-            }                                                                                \
+            FC_DW33_LOAD3(LD, MLD, r2, i, full, m, t0, t1, t2);                              \
             c = FMA(w3, t0, c);                                                              \
             a = FMA(w6, t0, a);                                                              \
             c = FMA(w4, t1, c);                                                              \
             a = FMA(w7, t1, a);                                                              \
             c = FMA(w5, t2, c);                                                              \
             a = FMA(w8, t2, a);                                                              \
-            if (i < full) {                                                                  \
-                t0 = LD(r3 + i); t1 = LD(r3 + i + 1); t2 = LD(r3 + i + 2);                   \
-            } else {                                                                         \
-                t0 = MLD(r3 + i, m); t1 = MLD(r3 + i + 1, m); t2 = MLD(r3 + i + 2, m);       \
-            }                                                                                \
+            FC_DW33_LOAD3(LD, MLD, r3, i, full, m, t0, t1, t2);                              \
             c = FMA(w6, t0, c);                                                              \
             c = FMA(w7, t1, c);                                                              \
             c = FMA(w8, t2, c);                                                              \
