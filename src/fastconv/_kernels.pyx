@@ -2333,22 +2333,6 @@ cdef enum:
     DW_PAD_BUF = 8192    # values of a zero-padded plane depthwise_plane_padded takes
 
 
-cdef void pad_plane(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
-                    Py_ssize_t pW, floating* P) noexcept nogil:
-    """P = x with pH zero rows above and below and pW zero columns either side (rows of
-    W + 2 pW values); only the padding is zeroed, not the whole buffer."""
-    cdef Py_ssize_t PW = W + 2 * pW, i, j
-    cdef floating* r
-    memset(P, 0, pH * PW * sizeof(floating))
-    memset(P + (H + pH) * PW, 0, pH * PW * sizeof(floating))
-    for i in range(H):
-        r = P + (i + pH) * PW
-        for j in range(pW):             # (a few values: no memset call)
-            r[j] = 0
-            r[pW + W + j] = 0
-        memcpy(r + pW, x + i * W, W * sizeof(floating))
-
-
 cdef inline bint pad_fits(Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
                           Py_ssize_t pW) noexcept nogil:
     return pH >= 0 and pW >= 0 and (H + 2 * pH) * (W + 2 * pW) <= DW_PAD_BUF
@@ -2362,12 +2346,12 @@ cdef bint depthwise_plane_padded(const floating* x, Py_ssize_t H, Py_ssize_t W,
     been 40 % of the time).  The padding's taps add w * 0, which changes nothing but the
     sign of a zero sum, unless w is not finite: False then (nothing written), and the
     caller skips the padding tap by tap, as the definition does."""
-    cdef floating pad[DW_PAD_BUF]
+    cdef floating pad[DW_PAD_BUF + FC_DWK_SLACK]
     cdef Py_ssize_t i
     for i in range(9):
         if not (w[i] - w[i] == 0):
             return False
-    pad_plane(x, H, W, pH, pW, pad)
+    dwk_pad(x, H, W, pH, pW, H + 2 * pH, W + 2 * pW, 1, pad)
     if floating is float:
         fc_dw33_fwd_f(pad, W + 2 * pW, w, b, out, OH, OW)
     else:
@@ -2382,10 +2366,10 @@ cdef bint depthwise_gw_padded(const floating* gy, const floating* x, Py_ssize_t 
     zero-padded copy of x (fc_dw33_gw).  A non-finite gy times the padding's zeros would
     give NaN where the definition has no term: when a sum is not finite, nothing is added
     and False is returned (the caller then goes tap by tap over the valid blocks)."""
-    cdef floating pad[DW_PAD_BUF]
+    cdef floating pad[DW_PAD_BUF + FC_DWK_SLACK]
     cdef double s[10]
     cdef Py_ssize_t k
-    pad_plane(x, H, W, pH, pW, pad)
+    dwk_pad(x, H, W, pH, pW, H + 2 * pH, W + 2 * pW, 1, pad)
     if floating is float:
         fc_dw33_gw_f(pad, W + 2 * pW, gy, OH, OW, s)
     else:
