@@ -349,6 +349,12 @@ static void fc_no_tail_d(ptrdiff_t K, const double* A, ptrdiff_t ps, const doubl
 
 /* ---- AVX2+FMA: masks are integer vectors ---- */
 #define FC_T256 __attribute__((target("avx2,fma")))
+/* unroll the next loop whole (gcc; others decide themselves) */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FC_UNROLL _Pragma("GCC unroll 9")
+#else
+#define FC_UNROLL
+#endif
 #define FC_MLOAD_PS256(p, m) _mm256_maskload_ps((p), (m))
 #define FC_MSTORE_PS256(p, m, v) _mm256_maskstore_ps((p), (m), (v))
 #define FC_MLOAD_PD256(p, m) _mm256_maskload_pd((p), (m))
@@ -1251,26 +1257,36 @@ FC_MP33_512(fc_mp33_bwd_d_512, double, __m512d, 8, __mmask8, fc_lanes8, _mm512_l
             FC_MP33_SHIFT_PD)
 #endif
 /* The same kernel at the AVX2 level (LANES 8 float / 4 double windows a pass): the even and
- * odd lanes by in-lane shuffles and a 64-bit cross-lane permute, the argmax on compare masks
- * and blends, the one-lane shift by a 128-bit permute and a byte align, the interleave by
- * unpacks; the last pass from copies of its inputs into stack buffers and its sums added back
- * column by column (maskload / maskstore are slow on AMD, and a pass is 8 windows of 27 on a
- * 56-wide row).  The backward of a 3x3 s2 p1 pool of 16 x 64 x 56 x 56 float32 (Zen 3, one
- * thread): 9.1-12.1 ms by the portable rows (vectorised by gcc), 7.3-8.4 ms by this kernel; in
- * float64 it is 1.02-1.06x the rows, both near the memory's rate (x read, gx zeroed and
- * written back).
- * An argmax by a tree of pairs (the same choices) measured slower than the scan. */
+ * odd lanes by in-lane shuffles and a 64-bit cross-lane permute (the third tap as the odd
+ * lanes of the columns one on, so that a pass reads nothing past its last window), the argmax
+ * as three independent steps (the maximum by a tree of max, the first tap equal to it, the
+ * last NaN: a 9-step compare-and-blend scan was a 36-cycle dependency chain a pass), the
+ * one-lane shift by a 128-bit permute and a byte align, the interleave by unpacks.  A row's
+ * last windows, fewer than LANES, are the last LANES windows again with the columns already
+ * done added as + 0; only a row of fewer windows than that goes through copies into stack
+ * buffers, its sums added back column by column (maskload / maskstore are slow on AMD).
+ * The backward of a 3x3 s2 p1 pool of 16 x 64 x 56 x 56 (Zen 3, one thread, the caller
+ * zeroing gx row by row ahead of the windows): float32 6.2 ms with the scan and a copied
+ * last pass, 3.3 ms now; float64 8.0 -> 5.0 ms (the portable rows: 9.1-12.1 ms float32). */
 #define FC_MP33_256(NAME, T, VT, L, LOADU, STOREU, SET1, EVEN, ODD, SHIFT1, ILO, IHI, CMP,   \
-                    BLENDV, AND, OR, ADD)                                                       \
+                    BLENDV, AND, MAX, ADD)                                                       \
 FC_T256 static void NAME(const T* x0, const T* x1, const T* x2, const T* g, ptrdiff_t lo,      \
                          ptrdiff_t hi, T first, T* gx0, T* gx1, T* gx2) {                      \
     const T* xs[3] = {x0, x1, x2};                                                             \
     T* gs[3] = {gx0, gx1, gx2};                                                                \
     VT prev[3] = {SET1((T)0), SET1((T)0), SET1((T)0)};                                         \
-    T xb[3][2 * L + 2], gb[L], ob[2 * L], cb[L];                                               \
+    T xb[3][2 * L + 2], gb[L], ob[2 * L], cb[L], col[2 * L];                                   \
+    for (int t = 0; t < 2 * L; t++) col[t] = (T)t;                                             \
     for (ptrdiff_t i = lo; i < hi; i += L) {                                                   \
-        ptrdiff_t n = hi - i < L ? hi - i : L;                                                 \
-        int full = i + L < hi;     /* else from copies: read nothing past window hi - 1's */   \
+        ptrdiff_t n = hi - i < L ? hi - i : L, back = 0;                                       \
+        int full = n == L;         /* else from copies: read nothing past window hi - 1's */   \
+        if (!full && hi - lo >= L) {                                                           \
+            /* the last L windows again, the first L - n of them (done) stored as + 0 */       \
+            back = L - n;                                                                      \
+            i = hi - L;                                                                        \
+            n = L;                                                                             \
+            full = 1;                                                                          \
+        }                                                                                      \
         const T* gp = g + i;                                                                   \
         if (!full) {                                                                           \
             for (int t = 0; t < L; t++) gb[t] = t < n ? g[i + t] : (T)0;                       \
@@ -1279,21 +1295,31 @@ FC_T256 static void NAME(const T* x0, const T* x1, const T* x2, const T* g, ptrd
                     xb[r][t] = t <= 2 * n ? xs[r][2 * i + t] : (T)0;                           \
             gp = gb;                                                                           \
         }                                                                                      \
-        VT m = SET1((T)-INFINITY), s = SET1(first), gv = LOADU(gp);                            \
+        VT gv = LOADU(gp);                                                                     \
         VT v[9];                                                                               \
-        for (int r = 0; r < 3; r++) {                                                          \
-            const T* a = full ? xs[r] + 2 * i : xb[r];                                         \
-            VT a1 = LOADU(a), a2 = LOADU(a + L), b1 = LOADU(a + 2), b2 = LOADU(a + 2 + L);     \
+        FC_UNROLL for (int r = 0; r < 3; r++) {   /* columns 2i .. 2i + 2L: the third tap from odd    */ \
+            const T* a = full ? xs[r] + 2 * i : xb[r];  /* lanes one on, nothing past 2i+2L */ \
+            VT a1 = LOADU(a), a2 = LOADU(a + L), b1 = LOADU(a + 1), b2 = LOADU(a + 1 + L);     \
             v[3 * r] = EVEN(a1, a2);                                                           \
             v[3 * r + 1] = ODD(a1, a2);                                                        \
-            v[3 * r + 2] = EVEN(b1, b2);                                                       \
+            v[3 * r + 2] = ODD(b1, b2);                                                        \
         }                                                                                      \
-        for (int t = 0; t < 9; t++) {                                                          \
-            VT k = OR(CMP(v[t], m, _CMP_GT_OQ), CMP(v[t], v[t], _CMP_UNORD_Q));                \
-            m = BLENDV(m, v[t], k);                                                            \
-            s = BLENDV(s, SET1((T)t), k);                                                      \
-        }                                                                                      \
-        for (int r = 0; r < 3; r++) {                                                          \
+        /* the scan's choice (the first maximum, the last NaN, tap first when all are -inf)  \
+           by independent steps: the maximum by a tree, the first tap equal to it, the last  \
+           NaN, each blend chain one cycle a tap */                                          \
+        VT m = MAX(MAX(MAX(v[0], v[1]), MAX(v[2], v[3])),                                     \
+                   MAX(MAX(v[4], v[5]), MAX(v[6], v[7])));                                    \
+        m = MAX(m, v[8]);          /* (NaN lanes: any value, overruled below) */             \
+        VT s = SET1((T)8), sn = SET1((T)-1);                                                   \
+        FC_UNROLL for (int t = 7; t >= 0; t--)                                                 \
+            s = BLENDV(s, SET1((T)t), CMP(v[t], m, _CMP_EQ_OQ));                               \
+        s = BLENDV(s, SET1(first), CMP(m, SET1((T)-INFINITY), _CMP_EQ_OQ));                    \
+        FC_UNROLL for (int t = 0; t < 9; t++)                                                  \
+            sn = BLENDV(sn, SET1((T)t), CMP(v[t], v[t], _CMP_UNORD_Q));                        \
+        s = BLENDV(s, sn, CMP(sn, SET1((T)0), _CMP_GE_OQ));                                    \
+        VT keep_lo = CMP(LOADU(col), SET1((T)(2 * back)), _CMP_GE_OQ);                         \
+        VT keep_hi = CMP(LOADU(col + L), SET1((T)(2 * back)), _CMP_GE_OQ);                     \
+        FC_UNROLL for (int r = 0; r < 3; r++) {                                                \
             VT c0 = AND(CMP(s, SET1((T)(3 * r)), _CMP_EQ_OQ), gv);                             \
             VT c1 = AND(CMP(s, SET1((T)(3 * r + 1)), _CMP_EQ_OQ), gv);                         \
             VT c2 = AND(CMP(s, SET1((T)(3 * r + 2)), _CMP_EQ_OQ), gv);                         \
@@ -1302,8 +1328,16 @@ FC_T256 static void NAME(const T* x0, const T* x1, const T* x2, const T* g, ptrd
             T* o = gs[r] + 2 * i;                                                              \
             VT lo2 = ILO(e, c1), hi2 = IHI(e, c1);                                             \
             if (full) {                                                                        \
+                if (back) {         /* (gx is never -0, so + 0 changes nothing) */             \
+                    lo2 = AND(lo2, keep_lo);                                                   \
+                    hi2 = AND(hi2, keep_hi);                                                   \
+                }                                                                              \
                 STOREU(o, ADD(LOADU(o), lo2));                                                 \
                 STOREU(o + L, ADD(LOADU(o + L), hi2));                                         \
+                if (i + L == hi) {  /* then tap 2 of the last window */                        \
+                    STOREU(cb, c2);                                                            \
+                    o[2 * L] += cb[L - 1];                                                     \
+                }                                                                              \
             } else {                /* 2n columns, then tap 2 of the last window */            \
                 STOREU(ob, lo2);                                                               \
                 STOREU(ob + L, hi2);                                                           \
@@ -1338,11 +1372,11 @@ FC_T256 static void NAME(const T* x0, const T* x1, const T* x2, const T* g, ptrd
 FC_MP33_256(fc_mp33_bwd_f_256, float, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps,
             _mm256_set1_ps, FC_EVEN_PS256,
             FC_ODD_PS256, FC_SHIFT1_PS256, FC_ILO_PS256, FC_IHI_PS256, _mm256_cmp_ps,
-            _mm256_blendv_ps, _mm256_and_ps, _mm256_or_ps, _mm256_add_ps)
+            _mm256_blendv_ps, _mm256_and_ps, _mm256_max_ps, _mm256_add_ps)
 FC_MP33_256(fc_mp33_bwd_d_256, double, __m256d, 4, _mm256_loadu_pd, _mm256_storeu_pd,
             _mm256_set1_pd, FC_EVEN_PD256,
             FC_ODD_PD256, FC_SHIFT1_PD256, FC_ILO_PD256, FC_IHI_PD256, _mm256_cmp_pd,
-            _mm256_blendv_pd, _mm256_and_pd, _mm256_or_pd, _mm256_add_pd)
+            _mm256_blendv_pd, _mm256_and_pd, _mm256_max_pd, _mm256_add_pd)
 #endif
 /* 1: done by the AVX-512 kernel (GEMM level 2) or the AVX2 one (level 1); 0: the caller runs the portable rows */
 static int fc_mp33_bwd_f(const float* x0, const float* x1, const float* x2, const float* g,

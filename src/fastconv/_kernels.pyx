@@ -3817,7 +3817,7 @@ cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, fl
     cdef floating dummy[3 * ROW_BUF]
     cdef const floating* xr[3]
     cdef floating* gr[3]
-    cdef Py_ssize_t oh, ow, r, r0, rfirst, lo, hi, ws
+    cdef Py_ssize_t oh, ow, r, r0, rfirst, lo, hi, ws, zrow
     cdef long long j
     for ow in range(W):
         neg[ow] = -INFINITY
@@ -3827,9 +3827,12 @@ cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, fl
         hi = OW
     if hi < lo:
         hi = lo
-    memset(gx, 0, H * W * sizeof(floating))
+    zrow = 0                                  # rows [0, zrow) of gx are zeroed
     for oh in range(OH):
         r0 = 2 * oh - pH
+        if zrow < min(r0 + 3, H):             # zero the rows the window row touches first
+            memset(gx + zrow * W, 0, (min(r0 + 3, H) - zrow) * W * sizeof(floating))
+            zrow = min(r0 + 3, H)
         rfirst = -1
         for r in range(3):
             if 0 <= r0 + r < H:
@@ -3863,6 +3866,8 @@ cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, fl
             if j >= 0:
                 gx[j] += gy[oh * OW + ow]
             ow = ow + 1
+    if zrow < H:
+        memset(gx + zrow * W, 0, (H - zrow) * W * sizeof(floating))
 
 
 cdef void max_pool_plane_backward(const floating* gy, const floating* x, floating* gx,
