@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+import fastconv as fc
 import fastconv.nn as nn
 from fastconv.optim import SGD
 
@@ -186,6 +187,39 @@ def test_relu_gradients():
     x = np.sign(x) * (0.1 + np.abs(x))      # away from the kink at 0
     y, _ = check_layer(nn.ReLU(), x)
     np.testing.assert_array_equal(y, np.maximum(x, 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_relu_forward_hard_inputs(dtype, threads):
+    """nn.ReLU's forward (one kernel pass) equals np.maximum(x, 0) bit for bit, sign of zero
+    included (-0 -> +0, NaN stays NaN, +-inf), on C, Fortran-order, strided and read-only
+    inputs, a size of several 16384-value blocks with a tail, an empty batch and integers;
+    the input is left as it was and the output is a new array."""
+    r = np.random.default_rng(5)
+    base = r.standard_normal(3 * 16384 + 77).astype(dtype)
+    base[:6] = [np.nan, -0.0, 0.0, np.inf, -np.inf, -np.nan]
+    inputs = [base.reshape(-1, 1), np.asfortranarray(base[:4096].reshape(64, 64)),
+              base[::3], base.reshape(-1, 1)[:0]]
+    ro = base.copy()
+    ro.flags.writeable = False
+    inputs.append(ro)
+    old = fc.get_num_threads()
+    fc.set_num_threads(threads)
+    try:
+        for x in inputs:
+            before = x.copy()
+            y = nn.ReLU()(x)
+            want = np.maximum(x, 0)
+            assert y.dtype == dtype and y.shape == x.shape
+            assert not np.shares_memory(y, x)
+            np.testing.assert_array_equal(y, want)
+            np.testing.assert_array_equal(np.signbit(y), np.signbit(want))
+            np.testing.assert_array_equal(x, before)
+        xi = np.arange(-3, 4)
+        np.testing.assert_array_equal(nn.ReLU()(xi), np.maximum(xi, 0))
+    finally:
+        fc.set_num_threads(old)
 
 
 @pytest.mark.parametrize("kw,out", [({}, (2, 60)), (dict(start_dim=2), (2, 3, 20)),

