@@ -211,9 +211,9 @@ cdef extern from "_gemm.h":
                     const double* Ap, const double* B, const Py_ssize_t* bo, double* C,
                     Py_ssize_t ldc, const double* bias, int acc) nogil
     int fc_mp22_bwd_f(const float* x0, const float* x1, const float* g, Py_ssize_t OW,
-                      float* gx0, float* gx1) nogil
+                      float* gx0, float* gx1, Py_ssize_t avail_x, Py_ssize_t avail_g) nogil
     int fc_mp22_bwd_d(const double* x0, const double* x1, const double* g, Py_ssize_t OW,
-                      double* gx0, double* gx1) nogil
+                      double* gx0, double* gx1, Py_ssize_t avail_x, Py_ssize_t avail_g) nogil
     void fc_gemma_f(Py_ssize_t M, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t K, const float* A,
                     Py_ssize_t lda, const float* B, Py_ssize_t ldb, float* C, Py_ssize_t ldc,
                     int acc) nogil
@@ -3764,13 +3764,15 @@ cdef void max_pool_plane_backward_tiled(const floating* gy, const floating* x, f
         if kH == 2 and kW == 2:     # the common case in one pass (redone below on NaN)
             if floating is float:
                 nan_row = fc_mp22_bwd_f(x + 2 * oh * W, x + (2 * oh + 1) * W, g, OW,
-                                        gx + 2 * oh * W, gx + (2 * oh + 1) * W)
+                                        gx + 2 * oh * W, gx + (2 * oh + 1) * W,
+                                        (H - 2 * oh - 1) * W, (OH - oh) * OW)
                 if nan_row < 0:
                     nan_row = fc_maxpool22_bwd_f(x + 2 * oh * W, x + (2 * oh + 1) * W, g, OW,
                                                  gx + 2 * oh * W, gx + (2 * oh + 1) * W)
             else:
                 nan_row = fc_mp22_bwd_d(x + 2 * oh * W, x + (2 * oh + 1) * W, g, OW,
-                                        gx + 2 * oh * W, gx + (2 * oh + 1) * W)
+                                        gx + 2 * oh * W, gx + (2 * oh + 1) * W,
+                                        (H - 2 * oh - 1) * W, (OH - oh) * OW)
                 if nan_row < 0:
                     nan_row = fc_maxpool22_bwd_d(x + 2 * oh * W, x + (2 * oh + 1) * W, g, OW,
                                                  gx + 2 * oh * W, gx + (2 * oh + 1) * W)
