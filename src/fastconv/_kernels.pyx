@@ -87,6 +87,10 @@ cdef extern from "_simd.h":
                       Py_ssize_t ntap, float b, float* out, Py_ssize_t OH, Py_ssize_t OW) nogil
     void fc_dwk_fwd_d(const double* P, Py_ssize_t rs, const Py_ssize_t* off, const double* w,
                       Py_ssize_t ntap, double b, double* out, Py_ssize_t OH, Py_ssize_t OW) nogil
+    void fc_spread2_f(const float* s, Py_ssize_t n, float* d) nogil
+    void fc_spread2_d(const double* s, Py_ssize_t n, double* d) nogil
+    void fc_deint_f(const float* s, Py_ssize_t n, float* e, float* o) nogil
+    void fc_deint_d(const double* s, Py_ssize_t n, double* e, double* o) nogil
     void fc_dwk_gw_f(const float* P, Py_ssize_t rs, const Py_ssize_t* off, Py_ssize_t ntap,
                      const float* gy, Py_ssize_t OH, Py_ssize_t OW, double* s) nogil
     void fc_dwk_gw_d(const double* P, Py_ssize_t rs, const Py_ssize_t* off, Py_ssize_t ntap,
@@ -2437,7 +2441,20 @@ cdef void dwk_pad(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
                 row[j] = 0
         else:
             odd = row + PR * PW
-            for j in range(PW):
+            # columns j in [lo, hi) have both 2j - pW and 2j - pW + 1 in the row: one
+            # vectorised split; the edges with checks
+            lo = min((pW + 1) // 2, PW)
+            hi = max(min((W + pW) // 2, PW), lo)
+            for j in range(lo):
+                c = 2 * j - pW
+                row[j] = xr[c] if 0 <= c < W else 0
+                odd[j] = xr[c + 1] if 0 <= c + 1 < W else 0
+            if hi > lo:
+                if floating is float:
+                    fc_deint_f(xr + 2 * lo - pW, hi - lo, row + lo, odd + lo)
+                else:
+                    fc_deint_d(xr + 2 * lo - pW, hi - lo, row + lo, odd + lo)
+            for j in range(hi, PW):
                 c = 2 * j - pW
                 row[j] = xr[c] if 0 <= c < W else 0
                 odd[j] = xr[c + 1] if 0 <= c + 1 < W else 0
@@ -2534,6 +2551,14 @@ cdef bint depthwise_gx_stuffed(const floating* gy, Py_ssize_t OH, Py_ssize_t OW,
         if r >= PR:
             break
         row = pad + r * PW + left
+        if sW == 2:     # (the zero after the last value may land on the next row's first
+            # column, the padding or a row written later, or in the slack)
+            c = min(OW, (PW - 1 - left) // 2 + 1) if PW > left else 0
+            if floating is float:
+                fc_spread2_f(gy + oh * OW, c, row)
+            else:
+                fc_spread2_d(gy + oh * OW, c, row)
+            continue
         for ow in range(OW):
             c = left + ow * sW
             if c >= PW:
