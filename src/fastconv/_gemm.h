@@ -826,12 +826,8 @@ TGT static void NAME(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W, ptrdiff_
             MSTORE(dst + j + q, MK(0, (SEG) - q), v);                                           \
     }
 #define FC_PAD_VALS 4096
-/* gcc turns the short copy loops below into memcpy calls (a libc call per 14-value row) */
-#if defined(__GNUC__) && !defined(__clang__)
-#define FC_NO_LIBCALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
-#else
-#define FC_NO_LIBCALLS
-#endif
+/* (FC_NO_LIBCALLS, in _simd.h: gcc turns the short copy loops below into memcpy calls, a
+   libc call per 14-value row) */
 /* The same columns for stride 1 or 2 along the width, through a zero-padded copy of the input
  * rows the columns need, one channel at a time (FC_PAD_VALS values, stays in L1): every segment
  * is then one unmasked load (two and an even-lane permute for stride 2) and one store, with no

@@ -87,6 +87,9 @@ cdef extern from "_simd.h":
                       Py_ssize_t ntap, float b, float* out, Py_ssize_t OH, Py_ssize_t OW) nogil
     void fc_dwk_fwd_d(const double* P, Py_ssize_t rs, const Py_ssize_t* off, const double* w,
                       Py_ssize_t ntap, double b, double* out, Py_ssize_t OH, Py_ssize_t OW) nogil
+    void fc_pad_row_f(const float* s, Py_ssize_t lo, Py_ssize_t n, Py_ssize_t m, float* d) nogil
+    void fc_pad_row_d(const double* s, Py_ssize_t lo, Py_ssize_t n, Py_ssize_t m,
+                      double* d) nogil
     void fc_spread2_f(const float* s, Py_ssize_t n, float* d) nogil
     void fc_spread2_d(const double* s, Py_ssize_t n, double* d) nogil
     void fc_deint_f(const float* s, Py_ssize_t n, float* e, float* o) nogil
@@ -2425,20 +2428,15 @@ cdef void dwk_pad(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
         ih = r - pH
         row = P + r * PW
         if ih < 0 or ih >= H:
-            memset(row, 0, PW * sizeof(floating))
+            pad_row(<const floating*> NULL, 0, 0, PW, row)
             if sW == 2:
-                memset(row + PR * PW, 0, PW * sizeof(floating))
+                pad_row(<const floating*> NULL, 0, 0, PW, row + PR * PW)
             continue
         xr = x + ih * W
         if sW == 1:
             lo = min(pW, PW)
-            hi = min(PW, pW + W)
-            for j in range(lo):
-                row[j] = 0
-            if hi > lo:
-                memcpy(row + lo, xr + lo - pW, (hi - lo) * sizeof(floating))
-            for j in range(max(hi, lo), PW):
-                row[j] = 0
+            hi = max(min(PW, pW + W), lo)
+            pad_row(xr + lo - pW, lo, hi - lo, PW, row)
         else:
             odd = row + PR * PW
             # columns j in [lo, hi) have both 2j - pW and 2j - pW + 1 in the row: one
@@ -2458,7 +2456,16 @@ cdef void dwk_pad(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
                 c = 2 * j - pW
                 row[j] = xr[c] if 0 <= c < W else 0
                 odd[j] = xr[c + 1] if 0 <= c + 1 < W else 0
-    memset(P + sW * PR * PW, 0, FC_DWK_SLACK * sizeof(floating))
+    pad_row(<const floating*> NULL, 0, 0, FC_DWK_SLACK, P + sW * PR * PW)
+
+
+cdef inline void pad_row(const floating* s, Py_ssize_t lo, Py_ssize_t n, Py_ssize_t m,
+                         floating* d) noexcept nogil:
+    """d[:lo] = 0, d[lo:lo + n] = s[:n], d[lo + n:m] = 0 (fc_pad_row: no libc calls)."""
+    if floating is float:
+        fc_pad_row_f(s, lo, n, m, d)
+    else:
+        fc_pad_row_d(s, lo, n, m, d)
 
 
 cdef bint depthwise_plane_dwk(const floating* x, Py_ssize_t H, Py_ssize_t W,
