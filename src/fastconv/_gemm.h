@@ -487,7 +487,8 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                  ptrdiff_t lda, const T* B, ptrdiff_t ldb, T* C, ptrdiff_t ldc, const T* bias,  \
                  int acc, const ptrdiff_t* bo) {                                                \
     /* TABLE: B's row k at B + bo[k] (ldb unused) */                                            \
-    T init[MR];                                                                                 \
+    T init[MR], zinit[MR];                                                                      \
+    for (int r = 0; r < MR; r++) zinit[r] = (T)0;                                               \
     const int relu = acc & FC_GEMM_RELU;    /* max(C, 0) as the last K block is stored */      \
     MTYPE mk[2];                                                                                \
     QMTYPE qmk[2];                                                                              \
@@ -543,9 +544,15 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                         __builtin_prefetch(q + NR * sizeof(T) - 1, 1, 3);                       \
                     }                                                                           \
                 }                                                                               \
-                if (first) {                                                                    \
+                /* a whole panel starts from the bias (or zeros) in place: a copy per tile */ \
+                /* was a fifth of the work beside a 25-tap K (LeNet's conv1) */                \
+                const T* ini = NULL;                                                            \
+                if (first && mr == MR)                                                          \
+                    ini = bias != NULL ? bias + ir : zinit;                                     \
+                else if (first) {                                                               \
                     for (int r = 0; r < MR; r++)                                                \
                         init[r] = (bias != NULL && r < mr) ? bias[ir + r] : (T)0;               \
+                    ini = init;                                                                 \
                 }                                                                               \
                 const T* a = TABLE == 2 ? Ap + pc : INPLACE ? Ap + ir * lda + pc                \
                                                             : Ap + ir * K + pc * MR;            \
@@ -565,13 +572,13 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 const ptrdiff_t* bop = TABLE == 1 ? bo + pc : TABLE == 2 ? bo + ir : NULL;      \
                 if (quarter)                                                                    \
                     UKRQ(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
-                         first ? init : NULL, mr, masked, qmk, last_relu, bop);                 \
+                         ini, mr, masked, qmk, last_relu, bop);                 \
                 else if (UKRS != UKR && !half && mr <= FC_SHORT_ROWS(MR) && fc_gemm_short_on) \
                     UKRS(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
-                         first ? init : NULL, mr, masked, mk, last_relu, bop);                  \
+                         ini, mr, masked, mk, last_relu, bop);                  \
                 else                                                                            \
                     (half ? UKRH : UKR)(kc, a, lda, bp, bld, C + ir * ldc + jr,                 \
-                                        ldc, first ? init : NULL, mr, masked, mk, last_relu,    \
+                                        ldc, ini, mr, masked, mk, last_relu,    \
                                         bop);                                                   \
             }                                                                                   \
         }                                                                                       \
