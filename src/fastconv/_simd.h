@@ -1233,30 +1233,27 @@ FC_DWK_GW_PICK(double, fc_dwk_gw_d_avx2, fc_dwk_gw_d_)
 /* values of slack a padded plane needs after it for fc_dwk_fwd's whole-vector reads */
 #define FC_DWK_SLACK 64
 
-static void fc_dwk_fwd_f(const float* P, ptrdiff_t rs, const ptrdiff_t* off, const float* w,
-                         ptrdiff_t ntap, float b, float* out, ptrdiff_t OH, ptrdiff_t OW) {
+/* fc_dwk_fwd_f / _d: the AVX2 block shape by the output width (4x2 vectors x rows above two
+   vectors of L values, 2x4 above one, else 1x8), or the portable loop */
 #ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) {
-        if (OW > 16) fc_dwk_fwd_f_4x2(P, rs, off, w, ntap, b, out, OH, OW);
-        else if (OW > 8) fc_dwk_fwd_f_2x4(P, rs, off, w, ntap, b, out, OH, OW);
-        else fc_dwk_fwd_f_1x8(P, rs, off, w, ntap, b, out, OH, OW);
-        return;
+#define FC_DWK_FWD_SHAPE(S, L)                                                                 \
+    if (FC_USE_AVX2) {                                                                         \
+        if (OW > 2 * (L)) fc_dwk_fwd_##S##_4x2(P, rs, off, w, ntap, b, out, OH, OW);           \
+        else if (OW > (L)) fc_dwk_fwd_##S##_2x4(P, rs, off, w, ntap, b, out, OH, OW);          \
+        else fc_dwk_fwd_##S##_1x8(P, rs, off, w, ntap, b, out, OH, OW);                        \
+        return;                                                                                \
     }
+#else
+#define FC_DWK_FWD_SHAPE(S, L)
 #endif
-    fc_dwk_fwd_f_base(P, rs, off, w, ntap, b, out, OH, OW);
+#define FC_DWK_FWD_PICK(T, S, L)                                                               \
+static void fc_dwk_fwd_##S(const T* P, ptrdiff_t rs, const ptrdiff_t* off, const T* w,         \
+                           ptrdiff_t ntap, T b, T* out, ptrdiff_t OH, ptrdiff_t OW) {          \
+    FC_DWK_FWD_SHAPE(S, L)                                                                     \
+    fc_dwk_fwd_##S##_base(P, rs, off, w, ntap, b, out, OH, OW);                                \
 }
-static void fc_dwk_fwd_d(const double* P, ptrdiff_t rs, const ptrdiff_t* off, const double* w,
-                         ptrdiff_t ntap, double b, double* out, ptrdiff_t OH, ptrdiff_t OW) {
-#ifdef FC_HAVE_AVX2_PATH
-    if (FC_USE_AVX2) {
-        if (OW > 8) fc_dwk_fwd_d_4x2(P, rs, off, w, ntap, b, out, OH, OW);
-        else if (OW > 4) fc_dwk_fwd_d_2x4(P, rs, off, w, ntap, b, out, OH, OW);
-        else fc_dwk_fwd_d_1x8(P, rs, off, w, ntap, b, out, OH, OW);
-        return;
-    }
-#endif
-    fc_dwk_fwd_d_base(P, rs, off, w, ntap, b, out, OH, OW);
-}
+FC_DWK_FWD_PICK(float, f, 8)
+FC_DWK_FWD_PICK(double, d, 4)
 /* gcc turns short copy and zeroing loops into memcpy / memset calls (a libc call per short
    row); functions with this attribute keep their loops */
 #if defined(__GNUC__) && !defined(__clang__)
