@@ -2420,7 +2420,7 @@ cdef void dwk_pad(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
                   floating* P) noexcept nogil:
     """P (dwk_layout's) from the plane x: padded value (r, c) = x[r - pH][c - pW] in the
     plane, else 0; the slack after it zeroed."""
-    cdef Py_ssize_t r, ih, j, c, lo, hi, PWF = PW * sW
+    cdef Py_ssize_t r, ih, lo, hi
     cdef floating* row
     cdef floating* odd
     cdef const floating* xr
@@ -2443,20 +2443,25 @@ cdef void dwk_pad(const floating* x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pH,
             # vectorised split; the edges with checks
             lo = min((pW + 1) // 2, PW)
             hi = max(min((W + pW) // 2, PW), lo)
-            for j in range(lo):
-                c = 2 * j - pW
-                row[j] = xr[c] if 0 <= c < W else 0
-                odd[j] = xr[c + 1] if 0 <= c + 1 < W else 0
+            split_edge(xr, W, pW, 0, lo, row, odd)
             if hi > lo:
                 if floating is float:
                     fc_deint_f(xr + 2 * lo - pW, hi - lo, row + lo, odd + lo)
                 else:
                     fc_deint_d(xr + 2 * lo - pW, hi - lo, row + lo, odd + lo)
-            for j in range(hi, PW):
-                c = 2 * j - pW
-                row[j] = xr[c] if 0 <= c < W else 0
-                odd[j] = xr[c + 1] if 0 <= c + 1 < W else 0
+            split_edge(xr, W, pW, hi, PW, row, odd)
     pad_row(<const floating*> NULL, 0, 0, FC_DWK_SLACK, P + sW * PR * PW)
+
+
+cdef inline void split_edge(const floating* xr, Py_ssize_t W, Py_ssize_t pW, Py_ssize_t j0,
+                            Py_ssize_t j1, floating* even, floating* odd) noexcept nogil:
+    """even[j], odd[j] = padded columns 2j and 2j + 1 of the row xr (pW zeros on the left,
+    zeros past W) for j in [j0, j1): dwk_pad's stride-2 edges, with bounds checks."""
+    cdef Py_ssize_t j, c
+    for j in range(j0, j1):
+        c = 2 * j - pW
+        even[j] = xr[c] if 0 <= c < W else 0
+        odd[j] = xr[c + 1] if 0 <= c + 1 < W else 0
 
 
 cdef inline void pad_row(const floating* s, Py_ssize_t lo, Py_ssize_t n, Py_ssize_t m,
@@ -3184,18 +3189,14 @@ cdef void relu_backward_block(const floating* y, const floating* g, floating* ou
 cdef void relu_rows(floating* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t n) noexcept nogil:
     """y[r * ld + j] = max(y, 0) for r < rows, j < n, as nn.ReLU (np.maximum(y, 0)): NaN stays
     NaN, -0 becomes +0."""
-    cdef Py_ssize_t r, j
-    cdef floating v, z = 0
-    cdef floating* row
+    cdef Py_ssize_t r
     for r in range(rows):
-        row = y + r * ld
-        for j in range(n):
-            v = row[j]
-            row[j] = v if ((v > z) | (v != v)) else z
+        relu_copy(y + r * ld, y + r * ld, n)
 
 
 cdef void relu_copy(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
-    """y[i] = max(x[i], 0) as relu_rows (NaN stays NaN, -0 becomes +0), x and y apart."""
+    """y[i] = max(x[i], 0) (NaN stays NaN, -0 becomes +0); y is x (in place) or apart from
+    it."""
     cdef Py_ssize_t i
     cdef floating v, z = 0
     for i in range(n):
@@ -3203,33 +3204,33 @@ cdef void relu_copy(const floating* x, floating* y, Py_ssize_t n) noexcept nogil
         y[i] = v if ((v > z) | (v != v)) else z
 
 
+cdef void relu_blocks(const floating* x, floating* y, Py_ssize_t n,
+                      int num_threads) noexcept nogil:
+    """relu_copy over n values in blocks of 16384 over the threads (one call when that is one
+    block or one thread)."""
+    cdef Py_ssize_t blk = 16384, nblk = (n + blk - 1) // blk, b
+    if nblk <= 1 or num_threads <= 1:
+        relu_copy(x, y, n)
+        return
+    for b in prange(nblk, schedule='static', num_threads=num_threads):
+        relu_copy(x + b * blk, y + b * blk, min(blk, n - b * blk))
+
+
 def relu_forward(const floating[::1] x, floating[::1] out, int num_threads):
-    """out = max(x, 0) (relu_copy; out must not overlap x), in blocks of 16384 values over
-    the threads: nn.ReLU's forward in one pass (np.maximum(x, 0) took 13 us on 25088 float32
-    values, this 2-3 us)."""
-    cdef Py_ssize_t n = x.shape[0], blk = 16384, nblk = (n + blk - 1) // blk, b
-    if out.shape[0] != n:
+    """out = max(x, 0) (relu_blocks; out must not overlap x): nn.ReLU's forward in one pass
+    (np.maximum(x, 0) took 13 us on 25088 float32 values, this 2-3 us)."""
+    if out.shape[0] != x.shape[0]:
         raise ValueError("relu_forward: out must have x's size")
-    if n == 0:
-        return
-    cdef const floating* xp = &x[0]
-    cdef floating* op = &out[0]
-    if nblk == 1 or num_threads <= 1:
+    if x.shape[0] > 0:
         with nogil:
-            relu_copy(xp, op, n)
-        return
-    with nogil:
-        for b in prange(nblk, schedule='static', num_threads=num_threads):
-            relu_copy(xp + b * blk, op + b * blk, min(blk, n - b * blk))
+            relu_blocks(&x[0], &out[0], x.shape[0], num_threads)
 
 
 def relu_inplace(floating[::1] y, int num_threads):
-    """y = max(y, 0) in place (relu_rows), in blocks of 16384 values over the threads."""
-    cdef Py_ssize_t n = y.shape[0], blk = 16384, nblk = (n + blk - 1) // blk, b
-    cdef floating* yp = &y[0]
-    with nogil:
-        for b in prange(nblk, schedule='static', num_threads=num_threads):
-            relu_rows(yp + b * blk, 1, 0, min(blk, n - b * blk))
+    """y = max(y, 0) in place (relu_blocks)."""
+    if y.shape[0] > 0:
+        with nogil:
+            relu_blocks(&y[0], &y[0], y.shape[0], num_threads)
 
 
 def sub_scaled(floating[::1] d, const floating[::1] g, double a, int num_threads):
@@ -3880,7 +3881,7 @@ cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, fl
     cdef floating dummy[3 * ROW_BUF]
     cdef const floating* xr[3]
     cdef floating* gr[3]
-    cdef Py_ssize_t oh, ow, r, r0, rfirst, lo, hi, ws, zrow
+    cdef Py_ssize_t oh, ow, r, r0, rfirst, lo, hi, ws, zrow, rend
     cdef long long j
     for ow in range(W):
         neg[ow] = -INFINITY
@@ -3893,9 +3894,10 @@ cdef void max_pool_plane_backward_33s2(const floating* gy, const floating* x, fl
     zrow = 0                                  # rows [0, zrow) of gx are zeroed
     for oh in range(OH):
         r0 = 2 * oh - pH
-        if zrow < min(r0 + 3, H):             # zero the rows the window row touches first
-            memset(gx + zrow * W, 0, (min(r0 + 3, H) - zrow) * W * sizeof(floating))
-            zrow = min(r0 + 3, H)
+        rend = min(r0 + 3, H)
+        if zrow < rend:                       # zero the rows the window row touches first
+            memset(gx + zrow * W, 0, (rend - zrow) * W * sizeof(floating))
+            zrow = rend
         rfirst = -1
         for r in range(3):
             if 0 <= r0 + r < H:
