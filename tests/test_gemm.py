@@ -1,6 +1,6 @@
 """fastconv's own GEMM (_gemm.h: AVX-512F and AVX2+FMA micro-kernels, vector im2col) at every
 level this CPU has, and BLAS, against the reference: shapes that reach the kernel's edges
-(rows past a multiple of MR, columns past a multiple of NR, K past the K block of 256, output
+(rows past a multiple of MR, columns past a multiple of NR, K past the K block of 128, output
 rows wider than a vector), groups, strides, dilations, paddings, bias, both dtypes, one and two
 threads (with fewer images than threads the threads share each image's GEMM by panels)."""
 import contextlib
@@ -528,6 +528,11 @@ def test_gemm_short_last_panel_same_numbers(level, dtype):
     28, 64 and 29 through the im2col row table at stride 1) with bias and fused ReLU."""
     from fastconv.functional import _conv2d
     rng = np.random.default_rng(12)
+    with gemm_at(level):
+        _short_last_panel_cases(rng, dtype, _conv2d)
+
+
+def _short_last_panel_cases(rng, dtype, _conv2d):
     for n, c, h, w, l, k, s, p in [(2, 1, 12, 11, 7, 5, 1, 2), (1, 1, 9, 10, 33, 3, 1, 1),
                                    (2, 3, 8, 8, 25, 3, 2, 1), (1, 1, 6, 7, 26, 2, 2, 0),
                                    (2, 3, 7, 9, 28, 2, 1, 0), (2, 3, 8, 8, 22, 3, 2, 1),
@@ -550,6 +555,79 @@ def test_gemm_short_last_panel_same_numbers(level, dtype):
         np.testing.assert_array_equal(got[0][1], got[1][1])
         close(got[0][0], ref.conv2d_backward(gy, x, wt, stride=s, padding=p)[0], dtype)
         close(got[0][1], np.maximum(y, 0), dtype)
+
+
+@pytest.mark.parametrize("level", OWN_LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_k_blocks_same_numbers(level, dtype):
+    """The own GEMM sums over k in order whatever its K blocks (set_gemm_kc): conv2d's forward
+    (plain driver, and the im2col row table at stride 1) and backward with K = 300 taps give
+    bit for bit the same numbers with blocks of 128 (the default), 7, 100 and 384 rows, and
+    match the reference; out-of-range blocks are refused."""
+    rng = np.random.default_rng(14)
+    x = rng.uniform(-1, 1, (2, 12, 11, 10)).astype(dtype)
+    wt = rng.uniform(-1, 1, (14, 12, 5, 5)).astype(dtype)
+    b = rng.uniform(-1, 1, 14).astype(dtype)
+    with gemm_at(level):
+        for s in (1, 2):
+            y = ref.conv2d_taps(x, wt, b, stride=s, padding=2)
+            gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+            got = []
+            for kc in (128, 7, 100, 384):
+                old = _kernels.set_gemm_kc(kc)
+                try:
+                    got.append((fc.conv2d(x, wt, b, stride=s, padding=2),)
+                               + fc.conv2d_backward(gy, x, wt, stride=s, padding=2))
+                finally:
+                    _kernels.set_gemm_kc(old)
+            for g in got[1:]:
+                for a, e in zip(g, got[0]):
+                    np.testing.assert_array_equal(a, e)
+            close(got[0][0], y, dtype)
+            for a, e in zip(got[0][1:], ref.conv2d_backward(gy, x, wt, stride=s, padding=2)):
+                close(a, e, dtype)
+    for bad in (0, 385):
+        with pytest.raises(ValueError, match="kc"):
+            _kernels.set_gemm_kc(bad)
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("level", OWN_LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_split_last_rows_same_numbers(level, dtype):
+    """M = 6 n + 2 at AVX2: the last 8 rows as two 4-row kernels, the second across two
+    panels of packed A (set_gemm_split(True), the default), give bit for bit what the 6-row
+    and 2-row kernels give, and match the reference: conv2d's forward by the plain drivers
+    (stride 2) with M = 8, 14, 20, 32 and 128 output channels, with bias and fused ReLU or
+    neither, over 1-3 K blocks (K = 18 .. 300), columns in whole, masked, half and quarter
+    panels (P = 16, 9, 25, 49, 2); conv2d_backward's grad_x (M = C kH kW = 8, 20, 32); M = 2
+    (one panel: no split).  At AVX-512 (MR = 8) the setting changes nothing."""
+    from fastconv.functional import _conv2d
+    rng = np.random.default_rng(13)
+    with gemm_at(level):
+        for n, c, h, w, l, k, s, p, bias, relu in [
+                (2, 2, 8, 8, 8, 3, 2, 1, True, True), (1, 3, 5, 5, 14, 3, 2, 1, False, False),
+                (2, 12, 10, 9, 20, 5, 2, 2, True, False), (1, 25, 13, 13, 32, 3, 2, 1, True, True),
+                (1, 16, 7, 7, 128, 3, 2, 1, True, True), (2, 7, 3, 4, 32, 2, 2, 0, False, True),
+                (1, 2, 8, 8, 2, 3, 2, 1, True, False), (2, 2, 9, 9, 6, 2, 1, 0, True, False),
+                (1, 5, 9, 11, 7, 2, 1, 0, False, False), (1, 8, 9, 9, 5, 2, 1, 1, True, False)]:
+            x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+            wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
+            b = rng.uniform(-1, 1, l).astype(dtype) if bias else None
+            y = ref.conv2d_taps(x, wt, b, stride=s, padding=p)
+            gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+            got = []
+            for split in (True, False):
+                old = _kernels.set_gemm_split(split)
+                try:
+                    got.append((fc.conv2d_backward(gy, x, wt, stride=s, padding=p)[0],
+                                _conv2d(x, wt, b, s, p, 1, 1, None, relu)))
+                finally:
+                    _kernels.set_gemm_split(old)
+            np.testing.assert_array_equal(got[0][0], got[1][0])
+            np.testing.assert_array_equal(got[0][1], got[1][1])
+            close(got[0][0], ref.conv2d_backward(gy, x, wt, stride=s, padding=p)[0], dtype)
+            close(got[0][1], np.maximum(y, 0) if relu else y, dtype)
 
 
 @pytest.mark.usefixtures("tiny_grain")

@@ -34,6 +34,7 @@
 #include "_simd.h"      /* fc_tr8x8_ps */
 
 #define FC_GEMM_KC 128
+#define FC_GEMM_KC_MAX 384          /* largest fc_gemm_kc (the strip buffer's rows) */
 #define FC_GEMM_RELU 2  /* in fc_gemm_*'s acc: max(C, 0) at the end (nn.ReLU fused) */
 #define FC_GEMM_PACKB 4 /* in fc_gemm_*'s acc: B is read from memory, not just written (see
                            fc_gemm_packb_min) */
@@ -41,8 +42,10 @@
                            at B[n * ldb + k]; each K block's strip is transposed into the
                            strip buffer (no B-table drivers) */
 
+static ptrdiff_t fc_gemm_kc = FC_GEMM_KC;  /* K block (fc_gemm_set_kc: tests, A/B) */
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
+static int fc_gemm_split_on = 1; /* 0: M = 6 n + 2 without fc_ukrj_* (tests, A/B) */
 static int fc_gemm_short_on = 1; /* 0: a last panel of <= FC_SHORT_ROWS(MR) rows by the
                                     full kernel */
 static int fc_gemm_tail_on = 1; /* 0: a last panel of <= 4 float columns by the quarter kernel */
@@ -71,8 +74,8 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
                      ptrdiff_t ldb, T* restrict C, ptrdiff_t ldc, const T* init, int mrows,     \
                      int masked, const MTYPE* mk, int relu, const ptrdiff_t* restrict bo) {     \
     /* TABLE 1: B's row k at B + bo[k] (rows of the im2col matrix that are shifts of one */     \
-    /* another, made once: see fc_im2col_rows), else at B + k * ldb; TABLE 2 (INPLACE): A's */  \
-    /* row r at A + bo[r] */                                                                    \
+    /* another, made once: see fc_im2col_rows), else at B + k * ldb; TABLE 2: A's row r at */   \
+    /* A + bo[r] (INPLACE), or packed rows at A + bo[r] + k * PS (rows of two panels) */        \
     const T* const B0 = B;                                                                      \
     VT c[MR][NV];                                                                               \
     /* A's element (r, k): A[r + k * MR] packed, else A[r * lda + k] (rows past mrows: the */   \
@@ -80,8 +83,8 @@ TGT static void NAME(ptrdiff_t kc, const T* restrict A, ptrdiff_t lda, const T* 
     ptrdiff_t ar[MR];                                                                           \
     _Pragma("GCC unroll 8")                                                                     \
     for (int r = 0; r < MR; r++)                                                                \
-        ar[r] = !INPLACE ? r : TABLE == 2 ? bo[r < mrows ? r : mrows - 1]                       \
-                                          : (r < mrows ? r : mrows - 1) * lda;                   \
+        ar[r] = TABLE == 2 ? bo[r < mrows ? r : mrows - 1]                                      \
+                           : !INPLACE ? r : (r < mrows ? r : mrows - 1) * lda;                  \
     const ptrdiff_t as = INPLACE ? 1 : PS;                                                      \
     _Pragma("GCC unroll 8")                                                                     \
     for (int r = 0; r < MR; r++) {                                                              \
@@ -368,6 +371,15 @@ FC_UKRX(fc_ukrs_f_256, float, __m256, 2, 8, 4, 6, FC_T256, _mm256_set1_ps, _mm25
 FC_UKRX(fc_ukrs_d_256, double, __m256d, 2, 4, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
         _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
         FC_RELU_PD256, 0, 0)
+/* the short kernels with their rows in two panels (A's row r at A + bo[r]): the last 8 rows
+ * of M = 6 n + 2 as two 4-row calls (8 accumulators each: 4 cycles a k-step), not a 6-row
+ * one and a 2-row one that costs a 4-row one's k-step (10 cycles for 8 rows) */
+FC_UKRX(fc_ukrj_f_256, float, __m256, 2, 8, 4, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
+        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
+        FC_RELU_PS256, 0, 2)
+FC_UKRX(fc_ukrj_d_256, double, __m256d, 2, 4, 4, 6, FC_T256, _mm256_set1_pd, _mm256_loadu_pd,
+        _mm256_storeu_pd, _mm256_fmadd_pd, __m256i, FC_MLOAD_PD256, FC_MSTORE_PD256,
+        FC_RELU_PD256, 0, 2)
 FC_UKR(fc_ukra_f_256, float, __m256, 2, 8, 6, FC_T256, _mm256_set1_ps, _mm256_loadu_ps,
        _mm256_storeu_ps, _mm256_fmadd_ps, __m256i, FC_MLOAD_PS256, FC_MSTORE_PS256,
        FC_RELU_PS256, 1, 0)
@@ -454,6 +466,8 @@ FC_T256 static void fc_transpose_d_256(const double* src, ptrdiff_t rows, ptrdif
                                        ptrdiff_t lds, double* dst, ptrdiff_t ldd);
 #define fc_transpose_float_256 fc_transpose_f_256    /* by the drivers' type names */
 #define fc_transpose_double_256 fc_transpose_d_256
+#define fc_ukrj_float_256 fc_ukrj_f_256
+#define fc_ukrj_double_256 fc_ukrj_d_256
 
 /* Rows [0, kc) of a strip of B (w <= nr columns from b, rows ldb apart) into dst (rows nr
  * apart); next, when not NULL, is the next strip: its rows are prefetched meanwhile. */
@@ -496,11 +510,16 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     QMASK(0, qmk);                                                                              \
     /* B's strip copied (rows far apart, as a big image's in a 1x1 convolution: every row */   \
     /* its own page, and more pages than the L1 TLB holds in a K block) */                     \
-    T bpk[FC_GEMM_KC * NR] __attribute__((aligned(64)));                                       \
+    T bpk[FC_GEMM_KC_MAX * NR] __attribute__((aligned(64)));                                       \
     const ptrdiff_t ldbb = ldb * (ptrdiff_t)sizeof(T);                                          \
     const int packb = TABLE == 0 && !INPLACE && (acc & FC_GEMM_PACKB) && M > 4 * MR &&            \
                       fc_gemm_packb_min > 0 && (ldbb >= fc_gemm_packb_min ||                    \
                       (fc_gemm_packb_sets && ldbb >= 512 && ldbb % 512 == 0));                  \
+    /* M = 6 n + 2 (AVX2, A packed, B by rows): the last 8 rows as two 4-row calls */        \
+    /* (fc_ukrj_*), the second with rows 4-5 of one panel and 0-1 of the next: jt */           \
+    const int split = MR == 6 && TABLE == 0 && !INPLACE && M % MR == 2 && M > MR &&            \
+                      fc_gemm_short_on && fc_gemm_split_on;                                     \
+    const ptrdiff_t jt[4] = {0, 1, MR * K - 4, MR * K - 3};                                     \
     /* B transposed (FC_GEMM_BT): every strip transposed into bpk, whatever the sizes */       \
     const int bt = TABLE != 1 && (acc & FC_GEMM_BT);                                            \
     if (TAILN > 0 && fc_gemm_tail_on && !bt && n1 > n0) {  /* a last panel of <= TAILN cols */ \
@@ -513,8 +532,9 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
             n1 = jt;                                                                            \
         }                                                                                       \
     }                                                                                           \
-    for (ptrdiff_t pc = 0; pc < K; pc += FC_GEMM_KC) {                                          \
-        ptrdiff_t kc = K - pc < FC_GEMM_KC ? K - pc : FC_GEMM_KC;                               \
+    const ptrdiff_t KC = fc_gemm_kc;                                                            \
+    for (ptrdiff_t pc = 0; pc < K; pc += KC) {                                                  \
+        ptrdiff_t kc = K - pc < KC ? K - pc : KC;                                               \
         int first = (pc == 0 && !(acc & 1)), last_relu = relu && pc + kc >= K;                  \
         /* (fewer rows: as many pages as the L1 TLB holds, and the copy did not pay) */        \
         const int pack = bt || (packb && kc >= 64);                                             \
@@ -570,6 +590,14 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                     bld = NR;                                                                   \
                 }                                                                               \
                 const ptrdiff_t* bop = TABLE == 1 ? bo + pc : TABLE == 2 ? bo + ir : NULL;      \
+                if (split && ir == M - MR - 2 && !half && !quarter) {                           \
+                    const T* ini4 = ini == NULL ? NULL : bias != NULL ? bias + ir + 4 : zinit;  \
+                    UKRS(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc, ini, 4, masked, mk,       \
+                         last_relu, NULL);                                                      \
+                    fc_ukrj_##T##_256(kc, a + 4, lda, bp, bld, C + (ir + 4) * ldc + jr, ldc,    \
+                                      ini4, 4, masked, mk, last_relu, jt);                      \
+                    break;                                  /* (the last panel's rows too) */  \
+                }                                                                               \
                 if (quarter)                                                                    \
                     UKRQ(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc,                           \
                          ini, mr, masked, qmk, last_relu, bop);                 \

@@ -201,7 +201,10 @@ cdef extern from "_gemm.h":
                       double* gx2) nogil
     int fc_gemm_tail_on
     int fc_gemm_short_on
+    int fc_gemm_split_on
     Py_ssize_t fc_gemm_packb_min
+    Py_ssize_t fc_gemm_kc
+    int FC_GEMM_KC_MAX
     int fc_gemm_packb_sets
     int fc_im2col_rows_on
     int fc_im2col_rows_ok() nogil
@@ -315,6 +318,27 @@ def set_gemm_packb(Py_ssize_t nbytes):
     global fc_gemm_packb_min
     old = fc_gemm_packb_min
     fc_gemm_packb_min = nbytes if nbytes > 0 else 0
+    return old
+
+
+def set_gemm_split(bint on):
+    """Whether the own GEMM at AVX2 computes the last 8 rows of M = 6 n + 2 as two 4-row
+    kernels (the second across two panels) instead of a 6-row and a 2-row one (the same
+    numbers); returns the previous setting.  For tests and A/B timing, while no kernel runs."""
+    global fc_gemm_split_on
+    old = fc_gemm_split_on != 0
+    fc_gemm_split_on = 1 if on else 0
+    return old
+
+
+def set_gemm_kc(Py_ssize_t kc):
+    """Rows of the own GEMM's K blocks (1 .. FC_GEMM_KC_MAX); returns the previous value.
+    For tests and A/B timing, while no kernel runs."""
+    global fc_gemm_kc
+    if not 1 <= kc <= FC_GEMM_KC_MAX:
+        raise ValueError(f"kc must be in [1, {FC_GEMM_KC_MAX}], got {kc}")
+    old = fc_gemm_kc
+    fc_gemm_kc = kc
     return old
 
 
