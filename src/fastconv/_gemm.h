@@ -595,7 +595,8 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                     UKRS(kc, a, lda, bp, bld, C + ir * ldc + jr, ldc, ini, 4, masked, mk,       \
                          last_relu, NULL);                                                      \
                     fc_ukrj_##T##_256(kc, a + 4, lda, bp, bld, C + (ir + 4) * ldc + jr, ldc,    \
-                                      ini4, 4, masked, mk, last_relu, jt);                      \
+                                      ini4, 4, masked, (const __m256i*)(const void*)mk,         \
+                                      last_relu, jt);       /* (AVX2 drivers only: MR 6) */    \
                     break;                                  /* (the last panel's rows too) */  \
                 }                                                                               \
                 if (quarter)                                                                    \
