@@ -122,6 +122,14 @@ static ptrdiff_t fc_direct_block(ptrdiff_t itemsize) {
  * 1.10x / 1.10x at 1 / 2 threads; 64 -> 64 (100 KiB) 0.95-1.02x, 32 -> 64 (50 KiB) 0.98x:
  * from 128 KiB on. */
 static ptrdiff_t fc_direct_kc_bytes = 16384, fc_direct_kc_min = 131072;
+/* The same at stride 2 along the width at AVX2 (tiles read every other column: each tap row
+ * touches twice the input lines), where a block's weights past L1 already cost: 8 KiB chunks
+ * from 4 KiB of them.  Zen 3 (2026-12-05), float32 3x3 s2 64 -> 128 on 56x56 (36 KiB a
+ * block), batch 8, single calls alternated, 1 / 2 threads: 1.058x / 1.062x one pass (and
+ * 1.033x / 1.047x im2col + GEMM, which one pass did not beat: 0.976x / 0.986x); 12 KiB
+ * chunks were no better, 4 KiB worse.  The 5x5 stride-1 convolutions (LeNet's conv2,
+ * 64 -> 64, 128 -> 128) with these sizes: 0.96-1.00x, so they keep the values above. */
+static ptrdiff_t fc_direct_kc2_bytes = 8192, fc_direct_kc2_min = 4096;
 #define FC_DIRECT_ACC 16384
 /* values of acc that fc_direct_rows_* needs for output rows OW wide (ML channels a block) */
 static ptrdiff_t fc_direct_acc(ptrdiff_t OW, ptrdiff_t ML, ptrdiff_t itemsize) {
@@ -171,9 +179,11 @@ static void NAME(ptrdiff_t K, ptrdiff_t Lg, const T* w, const T* xp, ptrdiff_t s
                  const ptrdiff_t* off, T* out, ptrdiff_t plane, const T* bias, int relu,        \
                  T* acc) {                                                                      \
     const ptrdiff_t ML = 2 * LANES;                                                             \
-    ptrdiff_t kc = fc_direct_kc_bytes / (ML * (ptrdiff_t)sizeof(T));                            \
+    const int s2 = sW == 2 && fc_gemm_on == 1;                                                  \
+    ptrdiff_t kc = (s2 ? fc_direct_kc2_bytes : fc_direct_kc_bytes) / (ML * (ptrdiff_t)sizeof(T)); \
     ptrdiff_t rg = fc_direct_acc(OW, ML, sizeof(T)) / (OW * ML);                                \
-    if (kc < 1 || kc > K || K * ML * (ptrdiff_t)sizeof(T) < fc_direct_kc_min)                   \
+    if (kc < 1 || kc > K ||                                                                     \
+        K * ML * (ptrdiff_t)sizeof(T) < (s2 ? fc_direct_kc2_min : fc_direct_kc_min))            \
         kc = K;                                                                                 \
     for (ptrdiff_t l0 = 0; l0 < Lg; l0 += ML) {                                                 \
         const T* b = bias != NULL ? bias + l0 : NULL;                                           \

@@ -1290,7 +1290,7 @@ cdef extern from "_direct.h":
                           Py_ssize_t OW, int np, const Py_ssize_t* off, double* out,
                           Py_ssize_t plane, const double* bias, int relu, double* acc) nogil
     Py_ssize_t fc_direct_acc(Py_ssize_t OW, Py_ssize_t ML, Py_ssize_t itemsize) nogil
-    Py_ssize_t fc_direct_kc_bytes, fc_direct_kc_min
+    Py_ssize_t fc_direct_kc_bytes, fc_direct_kc_min, fc_direct_kc2_bytes, fc_direct_kc2_min
 
 
 # bytes of one item's padded input rows above which the direct convolution splits an image
@@ -1332,14 +1332,18 @@ def direct_block(Py_ssize_t itemsize):
     return fc_direct_block(itemsize)
 
 
-def set_direct_kc(Py_ssize_t nbytes, Py_ssize_t min_bytes):
+def set_direct_kc(Py_ssize_t nbytes, Py_ssize_t min_bytes, bint stride2=False):
     """Set the direct kernels' K blocking: where a block's packed weights take at least
     min_bytes, chunks of taps of at most nbytes of them (<= 0: all taps in one pass; the
-    numbers are the same either way); returns the previous (nbytes, min_bytes).  For tests
-    and measurements."""
-    global fc_direct_kc_bytes, fc_direct_kc_min
-    old = fc_direct_kc_bytes, fc_direct_kc_min
-    fc_direct_kc_bytes, fc_direct_kc_min = nbytes, min_bytes
+    numbers are the same either way); stride2: the setting for stride 2 along the width at
+    AVX2 (its own); returns the previous (nbytes, min_bytes).  For tests and measurements."""
+    global fc_direct_kc_bytes, fc_direct_kc_min, fc_direct_kc2_bytes, fc_direct_kc2_min
+    if stride2:
+        old = fc_direct_kc2_bytes, fc_direct_kc2_min
+        fc_direct_kc2_bytes, fc_direct_kc2_min = nbytes, min_bytes
+    else:
+        old = fc_direct_kc_bytes, fc_direct_kc_min
+        fc_direct_kc_bytes, fc_direct_kc_min = nbytes, min_bytes
     return old
 
 

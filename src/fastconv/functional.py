@@ -489,7 +489,14 @@ def _use_direct(geo, Cg, dt, pool, N):
     16->32 5x5 on 32x32 1.17x / 1.18-1.25x; 3x3 stride 2 from 16-64 channels 1.02-1.25x /
     1.04-1.40x, but from 128 channels 0.99x / 1.18x and in float64 0.92x / 1.13x (at batch 8
     the float32 ones 1.03-1.10x / 0.98-1.06x: left on the GEMM).  At AVX-512 the batch-1
-    rule is older than that fix: a fused pool only over a batch there (unmeasured since)."""
+    rule is older than that fix: a fused pool only over a batch there (unmeasured since).
+    At AVX2 with stride 2 along the width the taps now run in 8 KiB chunks of a block's
+    weights (fc_direct_kc2_*: a 3x3 from 64 channels has 36 KiB, past Zen 3's L1), and every
+    3x3 s2 goes direct: Zen 3, 2026-12-05, against im2col + GEMM, single calls alternated
+    (each after a call of its own kind), 1 / 2 threads: float32 64->128 on 56x56 batch 8
+    1.033x / 1.047x, batch 1 1.051x / 1.072x, 32->64 1.107x / 1.127x, 128->256 on 28x28
+    1.071x / 1.068x; float64 64->128 1.119x / 1.168x, 128->256 1.016x / 1.039x (the same
+    direct kernels in one pass over the taps: 0.976x / 0.986x on the first)."""
     if _DIRECT == "never" or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
@@ -506,6 +513,8 @@ def _use_direct(geo, Cg, dt, pool, N):
     batch = N * g >= 2 * _team(N * g, work)
     if pool is not None and not batch and not avx2:
         return False
+    if sW == 2 and avx2:                # 3x3 s2, K chunked (_direct.h): see the docstring
+        return True
     if dt.itemsize == 8:
         return kH * kW >= 25 or (sH * sW > 1 and not avx2)
     if sH * sW > 1 and avx2:            # 3x3 s2 from 16-64 channels at batch 1 1.02-1.40x
