@@ -268,16 +268,18 @@ def test_conv2d_fused_maxpool_matches_reference(level, data):
     close(np.where(nan, 0, pooled), np.where(nan, 0, expected), dtype)
 
 
-@pytest.mark.skipif(BEST != "avx512", reason="the tail kernel is AVX-512 float32")
+@pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("relu", [False, True])
-def test_gemm_tail_kernel_same_numbers(relu):
+def test_gemm_tail_kernel_same_numbers(level, relu):
     """The own GEMM's last panel of 1-4 float32 columns by the rows-in-lanes tail kernel (32
-    rows a call over all of K): bit for bit the quarter-width kernel's numbers and close to
-    the reference, for 1-70 output channels (row groups of 1-4 panels, rows past M), K across
-    the K block, with and without bias and the fused ReLU; conv2d_backward's grad_x (the
+    rows a call over all of K at AVX-512, 18 at AVX2): bit for bit the quarter-width (AVX2:
+    half-width) kernel's numbers and close to the reference, for 1-70 output channels (row
+    groups of 1-4 panels, rows past M), K across the K block, with and without bias and the
+    fused ReLU, B by rows and through the im2col row table; conv2d_backward's grad_x (the
     same GEMM with P columns) too."""
     from fastconv.functional import _conv2d
     rng = np.random.default_rng(21)
+    _kernels.set_gemm(level)
     try:
         for l in (1, 7, 8, 9, 17, 31, 32, 33, 64, 70):
             for (h, w), c, k in (((1, 33), 3, 1), ((2, 17), 20, 3), ((5, 7), 2, 3),
@@ -299,6 +301,7 @@ def test_gemm_tail_kernel_same_numbers(relu):
                 close(got[True][0], np.maximum(expected, 0) if relu else expected, np.float32)
     finally:
         _kernels.set_gemm_tail(True)
+        _kernels.set_gemm(BEST)
 
 
 @pytest.mark.usefixtures("tiny_grain")

@@ -488,6 +488,86 @@ static inline void fc_pack_strip_##T(const T* b, ptrdiff_t ldb, ptrdiff_t kc, pt
 FC_PACK_STRIP(float)
 FC_PACK_STRIP(double)
 
+/* The tail kernel at AVX2: a panel of 6 rows in the lanes of one vector (lanes 6-7 hold the
+ * next column's rows: computed, never stored), 3 panels (18 rows) x 4 columns = 12
+ * accumulators a call: 3 loads, 4 broadcasts and 12 FMAs a k for 72 values (the half-width
+ * kernel: 6 FMAs for 24 values of a 4-column tail, latency-bound; a 1x1 256 -> 256 on 14x14
+ * images spent 5.8 % of its samples there for 2 % of the columns).  The last k's loads are
+ * masked (the packed A ends there).  Numbers as fc_ukrt_f_512's: those of the panel kernels. */
+FC_T256 static void fc_ukrt_f_256(ptrdiff_t K, const float* A, ptrdiff_t ps, const float* B,
+                                  ptrdiff_t ldb, float* C, ptrdiff_t ldc, const float* bias,
+                                  int acc, int n, int rows, const ptrdiff_t* bo) {
+    int npan = (rows + 5) / 6;                   /* panels of 6 rows: 1 .. 3 */
+    __m256 c[3][4];
+    float tmp[8];
+    for (int h = 0; h < 3; h++)
+        for (int j = 0; j < 4; j++) c[h][j] = _mm256_setzero_ps();
+    if (acc & 1) {
+        for (int h = 0; h < npan; h++)
+            for (int j = 0; j < n; j++) {
+                for (int r = 0; r < 8; r++)
+                    tmp[r] = r < 6 && 6 * h + r < rows ? C[(6 * h + r) * ldc + j] : 0.0f;
+                c[h][j] = _mm256_loadu_ps(tmp);
+            }
+    } else if (bias != NULL) {
+        for (int h = 0; h < npan; h++) {
+            for (int r = 0; r < 8; r++)
+                tmp[r] = r < 6 && 6 * h + r < rows ? bias[6 * h + r] : 0.0f;
+            for (int j = 0; j < 4; j++) c[h][j] = _mm256_loadu_ps(tmp);
+        }
+    }
+    /* columns past n read column n - 1 again, panels past the last the last (not stored) */
+    const float* b0 = B;
+    const float* b1 = B + (n > 1 ? 1 : 0);
+    const float* b2 = B + (n > 2 ? 2 : n - 1);
+    const float* b3 = B + (n > 3 ? 3 : n - 1);
+    const float* a0 = A;
+    const float* a1 = A + (npan > 1 ? 1 : 0) * ps;
+    const float* a2 = A + (npan > 2 ? 2 : npan - 1) * ps;
+    /* 12 accumulators, 3 vectors of A and 1 broadcast: the 16 registers (the 4 columns'
+       broadcasts at once spilled the accumulators to the stack: 2x slower) */
+#define FC_UKRT_STEP(V0, V1, V2)                                                                \
+    {                                                                                           \
+        __m256 v0 = (V0), v1 = (V1), v2 = (V2), w;                                              \
+        ptrdiff_t o = bo != NULL ? bo[k] : k * ldb;                                             \
+        w = _mm256_set1_ps(b0[o]);                                                              \
+        c[0][0] = _mm256_fmadd_ps(v0, w, c[0][0]);                                              \
+        c[1][0] = _mm256_fmadd_ps(v1, w, c[1][0]);                                              \
+        c[2][0] = _mm256_fmadd_ps(v2, w, c[2][0]);                                              \
+        w = _mm256_set1_ps(b1[o]);                                                              \
+        c[0][1] = _mm256_fmadd_ps(v0, w, c[0][1]);                                              \
+        c[1][1] = _mm256_fmadd_ps(v1, w, c[1][1]);                                              \
+        c[2][1] = _mm256_fmadd_ps(v2, w, c[2][1]);                                              \
+        w = _mm256_set1_ps(b2[o]);                                                              \
+        c[0][2] = _mm256_fmadd_ps(v0, w, c[0][2]);                                              \
+        c[1][2] = _mm256_fmadd_ps(v1, w, c[1][2]);                                              \
+        c[2][2] = _mm256_fmadd_ps(v2, w, c[2][2]);                                              \
+        w = _mm256_set1_ps(b3[o]);                                                              \
+        c[0][3] = _mm256_fmadd_ps(v0, w, c[0][3]);                                              \
+        c[1][3] = _mm256_fmadd_ps(v1, w, c[1][3]);                                              \
+        c[2][3] = _mm256_fmadd_ps(v2, w, c[2][3]);                                              \
+    }
+    ptrdiff_t k = 0;
+    for (; k + 1 < K; k++)
+        FC_UKRT_STEP(_mm256_loadu_ps(a0 + 6 * k), _mm256_loadu_ps(a1 + 6 * k),
+                     _mm256_loadu_ps(a2 + 6 * k))
+    if (k < K) {
+        const __m256i six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+        FC_UKRT_STEP(_mm256_maskload_ps(a0 + 6 * k, six), _mm256_maskload_ps(a1 + 6 * k, six),
+                     _mm256_maskload_ps(a2 + 6 * k, six))
+    }
+#undef FC_UKRT_STEP
+    for (int h = 0; h < npan; h++)
+        for (int j = 0; j < n; j++) {
+            __m256 v = c[h][j];
+            if (acc & FC_GEMM_RELU) v = FC_RELU_PS256(v);
+            _mm256_storeu_ps(tmp, v);
+            for (int r = 0; r < 6 && 6 * h + r < rows; r++) C[(6 * h + r) * ldc + j] = tmp[r];
+        }
+}
+/* rows of C a tail kernel call covers: 4 panels at AVX-512, 3 at AVX2 */
+#define FC_TAIL_ROWS(MR) ((MR) == 6 ? 3 * (MR) : 4 * (MR))
+
 /* Rows of the short kernels: MR/2 at AVX-512 (8: 4 rows, 8 accumulators of 2 vectors), 4 of
  * AVX2's 6 (8 accumulators, as many as 2 FMA ports of latency 4 keep busy: as fast a k-step
  * as 3 rows, so a last panel of 4 rows, M = 64 = 10 x 6 + 4, costs 4 cycles a k, not 6) */
@@ -525,10 +605,11 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     if (TAILN > 0 && fc_gemm_tail_on && !bt && n1 > n0) {  /* a last panel of <= TAILN cols */ \
         ptrdiff_t jt = n0 + (n1 - n0 - 1) / NR * NR;                                            \
         if (n1 - jt <= TAILN) {                                                                 \
-            for (ptrdiff_t ir = 0; ir < M; ir += 4 * MR)                                        \
+            for (ptrdiff_t ir = 0; ir < M; ir += FC_TAIL_ROWS(MR))                              \
                 TAIL(K, Ap + ir * K, MR * K, B + jt, ldb, C + ir * ldc + jt, ldc,               \
                      bias != NULL ? bias + ir : NULL, acc, (int)(n1 - jt),                      \
-                     (int)(M - ir < 4 * MR ? M - ir : 4 * MR), TABLE == 1 ? bo : NULL);         \
+                     (int)(M - ir < FC_TAIL_ROWS(MR) ? M - ir : FC_TAIL_ROWS(MR)),              \
+                     TABLE == 1 ? bo : NULL);                                                   \
             n1 = jt;                                                                            \
         }                                                                                       \
     }                                                                                           \
@@ -630,12 +711,12 @@ FC_GEMM_DRIVER(fc_gemmc_d_512, double, fc_ukrc_d_512, fc_ukrch_d_512, fc_ukrcq_d
 FC_GEMM_DRIVER(fc_gemm_d_512, double, fc_ukr_d_512, fc_ukrh_d_512, fc_ukrq_d_512, fc_ukrs_d_512, 8,
                16, __mmask8, fc_mask512_8, __mmask8, fc_mask512_8, 1, 0, fc_no_tail_d, 0, 0)
 FC_GEMM_DRIVER(fc_gemm_f_256, float, fc_ukr_f_256, fc_ukrh_f_256, fc_ukrh_f_256, fc_ukrs_f_256, 6,
-               16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 0)
+               16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_ukrt_f_256, 4, 0)
 FC_GEMM_DRIVER(fc_gemm_d_256, double, fc_ukr_d_256, fc_ukrh_d_256, fc_ukrh_d_256, fc_ukrs_d_256, 6,
                8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0, fc_no_tail_d, 0, 0)
 /* the same with A read in place (rows lda apart): the weight gradient's im2col matrix */
 FC_GEMM_DRIVER(fc_gemmb_f_256, float, fc_ukrb_f_256, fc_ukrbh_f_256, fc_ukrbh_f_256, fc_ukrbs_f_256,
-               6, 16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_no_tail_f, 0, 1)
+               6, 16, __m256i, fc_mask256_32, __m256i, fc_mask256_32, 0, 0, fc_ukrt_f_256, 4, 1)
 FC_GEMM_DRIVER(fc_gemmb_d_256, double, fc_ukrb_d_256, fc_ukrbh_d_256, fc_ukrbh_d_256,
                fc_ukrbs_d_256, 6, 8, __m256i, fc_mask256_64, __m256i, fc_mask256_64, 0, 0,
                fc_no_tail_d, 0, 1)
