@@ -529,35 +529,39 @@ def test_gemm_short_last_panel_same_numbers(level, dtype):
     and matches the reference: conv2d_backward's grad_x (M = C kH kW = 25, 9, 27, 4, 12 rows),
     conv2d's forward (M = 25, 26, 22, 11 output channels by the plain drivers at stride 2,
     28, 64 and 29 through the im2col row table at stride 1) with bias and fused ReLU."""
-    from fastconv.functional import _conv2d
     rng = np.random.default_rng(12)
     with gemm_at(level):
-        _short_last_panel_cases(rng, dtype, _conv2d)
+        for shape in [(2, 1, 12, 11, 7, 5, 1, 2), (1, 1, 9, 10, 33, 3, 1, 1),
+                      (2, 3, 8, 8, 25, 3, 2, 1), (1, 1, 6, 7, 26, 2, 2, 0),
+                      (2, 3, 7, 9, 28, 2, 1, 0), (2, 3, 8, 8, 22, 3, 2, 1),
+                      (2, 2, 6, 7, 64, 3, 1, 1), (2, 2, 6, 7, 29, 3, 1, 1),
+                      (2, 3, 8, 8, 11, 3, 2, 1)]:
+            _same_numbers_both_ways(_kernels.set_gemm_short, rng, dtype, shape)
 
 
-def _short_last_panel_cases(rng, dtype, _conv2d):
-    for n, c, h, w, l, k, s, p in [(2, 1, 12, 11, 7, 5, 1, 2), (1, 1, 9, 10, 33, 3, 1, 1),
-                                   (2, 3, 8, 8, 25, 3, 2, 1), (1, 1, 6, 7, 26, 2, 2, 0),
-                                   (2, 3, 7, 9, 28, 2, 1, 0), (2, 3, 8, 8, 22, 3, 2, 1),
-                                   (2, 2, 6, 7, 64, 3, 1, 1), (2, 2, 6, 7, 29, 3, 1, 1),
-                                   (2, 3, 8, 8, 11, 3, 2, 1)]:
-        x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
-        wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
-        b = rng.uniform(-1, 1, l).astype(dtype)
-        y = ref.conv2d_taps(x, wt, b, stride=s, padding=p)
-        gy = rng.uniform(-1, 1, y.shape).astype(dtype)
-        got = []
-        for short in (True, False):
-            old = _kernels.set_gemm_short(short)
-            try:
-                got.append((fc.conv2d_backward(gy, x, wt, stride=s, padding=p)[0],
-                            _conv2d(x, wt, b, s, p, 1, 1, None, True)))
-            finally:
-                _kernels.set_gemm_short(old)
-        np.testing.assert_array_equal(got[0][0], got[1][0])
-        np.testing.assert_array_equal(got[0][1], got[1][1])
-        close(got[0][0], ref.conv2d_backward(gy, x, wt, stride=s, padding=p)[0], dtype)
-        close(got[0][1], np.maximum(y, 0), dtype)
+def _same_numbers_both_ways(setter, rng, dtype, shape, relu=True, bias=True):
+    """conv2d_backward's grad_x and conv2d's forward (with the fused ReLU or not) of a drawn
+    convolution, shape (N, C, H, W, L, k, stride, padding), with setter(True) and with
+    setter(False): bit for bit the same, and close to the reference."""
+    from fastconv.functional import _conv2d
+    n, c, h, w, l, k, s, p = shape
+    x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
+    wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
+    b = rng.uniform(-1, 1, l).astype(dtype) if bias else None
+    y = ref.conv2d_taps(x, wt, b, stride=s, padding=p)
+    gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+    got = []
+    for on in (True, False):
+        old = setter(on)
+        try:
+            got.append((fc.conv2d_backward(gy, x, wt, stride=s, padding=p)[0],
+                        _conv2d(x, wt, b, s, p, 1, 1, None, relu)))
+        finally:
+            setter(old)
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+    close(got[0][0], ref.conv2d_backward(gy, x, wt, stride=s, padding=p)[0], dtype)
+    close(got[0][1], np.maximum(y, 0) if relu else y, dtype)
 
 
 @pytest.mark.parametrize("level", OWN_LEVELS)
@@ -605,32 +609,15 @@ def test_gemm_split_last_rows_same_numbers(level, dtype):
     neither, over 1-3 K blocks (K = 18 .. 300), columns in whole, masked, half and quarter
     panels (P = 16, 9, 25, 49, 2); conv2d_backward's grad_x (M = C kH kW = 8, 20, 32); M = 2
     (one panel: no split).  At AVX-512 (MR = 8) the setting changes nothing."""
-    from fastconv.functional import _conv2d
     rng = np.random.default_rng(13)
     with gemm_at(level):
-        for n, c, h, w, l, k, s, p, bias, relu in [
+        for *shape, bias, relu in [
                 (2, 2, 8, 8, 8, 3, 2, 1, True, True), (1, 3, 5, 5, 14, 3, 2, 1, False, False),
                 (2, 12, 10, 9, 20, 5, 2, 2, True, False), (1, 25, 13, 13, 32, 3, 2, 1, True, True),
                 (1, 16, 7, 7, 128, 3, 2, 1, True, True), (2, 7, 3, 4, 32, 2, 2, 0, False, True),
                 (1, 2, 8, 8, 2, 3, 2, 1, True, False), (2, 2, 9, 9, 6, 2, 1, 0, True, False),
                 (1, 5, 9, 11, 7, 2, 1, 0, False, False), (1, 8, 9, 9, 5, 2, 1, 1, True, False)]:
-            x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
-            wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
-            b = rng.uniform(-1, 1, l).astype(dtype) if bias else None
-            y = ref.conv2d_taps(x, wt, b, stride=s, padding=p)
-            gy = rng.uniform(-1, 1, y.shape).astype(dtype)
-            got = []
-            for split in (True, False):
-                old = _kernels.set_gemm_split(split)
-                try:
-                    got.append((fc.conv2d_backward(gy, x, wt, stride=s, padding=p)[0],
-                                _conv2d(x, wt, b, s, p, 1, 1, None, relu)))
-                finally:
-                    _kernels.set_gemm_split(old)
-            np.testing.assert_array_equal(got[0][0], got[1][0])
-            np.testing.assert_array_equal(got[0][1], got[1][1])
-            close(got[0][0], ref.conv2d_backward(gy, x, wt, stride=s, padding=p)[0], dtype)
-            close(got[0][1], np.maximum(y, 0) if relu else y, dtype)
+            _same_numbers_both_ways(_kernels.set_gemm_split, rng, dtype, shape, relu, bias)
 
 
 @pytest.mark.usefixtures("tiny_grain")
