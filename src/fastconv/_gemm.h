@@ -590,16 +590,16 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
     QMASK(0, qmk);                                                                              \
     /* B's strip copied (rows far apart, as a big image's in a 1x1 convolution: every row */   \
     /* its own page, and more pages than the L1 TLB holds in a K block) */                     \
-    T bpk[FC_GEMM_KC_MAX * NR] __attribute__((aligned(64)));                                       \
+    T bpk[FC_GEMM_KC_MAX * NR] __attribute__((aligned(64)));                                   \
     const ptrdiff_t ldbb = ldb * (ptrdiff_t)sizeof(T);                                          \
     const int packb = TABLE == 0 && !INPLACE && (acc & FC_GEMM_PACKB) && M > 4 * MR &&            \
                       fc_gemm_packb_min > 0 && (ldbb >= fc_gemm_packb_min ||                    \
                       (fc_gemm_packb_sets && ldbb >= 512 && ldbb % 512 == 0));                  \
     /* M = 6 n + 2 (AVX2, A packed, B by rows): the last 8 rows as two 4-row calls */        \
-    /* (fc_ukrj_*), the second with rows 4-5 of one panel and 0-1 of the next: jt */           \
+    /* (fc_ukrj_*), the second with rows 4-5 of one panel and 0-1 of the next: jrows */        \
     const int split = MR == 6 && TABLE == 0 && !INPLACE && M % MR == 2 && M > MR &&            \
                       fc_gemm_short_on && fc_gemm_split_on;                                     \
-    const ptrdiff_t jt[4] = {0, 1, MR * K - 4, MR * K - 3};                                     \
+    const ptrdiff_t jrows[4] = {0, 1, MR * K - 4, MR * K - 3};                                  \
     /* B transposed (FC_GEMM_BT): every strip transposed into bpk, whatever the sizes */       \
     const int bt = TABLE != 1 && (acc & FC_GEMM_BT);                                            \
     if (TAILN > 0 && fc_gemm_tail_on && !bt && n1 > n0) {  /* a last panel of <= TAILN cols */ \
@@ -677,7 +677,7 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                          last_relu, NULL);                                                      \
                     fc_ukrj_##T##_256(kc, a + 4, lda, bp, bld, C + (ir + 4) * ldc + jr, ldc,    \
                                       ini4, 4, masked, (const __m256i*)(const void*)mk,         \
-                                      last_relu, jt);       /* (AVX2 drivers only: MR 6) */    \
+                                      last_relu, jrows);    /* (AVX2 drivers only: MR 6) */    \
                     break;                                  /* (the last panel's rows too) */  \
                 }                                                                               \
                 if (quarter)                                                                    \

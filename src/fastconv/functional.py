@@ -517,7 +517,7 @@ def _use_direct(geo, Cg, dt, pool, N):
         return True
     if dt.itemsize == 8:
         return kH * kW >= 25 or (sH * sW > 1 and not avx2)
-    if sH * sW > 1 and avx2:            # 3x3 s2 from 16-64 channels at batch 1 1.02-1.40x
+    if sH * sW > 1 and avx2:            # (stride 2 down only) from 16-64 channels at batch 1
         return kH * kW >= 25 or (not batch and Cg <= 64)
     if sH * sW > 1 and Cg <= 16:        # a stem: 7x7 s2 from 3 channels 1.37x at batch 1-2
         return batch or kH * kW >= 25
