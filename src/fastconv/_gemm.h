@@ -42,7 +42,7 @@
                            at B[n * ldb + k]; each K block's strip is transposed into the
                            strip buffer (no B-table drivers) */
 
-static ptrdiff_t fc_gemm_kc = FC_GEMM_KC;  /* K block (fc_gemm_set_kc: tests, A/B) */
+static ptrdiff_t fc_gemm_kc = FC_GEMM_KC;  /* K block (_kernels.set_gemm_kc: tests, A/B) */
 static int fc_gemm_ok = 0;      /* best level the CPU has: 0 none, 1 AVX2+FMA, 2 AVX-512F */
 static int fc_gemm_on = 0;      /* level in use (fc_gemm_set lowers it for the tests) */
 static int fc_gemm_split_on = 1; /* 0: M = 6 n + 2 without fc_ukrj_* (tests, A/B) */
