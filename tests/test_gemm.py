@@ -398,9 +398,10 @@ def test_conv2d_writes_nothing_outside_out(level):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 20, 9, 11, 13), (3, 17, 6, 40, 9), (2, 3, 5, 5, 70)])
-def test_winograd_gemms_match_reference(level, threads, dtype, shape, monkeypatch):
-    """Winograd's 16 GEMMs per image (forward, and conv2d_backward's grad_x) at this level;
-    the thresholds lowered so that every shape takes Winograd."""
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_gemms_match_reference(level, threads, dtype, shape, k, monkeypatch):
+    """Winograd's 16 (3x3) or 36 (5x5) GEMMs per image (forward, and conv2d_backward's
+    grad_x) at this level; the thresholds lowered so that every shape takes Winograd."""
     from fastconv import functional as F
 
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
@@ -408,16 +409,19 @@ def test_winograd_gemms_match_reference(level, threads, dtype, shape, monkeypatc
     n, c, h, w, l = shape
     rng = np.random.default_rng(2)
     x = rng.uniform(-1, 1, (n, c, h, w)).astype(dtype)
-    wt = rng.uniform(-1, 1, (l, c, 3, 3)).astype(dtype)
+    wt = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
     b = rng.uniform(-1, 1, l).astype(dtype)
+    p = k // 2
+    assert F._use_winograd(F._conv_setup("t", x, wt, 1, p, 1, 1), wt, n=n) == (
+        l <= 2 * c and (k == 3 or n > 1))
     with num_threads(threads):
-        y = fc.conv2d(x, wt, b, padding=1)
+        y = fc.conv2d(x, wt, b, padding=p)
         gy = rng.uniform(-1, 1, y.shape).astype(dtype)
-        gx, gw, gb = fc.conv2d_backward(gy, x, wt, padding=1)
-    close(y, ref.conv2d_taps(x, wt, b, padding=1), dtype)
+        gx, gw, gb = fc.conv2d_backward(gy, x, wt, padding=p)
+    close(y, ref.conv2d_taps(x, wt, b, padding=p), dtype)
     # grad_x is the convolution of grad_out by the flipped, transposed kernel
     wf = np.ascontiguousarray(np.flip(wt, (2, 3)).transpose(1, 0, 2, 3))
-    close(gx, ref.conv2d_taps(gy, wf, padding=1), dtype)
+    close(gx, ref.conv2d_taps(gy, wf, padding=p), dtype)
 
 
 @pytest.mark.usefixtures("tiny_grain")

@@ -480,12 +480,14 @@ def test_col2im_stride1_row_runs(level, dtype):
 
 @pytest.mark.parametrize("level", XLEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_winograd_transforms(level, dtype, monkeypatch):
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_transforms(level, dtype, k, monkeypatch):
     """The Winograd transforms (_winograd.h, compiled for both levels, the float input
     transform's tile rows and even/odd split also in AVX-512 intrinsics): runs of interior
     tiles (vectorised across tiles, 16 a vector and masked tails at "avx512") beside edge
-    tiles, odd output sizes, paddings 0-2 and grad_x's cropping (padding 2 - p < 0), against
-    the reference; at "avx512" also bit for bit against the AVX2 build (the same additions)."""
+    tiles, odd output sizes, paddings 0-4 and grad_x's cropping (padding k - 1 - p < 0), for
+    3x3 and 5x5 kernels, against the reference; at "avx512" also bit for bit against the AVX2
+    build (the same additions; 5x5 has no AVX-512 code of its own)."""
     from fastconv import functional as F
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
@@ -495,10 +497,10 @@ def test_winograd_transforms(level, dtype, monkeypatch):
                         (3, 2, 4), (6, 11, 3), (8, 32, 1), (6, 33, 1), (5, 64, 0), (9, 71, 1),
                         (4, 96, (0, 1))):
             x = r.uniform(-1, 1, (2, 3, H, W)).astype(dtype)
-            w = r.uniform(-1, 1, (4, 3, 3, 3)).astype(dtype)
+            w = r.uniform(-1, 1, (4, 3, k, k)).astype(dtype)
             b = r.uniform(-1, 1, 4).astype(dtype)
             ph, pw = (p, p) if isinstance(p, int) else p
-            if min(H + 2 * ph, W + 2 * pw) >= 3:
+            if min(H + 2 * ph, W + 2 * pw) >= k:
                 y = fc.conv2d(x, w, b, padding=p)
                 close(y, ref.conv2d(x, w, b, padding=p), dtype)
                 gy = r.uniform(-1, 1, y.shape).astype(dtype)

@@ -1,6 +1,7 @@
-"""The Winograd F(2x2, 3x3) path of conv2d (3x3, stride 1, dilation 1) against the naive
-reference.  fastconv takes it only for 16+ channels and 8x8+ outputs; here the thresholds are
-lowered to 1 so that every shape goes through it: odd and tiny outputs (partial 2x2 tiles),
+"""The Winograd F(2x2, 3x3) and F(2x2, 5x5) paths of conv2d (3x3 or 5x5, stride 1, dilation
+1) against the naive reference.  fastconv takes them only for 16+ channels and 8x8+ outputs;
+here the thresholds are lowered to 1 so that every shape goes through them (5x5: with at least
+2 channels on one side): odd and tiny outputs (partial 2x2 tiles),
 paddings larger than the kernel, groups, bias, both dtypes, one or more threads, and inputs
 with infinities or NaN (those images fall back to im2col, whose results are the
 definition's)."""
@@ -27,16 +28,26 @@ def everywhere(monkeypatch):
     monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
 
 
-def test_thresholds_pick_winograd_only_where_it_pays():
+def test_thresholds_pick_winograd_only_where_it_pays(monkeypatch):
     x = np.zeros((1, 64, 32, 32), np.float32)
-    geo = F._conv_setup("t", x, np.zeros((64, 64, 3, 3)), 1, 1, 1, 1)
-    assert F._use_winograd(geo, np.zeros((64, 64, 3, 3)))
+    for w in [(64, 64, 3, 3), (64, 64, 5, 5), (64, 32, 5, 5), (32, 16, 5, 5)]:
+        geo = F._conv_setup("t", x[:, :w[1]], np.zeros(w), 1, 1, 1, 1)
+        assert F._use_winograd(geo, np.zeros(w)), w
+        # grad_x (channel roles swapped): 5x5 only for batches
+        assert F._use_winograd(geo, np.zeros(w), backward=True) == (w[1] <= 2 * w[0]), w
+        assert F._use_winograd(geo, np.zeros(w), backward=True, n=1) == (w[2] == 3), w
+        assert F._use_winograd(geo, np.zeros(w), n=1) == (w[2] == 3), w       # 5x5: batches
     for w, kw in [((64, 64, 3, 3), dict(stride=2)), ((64, 64, 3, 3), dict(dilation=2)),
-                  ((64, 64, 5, 5), {}), ((8, 8, 3, 3), {}), ((128, 32, 3, 3), {})]:
+                  ((64, 64, 5, 5), dict(stride=2)), ((64, 64, 5, 5), dict(dilation=2)),
+                  ((64, 64, 7, 7), {}), ((8, 8, 3, 3), {}), ((128, 32, 3, 3), {}),
+                  ((16, 16, 5, 5), {}), ((128, 32, 5, 5), {})]:
         xx = x[:, :w[1]]
         geo = F._conv_setup("t", xx, np.zeros(w), kw.get("stride", 1), 1,
                             kw.get("dilation", 1), 1)
         assert not F._use_winograd(geo, np.zeros(w)), (w, kw)
+    monkeypatch.setattr(F, "_WINOGRAD5", False)
+    geo = F._conv_setup("t", x, np.zeros((64, 64, 5, 5)), 1, 1, 1, 1)
+    assert not F._use_winograd(geo, np.zeros((64, 64, 5, 5)))
 
 
 @pytest.mark.usefixtures("everywhere", "tiny_grain")
@@ -44,21 +55,25 @@ def test_thresholds_pick_winograd_only_where_it_pays():
        groups=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9),
        ph=st.integers(0, 4), pw=st.integers(0, 4), bias=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2, 3]),
-       chunk=st.sampled_from([0, 1, 2, 5]), seed=st.integers(0, 2**32 - 1))
+       chunk=st.sampled_from([0, 1, 2, 5]), k=st.sampled_from([3, 5]),
+       seed=st.integers(0, 2**32 - 1))
 def test_winograd_matches_reference(n, cg, lg, groups, h, w, ph, pw, bias, dtype, threads,
-                                    chunk, seed):
+                                    chunk, k, seed):
     """chunk: tiles per chunk of an image (0: the default rule, whole images unless the
     images are fewer than twice the threads); 1, 2, 5 cut even these small images in many
-    chunks, with a partial last one, spread over the threads of the caller-runs pool."""
-    if h + 2 * ph < 3 or w + 2 * pw < 3:
+    chunks, with a partial last one, spread over the threads of the caller-runs pool.  The
+    5x5's blocks of 8 tiles cross tile rows and chunks end mid-block."""
+    if h + 2 * ph < k or w + 2 * pw < k:
         return
     lg = min(lg, 2 * cg)            # fastconv keeps im2col when out-channels > 2x in-channels
+    if k == 5:                      # (5x5: batches of 2 and more, 2+ channels on a side)
+        n, cg, lg = max(n, 2), max(cg, 2), max(lg, 2)
     r = np.random.default_rng(seed)
     x = r.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
-    wt = r.uniform(-1, 1, (lg * groups, cg, 3, 3)).astype(dtype)
+    wt = r.uniform(-1, 1, (lg * groups, cg, k, k)).astype(dtype)
     b = r.uniform(-1, 1, lg * groups).astype(dtype) if bias else None
     geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
-    assert F._use_winograd(geo, wt)
+    assert F._use_winograd(geo, wt, n=n)
     with num_threads(threads), wino_chunk(chunk):
         got = fc.conv2d(x, wt, b, padding=(ph, pw), groups=groups)
     close(got, ref.conv2d(x, wt, b, padding=(ph, pw), groups=groups), np.dtype(dtype))
@@ -77,23 +92,27 @@ def wino_chunk(tiles):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads,chunk", [(1, 0), (2, 0), (2, 1), (3, 4)])
 @pytest.mark.parametrize("n", [1, 4])
-def test_winograd_non_finite_inputs(dtype, threads, chunk, n):
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_non_finite_inputs(dtype, threads, chunk, n, k):
     """inf - inf inside the transforms would give NaN where the convolution is +-inf: such
     images are convolved directly, and clean images in the same batch are not affected.
     With chunks, the first chunk of an image to run decides and the others follow, whichever
     thread runs them (the non-finite values sit in the last tiles' rows too)."""
     r = np.random.default_rng(3)
     x = r.standard_normal((4, 3, 6, 7)).astype(dtype)
-    w = r.standard_normal((2, 3, 3, 3)).astype(dtype)
+    w = r.standard_normal((2, 3, k, k)).astype(dtype)
     x[0, 1, 2, 3] = np.inf
     x[1, 0, 0, 0] = -np.inf
     x[2, 2, 5, 6] = np.nan
     if n == 1:
         x = x[2:3]
+    p = k // 2
+    assert F._use_winograd(F._conv_setup("t", x, w, 1, p, 1, 1), w, n=len(x)) == (
+        k == 3 or len(x) > 1)
     with num_threads(threads), wino_chunk(chunk):
-        got = fc.conv2d(x, w, padding=1)
+        got = fc.conv2d(x, w, padding=p)
     with np.errstate(invalid="ignore"):
-        want = ref.conv2d(x, w, padding=1)
+        want = ref.conv2d(x, w, padding=p)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
@@ -107,7 +126,8 @@ def test_winograd_non_finite_inputs(dtype, threads, chunk, n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("h,w", [(16, 16), (16, 32), (32, 32)])
-def test_winograd_padded_tile_rows(dtype, threads, h, w):
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_padded_tile_rows(dtype, threads, h, w, k):
     """Tile counts whose rows of V and M would be a multiple of 512 bytes apart (64 tiles of
     doubles, 128 or 256 of floats) are laid out one cache line wider (col_ld): the
     transforms and the 16 GEMMs must agree on that stride, in the per-image path (2 images)
@@ -115,11 +135,11 @@ def test_winograd_padded_tile_rows(dtype, threads, h, w):
     r = np.random.default_rng(h * w + threads)
     for n in (1, 2):
         x = r.uniform(-1, 1, (n, 3, h, w)).astype(dtype)
-        wt = r.uniform(-1, 1, (4, 3, 3, 3)).astype(dtype)
+        wt = r.uniform(-1, 1, (4, 3, k, k)).astype(dtype)
         b = r.uniform(-1, 1, 4).astype(dtype)
         with num_threads(threads):
-            got = fc.conv2d(x, wt, b, padding=1)
-        close(got, ref.conv2d(x, wt, b, padding=1), np.dtype(dtype))
+            got = fc.conv2d(x, wt, b, padding=k // 2)
+        close(got, ref.conv2d(x, wt, b, padding=k // 2), np.dtype(dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -128,35 +148,41 @@ def test_winograd_default_thresholds_bench_shapes(dtype, monkeypatch):
     (itself checked against the reference by the property tests; the naive reference is too
     slow at these sizes)."""
     r = np.random.default_rng(5)
-    for n, c, l, hw in [(2, 64, 64, 32), (1, 128, 128, 28), (2, 16, 16, 9)]:
+    for n, c, l, hw, k in [(2, 64, 64, 32, 3), (1, 128, 128, 28, 3), (2, 16, 16, 9, 3),
+                           (3, 32, 64, 14, 5), (2, 16, 32, 32, 5), (2, 64, 64, 28, 5)]:
         x = r.standard_normal((n, c, hw, hw)).astype(dtype)
-        w = r.standard_normal((l, c, 3, 3)).astype(dtype) / 24
+        w = r.standard_normal((l, c, k, k)).astype(dtype) / (8 * k)
         b = r.standard_normal(l).astype(dtype)
-        geo = F._conv_setup("t", x, w, 1, 1, 1, 1)
-        assert F._use_winograd(geo, w)
-        got = fc.conv2d(x, w, b, padding=1)
+        geo = F._conv_setup("t", x, w, 1, k // 2, 1, 1)
+        assert F._use_winograd(geo, w, n=n)
+        got = fc.conv2d(x, w, b, padding=k // 2)
         with monkeypatch.context() as m:
             m.setattr(F, "_WINOGRAD_MIN_CHANNELS", 10**9)
-            want = fc.conv2d(x, w, b, padding=1)
+            want = fc.conv2d(x, w, b, padding=k // 2)
         close(got, want, np.dtype(dtype))
 
 
 @pytest.mark.usefixtures("everywhere", "tiny_grain")
 @given(n=st.integers(1, 2), cg=st.integers(1, 4), lg=st.integers(1, 4),
        groups=st.integers(1, 2), h=st.integers(1, 8), w=st.integers(1, 8),
-       ph=st.integers(0, 4), pw=st.integers(0, 4), need_w=st.booleans(),
+       ph=st.integers(0, 6), pw=st.integers(0, 6), need_w=st.booleans(),
        dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2]),
-       seed=st.integers(0, 2**32 - 1))
+       k=st.sampled_from([3, 5]), seed=st.integers(0, 2**32 - 1))
 def test_winograd_backward_grad_x(n, cg, lg, groups, h, w, ph, pw, need_w, dtype, threads,
-                                  seed):
+                                  k, seed):
     """conv2d_backward's grad_x as the Winograd convolution of grad_out by the flipped,
-    transposed kernel with padding 2 - p (negative: cropping, when p > 2)."""
-    if h + 2 * ph < 3 or w + 2 * pw < 3:
+    transposed kernel with padding k - 1 - p (negative: cropping, when p > k - 1); 5x5 only
+    for batches of 2 and more (which calls take it is asserted)."""
+    if h + 2 * ph < k or w + 2 * pw < k:
         return
+    if k == 5 and max(cg, lg) < 2:
+        cg, lg = 2, 2
     r = np.random.default_rng(seed)
     x = r.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
-    wt = r.uniform(-1, 1, (lg * groups, cg, 3, 3)).astype(dtype)
+    wt = r.uniform(-1, 1, (lg * groups, cg, k, k)).astype(dtype)
     geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
+    assert F._use_winograd(geo, wt, backward=True, n=n) == ((k == 3 or n >= 2)
+                                                            and cg <= 2 * lg)
     gy = r.uniform(-1, 1, (n, lg * groups, geo["OH"], geo["OW"])).astype(dtype)
     with num_threads(threads):
         got = fc.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups,
@@ -172,22 +198,25 @@ def test_winograd_backward_grad_x(n, cg, lg, groups, h, w, ph, pw, need_w, dtype
 @pytest.mark.usefixtures("everywhere", "tiny_grain")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("h,w", [(30, 600), (9, 1001), (5, 2800)])
-def test_winograd_wide_images(dtype, h, w):
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_wide_images(dtype, h, w, k):
     """Wide images: the input transform's zero-padded copy in blocks of tile rows (600 and
     1001 wide) and, when one tile row's padded rows do not fit (2800), the bounds-checked
     path; forward and grad_x (the correlation of grad_out with the flipped, transposed
-    kernel, padding 2 - p), against the reference."""
+    kernel, padding k - 1 - p; 5x5: a batch of 2, which grad_x needs), against the
+    reference."""
     r = np.random.default_rng(h + w)
-    x = r.uniform(-1, 1, (1, 2, h, w)).astype(dtype)
-    wt = r.uniform(-1, 1, (3, 2, 3, 3)).astype(dtype)
+    n = 1 if k == 3 else 2
+    x = r.uniform(-1, 1, (n, 2, h, w)).astype(dtype)
+    wt = r.uniform(-1, 1, (3, 2, k, k)).astype(dtype)
     flipped = np.ascontiguousarray(wt[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    for p in ((1, 1), (0, 2), (2, 0)):
+    for p in ((k // 2, k // 2), (0, k - 1), (k - 1, 0)):
         geo = F._conv_setup("t", x, wt, 1, p, 1, 1)
-        assert F._use_winograd(geo, wt)
+        assert F._use_winograd(geo, wt, n=n) and F._use_winograd(geo, wt, backward=True, n=n)
         close(fc.conv2d(x, wt, padding=p), ref.conv2d_taps(x, wt, padding=p), np.dtype(dtype))
-        gy = r.uniform(-1, 1, (1, 3, geo["OH"], geo["OW"])).astype(dtype)
+        gy = r.uniform(-1, 1, (n, 3, geo["OH"], geo["OW"])).astype(dtype)
         got = fc.conv2d_backward(gy, x, wt, padding=p, output_mask=(True, False, False))[0]
-        close(got, ref.conv2d_taps(gy, flipped, padding=(2 - p[0], 2 - p[1])),
+        close(got, ref.conv2d_taps(gy, flipped, padding=(k - 1 - p[0], k - 1 - p[1])),
               np.dtype(dtype))
 
 

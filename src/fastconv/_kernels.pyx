@@ -1615,10 +1615,32 @@ cdef extern from "_winograd.h":
     void fc_wino_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                           Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
                           const double* b, double* out, Py_ssize_t ms) nogil
+    # F(2x2, 5x5): the same arguments, 36 planes
+    void fc_wino5_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
+                            Py_ssize_t l1, float* U) nogil
+    void fc_wino5_weights_d(const double* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
+                            Py_ssize_t l1, double* U) nogil
+    void fc_wino5_input_f(const float* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t t0,
+                          Py_ssize_t nt, Py_ssize_t ld, float* V, Py_ssize_t vs) nogil
+    void fc_wino5_input_d(const double* x, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                          Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t TW, Py_ssize_t t0,
+                          Py_ssize_t nt, Py_ssize_t ld, double* V, Py_ssize_t vs) nogil
+    void fc_wino5_output_f(const float* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
+                           Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
+                           const float* b, float* out, Py_ssize_t ms) nogil
+    void fc_wino5_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
+                           Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
+                           const double* b, double* out, Py_ssize_t ms) nogil
 
 
 cdef enum:
-    WINO_PAD = 16    # values between the 16 transformed planes, keeping them off 4 KiB strides
+    WINO_PAD = 16    # values between the transformed planes, keeping them off 4 KiB strides
+
+
+cdef inline Py_ssize_t wino_planes(Py_ssize_t r) noexcept nogil:
+    """Transformed planes of Winograd F(2x2, r x r): (r + 1)^2, 16 for 3x3 and 36 for 5x5."""
+    return (r + 1) * (r + 1)
 
 
 cdef Py_ssize_t wino_chunk = 0       # tiles per chunk; 0: chosen by wino_chunk_tiles
@@ -1653,26 +1675,39 @@ cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
                      const floating* b, floating* out, floating* work,
                      Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
                      Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
-                     Py_ssize_t t0, Py_ssize_t nt) noexcept nogil:
-    """Tiles [t0, t0 + nt) of one (image, group) by Winograd F(2x2, 3x3) (see _winograd.h):
-    their input transform, the 16 GEMMs and the output transform, in work."""
-    cdef Py_ssize_t TW = (OW + 1) // 2, xi
+                     Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t r) noexcept nogil:
+    """Tiles [t0, t0 + nt) of one (image, group) by Winograd F(2x2, r x r), r = 3 or 5 (see
+    _winograd.h): their input transform, the (r + 1)^2 GEMMs and the output transform, in
+    work."""
+    cdef Py_ssize_t TW = (OW + 1) // 2, xi, planes = wino_planes(r)
     cdef Py_ssize_t ld = col_ld(nt, sizeof(floating))
     cdef Py_ssize_t vs = Cg * ld + WINO_PAD, ms = Lg * ld + WINO_PAD
     cdef floating* V = work
-    cdef floating* M = work + 16 * vs
+    cdef floating* M = work + planes * vs
     if nt <= 0:
         return
     if floating is float:
-        fc_wino_input_f(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
+        if r == 5:
+            fc_wino5_input_f(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
+        else:
+            fc_wino_input_f(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
     else:
-        fc_wino_input_d(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
-    for xi in range(16):
+        if r == 5:
+            fc_wino5_input_d(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
+        else:
+            fc_wino_input_d(x, Cg, H, W, pH, pW, TW, t0, nt, ld, V, vs)
+    for xi in range(planes):
         wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, nt, ld)
     if floating is float:
-        fc_wino_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
+        if r == 5:
+            fc_wino5_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
+        else:
+            fc_wino_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
     else:
-        fc_wino_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
+        if r == 5:
+            fc_wino5_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
+        else:
+            fc_wino_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
 
 
 cdef void wino_gemm(const floating* U, const floating* Up, Py_ssize_t xi, const floating* V,
@@ -1734,6 +1769,7 @@ cdef struct WinoJob:
     void* work
     unsigned char* fin
     Py_ssize_t ncol, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per, nch, psz, wb, nwb
+    Py_ssize_t r        # the kernel's size: 3 or 5
     int phase
     bint dbl
 
@@ -1745,19 +1781,27 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
     cdef const floating* w = <const floating*> j.w
     cdef const floating* b = <const floating*> j.b
     cdef Py_ssize_t l0, l1, xi, t0, g, n, k, item, Lg = j.Lg, Cg = j.Cg, HW = j.H * j.W
+    cdef Py_ssize_t r = j.r, planes = wino_planes(j.r)
     if j.phase == 0:
         g = i // j.nwb
         l0 = (i % j.nwb) * j.wb
         l1 = min(l0 + j.wb, Lg)
-        U = U + g * 16 * Lg * Cg
+        U = U + g * planes * Lg * Cg
+        w = w + g * Lg * Cg * r * r
         if floating is float:
-            fc_wino_weights_f(w + g * Lg * Cg * 9, Lg, Cg, l0, l1, U)
+            if r == 5:
+                fc_wino5_weights_f(w, Lg, Cg, l0, l1, U)
+            else:
+                fc_wino_weights_f(w, Lg, Cg, l0, l1, U)
         else:
-            fc_wino_weights_d(w + g * Lg * Cg * 9, Lg, Cg, l0, l1, U)
+            if r == 5:
+                fc_wino5_weights_d(w, Lg, Cg, l0, l1, U)
+            else:
+                fc_wino_weights_d(w, Lg, Cg, l0, l1, U)
         if Up != NULL:
-            for xi in range(16):
+            for xi in range(planes):
                 pack_a(U + xi * Lg * Cg + l0 * Cg, Cg, 1, l1 - l0, Cg,
-                       Up + (g * 16 + xi) * j.psz + l0 * Cg)
+                       Up + (g * planes + xi) * j.psz + l0 * Cg)
         return
     item = i // j.nch
     k = i % j.nch
@@ -1775,14 +1819,15 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
             ok = fc_wino_finite_d(x, Cg * HW)
         fc_once_set(j.fin + item, ok)
         if not ok:
-            conv_item(x, w + g * Lg * Cg * 9, b, out, work, Cg, j.H, j.W, Lg, 3, 3, 1, 1,
+            conv_item(x, w + g * Lg * Cg * r * r, b, out, work, Cg, j.H, j.W, Lg, r, r, 1, 1,
                       j.pH, j.pW, 1, 1, j.OH, j.OW, False)
             return
     elif not fc_once_get(j.fin + item):
         return
     t0 = k * j.per
-    wino_tiles(x, U + g * 16 * Lg * Cg, Up + g * 16 * j.psz if Up != NULL else NULL, b, out,
-               work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0, min(j.per, j.NT - t0))
+    wino_tiles(x, U + g * planes * Lg * Cg, Up + g * planes * j.psz if Up != NULL else NULL,
+               b, out, work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0,
+               min(j.per, j.NT - t0), r)
 
 
 cdef void wino_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -1818,15 +1863,16 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
                             floating[:, ::1] scratch,
                             Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t groups, bint has_bias,
                             int num_threads, bint ready=False):
-    """conv2d_forward for 3x3 kernels, stride 1, dilation 1, by Winograd F(2x2, 3x3).
+    """conv2d_forward for 3x3 or 5x5 kernels (r x r), stride 1, dilation 1, by Winograd
+    F(2x2, r x r): a = (r + 1)^2 transformed planes (16 or 36).
 
     ready: u_scratch and upack already hold this weight's transform (functional's cache of
     them for small batches): the first job, which makes them, is skipped.
 
-    u_scratch: 16 * L * Cg (the transformed weights); upack: 16 * groups *
+    u_scratch: a * L * Cg (the transformed weights); upack: a * groups *
     gemm_packed_size(L/groups, Cg) for them packed for the own GEMM, smaller (empty): BLAS
-    does the 16 GEMMs; scratch: (threads, n) with
-    n >= max(16 * (ceil(OH/2) * ceil(OW/2) * (Cg + Lg) + 32), 9 * Cg * OH * OW).
+    does the a GEMMs; scratch: (threads, n) with, T = ceil(OH/2) * ceil(OW/2) tiles at their
+    col_ld, n >= max(a * (T * (Cg + Lg) + 32), r * r * Cg * col_ld(OH * OW)).
 
     Runs on the caller-runs pool (see WinoJob), not in OpenMP regions: a batch-1 call is
     short enough (0.4 ms) that waiting for a sleeping OpenMP worker at the region's barriers
@@ -1843,13 +1889,15 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     cdef floating* op = &out[0, 0, 0, 0]
     cdef floating* sp = &scratch[0, 0]
     cdef floating* Up = NULL
-    cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg)
-    if weight.shape[2] != 3 or weight.shape[3] != 3 or u_scratch.shape[0] < 16 * L * Cg:
-        raise ValueError("conv2d_winograd_forward: 3x3 kernels and 16 L Cg weight scratch")
-    if ncol < 16 * (col_ld(NT, sizeof(floating)) * (Cg + Lg) + 2 * WINO_PAD) or ncol < 9 * Cg * col_ld(P, sizeof(floating)) or \
-            scratch.shape[0] < num_threads:
+    cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg), r = weight.shape[2]
+    cdef Py_ssize_t planes = wino_planes(r)
+    if (r != 3 and r != 5) or weight.shape[3] != r or u_scratch.shape[0] < planes * L * Cg:
+        raise ValueError("conv2d_winograd_forward: 3x3 or 5x5 kernels and (r + 1)^2 L Cg "
+                         "weight scratch")
+    if ncol < planes * (col_ld(NT, sizeof(floating)) * (Cg + Lg) + 2 * WINO_PAD) or \
+            ncol < r * r * Cg * col_ld(P, sizeof(floating)) or scratch.shape[0] < num_threads:
         raise ValueError("conv2d_winograd_forward: scratch too small")
-    if psz > 0 and upack.shape[0] >= 16 * groups * psz:
+    if psz > 0 and upack.shape[0] >= planes * groups * psz:
         Up = &upack[0]
     cdef WinoJob j
     cdef unsigned char* fin = <unsigned char*> calloc(max(N * groups, 1), 1)
@@ -1879,6 +1927,7 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     j.per = wino_chunk_tiles(NT, N * groups, num_threads, fc_gemm_nr(floating is double))
     j.nch = (NT + j.per - 1) // j.per
     j.psz = psz
+    j.r = r
     j.wb = fc_gemm_mr() if Up != NULL else 8
     j.nwb = (Lg + j.wb - 1) // j.wb
     j.dbl = floating is double

@@ -393,4 +393,268 @@ static void fc_wino_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t 
 FC_WINO_DISPATCH(float, f)
 FC_WINO_DISPATCH(double, d)
 
+/* Winograd F(2x2, 5x5) for 5x5 stride-1 convolutions: 6x6 input patches at stride 2, the
+ * points 0, 1, -1, 2, -2 and infinity (the F(4, 3) input transform's), 36 multiplies per 4
+ * outputs instead of 100 (2.78x fewer flops in the GEMMs):
+ *     B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
+ *            0 4 0 -5 0 1],
+ *     G = [1/4 0 0 0 0; -1/6 -1/6 -1/6 -1/6 -1/6; -1/6 1/6 -1/6 1/6 -1/6;
+ *          1/24 1/12 1/6 1/3 2/3; 1/24 -1/12 1/6 -1/3 2/3; 0 0 0 0 1],
+ *     A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 1].
+ * The same layouts as above with 36 planes (U [36][L][C], V [36][C][nt], M [36][L][nt]) and
+ * the same rules: terms written out (no multiplications by 0), images with an infinity or
+ * NaN convolved directly by the caller.  float32 rounding: about 7x that of the direct sum
+ * (2e-6 of the largest output against 3e-7 for 32 channels of N(0, 1)).  The transforms
+ * run on blocks of FC_W5B tiles held in local arrays, so that every step is a loop over the
+ * block that vectorises (one AVX2 register of floats). */
+#define FC_W5B 8
+
+/* o = B^T d for six vectors of a block (d[j][v], o[k][v]) */
+#define FC_W5_BT(T, o, d)                                                                       \
+    for (int v_ = 0; v_ < FC_W5B; v_++) {                                                    \
+        T a_ = d[4][v_] - 4 * d[2][v_], b_ = d[3][v_] - 4 * d[1][v_];                          \
+        T c_ = d[4][v_] - d[2][v_], e_ = 2 * (d[3][v_] - d[1][v_]);                            \
+        o[0][v_] = (4 * d[0][v_] - 5 * d[2][v_]) + d[4][v_];                                   \
+        o[1][v_] = a_ + b_;                                                                  \
+        o[2][v_] = a_ - b_;                                                                  \
+        o[3][v_] = c_ + e_;                                                                  \
+        o[4][v_] = c_ - e_;                                                                  \
+        o[5][v_] = (4 * d[1][v_] - 5 * d[3][v_]) + d[5][v_];                                   \
+    }
+
+#define FC_WINO5(T, SUF, ATTR)                                                               \
+ATTR static void fc_wino5_weights_##SUF(const T* w, ptrdiff_t L, ptrdiff_t C, ptrdiff_t l0,  \
+                                        ptrdiff_t l1, T* U) {                                \
+    /* U = G g G^T for every (l, c) of output channels [l0, l1), 64 input channels at a */   \
+    /* time, their 25 taps first gathered into rows (g[j][c]) so that the work runs along c */ \
+    const ptrdiff_t LC = L * C;                                                              \
+    T g[25][64], t[6][5][64];                                                                \
+    for (ptrdiff_t l = l0; l < l1; l++)                                                      \
+        for (ptrdiff_t c0 = 0; c0 < C; c0 += 64) {                                           \
+            ptrdiff_t nc = C - c0 < 64 ? C - c0 : 64;                                        \
+            const T* src = w + (l * C + c0) * 25;                                            \
+            for (ptrdiff_t c = 0; c < nc; c++)                                               \
+                for (int j = 0; j < 25; j++) g[j][c] = src[c * 25 + j];                      \
+            for (int j = 0; j < 5; j++)                    /* t = G g (column j) */          \
+                for (ptrdiff_t c = 0; c < nc; c++) {                                         \
+                    T g0 = g[j][c], g1 = g[5 + j][c], g2 = g[10 + j][c];                     \
+                    T g3 = g[15 + j][c], g4 = g[20 + j][c];                                  \
+                    t[0][j][c] = g0 * (T)0.25;                                               \
+                    t[1][j][c] = ((((g0 + g1) + g2) + g3) + g4) * (T)(-1.0 / 6);             \
+                    t[2][j][c] = ((((g0 - g1) + g2) - g3) + g4) * (T)(-1.0 / 6);             \
+                    t[3][j][c] = ((((g0 + 2 * g1) + 4 * g2) + 8 * g3) + 16 * g4) * (T)(1.0 / 24); \
+                    t[4][j][c] = ((((g0 - 2 * g1) + 4 * g2) - 8 * g3) + 16 * g4) * (T)(1.0 / 24); \
+                    t[5][j][c] = g4;                                                         \
+                }                                                                            \
+            for (int i = 0; i < 6; i++) {                  /* u = t G^T */                   \
+                T* u = U + (i * 6) * LC + l * C + c0;                                        \
+                for (ptrdiff_t c = 0; c < nc; c++) {                                         \
+                    T g0 = t[i][0][c], g1 = t[i][1][c], g2 = t[i][2][c];                     \
+                    T g3 = t[i][3][c], g4 = t[i][4][c];                                      \
+                    u[c] = g0 * (T)0.25;                                                     \
+                    u[LC + c] = ((((g0 + g1) + g2) + g3) + g4) * (T)(-1.0 / 6);              \
+                    u[2 * LC + c] = ((((g0 - g1) + g2) - g3) + g4) * (T)(-1.0 / 6);          \
+                    u[3 * LC + c] = ((((g0 + 2 * g1) + 4 * g2) + 8 * g3) + 16 * g4) * (T)(1.0 / 24); \
+                    u[4 * LC + c] = ((((g0 - 2 * g1) + 4 * g2) - 8 * g3) + 16 * g4) * (T)(1.0 / 24); \
+                    u[5 * LC + c] = g4;                                                      \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+}                                                                                            \
+                                                                                             \
+/* V for tiles [ta, tb) of one tile row from its six padded input rows, each split into */    \
+/* its even and odd columns (e[i], e[i] + S): tile q's row i is E[q], O[q], E[q + 1], */      \
+/* O[q + 1], E[q + 2], O[q + 2], contiguous across tiles; rows are read up to FC_W5B - 1 */  \
+/* values past tb + 2 (the buffer's slack), never stored */                                  \
+ATTR static void fc_wino5_in_tiles_##SUF(const T* const* e, ptrdiff_t S, ptrdiff_t ta,        \
+                                         ptrdiff_t tb, T* v, ptrdiff_t CT, int spill) {      \
+    for (ptrdiff_t q0 = ta; q0 < tb; q0 += FC_W5B) {                                         \
+        T s[6][6][FC_W5B], d[6][FC_W5B], o[6][FC_W5B];                                       \
+        for (int i = 0; i < 6; i++) {                      /* s_i = row i of d B */          \
+            const T* E = e[i] + q0;                                                          \
+            const T* O = E + S;                                                              \
+            for (int v_ = 0; v_ < FC_W5B; v_++) {                                            \
+                d[0][v_] = E[v_]; d[1][v_] = O[v_]; d[2][v_] = E[v_ + 1];                    \
+                d[3][v_] = O[v_ + 1]; d[4][v_] = E[v_ + 2]; d[5][v_] = O[v_ + 2];            \
+            }                                                                                \
+            FC_W5_BT(T, s[i], d)                                                                \
+        }                                                                                    \
+        const ptrdiff_t nb = tb - q0 < FC_W5B ? tb - q0 : FC_W5B;                            \
+        for (int l = 0; l < 6; l++) {                      /* column l of B^T s */           \
+            for (int i = 0; i < 6; i++)                                                      \
+                for (int v_ = 0; v_ < FC_W5B; v_++) d[i][v_] = s[i][l][v_];                  \
+            FC_W5_BT(T, o, d)                                                                 \
+            for (int k = 0; k < 6; k++) {                                                    \
+                T* dst = v + (k * 6 + l) * CT + q0;                                          \
+                if (nb == FC_W5B || spill)                                                   \
+                    for (int v_ = 0; v_ < FC_W5B; v_++) dst[v_] = o[k][v_];                  \
+                else                                                                         \
+                    for (ptrdiff_t v_ = 0; v_ < nb; v_++) dst[v_] = o[k][v_];                \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* V for tiles [t0, t0 + nt) of x (C, H, W; pH, pW: top and left padding, negative crops): */ \
+/* the input rows of a block of tile rows copied zero-padded and split into even and odd */   \
+/* columns (the padding zeroed once a block, then only the image's values copied per */       \
+/* channel); tile rows too wide for the buffer one tile (scalar, bounds-checked) at a time */ \
+ATTR static void fc_wino5_input_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,        \
+        ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, ptrdiff_t ld,   \
+        T* V, ptrdiff_t CT) {                                                                \
+    T buf[FC_WINO_PAD_VALS];                                                                 \
+    const ptrdiff_t S = TW + 2 + FC_W5B, Wp = 2 * S;                                         \
+    const ptrdiff_t rows = (FC_WINO_PAD_VALS / Wp - 4) / 2;                                  \
+    if (nt <= 0)                                                                             \
+        return;                                                                              \
+    const ptrdiff_t tha = t0 / TW, thz = (t0 + nt - 1) / TW;                                 \
+    if (rows < 1) {                                                                          \
+        for (ptrdiff_t c = 0; c < C; c++)                                                    \
+            for (ptrdiff_t t = t0; t < t0 + nt; t++) {                                       \
+                const ptrdiff_t th = t / TW, tw = t - th * TW;                               \
+                T d[6][6], r[6][6];                                                          \
+                for (int i = 0; i < 6; i++)                                                  \
+                    for (int j = 0; j < 6; j++) {                                            \
+                        ptrdiff_t ih = 2 * th - pH + i, iw = 2 * tw - pW + j;                \
+                        d[i][j] = (ih >= 0 && ih < H && iw >= 0 && iw < W)                   \
+                                  ? x[(c * H + ih) * W + iw] : (T)0;                         \
+                    }                                                                        \
+                for (int i = 0; i < 6; i++) {              /* r = d B (row by row) */        \
+                    T a_ = d[i][4] - 4 * d[i][2], b_ = d[i][3] - 4 * d[i][1];                \
+                    T c_ = d[i][4] - d[i][2], e_ = 2 * (d[i][3] - d[i][1]);                  \
+                    r[i][0] = (4 * d[i][0] - 5 * d[i][2]) + d[i][4];                         \
+                    r[i][1] = a_ + b_; r[i][2] = a_ - b_; r[i][3] = c_ + e_;                 \
+                    r[i][4] = c_ - e_;                                                       \
+                    r[i][5] = (4 * d[i][1] - 5 * d[i][3]) + d[i][5];                         \
+                }                                                                            \
+                T* vt = V + c * ld + (t - t0);                                               \
+                for (int l = 0; l < 6; l++) {              /* B^T r (column by column) */    \
+                    T a_ = r[4][l] - 4 * r[2][l], b_ = r[3][l] - 4 * r[1][l];                \
+                    T c_ = r[4][l] - r[2][l], e_ = 2 * (r[3][l] - r[1][l]);                  \
+                    vt[l * CT] = (4 * r[0][l] - 5 * r[2][l]) + r[4][l];                      \
+                    vt[(6 + l) * CT] = a_ + b_;                                              \
+                    vt[(12 + l) * CT] = a_ - b_;                                             \
+                    vt[(18 + l) * CT] = c_ + e_;                                             \
+                    vt[(24 + l) * CT] = c_ - e_;                                             \
+                    vt[(30 + l) * CT] = (4 * r[1][l] - 5 * r[3][l]) + r[5][l];               \
+                }                                                                            \
+            }                                                                                \
+        return;                                                                              \
+    }                                                                                        \
+    /* padded column u = 2i (E[i]) or 2i + 1 (O[i]) holds x[.., u - pW] inside the image */   \
+    const ptrdiff_t ua = pW > 0 ? pW : 0, ub = W + pW < 2 * (TW + 2) ? W + pW : 2 * (TW + 2); \
+    const ptrdiff_t ia = (ua + 1) / 2, ib = ub / 2;     /* pairs wholly inside: [ia, ib) */  \
+    /* one block of tile rows: a tile row's last block may store all FC_W5B lanes, the */    \
+    /* extra ones landing on tiles stored after it (the next tile row's, the next */         \
+    /* channel's) or in the planes' padding past the last channel (>= FC_W5B values) */      \
+    const int spill = thz - tha + 1 <= rows;                                                 \
+    for (ptrdiff_t th0 = tha; th0 <= thz; th0 += rows) {                                     \
+        const ptrdiff_t th1 = thz - th0 + 1 < rows ? thz + 1 : th0 + rows;                   \
+        const ptrdiff_t R = 2 * (th1 - th0) + 4, ih0 = 2 * th0 - pH;                         \
+        const ptrdiff_t ra = ih0 < 0 ? -ih0 : 0, rb = H - ih0 < R ? H - ih0 : R;             \
+        for (ptrdiff_t i = 0; i < R * Wp; i++) buf[i] = (T)0;                                \
+        for (ptrdiff_t c = 0; c < C; c++) {                                                  \
+            const T* xc = x + c * H * W;                                                     \
+            for (ptrdiff_t r = ra; r < rb; r++) {                                            \
+                const T* xr = xc + (ih0 + r) * W - pW;            /* xr[u]: column u */      \
+                T* E = buf + r * Wp;                                                         \
+                T* O = E + S;                                                                \
+                for (ptrdiff_t i = ia; i < ib; i++) {                                        \
+                    E[i] = xr[2 * i];                                                        \
+                    O[i] = xr[2 * i + 1];                                                    \
+                }                                                                            \
+                if (ua & 1) O[ua / 2] = xr[ua];                 /* odd first column */       \
+                if (ub & 1) E[ub / 2] = xr[ub - 1];             /* even last column */       \
+            }                                                                                \
+            T* vc = V + c * ld - t0;                                                         \
+            for (ptrdiff_t th = th0; th < th1; th++) {                                       \
+                ptrdiff_t ta = th * TW < t0 ? t0 - th * TW : 0;                              \
+                ptrdiff_t tb = (th + 1) * TW > t0 + nt ? t0 + nt - th * TW : TW;             \
+                const T* e[6];                                                               \
+                for (int i = 0; i < 6; i++) e[i] = buf + (2 * (th - th0) + i) * Wp;          \
+                fc_wino5_in_tiles_##SUF(e, S, ta, tb, vc + th * TW, CT, spill);              \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+/* out (+ bias when b is not NULL) from M for tiles [t0, t0 + nt), their parts inside */      \
+/* OH x OW: blocks of FC_W5B consecutive tiles (across tile rows), A^T m A in local arrays, */ \
+/* then each tile's 2x2 stored.  The last block's loads run up to FC_W5B - 1 values past */  \
+/* the chunk's tiles (into the row's slack, the next row or the planes' padding: read, */     \
+/* never stored) */                                                                           \
+ATTR static void fc_wino5_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,     \
+                                       ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH,             \
+                                       ptrdiff_t OW, const T* b, T* out, ptrdiff_t LT) {     \
+    for (ptrdiff_t l = 0; l < L; l++) {                                                      \
+        const T bias = b ? b[l] : (T)0;                                                      \
+        T* ol = out + l * OH * OW;                                                           \
+        const T* ml = M + l * ld;                                                            \
+        ptrdiff_t th = t0 / TW, tw = t0 - th * TW;                                           \
+        for (ptrdiff_t q0 = 0; q0 < nt; q0 += FC_W5B) {                                      \
+            const ptrdiff_t nb = nt - q0 < FC_W5B ? nt - q0 : FC_W5B;                        \
+            T s[2][6][FC_W5B], y[4][FC_W5B];                                                 \
+            for (int j = 0; j < 6; j++) {                  /* s = A^T m, column j */         \
+                T m[6][FC_W5B];                                                              \
+                for (int i = 0; i < 6; i++) {                                                \
+                    const T* mp = ml + (i * 6 + j) * LT + q0;                                \
+                    for (int v_ = 0; v_ < FC_W5B; v_++) m[i][v_] = mp[v_];                   \
+                }                                                                            \
+                for (int v_ = 0; v_ < FC_W5B; v_++) {                                        \
+                    s[0][j][v_] = (((m[0][v_] + m[1][v_]) + m[2][v_]) + m[3][v_]) + m[4][v_]; \
+                    s[1][j][v_] = ((m[1][v_] - m[2][v_]) + 2 * (m[3][v_] - m[4][v_]))        \
+                                  + m[5][v_];                                                \
+                }                                                                            \
+            }                                                                                \
+            for (int i = 0; i < 2; i++)                    /* y = s A */                     \
+                for (int v_ = 0; v_ < FC_W5B; v_++) {                                        \
+                    y[2 * i][v_] = ((((s[i][0][v_] + s[i][1][v_]) + s[i][2][v_])             \
+                                     + s[i][3][v_]) + s[i][4][v_]) + bias;                   \
+                    y[2 * i + 1][v_] = (((s[i][1][v_] - s[i][2][v_])                         \
+                                         + 2 * (s[i][3][v_] - s[i][4][v_])) + s[i][5][v_])   \
+                                       + bias;                                               \
+                }                                                                            \
+            for (ptrdiff_t v_ = 0; v_ < nb; v_++) {                                          \
+                T* o0 = ol + 2 * th * OW + 2 * tw;                                           \
+                if (2 * th + 1 < OH && 2 * tw + 1 < OW) {  /* a whole tile */                \
+                    o0[0] = y[0][v_]; o0[1] = y[1][v_];                                      \
+                    o0[OW] = y[2][v_]; o0[OW + 1] = y[3][v_];                                \
+                } else                                                                       \
+                    for (int i = 0; i < 2 && 2 * th + i < OH; i++) {                         \
+                        o0[i * OW] = y[2 * i][v_];                                           \
+                        if (2 * tw + 1 < OW) o0[i * OW + 1] = y[2 * i + 1][v_];              \
+                    }                                                                        \
+                if (++tw == TW) {                                                            \
+                    tw = 0;                                                                  \
+                    th++;                                                                    \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+FC_WINO5(float, f_base, )
+FC_WINO5(double, d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_WINO5(float, f_avx2, FC_AVX2)
+FC_WINO5(double, d_avx2, FC_AVX2)
+#endif
+#define FC_WINO5_DISPATCH(T, S)                                                              \
+static void fc_wino5_weights_##S(const T* w, ptrdiff_t L, ptrdiff_t C, ptrdiff_t l0,       \
+                                 ptrdiff_t l1, T* U) {                                       \
+    FC_PICK(fc_wino5_weights_##S, w, L, C, l0, l1, U);                                       \
+}                                                                                            \
+static void fc_wino5_input_##S(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W,            \
+                               ptrdiff_t pH, ptrdiff_t pW, ptrdiff_t TW, ptrdiff_t t0,       \
+                               ptrdiff_t nt, ptrdiff_t ld, T* V, ptrdiff_t CT) {             \
+    FC_PICK(fc_wino5_input_##S, x, C, H, W, pH, pW, TW, t0, nt, ld, V, CT);                  \
+}                                                                                            \
+static void fc_wino5_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,         \
+                                ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH, ptrdiff_t OW,      \
+                                const T* b, T* out, ptrdiff_t LT) {                          \
+    FC_PICK(fc_wino5_output_##S, M, L, TW, t0, nt, ld, OH, OW, b, out, LT);                  \
+}
+FC_WINO5_DISPATCH(float, f)
+FC_WINO5_DISPATCH(double, d)
+
 #endif /* FASTCONV_WINOGRAD_H */

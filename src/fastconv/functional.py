@@ -436,22 +436,41 @@ def _dummy(dtype):
     return np.zeros((1, 1, 1, 1), dtype)
 
 
-# Winograd F(2x2, 3x3) (_winograd.h) for 3x3 stride-1 undilated convolutions with at least
-# _WINOGRAD_MIN_CHANNELS input and output channels per group (at most twice as many out as in)
-# and output planes at least _WINOGRAD_MIN_SIZE on a side; elsewhere im2col + GEMM was faster
-# (benchmarks/README.md).  The tests lower both to 1 to run every shape through it.
+# Winograd F(2x2, 3x3) and F(2x2, 5x5) (_winograd.h) for 3x3 and 5x5 stride-1 undilated
+# convolutions with at least _WINOGRAD_MIN_CHANNELS input and output channels per group (at
+# most twice as many out as in; 5x5: one side at least twice that) and output planes at least
+# _WINOGRAD_MIN_SIZE on a side; elsewhere im2col + GEMM (3x3) or the direct kernels (5x5) were
+# faster (benchmarks/README.md).  The tests lower both to 1 to run every shape through it;
+# _WINOGRAD5 = False leaves 5x5s to the other kernels (A/B runs).
 _WINOGRAD_MIN_CHANNELS = 16
 _WINOGRAD_MIN_SIZE = 8
+_WINOGRAD5 = True
 
 
-def _use_winograd(geo, weight, backward=False):
+def _use_winograd(geo, weight, backward=False, n=2):
     """Winograd for conv2d (or, backward=True, for conv2d_backward's grad_x: the same
-    kind of convolution of grad_out, channel roles swapped, onto the input plane)."""
+    kind of convolution of grad_out, channel roles swapped, onto the input plane); n: the
+    batch.  F(2x2, 5x5) against the direct kernels (Zen 3, AVX2, 2026-12-05, single calls
+    alternated, 1 / 2 threads, float32): LeNet's conv2 32 -> 64 on 14x14 batch 64 1.54x /
+    1.52x, batch 8 1.36x / 1.29x; 64 -> 64 on 28x28 1.68-1.79x / 1.70-1.83x; 16 -> 32 on
+    32x32 batch 8 1.22x / 1.25x; float64 batch 64 1.62x / 1.56x; but 16 -> 16 on 16x16 0.98x
+    / 0.94x.  Its grad_x 1.35-1.80x at batch 8-64.  Batch 1 stays direct: alone 1.16x /
+    1.19x (float64 1.37x / 1.28x), but the transformed weights (1.44x the weights, and their
+    packed copy) fall out of cache between calls where other work runs: the LeNet-style
+    model at batch 1 in the suite's rotation ran 0.68x / 0.75x; grad_x (its flipped kernel
+    transformed anew every call) 0.93-1.01x."""
     cin, cout = weight.shape[1], geo["L"] // geo["g"]
     oh, ow = geo["OH"], geo["OW"]
     if backward:
         cin, cout, oh, ow = cout, cin, geo["H"], geo["W"]
-    return (geo["k"] == (3, 3) and geo["s"] == (1, 1) and geo["d"] == (1, 1)
+    k = geo["k"]
+    if k == (5, 5):
+        if not _WINOGRAD5 or n < 2 or \
+                max(cin, cout) < 2 * _WINOGRAD_MIN_CHANNELS:
+            return False
+    elif k != (3, 3):
+        return False
+    return (geo["s"] == (1, 1) and geo["d"] == (1, 1)
             and min(cin, cout) >= _WINOGRAD_MIN_CHANNELS and cout <= 2 * cin
             and min(oh, ow) >= _WINOGRAD_MIN_SIZE)
 
@@ -594,8 +613,8 @@ def _wino_weights(wc, groups, dt, fn, cache):
     """(u, wpack, ready, entry) for the Winograd kernel: ready when u and wpack already hold
     the transform of wc's bytes; entry, when not ready, is the cache entry to complete once
     the kernel has filled them (None: not cached)."""
-    Cg, Lg = wc.shape[1], wc.shape[0] // groups
-    nu, npk = 16 * wc.shape[0] * Cg, 16 * groups * _kernels.gemm_packed_size(Lg, Cg)
+    Cg, Lg, a = wc.shape[1], wc.shape[0] // groups, (wc.shape[2] + 1) ** 2
+    nu, npk = a * wc.shape[0] * Cg, a * groups * _kernels.gemm_packed_size(Lg, Cg)
     e = None
     if cache:
         entries, seen = _wino_state()
@@ -633,22 +652,22 @@ def _wino_weights(wc, groups, dt, fn, cache):
             while total > _WINO_CACHE_BYTES:
                 total -= entries.popitem(last=False)[1]["bytes"]
     if e is None:
-        return (_alloc((nu,), dt, fn, "Winograd weights"), _wpack(Lg, Cg, 16 * groups, dt, fn),
+        return (_alloc((nu,), dt, fn, "Winograd weights"), _wpack(Lg, Cg, a * groups, dt, fn),
                 False, None)
     e["ready"] = False
     return e["u"], e["pack"], False, e
 
 
 def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=False):
-    """out = the 3x3 stride-1 convolution of xc by wc (+ bc) with these top/left paddings
-    (negative: cropping), by the Winograd kernel (BLAS held at one thread when it does the
-    GEMMs, that is without the own GEMM).  cache: wc is the caller's own weight array, whose
-    transform may be kept for the next call (see _WINO_CACHE_MAX_N)."""
-    Cg, Lg = wc.shape[1], wc.shape[0] // groups
+    """out = the 3x3 or 5x5 stride-1 convolution of xc by wc (+ bc) with these top/left
+    paddings (negative: cropping), by the Winograd kernel (BLAS held at one thread when it
+    does the GEMMs, that is without the own GEMM).  cache: wc is the caller's own weight
+    array, whose transform may be kept for the next call (see _WINO_CACHE_MAX_N)."""
+    Cg, Lg, r = wc.shape[1], wc.shape[0] // groups, wc.shape[2]
     OH, OW = out.shape[2], out.shape[3]
     tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
-    scratch = _scratch(team, max(16 * (_col_ld(tiles, dt) * (Cg + Lg) + 32),
-                                 9 * Cg * _col_ld(OH * OW, dt)),
+    scratch = _scratch(team, max((r + 1) ** 2 * (_col_ld(tiles, dt) * (Cg + Lg) + 32),
+                                 r * r * Cg * _col_ld(OH * OW, dt)),
                        dt, fn)
     u, wpack, ready, entry = _wino_weights(
         wc, groups, dt, fn, cache and 0 < xc.shape[0] <= _WINO_CACHE_MAX_N)
@@ -755,7 +774,7 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     g = geo["g"]
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     depthwise = _is_depthwise(geo, weight)
-    wino = not depthwise and _use_winograd(geo, weight)
+    wino = not depthwise and _use_winograd(geo, weight, n=N)
     direct = not (depthwise or wino) and _use_direct(geo, weight.shape[1], dt, pool, N)
     wpack = _EMPTY[dt.char] if depthwise or wino or direct else _wpack(L // g, K, g, dt, fn)
     if pool is not None and not direct and (depthwise or wino or not wpack.size):
@@ -843,7 +862,7 @@ def _knobs():
     """The settings that steer the forward functions' choices of kernel, threads and path
     (plans made under other settings are not used)."""
     return (get_num_threads(), _GRAIN, _DIRECT, _DEPTHWISE, _WINOGRAD_MIN_CHANNELS,
-            _WINOGRAD_MIN_SIZE, _LINEAR_OWN_ROWS)
+            _WINOGRAD_MIN_SIZE, _WINOGRAD5, _LINEAR_OWN_ROWS)
 
 
 def _conv2d_own(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=None):
@@ -958,12 +977,12 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
     scratch = _scratch(rows, ncol, dt, fn)
     wpart = _alloc((rows, L * K if need_w else 0), dt, fn, "weight-gradient partials", zero=True)
     bpart = _alloc((rows, L if need_b else 0), dt, fn, "bias-gradient partials", zero=True)
-    if N > 0 and need_x and _use_winograd(geo, weight, backward=True):
-        # grad_x is the 3x3 stride-1 convolution of grad_out by the flipped, transposed kernel
+    if N > 0 and need_x and _use_winograd(geo, weight, backward=True, n=N):
+        # grad_x is the stride-1 convolution of grad_out by the flipped, transposed kernel
         # with the complementary padding: Winograd too
-        pad = geo["pad"]
-        _winograd(_c(grad_out, dt), _flipped(weight, g, dt), np.zeros(0, dt), gx, 2 - pad[0],
-                  2 - pad[2], g, _team(16 * N * g, N * L * OH * OW * K), dt, fn)
+        pad, kk = geo["pad"], weight.shape[2] - 1
+        _winograd(_c(grad_out, dt), _flipped(weight, g, dt), np.zeros(0, dt), gx, kk - pad[0],
+                  kk - pad[2], g, _team(16 * N * g, N * L * OH * OW * K), dt, fn)
         need_x = False
     elif N > 0 and need_x:
         geo_x = _xgrad_geometry(geo, weight.shape[1])
