@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastconv as fc
+import fastconv.nn as nn
 from fastconv import _kernels
 from fastconv import functional as F
 import reference as ref
@@ -269,7 +270,7 @@ def _spy_ready(monkeypatch):
     real = _kernels.conv2d_winograd_forward
 
     def spy(*args):
-        seen.append(bool(args[-1]) if len(args) == 13 else False)
+        seen.append(bool(args[12]) if len(args) >= 13 else False)      # (ready, relu)
         return real(*args)
     monkeypatch.setattr(_kernels, "conv2d_winograd_forward", spy)
     return seen
@@ -448,3 +449,32 @@ def test_winograd_weight_cache_follows_levels(dtype, wino_cache, monkeypatch):
     finally:
         _kernels.set_gemm(levels[0])
         _kernels.set_simd512(old512)
+
+
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_winograd5_fused_relu(dtype, threads):
+    """Conv2d -> ReLU (nn.Sequential's fused call) by F(2x2, 5x5) applies the ReLU in the
+    output transform: against the reference's max(y, 0), odd output sizes (partial tiles),
+    an image holding a NaN (convolved directly, then the ReLU: NaN kept where its windows
+    reach) beside clean ones, and as nn.Sequential's layers."""
+    r = np.random.default_rng(21)
+    x = r.uniform(-1, 1, (3, 4, 9, 7)).astype(dtype)
+    w = r.uniform(-1, 1, (6, 4, 5, 5)).astype(dtype)
+    b = r.uniform(-1, 1, 6).astype(dtype)
+    x[1, 2, 4, 3] = np.nan
+    assert F._use_winograd(F._conv_setup("t", x, w, 1, 2, 1, 1), w, n=3)
+    with np.errstate(invalid="ignore"):
+        want = np.maximum(ref.conv2d(x, w, b, padding=2), 0)
+    with num_threads(threads):
+        got = F._conv2d(x, w, b, 1, 2, 1, 1, None, True)
+        layers = nn.Sequential(nn.Conv2d(4, 6, 5, padding=2, dtype=dtype), nn.ReLU())
+        layers[0].weight.data[...] = w
+        layers[0].bias.data[...] = b
+        seq = layers(x)
+    for y in (got, seq):
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+        ok = ~np.isnan(want)
+        assert (y[ok] >= 0).all()
+        close(y[ok], want[ok], np.dtype(dtype))

@@ -1615,7 +1615,7 @@ cdef extern from "_winograd.h":
     void fc_wino_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                           Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
                           const double* b, double* out, Py_ssize_t ms) nogil
-    # F(2x2, 5x5): the same arguments, 36 planes
+    # F(2x2, 5x5): the same arguments, 36 planes (and the output's fused ReLU)
     void fc_wino5_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
                             Py_ssize_t l1, float* U) nogil
     void fc_wino5_weights_d(const double* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
@@ -1628,10 +1628,10 @@ cdef extern from "_winograd.h":
                           Py_ssize_t nt, Py_ssize_t ld, double* V, Py_ssize_t vs) nogil
     void fc_wino5_output_f(const float* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                            Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
-                           const float* b, float* out, Py_ssize_t ms) nogil
+                           const float* b, float* out, Py_ssize_t ms, int relu) nogil
     void fc_wino5_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                            Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
-                           const double* b, double* out, Py_ssize_t ms) nogil
+                           const double* b, double* out, Py_ssize_t ms, int relu) nogil
 
 
 cdef enum:
@@ -1675,10 +1675,10 @@ cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
                      const floating* b, floating* out, floating* work,
                      Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
                      Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
-                     Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t r) noexcept nogil:
+                     Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t r, bint relu) noexcept nogil:
     """Tiles [t0, t0 + nt) of one (image, group) by Winograd F(2x2, r x r), r = 3 or 5 (see
     _winograd.h): their input transform, the (r + 1)^2 GEMMs and the output transform, in
-    work."""
+    work; relu (5x5 only): max(out, 0) as it is stored."""
     cdef Py_ssize_t TW = (OW + 1) // 2, xi, planes = wino_planes(r)
     cdef Py_ssize_t ld = col_ld(nt, sizeof(floating))
     cdef Py_ssize_t vs = Cg * ld + WINO_PAD, ms = Lg * ld + WINO_PAD
@@ -1700,12 +1700,12 @@ cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
         wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, nt, ld)
     if floating is float:
         if r == 5:
-            fc_wino5_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
+            fc_wino5_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms, relu)
         else:
             fc_wino_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
     else:
         if r == 5:
-            fc_wino5_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
+            fc_wino5_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms, relu)
         else:
             fc_wino_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
 
@@ -1770,6 +1770,7 @@ cdef struct WinoJob:
     unsigned char* fin
     Py_ssize_t ncol, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per, nch, psz, wb, nwb
     Py_ssize_t r        # the kernel's size: 3 or 5
+    bint relu           # (5x5) max(out, 0) in the output transform
     int phase
     bint dbl
 
@@ -1821,13 +1822,15 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
         if not ok:
             conv_item(x, w + g * Lg * Cg * r * r, b, out, work, Cg, j.H, j.W, Lg, r, r, 1, 1,
                       j.pH, j.pW, 1, 1, j.OH, j.OW, False)
+            if j.relu:
+                relu_rows(out, 1, 0, Lg * j.OH * j.OW)
             return
     elif not fc_once_get(j.fin + item):
         return
     t0 = k * j.per
     wino_tiles(x, U + g * planes * Lg * Cg, Up + g * planes * j.psz if Up != NULL else NULL,
                b, out, work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0,
-               min(j.per, j.NT - t0), r)
+               min(j.per, j.NT - t0), r, j.relu)
 
 
 cdef void wino_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -1862,12 +1865,13 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
                             floating[::1] u_scratch, floating[::1] upack,
                             floating[:, ::1] scratch,
                             Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t groups, bint has_bias,
-                            int num_threads, bint ready=False):
+                            int num_threads, bint ready=False, bint relu=False):
     """conv2d_forward for 3x3 or 5x5 kernels (r x r), stride 1, dilation 1, by Winograd
     F(2x2, r x r): a = (r + 1)^2 transformed planes (16 or 36).
 
     ready: u_scratch and upack already hold this weight's transform (functional's cache of
-    them for small batches): the first job, which makes them, is skipped.
+    them for small batches): the first job, which makes them, is skipped.  relu (5x5 only):
+    out = max(out, 0) (NaN kept, -0 -> +0) in the output transform.
 
     u_scratch: a * L * Cg (the transformed weights); upack: a * groups *
     gemm_packed_size(L/groups, Cg) for them packed for the own GEMM, smaller (empty): BLAS
@@ -1928,6 +1932,9 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     j.nch = (NT + j.per - 1) // j.per
     j.psz = psz
     j.r = r
+    if relu and r != 5:
+        raise ValueError("conv2d_winograd_forward: relu only with 5x5 kernels")
+    j.relu = relu
     j.wb = fc_gemm_mr() if Up != NULL else 8
     j.nwb = (Lg + j.wb - 1) // j.wb
     j.dbl = floating is double

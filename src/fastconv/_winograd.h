@@ -579,13 +579,14 @@ ATTR static void fc_wino5_input_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H, ptrd
 }                                                                                            \
                                                                                              \
 /* out (+ bias when b is not NULL) from M for tiles [t0, t0 + nt), their parts inside */      \
-/* OH x OW: blocks of FC_W5B consecutive tiles (across tile rows), A^T m A in local arrays, */ \
-/* then each tile's 2x2 stored.  The last block's loads run up to FC_W5B - 1 values past */  \
-/* the chunk's tiles (into the row's slack, the next row or the planes' padding: read, */     \
-/* never stored) */                                                                           \
+/* OH x OW (then max(., 0) when relu): blocks of FC_W5B consecutive tiles (across tile */    \
+/* rows), A^T m A in local arrays, then each tile's 2x2 stored.  The last block's loads */   \
+/* run up to FC_W5B - 1 values past the chunk's tiles (into the row's slack, the next */     \
+/* row or the planes' padding: read, never stored) */                                        \
 ATTR static void fc_wino5_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,     \
                                        ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH,             \
-                                       ptrdiff_t OW, const T* b, T* out, ptrdiff_t LT) {     \
+                                       ptrdiff_t OW, const T* b, T* out, ptrdiff_t LT,       \
+                                       int relu) {                                           \
     for (ptrdiff_t l = 0; l < L; l++) {                                                      \
         const T bias = b ? b[l] : (T)0;                                                      \
         T* ol = out + l * OH * OW;                                                           \
@@ -608,11 +609,16 @@ ATTR static void fc_wino5_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, pt
             }                                                                                \
             for (int i = 0; i < 2; i++)                    /* y = s A */                     \
                 for (int v_ = 0; v_ < FC_W5B; v_++) {                                        \
-                    y[2 * i][v_] = ((((s[i][0][v_] + s[i][1][v_]) + s[i][2][v_])             \
-                                     + s[i][3][v_]) + s[i][4][v_]) + bias;                   \
-                    y[2 * i + 1][v_] = (((s[i][1][v_] - s[i][2][v_])                         \
-                                         + 2 * (s[i][3][v_] - s[i][4][v_])) + s[i][5][v_])   \
-                                       + bias;                                               \
+                    T a_ = ((((s[i][0][v_] + s[i][1][v_]) + s[i][2][v_])                     \
+                             + s[i][3][v_]) + s[i][4][v_]) + bias;                           \
+                    T c_ = (((s[i][1][v_] - s[i][2][v_])                                     \
+                             + 2 * (s[i][3][v_] - s[i][4][v_])) + s[i][5][v_]) + bias;       \
+                    if (relu) {          /* max(y, 0) as nn.ReLU: NaN kept, -0 -> +0 */      \
+                        a_ = (a_ > (T)0) | (a_ != a_) ? a_ : (T)0;                           \
+                        c_ = (c_ > (T)0) | (c_ != c_) ? c_ : (T)0;                           \
+                    }                                                                        \
+                    y[2 * i][v_] = a_;                                                       \
+                    y[2 * i + 1][v_] = c_;                                                   \
                 }                                                                            \
             for (ptrdiff_t v_ = 0; v_ < nb; v_++) {                                          \
                 T* o0 = ol + 2 * th * OW + 2 * tw;                                           \
@@ -651,8 +657,8 @@ static void fc_wino5_input_##S(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W
 }                                                                                            \
 static void fc_wino5_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,         \
                                 ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH, ptrdiff_t OW,      \
-                                const T* b, T* out, ptrdiff_t LT) {                          \
-    FC_PICK(fc_wino5_output_##S, M, L, TW, t0, nt, ld, OH, OW, b, out, LT);                  \
+                                const T* b, T* out, ptrdiff_t LT, int relu) {                \
+    FC_PICK(fc_wino5_output_##S, M, L, TW, t0, nt, ld, OH, OW, b, out, LT, relu);            \
 }
 FC_WINO5_DISPATCH(float, f)
 FC_WINO5_DISPATCH(double, d)

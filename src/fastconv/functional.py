@@ -658,11 +658,13 @@ def _wino_weights(wc, groups, dt, fn, cache):
     return e["u"], e["pack"], False, e
 
 
-def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=False):
+def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=False,
+              relu=False):
     """out = the 3x3 or 5x5 stride-1 convolution of xc by wc (+ bc) with these top/left
     paddings (negative: cropping), by the Winograd kernel (BLAS held at one thread when it
     does the GEMMs, that is without the own GEMM).  cache: wc is the caller's own weight
-    array, whose transform may be kept for the next call (see _WINO_CACHE_MAX_N)."""
+    array, whose transform may be kept for the next call (see _WINO_CACHE_MAX_N).  relu (5x5
+    only): max(out, 0) fused into the output transform."""
     Cg, Lg, r = wc.shape[1], wc.shape[0] // groups, wc.shape[2]
     OH, OW = out.shape[2], out.shape[3]
     tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
@@ -673,7 +675,7 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=Fa
         wc, groups, dt, fn, cache and 0 < xc.shape[0] <= _WINO_CACHE_MAX_N)
     with blas_threads(1) if not wpack.size else _NO_BLAS:
         _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, wpack, scratch, pad_top, pad_left,
-                                         groups, bc.shape[0] > 0, team, ready)
+                                         groups, bc.shape[0] > 0, team, ready, relu)
     if entry is not None:
         np.copyto(entry["w"], wc.reshape(-1))
         entry["ready"] = True
@@ -801,9 +803,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     if wino:
         # fewer images than threads: the kernel shares each image's work among them
+        fuse = relu and weight.shape[2] == 5     # (5x5: in the output transform)
         _winograd(xc, wc, bc, out, pad[0], pad[2], g, _team(16 * N * g, N * L * OH * OW * K),
-                  dt, fn, cache=wc is weight)
-        return done(_relu_inplace(out) if relu else out)
+                  dt, fn, cache=wc is weight, relu=fuse)
+        return done(_relu_inplace(out) if relu and not fuse else out)
     direct = _is_direct(geo, x)
     if wpack.size:
         # the own GEMM: im2col one block of columns at a time; threads share images by blocks
