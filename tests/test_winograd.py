@@ -478,3 +478,47 @@ def test_winograd5_fused_relu(dtype, threads):
         ok = ~np.isnan(want)
         assert (y[ok] >= 0).all()
         close(y[ok], want[ok], np.dtype(dtype))
+
+
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("hw", [(9, 7), (8, 12)])
+def test_winograd5_fused_pool(dtype, threads, relu, keep, hw):
+    """Conv2d [-> ReLU] -> MaxPool2d(2) (nn.Sequential's fused call) by F(2x2, 5x5) pools
+    each output tile (one window) in the output transform, the convolution's output stored
+    only with keep: bit for bit the unfused Winograd call then max_pool2d, close to the
+    reference; odd sizes (the last tile row / column outside the floor-mode windows), an
+    image with a NaN (convolved directly into the scratch when the output is not kept, then
+    pooled: NaN kept) beside clean ones; and as nn.Sequential's layers in inference and
+    training mode."""
+    r = np.random.default_rng(22)
+    x = r.uniform(-1, 1, (3, 4) + hw).astype(dtype)
+    w = r.uniform(-1, 1, (6, 4, 5, 5)).astype(dtype)
+    b = r.uniform(-1, 1, 6).astype(dtype)
+    x[1, 2, 4, 3] = np.nan
+    assert F._use_winograd(F._conv_setup("t", x, w, 1, 2, 1, 1), w, n=3)
+    with np.errstate(invalid="ignore"):
+        y = ref.conv2d(x, w, b, padding=2)
+        want = ref.max_pool2d(np.maximum(y, 0) if relu else y, 2)
+    with num_threads(threads):
+        y_got, got = F._conv2d(x, w, b, 1, 2, 1, 1, None, relu, (2, 2), keep)
+        y_sep = F._conv2d(x, w, b, 1, 2, 1, 1, None, relu)
+        sep = fc.max_pool2d(y_sep, 2)
+        layers = nn.Sequential(nn.Conv2d(4, 6, 5, padding=2, dtype=dtype),
+                               *([nn.ReLU()] if relu else []), nn.MaxPool2d(2))
+        layers[0].weight.data[...] = w
+        layers[0].bias.data[...] = b
+        with nn.no_grad():
+            seq_inf = layers(x)
+        seq_train = layers(x)
+    assert (y_got is not None) == keep
+    if keep:
+        np.testing.assert_array_equal(y_got, y_sep)
+    for p in (got, seq_inf, seq_train):
+        np.testing.assert_array_equal(p, sep)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    close(got[ok], want[ok], np.dtype(dtype))

@@ -1615,7 +1615,7 @@ cdef extern from "_winograd.h":
     void fc_wino_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                           Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
                           const double* b, double* out, Py_ssize_t ms) nogil
-    # F(2x2, 5x5): the same arguments, 36 planes (and the output's fused ReLU)
+    # F(2x2, 5x5): the same arguments, 36 planes (and the output's fused ReLU and 2x2 max-pool)
     void fc_wino5_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
                             Py_ssize_t l1, float* U) nogil
     void fc_wino5_weights_d(const double* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
@@ -1628,10 +1628,12 @@ cdef extern from "_winograd.h":
                           Py_ssize_t nt, Py_ssize_t ld, double* V, Py_ssize_t vs) nogil
     void fc_wino5_output_f(const float* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                            Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
-                           const float* b, float* out, Py_ssize_t ms, int relu) nogil
+                           const float* b, float* out, Py_ssize_t ms, int relu, float* pool,
+                           Py_ssize_t POH, Py_ssize_t POW) nogil
     void fc_wino5_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                            Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
-                           const double* b, double* out, Py_ssize_t ms, int relu) nogil
+                           const double* b, double* out, Py_ssize_t ms, int relu, double* pool,
+                           Py_ssize_t POH, Py_ssize_t POW) nogil
 
 
 cdef enum:
@@ -1675,10 +1677,12 @@ cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
                      const floating* b, floating* out, floating* work,
                      Py_ssize_t Cg, Py_ssize_t H, Py_ssize_t W, Py_ssize_t Lg,
                      Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
-                     Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t r, bint relu) noexcept nogil:
+                     Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t r, bint relu, floating* pool,
+                     Py_ssize_t POH, Py_ssize_t POW) noexcept nogil:
     """Tiles [t0, t0 + nt) of one (image, group) by Winograd F(2x2, r x r), r = 3 or 5 (see
     _winograd.h): their input transform, the (r + 1)^2 GEMMs and the output transform, in
-    work; relu (5x5 only): max(out, 0) as it is stored."""
+    work; 5x5 only: relu, max(out, 0) as it is stored; pool (not NULL), the 2x2 stride-2
+    max-pool of out into its POH x POW planes; out NULL: not stored."""
     cdef Py_ssize_t TW = (OW + 1) // 2, xi, planes = wino_planes(r)
     cdef Py_ssize_t ld = col_ld(nt, sizeof(floating))
     cdef Py_ssize_t vs = Cg * ld + WINO_PAD, ms = Lg * ld + WINO_PAD
@@ -1700,12 +1704,12 @@ cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
         wino_gemm(U, Up, xi, V + xi * vs, M + xi * ms, Lg, Cg, nt, ld)
     if floating is float:
         if r == 5:
-            fc_wino5_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms, relu)
+            fc_wino5_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms, relu, pool, POH, POW)
         else:
             fc_wino_output_f(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
     else:
         if r == 5:
-            fc_wino5_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms, relu)
+            fc_wino5_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms, relu, pool, POH, POW)
         else:
             fc_wino_output_d(M, Lg, TW, t0, nt, ld, OH, OW, b, out, ms)
 
@@ -1771,6 +1775,9 @@ cdef struct WinoJob:
     Py_ssize_t ncol, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per, nch, psz, wb, nwb
     Py_ssize_t r        # the kernel's size: 3 or 5
     bint relu           # (5x5) max(out, 0) in the output transform
+    void* pool          # (5x5) NULL, or the 2x2 max-pool's output, N x L x POH x POW
+    Py_ssize_t POH, POW
+    bint keep           # out is stored (else only pool)
     int phase
     bint dbl
 
@@ -1812,7 +1819,10 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
     b = b + g * Lg if b != NULL else NULL
     cdef floating* out = <floating*> j.out + (n * j.L + g * Lg) * j.OH * j.OW
     cdef floating* work = <floating*> j.work + tid * j.ncol
+    cdef floating* pool = NULL
     cdef bint ok
+    if j.pool != NULL:
+        pool = <floating*> j.pool + (n * j.L + g * Lg) * j.POH * j.POW
     if fc_once_begin(j.fin + item):
         if floating is float:
             ok = fc_wino_finite_f(x, Cg * HW)
@@ -1820,17 +1830,21 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
             ok = fc_wino_finite_d(x, Cg * HW)
         fc_once_set(j.fin + item, ok)
         if not ok:
+            if not j.keep:      # the image's output in the scratch after conv_item's im2col
+                out = work + r * r * Cg * col_ld(j.OH * j.OW, sizeof(floating))
             conv_item(x, w + g * Lg * Cg * r * r, b, out, work, Cg, j.H, j.W, Lg, r, r, 1, 1,
                       j.pH, j.pW, 1, 1, j.OH, j.OW, False)
             if j.relu:
                 relu_rows(out, 1, 0, Lg * j.OH * j.OW)
+            if pool != NULL:
+                pool_band(out, j.OH * j.OW, Lg, 0, j.OH, j.OW, pool, j.POH, j.POW, 2, 2)
             return
     elif not fc_once_get(j.fin + item):
         return
     t0 = k * j.per
     wino_tiles(x, U + g * planes * Lg * Cg, Up + g * planes * j.psz if Up != NULL else NULL,
-               b, out, work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0,
-               min(j.per, j.NT - t0), r, j.relu)
+               b, out if j.keep else NULL, work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0,
+               min(j.per, j.NT - t0), r, j.relu, pool, j.POH, j.POW)
 
 
 cdef void wino_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -1865,13 +1879,18 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
                             floating[::1] u_scratch, floating[::1] upack,
                             floating[:, ::1] scratch,
                             Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t groups, bint has_bias,
-                            int num_threads, bint ready=False, bint relu=False):
+                            int num_threads, bint ready=False, bint relu=False,
+                            floating[:, :, :, ::1] pool_out=None, Py_ssize_t OH=0,
+                            Py_ssize_t OW=0):
     """conv2d_forward for 3x3 or 5x5 kernels (r x r), stride 1, dilation 1, by Winograd
     F(2x2, r x r): a = (r + 1)^2 transformed planes (16 or 36).
 
     ready: u_scratch and upack already hold this weight's transform (functional's cache of
     them for small batches): the first job, which makes them, is skipped.  relu (5x5 only):
-    out = max(out, 0) (NaN kept, -0 -> +0) in the output transform.
+    out = max(out, 0) (NaN kept, -0 -> +0) in the output transform.  pool_out (5x5 only):
+    also the 2x2 stride-2 max-pool of out (floor mode, NaN kept), each output tile being one
+    window; out may then be None (not stored; OH, OW give its size) and the scratch needs
+    Lg * OH * OW more values a thread (an image with an inf or NaN is convolved there).
 
     u_scratch: a * L * Cg (the transformed weights); upack: a * groups *
     gemm_packed_size(L/groups, Cg) for them packed for the own GEMM, smaller (empty): BLAS
@@ -1883,14 +1902,18 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     made it slower on 2 threads than on 1."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = weight.shape[0], Cg = weight.shape[1]
-    cdef Py_ssize_t OH = out.shape[2], OW = out.shape[3], P = OH * OW
+    cdef bint keep = out is not None
+    if keep:
+        OH, OW = out.shape[2], out.shape[3]
+    check_pool_out("conv2d_winograd_forward", pool_out, keep, N, L, OH, OW, 2, 2)
+    cdef Py_ssize_t P = OH * OW
     cdef Py_ssize_t Lg = L // groups, NT = ((OH + 1) // 2) * ((OW + 1) // 2)
     cdef Py_ssize_t ncol = scratch.shape[1]
     cdef const floating* xp = &x[0, 0, 0, 0]
     cdef const floating* wp = &weight[0, 0, 0, 0]
     cdef const floating* bp = &bias[0] if has_bias else NULL
     cdef floating* up = &u_scratch[0]
-    cdef floating* op = &out[0, 0, 0, 0]
+    cdef floating* op = &out[0, 0, 0, 0] if keep else NULL
     cdef floating* sp = &scratch[0, 0]
     cdef floating* Up = NULL
     cdef Py_ssize_t psz = fc_gemm_packed_size(Lg, Cg), r = weight.shape[2]
@@ -1899,8 +1922,11 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
         raise ValueError("conv2d_winograd_forward: 3x3 or 5x5 kernels and (r + 1)^2 L Cg "
                          "weight scratch")
     if ncol < planes * (col_ld(NT, sizeof(floating)) * (Cg + Lg) + 2 * WINO_PAD) or \
-            ncol < r * r * Cg * col_ld(P, sizeof(floating)) or scratch.shape[0] < num_threads:
+            ncol < r * r * Cg * col_ld(P, sizeof(floating)) + (0 if keep else Lg * P) or \
+            scratch.shape[0] < num_threads:
         raise ValueError("conv2d_winograd_forward: scratch too small")
+    if pool_out is not None and r != 5:
+        raise ValueError("conv2d_winograd_forward: pool_out only with 5x5 kernels")
     if psz > 0 and upack.shape[0] >= planes * groups * psz:
         Up = &upack[0]
     cdef WinoJob j
@@ -1935,6 +1961,10 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
     if relu and r != 5:
         raise ValueError("conv2d_winograd_forward: relu only with 5x5 kernels")
     j.relu = relu
+    j.keep = keep
+    j.pool, j.POH, j.POW = NULL, 0, 0
+    if pool_out is not None:
+        j.pool, j.POH, j.POW = &pool_out[0, 0, 0, 0], pool_out.shape[2], pool_out.shape[3]
     j.wb = fc_gemm_mr() if Up != NULL else 8
     j.nwb = (Lg + j.wb - 1) // j.wb
     j.dbl = floating is double

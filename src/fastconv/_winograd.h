@@ -578,23 +578,26 @@ ATTR static void fc_wino5_input_##SUF(const T* x, ptrdiff_t C, ptrdiff_t H, ptrd
     }                                                                                        \
 }                                                                                            \
                                                                                              \
-/* out (+ bias when b is not NULL) from M for tiles [t0, t0 + nt), their parts inside */      \
-/* OH x OW (then max(., 0) when relu): blocks of FC_W5B consecutive tiles (across tile */    \
-/* rows), A^T m A in local arrays, then each tile's 2x2 stored.  The last block's loads */   \
-/* run up to FC_W5B - 1 values past the chunk's tiles (into the row's slack, the next */     \
-/* row or the planes' padding: read, never stored) */                                        \
+/* out (+ bias when b is not NULL; out NULL: not stored) from M for tiles [t0, t0 + nt), */  \
+/* their parts inside OH x OW (then max(., 0) when relu): blocks of FC_W5B consecutive */    \
+/* tiles (across tile rows), A^T m A in local arrays, then each tile's 2x2 stored.  pool */  \
+/* (not NULL): also each whole tile's max (NaN kept) into the POH x POW planes there: a */   \
+/* 2x2 stride-2 max-pool, whose windows are the tiles.  The last block's loads run up to */  \
+/* FC_W5B - 1 values past the chunk's tiles (the row's slack, the next row or the */         \
+/* planes' padding: read, never stored) */                                                   \
 ATTR static void fc_wino5_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,     \
                                        ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH,             \
                                        ptrdiff_t OW, const T* b, T* out, ptrdiff_t LT,       \
-                                       int relu) {                                           \
+                                       int relu, T* pool, ptrdiff_t POH, ptrdiff_t POW) {    \
     for (ptrdiff_t l = 0; l < L; l++) {                                                      \
         const T bias = b ? b[l] : (T)0;                                                      \
-        T* ol = out + l * OH * OW;                                                           \
+        T* ol = out ? out + l * OH * OW : NULL;                                              \
+        T* pl = pool ? pool + l * POH * POW : NULL;                                          \
         const T* ml = M + l * ld;                                                            \
         ptrdiff_t th = t0 / TW, tw = t0 - th * TW;                                           \
         for (ptrdiff_t q0 = 0; q0 < nt; q0 += FC_W5B) {                                      \
             const ptrdiff_t nb = nt - q0 < FC_W5B ? nt - q0 : FC_W5B;                        \
-            T s[2][6][FC_W5B], y[4][FC_W5B];                                                 \
+            T s[2][6][FC_W5B], y[4][FC_W5B], pm[FC_W5B];                                     \
             for (int j = 0; j < 6; j++) {                  /* s = A^T m, column j */         \
                 T m[6][FC_W5B];                                                              \
                 for (int i = 0; i < 6; i++) {                                                \
@@ -607,8 +610,9 @@ ATTR static void fc_wino5_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, pt
                                   + m[5][v_];                                                \
                 }                                                                            \
             }                                                                                \
-            for (int i = 0; i < 2; i++)                    /* y = s A */                     \
-                for (int v_ = 0; v_ < FC_W5B; v_++) {                                        \
+            for (int v_ = 0; v_ < FC_W5B; v_++) {            /* y = s A */                   \
+                T y_[4];                                                                     \
+                for (int i = 0; i < 2; i++) {                                                \
                     T a_ = ((((s[i][0][v_] + s[i][1][v_]) + s[i][2][v_])                     \
                              + s[i][3][v_]) + s[i][4][v_]) + bias;                           \
                     T c_ = (((s[i][1][v_] - s[i][2][v_])                                     \
@@ -617,19 +621,31 @@ ATTR static void fc_wino5_output_##SUF(const T* M, ptrdiff_t L, ptrdiff_t TW, pt
                         a_ = (a_ > (T)0) | (a_ != a_) ? a_ : (T)0;                           \
                         c_ = (c_ > (T)0) | (c_ != c_) ? c_ : (T)0;                           \
                     }                                                                        \
-                    y[2 * i][v_] = a_;                                                       \
-                    y[2 * i + 1][v_] = c_;                                                   \
+                    y_[2 * i] = a_;                                                          \
+                    y_[2 * i + 1] = c_;                                                      \
                 }                                                                            \
+                if (pl) {               /* the 2x2 max, NaN kept (as max_pool2d) */          \
+                    T m_ = y_[0];                                                            \
+                    m_ = (y_[1] > m_) | (y_[1] != y_[1]) ? y_[1] : m_;                       \
+                    m_ = (y_[2] > m_) | (y_[2] != y_[2]) ? y_[2] : m_;                       \
+                    m_ = (y_[3] > m_) | (y_[3] != y_[3]) ? y_[3] : m_;                       \
+                    pm[v_] = m_;                                                             \
+                }                                                                            \
+                for (int k = 0; k < 4; k++) y[k][v_] = y_[k];                                \
+            }                                                                                \
             for (ptrdiff_t v_ = 0; v_ < nb; v_++) {                                          \
-                T* o0 = ol + 2 * th * OW + 2 * tw;                                           \
-                if (2 * th + 1 < OH && 2 * tw + 1 < OW) {  /* a whole tile */                \
-                    o0[0] = y[0][v_]; o0[1] = y[1][v_];                                      \
-                    o0[OW] = y[2][v_]; o0[OW + 1] = y[3][v_];                                \
-                } else                                                                       \
-                    for (int i = 0; i < 2 && 2 * th + i < OH; i++) {                         \
-                        o0[i * OW] = y[2 * i][v_];                                           \
-                        if (2 * tw + 1 < OW) o0[i * OW + 1] = y[2 * i + 1][v_];              \
-                    }                                                                        \
+                if (pl && th < POH && tw < POW) pl[th * POW + tw] = pm[v_];                  \
+                if (ol) {                                                                    \
+                    T* o0 = ol + 2 * th * OW + 2 * tw;                                       \
+                    if (2 * th + 1 < OH && 2 * tw + 1 < OW) {  /* a whole tile */            \
+                        o0[0] = y[0][v_]; o0[1] = y[1][v_];                                  \
+                        o0[OW] = y[2][v_]; o0[OW + 1] = y[3][v_];                            \
+                    } else                                                                   \
+                        for (int i = 0; i < 2 && 2 * th + i < OH; i++) {                     \
+                            o0[i * OW] = y[2 * i][v_];                                       \
+                            if (2 * tw + 1 < OW) o0[i * OW + 1] = y[2 * i + 1][v_];          \
+                        }                                                                    \
+                }                                                                            \
                 if (++tw == TW) {                                                            \
                     tw = 0;                                                                  \
                     th++;                                                                    \
@@ -657,8 +673,10 @@ static void fc_wino5_input_##S(const T* x, ptrdiff_t C, ptrdiff_t H, ptrdiff_t W
 }                                                                                            \
 static void fc_wino5_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t t0,         \
                                 ptrdiff_t nt, ptrdiff_t ld, ptrdiff_t OH, ptrdiff_t OW,      \
-                                const T* b, T* out, ptrdiff_t LT, int relu) {                \
-    FC_PICK(fc_wino5_output_##S, M, L, TW, t0, nt, ld, OH, OW, b, out, LT, relu);            \
+                                const T* b, T* out, ptrdiff_t LT, int relu, T* pool,         \
+                                ptrdiff_t POH, ptrdiff_t POW) {                              \
+    FC_PICK(fc_wino5_output_##S, M, L, TW, t0, nt, ld, OH, OW, b, out, LT, relu, pool, POH,  \
+            POW);                                                                            \
 }
 FC_WINO5_DISPATCH(float, f)
 FC_WINO5_DISPATCH(double, d)

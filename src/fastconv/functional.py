@@ -659,23 +659,26 @@ def _wino_weights(wc, groups, dt, fn, cache):
 
 
 def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=False,
-              relu=False):
+              relu=False, pool=None, size=None):
     """out = the 3x3 or 5x5 stride-1 convolution of xc by wc (+ bc) with these top/left
     paddings (negative: cropping), by the Winograd kernel (BLAS held at one thread when it
     does the GEMMs, that is without the own GEMM).  cache: wc is the caller's own weight
-    array, whose transform may be kept for the next call (see _WINO_CACHE_MAX_N).  relu (5x5
-    only): max(out, 0) fused into the output transform."""
+    array, whose transform may be kept for the next call (see _WINO_CACHE_MAX_N).  5x5 only:
+    relu, max(out, 0) fused into the output transform; pool, an array that also receives
+    the 2x2 stride-2 max-pool of out, computed there (out None: not stored; size: (OH, OW))."""
     Cg, Lg, r = wc.shape[1], wc.shape[0] // groups, wc.shape[2]
-    OH, OW = out.shape[2], out.shape[3]
+    OH, OW = out.shape[2:] if out is not None else size
     tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
     scratch = _scratch(team, max((r + 1) ** 2 * (_col_ld(tiles, dt) * (Cg + Lg) + 32),
-                                 r * r * Cg * _col_ld(OH * OW, dt)),
+                                 r * r * Cg * _col_ld(OH * OW, dt)
+                                 + (Lg * OH * OW if out is None else 0)),
                        dt, fn)
     u, wpack, ready, entry = _wino_weights(
         wc, groups, dt, fn, cache and 0 < xc.shape[0] <= _WINO_CACHE_MAX_N)
     with blas_threads(1) if not wpack.size else _NO_BLAS:
         _kernels.conv2d_winograd_forward(xc, wc, bc, out, u, wpack, scratch, pad_top, pad_left,
-                                         groups, bc.shape[0] > 0, team, ready, relu)
+                                         groups, bc.shape[0] > 0, team, ready, relu, pool,
+                                         OH, OW)
     if entry is not None:
         np.copyto(entry["w"], wc.reshape(-1))
         entry["ready"] = True
@@ -779,7 +782,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     wino = not depthwise and _use_winograd(geo, weight, n=N)
     direct = not (depthwise or wino) and _use_direct(geo, weight.shape[1], dt, pool, N)
     wpack = _EMPTY[dt.char] if depthwise or wino or direct else _wpack(L // g, K, g, dt, fn)
-    if pool is not None and not direct and (depthwise or wino or not wpack.size):
+    # 5x5 Winograd pools 2x2 windows in its output transform (its output tiles are them)
+    wino_pool = wino and pool == (2, 2) and weight.shape[2] == 5
+    if pool is not None and not direct and not wino_pool and (depthwise or wino or
+                                                              not wpack.size):
         y = _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu)
         return (y if keep else None), max_pool2d(y, pool)
     if pool is not None:
@@ -805,7 +811,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
         # fewer images than threads: the kernel shares each image's work among them
         fuse = relu and weight.shape[2] == 5     # (5x5: in the output transform)
         _winograd(xc, wc, bc, out, pad[0], pad[2], g, _team(16 * N * g, N * L * OH * OW * K),
-                  dt, fn, cache=wc is weight, relu=fuse)
+                  dt, fn, cache=wc is weight, relu=fuse,
+                  pool=pooled if pool is not None else None, size=(OH, OW))
+        if pool is not None:                    # (wino_pool)
+            return (out if keep else None), pooled
         return done(_relu_inplace(out) if relu and not fuse else out)
     direct = _is_direct(geo, x)
     if wpack.size:
