@@ -750,13 +750,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, o
 def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=None,
             keep=True):
     """conv2d, followed by max(y, 0) when relu: fused into the own GEMM's micro-kernel (as
-    the result is stored) or after each image on the BLAS path, else (Winograd, depthwise)
-    one in-place pass; nn.Sequential uses it for Conv2d -> ReLU.
+    the result is stored), the direct kernels' tiles and 5x5 Winograd's output transform, or
+    after each image on the BLAS path, else (3x3 Winograd, depthwise) one in-place pass;
+    nn.Sequential uses it for Conv2d -> ReLU.
 
     pool=(kH, kW): also a max-pool of the result with windows that tile it (stride = kernel,
     no padding, floor mode; nn.Sequential's Conv2d -> [ReLU ->] MaxPool2d): returns
-    (y, pooled), y None unless keep.  The own GEMM pools each block of the convolution while
-    it is in cache (without keep, y is never stored); the other paths call max_pool2d."""
+    (y, pooled), y None unless keep.  The own GEMM and the direct kernels pool each block of
+    the convolution while it is in cache, 5x5 Winograd each output tile (a 2x2 window) in
+    its output transform (without keep, y is never stored); the other paths call
+    max_pool2d."""
     fn = "conv2d"
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
     key = _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, keep)
