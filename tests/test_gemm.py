@@ -272,8 +272,9 @@ def test_conv2d_fused_maxpool_matches_reference(level, data):
 @pytest.mark.parametrize("relu", [False, True])
 def test_gemm_tail_kernel_same_numbers(level, relu):
     """The own GEMM's last panel of 1-4 float32 columns by the rows-in-lanes tail kernel (32
-    rows a call over all of K at AVX-512, 18 at AVX2): bit for bit the quarter-width (AVX2:
-    half-width) kernel's numbers and close to the reference, for 1-70 output channels (row
+    rows a call over all of K at AVX-512, 18 at AVX2; at AVX2 a single column has a step of
+    its own): bit for bit the quarter-width (AVX2: half-width) kernel's numbers and close to
+    the reference, for 1-70 output channels (row
     groups of 1-4 panels, rows past M), K across the K block, with and without bias and the
     fused ReLU, B by rows and through the im2col row table; conv2d_backward's grad_x (the
     same GEMM with P columns) too."""
