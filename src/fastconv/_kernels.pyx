@@ -1817,10 +1817,12 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
     g = item % j.groups
     x = x + (n * j.C + g * Cg) * HW
     b = b + g * Lg if b != NULL else NULL
-    cdef floating* out = <floating*> j.out + (n * j.L + g * Lg) * j.OH * j.OW
+    cdef floating* out = NULL           # (not kept: only the pool is stored)
     cdef floating* work = <floating*> j.work + tid * j.ncol
     cdef floating* pool = NULL
     cdef bint ok
+    if j.keep:
+        out = <floating*> j.out + (n * j.L + g * Lg) * j.OH * j.OW
     if j.pool != NULL:
         pool = <floating*> j.pool + (n * j.L + g * Lg) * j.POH * j.POW
     if fc_once_begin(j.fin + item):
@@ -1843,7 +1845,7 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
         return
     t0 = k * j.per
     wino_tiles(x, U + g * planes * Lg * Cg, Up + g * planes * j.psz if Up != NULL else NULL,
-               b, out if j.keep else NULL, work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0,
+               b, out, work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0,
                min(j.per, j.NT - t0), r, j.relu, pool, j.POH, j.POW)
 
 
