@@ -411,3 +411,47 @@ def test_plans_keep_up_with_what_users_do_to_layers(monkeypatch):
     assert model[4].__dict__.get("_x") is None
     with pytest.raises(RuntimeError, match="no_grad"):
         model[4].backward(np.ones((2, 6), np.float32))
+
+
+WINO_PARTS = {   # (layers after the convolution, the step expected for it)
+    "5x5_relu_pool": (5, lambda: [nn.ReLU(), nn.MaxPool2d(2)], "WinoStep"),
+    "5x5_pool": (5, lambda: [nn.MaxPool2d(2)], "WinoStep"),
+    "5x5_relu": (5, lambda: [nn.ReLU()], "WinoStep"),
+    "5x5_alone": (5, lambda: [], "WinoStep"),
+    "3x3_relu": (3, lambda: [nn.ReLU()], "WinoStep"),
+    "3x3_alone": (3, lambda: [], "WinoStep"),
+    "3x3_relu_pool": (3, lambda: [nn.ReLU(), nn.MaxPool2d(2)], "function"),  # (pool after)
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(WINO_PARTS))
+def test_winograd_steps(name, dtype, threads, restore_threads):
+    """Convolutions that conv2d runs by Winograd are planned as _kernels.WinoStep (the kernel
+    on the arrays' pointers; 5x5: ReLU and pool in its output transform, 3x3: ReLU after):
+    bit for bit the layers one by one at batch 1, 3 and 6 (past the transform cache's 4), on
+    1 and 2 threads, with an image holding inf and NaN (convolved directly), and after the
+    weights change in place or are replaced (a kept transform is not reused)."""
+    from fastconv import _kernels, functional as F
+    if _kernels.gemm_level() == "blas":
+        pytest.skip("WinoStep runs with the own GEMM")
+    fc.set_num_threads(threads)
+    k, after, kind = WINO_PARTS[name]
+    cin, cout = (16, 32) if k == 5 else (16, 16)
+    rng = np.random.default_rng(k)
+    for n in (1, 3, 6):
+        model = nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, dtype=dtype, rng=n),
+                              *after(), nn.Flatten())
+        x = rng.uniform(-1, 1, (n, cin, 10, 9)).astype(dtype)
+        geo = F._conv_setup("t", x, model[0].weight.data, 1, k // 2, 1, 1)
+        assert F._use_winograd(geo, model[0].weight.data, n=n)
+        if n > 1:
+            x[1, 3, 4, 5], x[1, 0, 0, 0] = np.inf, np.nan
+        check(model, x, calls=4)                  # (the cache keeps the transform from call 2)
+        steps = next(iter(model._plans.values()))
+        assert type(steps[0]).__name__ == kind
+        model[0].weight.data[1, 2] *= -2                      # in place
+        check(model, x, calls=2)
+        model[0].weight.data = rng.standard_normal(model[0].weight.shape).astype(dtype)
+        check(model, x, calls=2)

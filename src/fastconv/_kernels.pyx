@@ -1876,6 +1876,43 @@ def same_bytes(const floating[::1] a, const floating[::1] b):
     return r == 0
 
 
+cdef void wino_setup(WinoJob* j, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                     Py_ssize_t L, Py_ssize_t Cg, Py_ssize_t r, Py_ssize_t groups,
+                     Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW,
+                     int num_threads, bint dbl, bint packed, bint relu, bint keep,
+                     bint pool) noexcept nogil:
+    """The sizes of a WinoJob (conv2d_winograd_forward's, WinoStep's); the pointers (pool
+    too, when pool) are the caller's to set."""
+    j.C, j.H, j.W, j.L, j.Cg, j.Lg, j.groups = C, H, W, L, Cg, L // groups, groups
+    j.pH, j.pW, j.OH, j.OW, j.r = pH, pW, OH, OW, r
+    j.NT = ((OH + 1) // 2) * ((OW + 1) // 2)
+    j.per = wino_chunk_tiles(j.NT, N * groups, num_threads, fc_gemm_nr(dbl))
+    j.nch = (j.NT + j.per - 1) // j.per
+    j.psz = fc_gemm_packed_size(j.Lg, Cg)
+    j.relu, j.keep, j.dbl = relu, keep, dbl
+    j.pool, j.POH, j.POW = NULL, (OH // 2 if pool else 0), (OW // 2 if pool else 0)
+    j.wb = fc_gemm_mr() if packed else 8
+    j.nwb = (j.Lg + j.wb - 1) // j.wb
+    j.fin = NULL
+
+
+cdef int wino_execute(WinoJob* j, Py_ssize_t N, int num_threads, bint ready) noexcept nogil:
+    """Run a set-up WinoJob on N images: the weights' transform (unless ready), then the
+    tiles; -1 when the finiteness flags cannot be allocated (nothing run)."""
+    cdef unsigned char* fin = <unsigned char*> calloc(max(N * j.groups, 1), 1)
+    if fin == NULL:
+        return -1
+    j.fin = fin
+    j.phase = 0
+    if not ready:
+        fc_pool_run(num_threads, wino_job_item, j, j.groups * j.nwb)
+    j.phase = 1
+    fc_pool_run(num_threads, wino_job_item, j, N * j.groups * j.nch)
+    j.fin = NULL
+    free(fin)
+    return 0
+
+
 def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] weight,
                             const floating[::1] bias, floating[:, :, :, ::1] out,
                             floating[::1] u_scratch, floating[::1] upack,
@@ -1931,52 +1968,19 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
         raise ValueError("conv2d_winograd_forward: pool_out only with 5x5 kernels")
     if psz > 0 and upack.shape[0] >= planes * groups * psz:
         Up = &upack[0]
-    cdef WinoJob j
-    cdef unsigned char* fin = <unsigned char*> calloc(max(N * groups, 1), 1)
-    if fin == NULL:
-        raise MemoryError("conv2d_winograd_forward: finiteness flags")
-    j.x = xp
-    j.w = wp
-    j.U = up
-    j.Up = Up
-    j.b = bp
-    j.out = op
-    j.work = sp
-    j.fin = fin
-    j.ncol = ncol
-    j.C = C
-    j.H = H
-    j.W = W
-    j.L = L
-    j.Cg = Cg
-    j.Lg = Lg
-    j.groups = groups
-    j.pH = pH
-    j.pW = pW
-    j.OH = OH
-    j.OW = OW
-    j.NT = NT
-    j.per = wino_chunk_tiles(NT, N * groups, num_threads, fc_gemm_nr(floating is double))
-    j.nch = (NT + j.per - 1) // j.per
-    j.psz = psz
-    j.r = r
     if relu and r != 5:
         raise ValueError("conv2d_winograd_forward: relu only with 5x5 kernels")
-    j.relu = relu
-    j.keep = keep
-    j.pool, j.POH, j.POW = NULL, 0, 0
+    cdef WinoJob j
+    wino_setup(&j, N, C, H, W, L, Cg, r, groups, pH, pW, OH, OW, num_threads,
+               floating is double, Up != NULL, relu, keep, pool_out is not None)
+    j.x, j.w, j.U, j.Up, j.b, j.out, j.work, j.ncol = xp, wp, up, Up, bp, op, sp, ncol
     if pool_out is not None:
-        j.pool, j.POH, j.POW = &pool_out[0, 0, 0, 0], pool_out.shape[2], pool_out.shape[3]
-    j.wb = fc_gemm_mr() if Up != NULL else 8
-    j.nwb = (Lg + j.wb - 1) // j.wb
-    j.dbl = floating is double
+        j.pool = &pool_out[0, 0, 0, 0]
+    cdef int rc
     with nogil:
-        j.phase = 0
-        if not ready:
-            fc_pool_run(num_threads, wino_job_item, &j, groups * j.nwb)
-        j.phase = 1
-        fc_pool_run(num_threads, wino_job_item, &j, N * groups * j.nch)
-    free(fin)
+        rc = wino_execute(&j, N, num_threads, ready)
+    if rc < 0:
+        raise MemoryError("conv2d_winograd_forward: finiteness flags")
 
 
 cdef inline double row_sum_double(const floating* a, Py_ssize_t n) noexcept nogil:
@@ -4846,10 +4850,15 @@ cdef class _Step:
     cdef int arrays(self, object z, void** xp, void** wp, void** bp) except -1:
         """1 with the pointers of z, the weight and the bias (NULL: none) when they are
         ndarrays of the plan's shapes and dtype, C-contiguous; else 0."""
-        cdef object w, b = None, dt = self.dtype
-        w = self.layer.weight.data
-        if self.bshape is not None:
-            b = self.layer.bias.data
+        return self.arrays_of(z, self.layer.weight.data,
+                              self.layer.bias.data if self.bshape is not None else None,
+                              xp, wp, bp)
+
+    cdef int arrays_of(self, object z, object w, object b, void** xp, void** wp,
+                       void** bp) except -1:
+        """arrays() with the weight and bias arrays given (the caller holds them while it
+        uses the pointers)."""
+        cdef object dt = self.dtype
         if (type(z) is not self.ndarray or type(w) is not self.ndarray
                 or not (z.dtype is dt or z.dtype == dt) or not (w.dtype is dt or w.dtype == dt)
                 or z.shape != self.xshape or w.shape != self.wshape):
@@ -4924,6 +4933,80 @@ cdef class ConvStep(_Step):
                 conv_gemm_run(&a, <double*> NULL)
             else:
                 conv_gemm_run(&a, <float*> NULL)
+        return y
+
+
+@cython.auto_pickle(False)
+cdef class WinoStep(_Step):
+    """Conv2d [-> ReLU] [-> MaxPool2d(2)] by Winograd F(2x2, r x r) (nn._conv_step, where
+    conv2d takes it): conv2d_winograd_forward's job on the arrays' pointers, the same
+    threads and numbers, without its Python.  weights(w): functional's (u, pack, ready,
+    entry) for w (its cache of transformed weights); finish(entry, w): keeps a transform
+    made by this call.  5x5: the ReLU and the pool in the output transform; 3x3: the ReLU
+    in one pass after (relu_blocks on relu_team threads), no pool."""
+    cdef WinoJob j
+    cdef object scratch, weights, finish
+    cdef Py_ssize_t N, srows, ncol
+    cdef int team, relu_team
+    cdef bint relu_after
+
+    def __init__(self, layer, slow, dtype, xshape, wshape, bshape, Py_ssize_t groups,
+                 Py_ssize_t pH, Py_ssize_t pW, Py_ssize_t OH, Py_ssize_t OW, bint relu,
+                 bint pool, int team, int relu_team, Py_ssize_t ncol, scratch, weights,
+                 finish, empty, ndarray):
+        cdef Py_ssize_t N, C, H, W, L, Cg, r
+        self.layer, self.slow, self.scratch, self.empty, self.ndarray = (layer, slow, scratch,
+                                                                        empty, ndarray)
+        self.weights, self.finish = weights, finish
+        self.dtype, self.dbl = dtype, dtype.char == "d"
+        self.xshape, self.wshape, self.bshape = xshape, wshape, bshape
+        N, C, H, W = xshape
+        L, Cg, r = wshape[0], wshape[1], wshape[2]
+        if (r != 3 and r != 5) or wshape[3] != r or (pool and r != 5) or groups < 1 \
+                or L % groups or C != Cg * groups or OH < 1 or OW < 1:
+            raise ValueError("WinoStep: 3x3 or 5x5 kernels, a pool only with 5x5")
+        self.N, self.srows, self.ncol, self.team, self.relu_team = N, team, ncol, team, relu_team
+        self.relu_after = relu and r == 3
+        wino_setup(&self.j, N, C, H, W, L, Cg, r, groups, pH, pW, OH, OW, team, self.dbl,
+                   True, relu and r == 5, not pool, pool)
+        self.j.ncol = ncol
+        self.yshape = (N, L, OH // 2, OW // 2) if pool else (N, L, OH, OW)
+        self.fresh = True
+
+    def __call__(self, z):
+        cdef WinoJob j = self.j           # (a copy: calls from other threads have theirs)
+        cdef void* xp = NULL
+        cdef void* wp = NULL
+        cdef void* bp = NULL
+        cdef void* yp
+        cdef int rc
+        cdef bint ready
+        cdef Py_ssize_t n
+        w = self.layer.weight.data
+        b = self.layer.bias.data if self.bshape is not None else None
+        if not self.arrays_of(z, w, b, &xp, &wp, &bp):
+            return self.slow(z)
+        u, pk, ready, entry = self.weights(w)
+        y = self.empty(self.yshape, self.dtype)
+        sc = self.scratch(self.srows, self.ncol, self.dtype, "conv2d")
+        yp = cbuf(y, True)
+        j.x, j.w, j.b, j.U, j.Up, j.work = xp, wp, bp, cbuf(u, True), cbuf(pk, True), cbuf(sc, True)
+        if j.keep:
+            j.out, j.pool = yp, NULL
+        else:
+            j.out, j.pool = NULL, yp
+        n = y.size
+        with nogil:
+            rc = wino_execute(&j, self.N, self.team, ready)
+            if rc == 0 and self.relu_after and n:
+                if self.dbl:
+                    relu_blocks(<double*> yp, <double*> yp, n, self.relu_team)
+                else:
+                    relu_blocks(<float*> yp, <float*> yp, n, self.relu_team)
+        if rc < 0:
+            raise MemoryError("WinoStep: finiteness flags")
+        if entry is not None:
+            self.finish(entry, w)
         return y
 
 

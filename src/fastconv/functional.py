@@ -454,18 +454,19 @@ def _use_winograd(geo, weight, backward=False, n=2):
     alternated, 1 / 2 threads, float32): LeNet's conv2 32 -> 64 on 14x14 batch 64 1.54x /
     1.52x, batch 8 1.36x / 1.29x; 64 -> 64 on 28x28 1.68-1.79x / 1.70-1.83x; 16 -> 32 on
     32x32 batch 8 1.22x / 1.25x; float64 batch 64 1.62x / 1.56x; but 16 -> 16 on 16x16 0.98x
-    / 0.94x.  Its grad_x 1.35-1.80x at batch 8-64.  Batch 1 stays direct: alone 1.16x /
-    1.19x (float64 1.37x / 1.28x), but the transformed weights (1.44x the weights, and their
-    packed copy) fall out of cache between calls where other work runs: the LeNet-style
-    model at batch 1 in the suite's rotation ran 0.68x / 0.75x; grad_x (its flipped kernel
-    transformed anew every call) 0.93-1.01x."""
+    / 0.94x.  Its grad_x 1.35-1.80x at batch 8-64.  Batch 1 too since nn.Sequential's plans
+    call it without Python (_kernels.WinoStep; 2026-12-05): LeNet's conv2 with its ReLU and
+    pool 1.21x / 1.15x alone (functional.conv2d 1.22x / 1.17x), the LeNet-style model at
+    batch 1 in a rotation with PyTorch and ONNX Runtime 1.29x / 1.08x (through the Python
+    path its conv2 had been level or slower there).  grad_x stays direct at batch 1 (its
+    flipped kernel transformed anew every call: 0.93-1.01x)."""
     cin, cout = weight.shape[1], geo["L"] // geo["g"]
     oh, ow = geo["OH"], geo["OW"]
     if backward:
         cin, cout, oh, ow = cout, cin, geo["H"], geo["W"]
     k = geo["k"]
     if k == (5, 5):
-        if not _WINOGRAD5 or n < 2 or \
+        if not _WINOGRAD5 or (backward and n < 2) or \
                 max(cin, cout) < 2 * _WINOGRAD_MIN_CHANNELS:
             return False
     elif k != (3, 3):
@@ -668,11 +669,7 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=Fa
     the 2x2 stride-2 max-pool of out, computed there (out None: not stored; size: (OH, OW))."""
     Cg, Lg, r = wc.shape[1], wc.shape[0] // groups, wc.shape[2]
     OH, OW = out.shape[2:] if out is not None else size
-    tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
-    scratch = _scratch(team, max((r + 1) ** 2 * (_col_ld(tiles, dt) * (Cg + Lg) + 32),
-                                 r * r * Cg * _col_ld(OH * OW, dt)
-                                 + (Lg * OH * OW if out is None else 0)),
-                       dt, fn)
+    scratch = _scratch(team, _wino_cols(r, Cg, Lg, OH, OW, dt, out is not None), dt, fn)
     u, wpack, ready, entry = _wino_weights(
         wc, groups, dt, fn, cache and 0 < xc.shape[0] <= _WINO_CACHE_MAX_N)
     with blas_threads(1) if not wpack.size else _NO_BLAS:
@@ -680,8 +677,21 @@ def _winograd(xc, wc, bc, out, pad_top, pad_left, groups, team, dt, fn, cache=Fa
                                          groups, bc.shape[0] > 0, team, ready, relu, pool,
                                          OH, OW)
     if entry is not None:
-        np.copyto(entry["w"], wc.reshape(-1))
-        entry["ready"] = True
+        _wino_kept(entry, wc)
+
+
+def _wino_cols(r, Cg, Lg, OH, OW, dt, keep):
+    """A thread's scratch row for conv2d_winograd_forward (see there)."""
+    tiles = ((OH + 1) // 2) * ((OW + 1) // 2)
+    return max((r + 1) ** 2 * (_col_ld(tiles, dt) * (Cg + Lg) + 32),
+               r * r * Cg * _col_ld(OH * OW, dt) + (0 if keep else Lg * OH * OW))
+
+
+def _wino_kept(entry, wc):
+    """The cache entry of _wino_weights now holds the transform of wc's bytes (the kernel
+    made it): keep them with it."""
+    np.copyto(entry["w"], wc.reshape(-1))
+    entry["ready"] = True
 
 
 def _col_ld(P, dtype):
