@@ -4847,17 +4847,11 @@ cdef class _Step:
     cdef bint dbl
     cdef public bint fresh
 
-    cdef int arrays(self, object z, void** xp, void** wp, void** bp) except -1:
-        """1 with the pointers of z, the weight and the bias (NULL: none) when they are
-        ndarrays of the plan's shapes and dtype, C-contiguous; else 0."""
-        return self.arrays_of(z, self.layer.weight.data,
-                              self.layer.bias.data if self.bshape is not None else None,
-                              xp, wp, bp)
-
     cdef int arrays_of(self, object z, object w, object b, void** xp, void** wp,
                        void** bp) except -1:
-        """arrays() with the weight and bias arrays given (the caller holds them while it
-        uses the pointers)."""
+        """1 with the pointers of z, the weight w and the bias b (None: none; the layer's
+        arrays, which the caller holds while it uses the pointers) when they are ndarrays of
+        the plan's shapes and dtype, C-contiguous; else 0."""
         cdef object dt = self.dtype
         if (type(z) is not self.ndarray or type(w) is not self.ndarray
                 or not (z.dtype is dt or z.dtype == dt) or not (w.dtype is dt or w.dtype == dt)
@@ -4912,7 +4906,11 @@ cdef class ConvStep(_Step):
         cdef void* xp = NULL
         cdef void* wp = NULL
         cdef void* bp = NULL
-        if not self.arrays(z, &xp, &wp, &bp):
+        # (the weight and bias held here: the Python calls below may let another thread
+        # replace the layer's arrays, which must outlive the kernel's use of them)
+        w = self.layer.weight.data
+        b = self.layer.bias.data if self.bshape is not None else None
+        if not self.arrays_of(z, w, b, &xp, &wp, &bp):
             return self.slow(z)
         y = self.empty(self.yshape, self.dtype)
         sc = self.scratch(a.srows, a.ncol, self.dtype, "conv2d")
@@ -5033,7 +5031,11 @@ cdef class LinearStep(_Step):
         cdef void* xp = NULL
         cdef void* wp = NULL
         cdef void* bp = NULL
-        if not self.arrays(z, &xp, &wp, &bp):
+        # (the weight and bias held here: the Python calls below may let another thread
+        # replace the layer's arrays, which must outlive the kernel's use of them)
+        w = self.layer.weight.data
+        b = self.layer.bias.data if self.bshape is not None else None
+        if not self.arrays_of(z, w, b, &xp, &wp, &bp):
             return self.slow(z)
         y = self.empty(self.yshape, self.dtype)
         if self.nrows == 0 or self.nout == 0:
