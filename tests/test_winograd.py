@@ -522,3 +522,51 @@ def test_winograd5_fused_pool(dtype, threads, relu, keep, hw):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     ok = ~np.isnan(want)
     close(got[ok], want[ok], np.dtype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_plans(dtype, k):
+    """conv2d's Winograd calls keep a plan (F._WinoPlan: the second call with the same shapes,
+    dtypes and arguments skips the checks and choices): bit for bit the call without one
+    (_PLANS emptied first), with ReLU, the fused pool (5x5, kept or not), a bias or none,
+    Fortran-order and int inputs, new weight values in place (the transform cache sees
+    them), 1 and 2 threads; against the reference."""
+    rng = np.random.default_rng(41 + k)
+    plans = F._PLANS
+    cin, cout, p = (16, 32, (2, 1)) if k == 5 else (16, 16, (1, 0))   # (pT != pL)
+
+    def fresh(*args, **kw):
+        plans.clear()
+        return F._conv2d(*args, **kw)
+
+    for step, threads in enumerate((1, 2, 1)):
+        x = rng.uniform(-1, 1, (1 + step, cin, 10, 11)).astype(dtype)
+        w = rng.uniform(-1, 1, (cout, cin, k, k)).astype(dtype)
+        b = rng.uniform(-1, 1, cout).astype(dtype) if step != 1 else None
+        xs = [x, np.asfortranarray(x), (x * 4).astype(np.int32)][step]
+        geo = F._conv_setup("t", x, w, 1, p, 1, 1)
+        assert F._use_winograd(geo, w, n=len(x))
+        with num_threads(threads):
+            for relu in (False, True):
+                want = ref.conv2d_taps(xs, w, b, padding=p)
+                want = np.maximum(want, 0) if relu else want
+                args = (xs, w, b, 1, p, 1, 1, None, relu)
+                first = fresh(*args)
+                assert [type(v) for v in plans.values()] == [F._WinoPlan]
+                for _ in range(3):                  # (the transform kept from call 2 on)
+                    np.testing.assert_array_equal(F._conv2d(*args), first)
+                close(first, want, dtype, atol32=1e-4)
+                w[3] = -w[3]                        # new values, same plan and array
+                want = ref.conv2d_taps(xs, w, b, padding=p)
+                want = np.maximum(want, 0) if relu else want
+                close(F._conv2d(*args), want, dtype, atol32=1e-4)
+                if k == 5:
+                    for keep in (True, False):
+                        one = fresh(*args, pool=(2, 2), keep=keep)
+                        two = F._conv2d(*args, pool=(2, 2), keep=keep)
+                        assert (two[0] is None) == (one[0] is None) == (not keep)
+                        if keep:
+                            np.testing.assert_array_equal(two[0], one[0])
+                        np.testing.assert_array_equal(two[1], one[1])
+                        close(two[1], ref.max_pool2d(want, 2), dtype, atol32=1e-4)

@@ -1864,15 +1864,27 @@ def transform_tag():
     return (fc_gemm_level() * 2 + fc_simd_level()) * 2 + (fc_avx512_on != 0)
 
 
-def same_bytes(const floating[::1] a, const floating[::1] b):
-    """Whether a and b hold the same bytes (memcmp: -0 and NaN payloads count as they are)."""
+def address(a):
+    """The address of a C-contiguous array's data (arr.ctypes.data without its 1.6 us)."""
+    return <size_t> cbuf(a, False)
+
+
+def same_data(a, b):
+    """Whether the C-contiguous arrays a and b hold the same bytes, whatever their shapes and
+    dtypes (memcmp: -0 and NaN payloads count as they are)."""
+    cdef Py_buffer va, vb
     cdef int r = 1
-    if a.shape[0] != b.shape[0]:
-        return False
-    if a.shape[0] == 0:
-        return True
-    with nogil:
-        r = memcmp(&a[0], &b[0], a.shape[0] * sizeof(floating))
+    PyObject_GetBuffer(a, &va, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(b, &vb, PyBUF_SIMPLE)
+    except BaseException:
+        PyBuffer_Release(&va)
+        raise
+    if va.len == vb.len:
+        with nogil:
+            r = memcmp(va.buf, vb.buf, va.len) if va.len else 0
+    PyBuffer_Release(&va)
+    PyBuffer_Release(&vb)
     return r == 0
 
 

@@ -615,18 +615,17 @@ def _wino_weights(wc, groups, dt, fn, cache):
     the transform of wc's bytes; entry, when not ready, is the cache entry to complete once
     the kernel has filled them (None: not cached)."""
     Cg, Lg, a = wc.shape[1], wc.shape[0] // groups, (wc.shape[2] + 1) ** 2
-    nu, npk = a * wc.shape[0] * Cg, a * groups * _kernels.gemm_packed_size(Lg, Cg)
     e = None
     if cache:
         entries, seen = _wino_state()
-        key = (wc.ctypes.data, wc.shape, dt.char, groups, _kernels.transform_tag())
+        key = (_kernels.address(wc), wc.shape, dt.char, groups, _kernels.transform_tag())
         e = entries.get(key)
         if e is not None:
             entries.move_to_end(key)
             if e["skip"] > 0:                       # changing every call: not cached now
                 e["skip"] -= 1
                 e = None
-            elif e["ready"] and _kernels.same_bytes(e["w"], wc.reshape(-1)):
+            elif e["ready"] and _kernels.same_data(e["w"], wc):
                 e["changed"] = 0
                 return e["u"], e["pack"], True, None
             elif e["ready"]:                        # changed in place since it was kept
@@ -642,6 +641,7 @@ def _wino_weights(wc, groups, dt, fn, cache):
                 seen.popitem(last=False)
         else:
             del seen[key]
+            nu, npk = a * wc.shape[0] * Cg, a * groups * _kernels.gemm_packed_size(Lg, Cg)
             e = {"w": np.empty(wc.size, dt), "u": _alloc((nu,), dt, fn, "Winograd weights"),
                  "pack": _alloc((npk,), dt, fn, "Winograd weights") if npk else
                  _EMPTY[dt.char], "changed": 0, "skip": 0}
@@ -653,8 +653,8 @@ def _wino_weights(wc, groups, dt, fn, cache):
             while total > _WINO_CACHE_BYTES:
                 total -= entries.popitem(last=False)[1]["bytes"]
     if e is None:
-        return (_alloc((nu,), dt, fn, "Winograd weights"), _wpack(Lg, Cg, a * groups, dt, fn),
-                False, None)
+        return (_alloc((a * wc.shape[0] * Cg,), dt, fn, "Winograd weights"),
+                _wpack(Lg, Cg, a * groups, dt, fn), False, None)
     e["ready"] = False
     return e["u"], e["pack"], False, e
 
@@ -775,6 +775,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     key = _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, keep)
     plan = _PLANS.get(key) if key is not None else None
     if plan is not None and plan.level == _kernels.gemm_level():
+        if type(plan) is _WinoPlan:
+            return _conv2d_wino(plan, x, weight, bias, relu, keep)
         return _conv2d_own(plan, x, weight, bias, relu, keep)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
     b = _bias(bias, geo["L"], fn)
@@ -822,13 +824,11 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     team, nblas = _threads(N * g, N * L * OH * OW * K)
     if wino:
         # fewer images than threads: the kernel shares each image's work among them
-        fuse = relu and weight.shape[2] == 5     # (5x5: in the output transform)
-        _winograd(xc, wc, bc, out, pad[0], pad[2], g, _team(16 * N * g, N * L * OH * OW * K),
-                  dt, fn, cache=wc is weight, relu=fuse,
-                  pool=pooled if pool is not None else None, size=(OH, OW))
-        if pool is not None:                    # (wino_pool)
-            return (out if keep else None), pooled
-        return done(_relu_inplace(out) if relu and not fuse else out)
+        plan = _WinoPlan(dt, N, L, OH, OW, g, pad[0], pad[2], b is not None,
+                         _team(16 * N * g, N * L * OH * OW * K), pool, _kernels.gemm_level())
+        _keep_plan(key, plan)                   # (no key with out=)
+        return _conv2d_wino(plan, xc, wc, bc, relu, keep, out, done,
+                            pooled if pool is not None else None, weight)
     direct = _is_direct(geo, x)
     if wpack.size:
         # the own GEMM: im2col one block of columns at a time; threads share images by blocks
@@ -888,6 +888,33 @@ def _knobs():
     (plans made under other settings are not used)."""
     return (get_num_threads(), _GRAIN, _DIRECT, _DEPTHWISE, _WINOGRAD_MIN_CHANNELS,
             _WINOGRAD_MIN_SIZE, _WINOGRAD5, _LINEAR_OWN_ROWS)
+
+
+def _conv2d_wino(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=None,
+                 own=None):
+    """The Winograd kernel call of a plan (out, done, pooled: from the first call, which made
+    them, and own: the caller's weight array; else allocated here).  5x5: the ReLU and the
+    pool (2x2) in the output transform."""
+    dt, N, L, OH, OW = plan.dt, plan.N, plan.L, plan.OH, plan.OW
+    xc, wc = _c(x, dt), _c(weight, dt)
+    bc = _c(bias, dt) if plan.has_bias else _EMPTY[dt.char]
+    if out is None and (keep or plan.pool is None):
+        out = np.empty((N, L, OH, OW), dt)
+    if plan.pool is not None and pooled is None:
+        pooled = np.empty((N, L, OH // 2, OW // 2), dt)
+    fuse = relu and wc.shape[2] == 5
+    _winograd(xc, wc, bc, out if keep or plan.pool is None else None, plan.pT, plan.pL,
+              plan.g, plan.team, dt, "conv2d", cache=wc is (weight if own is None else own),
+              relu=fuse, pool=pooled, size=(OH, OW))
+    if plan.pool is not None:
+        return (out if keep else None), pooled
+    out = _relu_inplace(out) if relu and not fuse else out
+    return done(out) if done is not None else out
+
+
+# conv2d's calls by Winograd: as _ConvPlan (the kernel is always conv2d_winograd_forward)
+_WinoPlan = collections.namedtuple("_WinoPlan", "dt N L OH OW g pT pL has_bias team pool "
+                                                "level")
 
 
 def _conv2d_own(plan, x, weight, bias, relu, keep, out=None, done=None, pooled=None):

@@ -582,40 +582,29 @@ def _conv_step(m, relu, pool, x, slow):
     key = F._plan_key(x, w, b, kw["stride"], kw["padding"], kw["dilation"], kw["groups"], None,
                       pool, keep)
     plan = F._PLANS.get(key) if key is not None else None
-    if plan is None:
-        return _wino_step(m, relu, pool, x, w, b, kw, slow)
-    if plan.dt != x.dtype:
+    if plan is None or plan.dt != x.dtype or x.size == 0 or plan.N == 0:
         return slow
-    if x.size == 0 or plan.N == 0:
-        return slow
+    if type(plan) is F._WinoPlan:
+        return _wino_step(m, relu, plan, x, w, b, slow)
     # (the kernel on the arrays' pointers, nothing between the checks and it: see ConvStep)
     return _kernels.ConvStep(m, slow, plan, x.shape, w.shape, None if b is None else b.shape,
                              bool(relu), F._scratch, np.empty, np.ndarray)
 
 
-def _wino_step(m, relu, pool, x, w, b, kw, slow):
-    """_kernels.WinoStep where conv2d runs this part by Winograd (and the own GEMM), else
-    slow."""
-    dt = x.dtype
-    if (x.size == 0 or w.dtype != dt or dt not in F._FLOATS or b is not None and b.dtype != dt
-            or _kernels.gemm_level() == "blas"):
+def _wino_step(m, relu, plan, x, w, b, slow):
+    """_kernels.WinoStep for a conv2d plan by Winograd (F._WinoPlan), else slow."""
+    if _kernels.gemm_level() == "blas" or w.dtype != plan.dt or (b is not None
+                                                                 and b.dtype != plan.dt):
         return slow
-    geo = F._conv_setup("conv2d", x, w, kw["stride"], kw["padding"], kw["dilation"],
-                        kw["groups"])
-    N, L, OH, OW, g, r = x.shape[0], geo["L"], geo["OH"], geo["OW"], geo["g"], w.shape[2]
-    if (F._is_depthwise(geo, w) or not F._use_winograd(geo, w, n=N)
-            or pool is not None and (r != 5 or tuple(pool) != (2, 2))):
-        return slow
-    team = F._team(16 * N * g, N * L * OH * OW * w[0].size)
+    dt, N, L, OH, OW, g, r = plan.dt, plan.N, plan.L, plan.OH, plan.OW, plan.g, w.shape[2]
 
     def weights(wc):
         return F._wino_weights(wc, g, dt, "conv2d", 0 < N <= F._WINO_CACHE_MAX_N)
 
-    pad = geo["pad"]
     return _kernels.WinoStep(m, slow, dt, x.shape, w.shape, None if b is None else b.shape, g,
-                             pad[0], pad[2], OH, OW, bool(relu), pool is not None, team,
-                             F._blocks_team(N * L * OH * OW),
-                             F._wino_cols(r, w.shape[1], L // g, OH, OW, dt, pool is None),
+                             plan.pT, plan.pL, OH, OW, bool(relu), plan.pool is not None,
+                             plan.team, F._blocks_team(N * L * OH * OW),
+                             F._wino_cols(r, w.shape[1], L // g, OH, OW, dt, plan.pool is None),
                              F._scratch, weights, F._wino_kept, np.empty, np.ndarray)
 
 
