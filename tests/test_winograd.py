@@ -570,3 +570,35 @@ def test_winograd_plans(dtype, k):
                             np.testing.assert_array_equal(two[0], one[0])
                         np.testing.assert_array_equal(two[1], one[1])
                         close(two[1], ref.max_pool2d(want, 2), dtype, atol32=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd5_batch1_changing_weights_go_direct(dtype, monkeypatch):
+    """A 5x5 on one image whose weights change call after call (training) runs the direct
+    kernels (or the GEMM) while the transform cache skips that array (_WINO_SKIP calls,
+    counted down by those calls too), then Winograd again; the plan of each path kept side
+    by side (the second call of each is planned); results always the reference's."""
+    if _kernels.gemm_level() == "blas":
+        pytest.skip("no own GEMM: no plans")
+    monkeypatch.setattr(F, "_WINO_SKIP", 3)
+    F._wino_cache.__dict__.clear()
+    F._PLANS.clear()
+    paths = []
+    for name, tag in (("_conv2d_wino", "wino"), ("_conv2d_own", "own")):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _r=real, _t=tag, **k: paths.append(_t)
+                            or _r(*a, **k))
+    r = np.random.default_rng(5)
+    x = r.uniform(-1, 1, (1, 16, 10, 11)).astype(dtype)
+    w = r.uniform(-1, 1, (32, 16, 5, 5)).astype(dtype)
+    b = r.uniform(-1, 1, 32).astype(dtype)
+    for step in range(12):
+        if step >= 2:
+            w -= 0.01 * np.sign(w)                  # an optimizer step between calls
+        got = F._conv2d(x, w, b, 1, 2, 1, 1, None, True)
+        close(got, np.maximum(ref.conv2d_taps(x, w, b, padding=2), 0), dtype, atol32=1e-4)
+    # calls 1-2 noted / kept, 3 changed once, 4 twice (the skip starts), 5-7 skipped
+    # (direct), 8 Winograd again (kept anew), 9 changed once, 10 twice, 11-12 direct
+    assert paths == ["wino"] * 4 + ["own"] * 3 + ["wino"] * 3 + ["own"] * 2, str(paths)
+    kinds = sorted(type(p).__name__ for p in F._PLANS.values())
+    assert kinds == ["_ConvPlan", "_WinoPlan"], kinds

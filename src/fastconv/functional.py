@@ -593,12 +593,13 @@ def _direct_plan(geo, xc, wc, N, dt, has_bias, pool=None, keep=True):
 # with them and compared (memcmp) on every call, so weights changed in place (an optimizer
 # step) are transformed again.  An array found changed twice in a row (training) skips the
 # cache for its next _WINO_SKIP calls (the compare and the copy cost a batch-1 training step
-# 4-6 % without that).  At most _WINO_CACHE_BYTES
-# per thread (weights, transform and packing), least recently used first out;
-# _WINO_CACHE_MAX_N = 0 turns it off.
+# 4-6 % without that; a 5x5 on one image runs the direct kernels meanwhile, _wino_changing:
+# 64 calls rather than 16 took the LeNet-style model's batch-1 step from 0.984x to 0.994x
+# those kernels').  At most _WINO_CACHE_BYTES per thread (weights, transform and packing),
+# least recently used first out; _WINO_CACHE_MAX_N = 0 turns it off.
 _WINO_CACHE_MAX_N = 4
 _WINO_CACHE_BYTES = 32 << 20
-_WINO_SKIP = 16
+_WINO_SKIP = 64
 _wino_cache = threading.local()
 
 
@@ -608,6 +609,25 @@ def _wino_state():
     if "entries" not in st:
         st["entries"], st["seen"] = collections.OrderedDict(), collections.OrderedDict()
     return st["entries"], st["seen"]
+
+
+def _wino_changing(weight, groups, dt):
+    """Whether conv2d on one image should skip 5x5 Winograd this call: the transform cache
+    found this weight array changed on each of its last calls (an optimizer step between
+    them) and skips it for a while (_WINO_SKIP calls, counted down here too).  A batch-1 5x5
+    that transforms its weights every call loses to the direct kernels (LeNet-style model's
+    training step at batch 1 0.97-0.98x with Winograd every call; Zen 3, 2026-12-05), where
+    with the transform kept it is 1.15-1.22x them."""
+    if (_WINO_CACHE_MAX_N < 1 or type(weight) is not np.ndarray or weight.ndim != 4
+            or weight.shape[2] != 5 or weight.dtype != dt or not weight.flags.c_contiguous):
+        return False
+    entries, _ = _wino_state()
+    e = entries.get((_kernels.address(weight), weight.shape, dt.char, groups,
+                     _kernels.transform_tag()))
+    if e is None or e["skip"] <= 0:
+        return False
+    e["skip"] -= 1
+    return True
 
 
 def _wino_weights(wc, groups, dt, fn, cache):
@@ -774,10 +794,16 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     x, weight = _array(x, "x", fn), _array(weight, "weight", fn)
     key = _plan_key(x, weight, bias, stride, padding, dilation, groups, out, pool, keep)
     plan = _PLANS.get(key) if key is not None else None
+    changing = False
     if plan is not None and plan.level == _kernels.gemm_level():
-        if type(plan) is _WinoPlan:
+        if type(plan) is not _WinoPlan:
+            return _conv2d_own(plan, x, weight, bias, relu, keep)
+        changing = plan.N == 1 and _wino_changing(weight, plan.g, plan.dt)   # (5x5)
+        if not changing:
             return _conv2d_wino(plan, x, weight, bias, relu, keep)
-        return _conv2d_own(plan, x, weight, bias, relu, keep)
+        plan = _PLANS.get(key + ("changing",))       # the call's other plan (see below)
+        if plan is not None and plan.level == _kernels.gemm_level():
+            return _conv2d_own(plan, x, weight, bias, relu, keep)
     geo = _conv_setup(fn, x, weight, stride, padding, dilation, groups)
     b = _bias(bias, geo["L"], fn)
     dt = _float_dtype(fn, [("x", x), ("weight", weight)] + ([("bias", b)] if b is not None
@@ -795,6 +821,12 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, out, relu, pool=
     K = weight.shape[1] * weight.shape[2] * weight.shape[3]
     depthwise = _is_depthwise(geo, weight)
     wino = not depthwise and _use_winograd(geo, weight, n=N)
+    if wino and N == 1 and not changing and plan is None:
+        changing = _wino_changing(weight, g, dt)
+    if changing:
+        # batch 1 with weights that change every call (training): the direct kernels or the
+        # GEMM this time, their plan kept beside the Winograd one (see _wino_changing)
+        wino, key = False, None if key is None else key + ("changing",)
     direct = not (depthwise or wino) and _use_direct(geo, weight.shape[1], dt, pool, N)
     wpack = _EMPTY[dt.char] if depthwise or wino or direct else _wpack(L // g, K, g, dt, fn)
     # 5x5 Winograd pools 2x2 windows in its output transform (its output tiles are them)
