@@ -1665,12 +1665,15 @@ cdef inline Py_ssize_t wino_chunk_tiles(Py_ssize_t NT, Py_ssize_t items, int thr
     4 chunks per thread, each of whole GEMM column panels (nr tiles; 56-tile chunks, a panel
     and 3/4 each, made a 128-channel conv 0.88x), so that a worker that wakes late still
     finds work (the caller takes chunks too) and each chunk's transformed input and products
-    stay in one core's cache (1.05x on 1 thread)."""
+    stay in one core's cache (1.05x on 1 thread); but at least 2 panels, as every chunk
+    reads all the transformed weights again (LeNet's conv2 at batch 1, 49 tiles, in chunks
+    of 32 and 17 instead of 16, 16, 16 and 1: 1.11x on 2 threads, 1.03x on 1; wino_setup
+    also joins a last chunk of under half a panel to the one before it)."""
     if wino_chunk > 0:
         return wino_chunk
     if items >= 2 * threads:
         return max(NT, 1)
-    return block_len(NT, (4 * threads + items - 1) // items, nr)
+    return max(block_len(NT, (4 * threads + items - 1) // items, nr), 2 * nr)
 
 
 cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
@@ -1846,7 +1849,7 @@ cdef void wino_job_run(WinoJob* j, Py_ssize_t i, int tid, floating* tag) noexcep
     t0 = k * j.per
     wino_tiles(x, U + g * planes * Lg * Cg, Up + g * planes * j.psz if Up != NULL else NULL,
                b, out, work, Cg, j.H, j.W, Lg, j.pH, j.pW, j.OH, j.OW, t0,
-               min(j.per, j.NT - t0), r, j.relu, pool, j.POH, j.POW)
+               j.per if k < j.nch - 1 else j.NT - t0, r, j.relu, pool, j.POH, j.POW)
 
 
 cdef void wino_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -1900,6 +1903,8 @@ cdef void wino_setup(WinoJob* j, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
     j.NT = ((OH + 1) // 2) * ((OW + 1) // 2)
     j.per = wino_chunk_tiles(j.NT, N * groups, num_threads, fc_gemm_nr(dbl))
     j.nch = (j.NT + j.per - 1) // j.per
+    if j.nch > 1 and j.NT - (j.nch - 1) * j.per < fc_gemm_nr(dbl) // 2:
+        j.nch -= 1          # a last chunk of under half a panel joins the one before it
     j.psz = fc_gemm_packed_size(j.Lg, Cg)
     j.relu, j.keep, j.dbl = relu, keep, dbl
     j.pool, j.POH, j.POW = NULL, (OH // 2 if pool else 0), (OW // 2 if pool else 0)
