@@ -431,8 +431,9 @@ def test_winograd_steps(name, dtype, threads, restore_threads):
     """Convolutions that conv2d runs by Winograd are planned as _kernels.WinoStep (the kernel
     on the arrays' pointers; 5x5: ReLU and pool in its output transform, 3x3: ReLU after):
     bit for bit the layers one by one at batch 1, 3 and 6 (past the transform cache's 4), on
-    1 and 2 threads, with an image holding inf and NaN (convolved directly), and after the
-    weights change in place or are replaced (a kept transform is not reused)."""
+    1 and 2 threads, with an image holding inf and NaN (convolved directly), after the
+    weights change in place or are replaced (a kept transform is not reused; by a read-only
+    Fortran-order array too), on read-only, reversed and Fortran-order inputs."""
     from fastconv import _kernels, functional as F
     if _kernels.gemm_level() == "blas":
         pytest.skip("WinoStep runs with the own GEMM")
@@ -455,3 +456,9 @@ def test_winograd_steps(name, dtype, threads, restore_threads):
         check(model, x, calls=2)
         model[0].weight.data = rng.standard_normal(model[0].weight.shape).astype(dtype)
         check(model, x, calls=2)
+        model[0].weight.data = np.asfortranarray(model[0].weight.data)    # (the usual way)
+        model[0].weight.data.flags.writeable = False
+        ro = x.copy()
+        ro.flags.writeable = False
+        for xx in (ro, x[:, :, ::-1], np.asfortranarray(x)):
+            check(model, xx, calls=2)
