@@ -456,7 +456,7 @@ def _use_winograd(geo, weight, backward=False, n=2):
     32x32 batch 8 1.22x / 1.25x; float64 batch 64 1.62x / 1.56x; but 16 -> 16 on 16x16 0.98x
     / 0.94x.  Its grad_x 1.35-1.80x at batch 8-64.  Batch 1 too since nn.Sequential's plans
     call it without Python (_kernels.WinoStep; 2026-12-05): LeNet's conv2 with its ReLU and
-    pool 1.21x / 1.15x alone (functional.conv2d 1.22x / 1.17x), the LeNet-style model at
+    pool 1.21x / 1.05-1.17x alone (without them 1.22x / 1.17x), the LeNet-style model at
     batch 1 in a rotation with PyTorch and ONNX Runtime 1.29x / 1.08x (through the Python
     path its conv2 had been level or slower there).  grad_x stays direct at batch 1 (its
     flipped kernel transformed anew every call: 0.93-1.01x)."""
