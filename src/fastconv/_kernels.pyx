@@ -4864,26 +4864,29 @@ cdef class _Step:
     cdef bint dbl
     cdef public bint fresh
 
-    cdef int arrays_of(self, object z, object w, object b, void** xp, void** wp,
-                       void** bp) except -1:
-        """1 with the pointers of z, the weight w and the bias b (None: none; the layer's
-        arrays, which the caller holds while it uses the pointers) when they are ndarrays of
-        the plan's shapes and dtype, C-contiguous; else 0."""
+    cdef object params(self, object z, void** xp, void** wp, void** bp):
+        """The layer's (weight, bias) arrays (bias None: none), with the pointers of z and of
+        them, when they are ndarrays of the plan's shapes and dtype, C-contiguous; else None.
+        The caller holds the tuple while the kernel uses the pointers: the Python calls
+        between (allocations, workspaces) may let another thread replace the layer's arrays,
+        which must outlive that use."""
         cdef object dt = self.dtype
+        cdef object w = self.layer.weight.data
+        cdef object b = self.layer.bias.data if self.bshape is not None else None
         if (type(z) is not self.ndarray or type(w) is not self.ndarray
                 or not (z.dtype is dt or z.dtype == dt) or not (w.dtype is dt or w.dtype == dt)
                 or z.shape != self.xshape or w.shape != self.wshape):
-            return 0
+            return None
         if b is not None and (type(b) is not self.ndarray or b.shape != self.bshape
                               or not (b.dtype is dt or b.dtype == dt)):
-            return 0
+            return None
         try:
             xp[0] = cbuf(z, False)
             wp[0] = cbuf(w, False)
             bp[0] = cbuf(b, False) if b is not None else NULL
         except (BufferError, ValueError):   # (numpy: ValueError "ndarray is not
-            return 0                        # C-contiguous"; the usual way copies)
-        return 1
+            return None                     # C-contiguous"; the usual way copies)
+        return (w, b)
 
 
 @cython.auto_pickle(False)
@@ -4923,11 +4926,8 @@ cdef class ConvStep(_Step):
         cdef void* xp = NULL
         cdef void* wp = NULL
         cdef void* bp = NULL
-        # (the weight and bias held here: the Python calls below may let another thread
-        # replace the layer's arrays, which must outlive the kernel's use of them)
-        w = self.layer.weight.data
-        b = self.layer.bias.data if self.bshape is not None else None
-        if not self.arrays_of(z, w, b, &xp, &wp, &bp):
+        held = self.params(z, &xp, &wp, &bp)     # (kept until the kernel is done)
+        if held is None:
             return self.slow(z)
         y = self.empty(self.yshape, self.dtype)
         sc = self.scratch(a.srows, a.ncol, self.dtype, "conv2d")
@@ -4961,7 +4961,7 @@ cdef class WinoStep(_Step):
     in one pass after (relu_blocks on relu_team threads), no pool."""
     cdef WinoJob j
     cdef object scratch, weights, finish
-    cdef Py_ssize_t N, srows, ncol
+    cdef Py_ssize_t N, ncol
     cdef int team, relu_team
     cdef bint relu_after
 
@@ -4980,7 +4980,7 @@ cdef class WinoStep(_Step):
         if (r != 3 and r != 5) or wshape[3] != r or (pool and r != 5) or groups < 1 \
                 or L % groups or C != Cg * groups or OH < 1 or OW < 1:
             raise ValueError("WinoStep: 3x3 or 5x5 kernels, a pool only with 5x5")
-        self.N, self.srows, self.ncol, self.team, self.relu_team = N, team, ncol, team, relu_team
+        self.N, self.ncol, self.team, self.relu_team = N, ncol, team, relu_team
         self.relu_after = relu and r == 3
         wino_setup(&self.j, N, C, H, W, L, Cg, r, groups, pH, pW, OH, OW, team, self.dbl,
                    True, relu and r == 5, not pool, pool)
@@ -4997,15 +4997,16 @@ cdef class WinoStep(_Step):
         cdef int rc
         cdef bint ready
         cdef Py_ssize_t n
-        w = self.layer.weight.data
-        b = self.layer.bias.data if self.bshape is not None else None
-        if not self.arrays_of(z, w, b, &xp, &wp, &bp):
+        held = self.params(z, &xp, &wp, &bp)     # (kept until the kernel is done)
+        if held is None:
             return self.slow(z)
+        w = held[0]
         u, pk, ready, entry = self.weights(w)
         y = self.empty(self.yshape, self.dtype)
-        sc = self.scratch(self.srows, self.ncol, self.dtype, "conv2d")
+        sc = self.scratch(self.team, self.ncol, self.dtype, "conv2d")
         yp = cbuf(y, True)
-        j.x, j.w, j.b, j.U, j.Up, j.work = xp, wp, bp, cbuf(u, True), cbuf(pk, True), cbuf(sc, True)
+        j.x, j.w, j.b, j.work = xp, wp, bp, cbuf(sc, True)
+        j.U, j.Up = cbuf(u, True), cbuf(pk, True)
         if j.keep:
             j.out, j.pool = yp, NULL
         else:
@@ -5048,11 +5049,8 @@ cdef class LinearStep(_Step):
         cdef void* xp = NULL
         cdef void* wp = NULL
         cdef void* bp = NULL
-        # (the weight and bias held here: the Python calls below may let another thread
-        # replace the layer's arrays, which must outlive the kernel's use of them)
-        w = self.layer.weight.data
-        b = self.layer.bias.data if self.bshape is not None else None
-        if not self.arrays_of(z, w, b, &xp, &wp, &bp):
+        held = self.params(z, &xp, &wp, &bp)     # (kept until the kernel is done)
+        if held is None:
             return self.slow(z)
         y = self.empty(self.yshape, self.dtype)
         if self.nrows == 0 or self.nout == 0:

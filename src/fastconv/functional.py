@@ -595,8 +595,8 @@ def _direct_plan(geo, xc, wc, N, dt, has_bias, pool=None, keep=True):
 # cache for its next _WINO_SKIP calls (the compare and the copy cost a batch-1 training step
 # 4-6 % without that; a 5x5 on one image runs the direct kernels meanwhile, _wino_changing:
 # 64 calls rather than 16 took the LeNet-style model's batch-1 step from 0.984x to 0.994x
-# those kernels').  At most _WINO_CACHE_BYTES per thread (weights, transform and packing),
-# least recently used first out; _WINO_CACHE_MAX_N = 0 turns it off.
+# the step without 5x5 Winograd).  At most _WINO_CACHE_BYTES per thread (weights, transform
+# and packing), least recently used first out; _WINO_CACHE_MAX_N = 0 turns it off.
 _WINO_CACHE_MAX_N = 4
 _WINO_CACHE_BYTES = 32 << 20
 _WINO_SKIP = 64
