@@ -559,23 +559,20 @@ FC_T256 static void fc_ukrt_f_256(ptrdiff_t K, const float* A, ptrdiff_t ps, con
     }
     ptrdiff_t k = 0;
     const __m256i six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+    /* every k but the last by full loads, the last by masked ones (its rows end the panels) */
+#define FC_UKRT_RUN(STEP)                                                                       \
+    for (; k + 1 < K; k++)                                                                      \
+        STEP(_mm256_loadu_ps(a0 + 6 * k), _mm256_loadu_ps(a1 + 6 * k),                          \
+             _mm256_loadu_ps(a2 + 6 * k))                                                       \
+    if (k < K)                                                                                  \
+        STEP(_mm256_maskload_ps(a0 + 6 * k, six), _mm256_maskload_ps(a1 + 6 * k, six),          \
+             _mm256_maskload_ps(a2 + 6 * k, six))
     if (n == 1) {
-        for (; k + 1 < K; k++)
-            FC_UKRT_STEP1(_mm256_loadu_ps(a0 + 6 * k), _mm256_loadu_ps(a1 + 6 * k),
-                          _mm256_loadu_ps(a2 + 6 * k))
-        if (k < K)
-            FC_UKRT_STEP1(_mm256_maskload_ps(a0 + 6 * k, six),
-                          _mm256_maskload_ps(a1 + 6 * k, six),
-                          _mm256_maskload_ps(a2 + 6 * k, six))
+        FC_UKRT_RUN(FC_UKRT_STEP1)
     } else {
-        for (; k + 1 < K; k++)
-            FC_UKRT_STEP(_mm256_loadu_ps(a0 + 6 * k), _mm256_loadu_ps(a1 + 6 * k),
-                         _mm256_loadu_ps(a2 + 6 * k))
-        if (k < K)
-            FC_UKRT_STEP(_mm256_maskload_ps(a0 + 6 * k, six),
-                         _mm256_maskload_ps(a1 + 6 * k, six),
-                         _mm256_maskload_ps(a2 + 6 * k, six))
+        FC_UKRT_RUN(FC_UKRT_STEP)
     }
+#undef FC_UKRT_RUN
 #undef FC_UKRT_STEP
 #undef FC_UKRT_STEP1
     for (int h = 0; h < npan; h++)
