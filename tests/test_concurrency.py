@@ -182,8 +182,13 @@ def _compare(expected, got, summed, dtype, what):
         e, g = np.asarray(e), np.asarray(g)
         assert e.dtype == g.dtype and e.shape == g.shape, f"{what}: output {k}"
         if k in summed:
+            # sums of per-thread partials, which threads busy elsewhere split differently:
+            # roundings of the order of the largest value's (Winograd's weight gradient
+            # sums terms that cancel to small values)
             tol = 1e-5 if np.dtype(dtype) == np.float32 else 1e-12
-            np.testing.assert_allclose(g, e, rtol=tol, atol=tol, err_msg=f"{what}: output {k}")
+            scale = 1.0 + (np.abs(e).max() if e.size else 0.0)
+            np.testing.assert_allclose(g, e, rtol=tol, atol=tol * scale,
+                                       err_msg=f"{what}: output {k}")
         else:
             np.testing.assert_array_equal(g, e, err_msg=f"{what}: output {k} (must be bitwise "
                                                           "equal to the serial call)")

@@ -487,10 +487,13 @@ def test_winograd_transforms(level, dtype, k, monkeypatch):
     tiles (vectorised across tiles, 16 a vector and masked tails at "avx512") beside edge
     tiles, odd output sizes, paddings 0-4 and grad_x's cropping (padding k - 1 - p < 0), for
     3x3 and 5x5 kernels, against the reference; at "avx512" also bit for bit against the AVX2
-    build (the same additions; 5x5 has no AVX-512 code of its own)."""
+    build (the same additions; 5x5 has no AVX-512 code of its own).  3x3: also the weight
+    gradient's transforms (grad_out's, runs of whole tiles beside the bottom and right
+    edge's partial ones, and the last step's)."""
     from fastconv import functional as F
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
+    monkeypatch.setattr(F, "_WGRAD_WINO_MIN_SIZE", 1)
     r = np.random.default_rng(9)
     with xsimd(level):
         for H, W, p in ((3, 3, 0), (5, 8, 1), (9, 19, 1), (12, 37, 2), (7, 40, 0),
@@ -504,8 +507,11 @@ def test_winograd_transforms(level, dtype, k, monkeypatch):
                 y = fc.conv2d(x, w, b, padding=p)
                 close(y, ref.conv2d(x, w, b, padding=p), dtype)
                 gy = r.uniform(-1, 1, y.shape).astype(dtype)
-                gx = fc.conv2d_backward(gy, x, w, padding=p)[0]
-                close(gx, ref.conv2d_backward(gy, x, w, padding=p)[0], dtype)
+                gx, gw, gb = fc.conv2d_backward(gy, x, w, padding=p)
+                want = ref.conv2d_backward(gy, x, w, padding=p)
+                close(gx, want[0], dtype)
+                close(gw, want[1], dtype)
+                close(gb, want[2], dtype)
                 if level == "avx512":
                     with xsimd("avx2"):
                         np.testing.assert_array_equal(fc.conv2d(x, w, b, padding=p), y)

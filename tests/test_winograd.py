@@ -27,6 +27,7 @@ from _helpers import close, num_threads, run_threads
 def everywhere(monkeypatch):
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(F, "_WINOGRAD_MIN_SIZE", 1)
+    monkeypatch.setattr(F, "_WGRAD_WINO_MIN_SIZE", 1)
 
 
 def test_thresholds_pick_winograd_only_where_it_pays(monkeypatch):
@@ -161,6 +162,194 @@ def test_winograd_default_thresholds_bench_shapes(dtype, monkeypatch):
             m.setattr(F, "_WINOGRAD_MIN_CHANNELS", 10**9)
             want = fc.conv2d(x, w, b, padding=k // 2)
         close(got, want, np.dtype(dtype))
+
+
+def test_wgrad_thresholds_pick_winograd_only_where_it_pays():
+    x = np.zeros((1, 512, 32, 32), np.float32)
+    for w, hw, kw in [((64, 64, 3, 3), 32, {}), ((16, 16, 3, 3), 32, {}),
+                      ((16, 512, 3, 3), 7, {}), ((64, 64, 3, 3), 6, dict(padding=0)),
+                      ((64, 64, 3, 3), 32, dict(padding=(0, 3)))]:
+        geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), 1, kw.get("padding", 1),
+                            1, 1)
+        assert F._use_winograd_wgrad(geo, np.zeros(w)), (w, hw, kw)
+    for w, hw, kw in [((64, 64, 3, 3), 32, dict(stride=2)), ((64, 64, 3, 3), 32,
+                      dict(dilation=2)), ((64, 64, 5, 5), 32, {}), ((64, 64, 1, 1), 32, {}),
+                      ((8, 8, 3, 3), 32, {}), ((64, 3, 3, 3), 32, {}), ((3, 64, 3, 3), 32, {}),
+                      ((64, 64, 3, 3), 3, {}), ((64, 64, 3, 3), 4, dict(padding=(0, 1)))]:
+        geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), kw.get("stride", 1),
+                            kw.get("padding", 1), kw.get("dilation", 1), 1)
+        assert not F._use_winograd_wgrad(geo, np.zeros(w)), (w, hw, kw)
+
+
+@contextlib.contextmanager
+def wgrad_split(chunk, most):
+    """conv2d_winograd_wgrad's chunks: `chunk` tiles of an image (0: the default rule), at
+    most `most` tiles when small images join one chunk."""
+    old = _kernels.set_wgrad_wino_chunk(chunk), _kernels.set_wgrad_wino_k(most)
+    try:
+        yield
+    finally:
+        _kernels.set_wgrad_wino_chunk(old[0])
+        _kernels.set_wgrad_wino_k(old[1])
+
+
+@contextlib.contextmanager
+def wgrad_calls():
+    """The results (True: done by Winograd; False: an infinity or NaN, nothing written) of
+    conv2d_winograd_wgrad's calls in the block."""
+    seen, real = [], _kernels.conv2d_winograd_wgrad
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_kernels, "conv2d_winograd_wgrad", spy)
+        yield seen
+
+
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
+@given(n=st.integers(1, 5), cg=st.integers(1, 5), lg=st.integers(1, 5),
+       groups=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9),
+       ph=st.integers(0, 4), pw=st.integers(0, 4), need_x=st.booleans(),
+       need_b=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]),
+       threads=st.sampled_from([1, 2, 3]), chunk=st.sampled_from([0, 1, 2, 5]),
+       most=st.sampled_from([128, 1, 3, 20]), seed=st.integers(0, 2**32 - 1))
+def test_winograd_wgrad_matches_reference(n, cg, lg, groups, h, w, ph, pw, need_x, need_b,
+                                          dtype, threads, chunk, most, seed):
+    """conv2d_backward's weight and bias gradients by Winograd F(2x2, 3x3)'s transposition
+    (conv2d_winograd_wgrad): partial tiles at odd sizes, paddings past the kernel, groups,
+    the threads' partial sums, an image cut in chunks of 1, 2 or 5 tiles with a partial
+    last one, or several small images joined into one chunk (most: at most that many tiles,
+    a chunk of 1 image when fewer than 2 fit), against the reference."""
+    if h + 2 * ph < 3 or w + 2 * pw < 3:
+        return
+    r = np.random.default_rng(seed)
+    x = r.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
+    wt = r.uniform(-1, 1, (lg * groups, cg, 3, 3)).astype(dtype)
+    geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
+    if F._is_depthwise(geo, wt):            # (the depthwise kernels' own backward)
+        return
+    assert F._use_winograd_wgrad(geo, wt)
+    gy = r.uniform(-1, 1, (n, lg * groups, geo["OH"], geo["OW"])).astype(dtype)
+    with num_threads(threads), wgrad_split(chunk, most), wgrad_calls() as seen:
+        gx, gw, gb = fc.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups,
+                                        output_mask=(need_x, True, need_b))
+    assert seen == [True]
+    want = ref.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups)
+    close(gw, want[1], np.dtype(dtype))
+    if need_x:
+        close(gx, want[0], np.dtype(dtype))
+    else:
+        assert gx is None
+    if need_b:
+        close(gb, want[2], np.dtype(dtype))
+    else:
+        assert gb is None
+
+
+@pytest.mark.usefixtures("everywhere", "tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads,chunk,most", [(1, 0, 128), (2, 0, 128), (2, 1, 128),
+                                                (3, 4, 128), (2, 0, 200)])
+@pytest.mark.parametrize("where", ["x", "grad_out"])
+def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, monkeypatch):
+    """An infinity or NaN in x or grad_out (in the last image, the last chunk's tiles, or
+    the first image of a joined chunk): Winograd would mix it into NaN where the sums give
+    +-inf, and into every tap; the kernel writes nothing and says so, and conv2d_backward
+    computes both gradients the usual way, bit for bit (for x: the reference's infinities
+    and NaN, and its values elsewhere; a NaN in grad_out reaches, through im2col's zeros,
+    the taps that the reference's loops skip at the padding too)."""
+    r = np.random.default_rng(4)
+    x = r.standard_normal((4, 3, 6, 7)).astype(dtype)
+    w = r.standard_normal((2, 3, 3, 3)).astype(dtype)
+    gy = r.standard_normal((4, 2, 6, 7)).astype(dtype)
+    bad = x if where == "x" else gy
+    bad[3, 1, 5, 6] = np.inf
+    bad[0, 0, 2, 3] = -np.inf if most == 200 else 1.0
+    bad[3, 0, 0, 1] = np.nan
+    with num_threads(threads), wgrad_split(chunk, most), wgrad_calls() as seen:
+        _, gw, gb = fc.conv2d_backward(gy, x, w, padding=1, output_mask=(False, True, True))
+    assert seen == [False]
+    monkeypatch.setattr(F, "_WGRAD_WINO", False)
+    with num_threads(threads):
+        usual = fc.conv2d_backward(gy, x, w, padding=1, output_mask=(False, True, True))
+    np.testing.assert_array_equal(gw, usual[1])
+    np.testing.assert_array_equal(gb, usual[2])
+    assert np.isnan(gw).any() and np.isinf(gw).any()
+    if where == "x":
+        with np.errstate(invalid="ignore"):
+            want = ref.conv2d_backward(gy, x, w, padding=1)
+        np.testing.assert_array_equal(np.isnan(gw), np.isnan(want[1]))
+        np.testing.assert_array_equal(np.isposinf(gw), np.isposinf(want[1]))
+        np.testing.assert_array_equal(np.isneginf(gw), np.isneginf(want[1]))
+        ok = np.isfinite(want[1])
+        close(gw[ok], want[1][ok], np.dtype(dtype))
+        close(gb, want[2], np.dtype(dtype))
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("h,w", [(16, 16), (16, 32), (32, 32), (8, 8)])
+def test_winograd_wgrad_padded_tile_rows(dtype, threads, h, w):
+    """Chunks whose rows of V and Z would be a multiple of 512 bytes apart (64 tiles of
+    doubles, 128 or 256 of floats: one image, or several small ones joined) are laid out
+    one cache line wider: the transforms and the GEMMs agree on that stride (against the
+    reference's weight gradient by taps, the loops being too slow at these sizes)."""
+    r = np.random.default_rng(h * w + threads)
+    for n in (1, 2, 4, 8):
+        x = r.uniform(-1, 1, (n, 16, h, w)).astype(dtype)
+        wt = r.uniform(-1, 1, (16, 16, 3, 3)).astype(dtype)
+        gy = r.uniform(-1, 1, (n, 16, h, w)).astype(dtype)
+        with num_threads(threads), wgrad_calls() as seen:
+            _, gw, gb = fc.conv2d_backward(gy, x, wt, padding=1, output_mask=(False, True, True))
+        assert seen == [True]
+        close(gw, ref.conv2d_weight_grad_taps(gy, x, wt.shape, padding=1), np.dtype(dtype))
+        close(gb, gy.astype(np.float64).sum((0, 2, 3)), np.dtype(dtype))
+
+
+@pytest.mark.usefixtures("tiny_grain")
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_winograd_wgrad_is_deterministic(n):
+    """The threads' partial sums follow fixed lanes of chunks, whichever thread runs a lane
+    (a worker that wakes late leaves its items to the caller): repeated calls on 2 threads,
+    also while other Python threads keep the pool busy, give the same bits."""
+    r = np.random.default_rng(n)
+    x = r.standard_normal((n, 16, 10, 9)).astype(np.float32)
+    w = r.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    gy = r.standard_normal((n, 16, 10, 9)).astype(np.float32)
+
+    def grads():
+        return fc.conv2d_backward(gy, x, w, padding=1, output_mask=(False, True, True))[1:]
+    with num_threads(2), wgrad_calls() as seen:
+        first = grads()
+        runs = [grads() for _ in range(20)] + sum(run_threads([grads] * 4, 3), [])
+    assert all(seen)
+    for got in runs:
+        np.testing.assert_array_equal(got[0], first[0])
+        np.testing.assert_array_equal(got[1], first[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_wgrad_default_thresholds_bench_shapes(dtype, monkeypatch):
+    """Shapes like the benchmark suite's and a network's (many channels on small planes:
+    several images a chunk), at the default thresholds and threads, against the im2col path
+    (itself checked against the reference by the property tests)."""
+    r = np.random.default_rng(6)
+    for n, c, l, hw in [(2, 64, 64, 32), (1, 128, 128, 28), (9, 16, 16, 9), (8, 64, 32, 7),
+                        (3, 256, 16, 4), (1, 16, 64, 56)]:
+        x = r.standard_normal((n, c, hw, hw)).astype(dtype)
+        w = r.standard_normal((l, c, 3, 3)).astype(dtype) / 24
+        gy = r.standard_normal((n, l, hw, hw)).astype(dtype)
+        assert F._use_winograd_wgrad(F._conv_setup("t", x, w, 1, 1, 1, 1), w)
+        with wgrad_calls() as seen:
+            got = fc.conv2d_backward(gy, x, w, padding=1)
+        assert seen == [True]
+        with monkeypatch.context() as m:
+            m.setattr(F, "_WGRAD_WINO", False)
+            want = fc.conv2d_backward(gy, x, w, padding=1)
+        for a, b in zip(got, want):
+            close(a, b, np.dtype(dtype))
 
 
 @pytest.mark.usefixtures("everywhere", "tiny_grain")

@@ -1615,6 +1615,17 @@ cdef extern from "_winograd.h":
     void fc_wino_output_d(const double* M, Py_ssize_t L, Py_ssize_t TW, Py_ssize_t t0,
                           Py_ssize_t nt, Py_ssize_t ld, Py_ssize_t OH, Py_ssize_t OW,
                           const double* b, double* out, Py_ssize_t ms) nogil
+    # the weight gradient of F(2x2, 3x3): grad_out's transform and the last step
+    void fc_wino_gout_f(const float* gy, Py_ssize_t L, Py_ssize_t OH, Py_ssize_t OW,
+                        Py_ssize_t TW, Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t ld, float* Z,
+                        Py_ssize_t zs) nogil
+    void fc_wino_gout_d(const double* gy, Py_ssize_t L, Py_ssize_t OH, Py_ssize_t OW,
+                        Py_ssize_t TW, Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t ld, double* Z,
+                        Py_ssize_t zs) nogil
+    void fc_wino_wgrad_f(const float* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
+                         Py_ssize_t L, Py_ssize_t c, float* gw) nogil
+    void fc_wino_wgrad_d(const double* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
+                         Py_ssize_t L, Py_ssize_t c, double* gw) nogil
     # F(2x2, 5x5): the same arguments, 36 planes (and the output's fused ReLU and 2x2 max-pool)
     void fc_wino5_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
                             Py_ssize_t l1, float* U) nogil
@@ -1998,6 +2009,241 @@ def conv2d_winograd_forward(const floating[:, :, :, ::1] x, const floating[:, :,
         rc = wino_execute(&j, N, num_threads, ready)
     if rc < 0:
         raise MemoryError("conv2d_winograd_forward: finiteness flags")
+
+
+cdef Py_ssize_t wgrad_wino_chunk = 0      # tiles per chunk; 0: chosen by wgrad_wino_split
+
+
+def set_wgrad_wino_chunk(Py_ssize_t tiles):
+    """Tiles per chunk of conv2d_winograd_wgrad (0: the default rule); returns the previous
+    value.  For tests and benchmarks, while no kernel runs."""
+    global wgrad_wino_chunk
+    old = wgrad_wino_chunk
+    wgrad_wino_chunk = max(tiles, 0)
+    return old
+
+
+cdef Py_ssize_t WGRAD_WINO_K = 128      # fewest tiles a chunk's GEMMs sum where images allow
+
+
+cdef inline Py_ssize_t wgrad_wino_split(Py_ssize_t N, Py_ssize_t NT, Py_ssize_t groups,
+                                        int threads, Py_ssize_t nr,
+                                        Py_ssize_t* nb) noexcept nogil:
+    """Tiles per chunk of conv2d_winograd_wgrad (returned) and images per chunk (nb): a
+    chunk's tiles are its 16 GEMMs' K, after which each adds its (Cg, Lg) product into the
+    thread's partial sums.  Images of at least WGRAD_WINO_K tiles: whole images when there
+    are at least two (image, group) items per thread, else about 4 chunks per thread of
+    whole GEMM panels (nr tiles); smaller images: several to a chunk, up to WGRAD_WINO_K
+    tiles or a thread's share of the batch (a 512-channel 7x7, 16 tiles an image, ran 0.59x
+    im2col + GEMM one image a chunk: the partial sums read and written every 16 tiles)."""
+    cdef Py_ssize_t per
+    nb[0] = 1
+    if wgrad_wino_chunk > 0:
+        return min(wgrad_wino_chunk, max(NT, 1))
+    if 2 * NT <= WGRAD_WINO_K and N > 1:
+        nb[0] = max(min(WGRAD_WINO_K // NT, (N + threads - 1) // threads), 1)
+        return max(NT, 1)
+    if N * groups >= 2 * threads:
+        return max(NT, 1)
+    return max(block_len(NT, (4 * threads + N * groups - 1) // (N * groups), nr), nr)
+
+
+def set_wgrad_wino_k(Py_ssize_t k):
+    """Most tiles of a chunk of conv2d_winograd_wgrad that joins several small images (see
+    wgrad_wino_split); returns the previous value.  For tests and benchmarks."""
+    global WGRAD_WINO_K
+    old = WGRAD_WINO_K
+    WGRAD_WINO_K = max(k, 1)
+    return old
+
+
+def wgrad_wino_cols(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t Lg,
+                    Py_ssize_t OH, Py_ssize_t OW, int num_threads, Py_ssize_t itemsize):
+    """Values of a thread's scratch row for conv2d_winograd_wgrad: a chunk's transformed input
+    and grad_out, then the thread's partial sums (16 groups Cg Lg, and groups Lg for the
+    bias gradient)."""
+    cdef Py_ssize_t NT = ((OH + 1) // 2) * ((OW + 1) // 2), nb
+    cdef Py_ssize_t per = wgrad_wino_split(N, NT, groups, num_threads,
+                                           fc_gemm_nr(itemsize == 8), &nb)
+    cdef Py_ssize_t ld = nb * min(per, NT) + 64 // itemsize     # >= any chunk's col_ld
+    return 16 * ((Cg + Lg) * ld + 2 * WINO_PAD) + 16 * groups * Cg * Lg + groups * Lg
+
+
+cdef struct WgradJob:
+    # conv2d_winograd_wgrad on the pool in three jobs.  Phase 0: each of the `parts` scratch
+    # rows' partial sums zeroed.  Phase 1: `parts` lanes, lane p running its share of the
+    # chunks (every (image, group) in chunks of tiles, or blocks of nb images (nch = 1) for
+    # each group) in order in scratch row p: a chunk's input and grad_out transforms, then its
+    # 16 GEMMs added into the row's partial sums (chunk 0 of an (image, group) also checks
+    # both for infinities and NaN: bad).  The rows follow the lanes, not the threads that
+    # run them, so the sums' order, and the result, do not depend on which thread ran what
+    # (the pool's caller takes whatever items its workers have not started).  Phase 2: each
+    # (group, input channel)'s sums over the rows, transformed into the weight gradient.
+    const void* x
+    const void* gy
+    void* gw
+    void* work
+    unsigned char* bad
+    Py_ssize_t ncol, dof, N, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per, nch, nb
+    int parts, phase
+    bint dbl, bias
+
+
+cdef void wgrad_job_run(WgradJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
+    cdef Py_ssize_t Cg = j.Cg, Lg = j.Lg, CL = j.Cg * j.Lg, g
+    cdef floating* row
+    if j.phase == 0:
+        row = <floating*> j.work + i * j.ncol
+        memset(row + j.dof, 0, (j.ncol - j.dof) * sizeof(floating))
+        return
+    if j.phase == 2:
+        g = i // Cg
+        row = <floating*> j.work + j.dof + g * 16 * CL
+        if floating is float:
+            fc_wino_wgrad_f(row, j.parts, j.ncol, Cg, Lg, i % Cg, <float*> j.gw + g * Lg * Cg * 9)
+        else:
+            fc_wino_wgrad_d(row, j.parts, j.ncol, Cg, Lg, i % Cg,
+                            <double*> j.gw + g * Lg * Cg * 9)
+        return
+    cdef Py_ssize_t it, total = (j.N + j.nb - 1) // j.nb * j.groups * j.nch
+    for it in range(i * total // j.parts, (i + 1) * total // j.parts):
+        wgrad_chunk(j, it, i, tag)
+
+
+cdef void wgrad_chunk(WgradJob* j, Py_ssize_t i, Py_ssize_t lane,
+                      floating* tag) noexcept nogil:
+    """Chunk i of conv2d_winograd_wgrad in scratch row `lane` (see WgradJob)."""
+    cdef Py_ssize_t Cg = j.Cg, Lg = j.Lg, CL = j.Cg * j.Lg, TW = (j.OW + 1) // 2, HW = j.H * j.W
+    cdef Py_ssize_t OHW = j.OH * j.OW, item, k, n, n0, n1, g, t0, nt, ld, vs, zs, xi
+    cdef floating* row
+    cdef floating* V
+    cdef floating* Z
+    cdef floating* D
+    cdef const floating* x
+    cdef const floating* gy
+    cdef bint ok
+    item = i // j.nch
+    k = i % j.nch
+    n0 = (item // j.groups) * j.nb
+    n1 = min(n0 + j.nb, j.N)
+    g = item % j.groups
+    t0 = k * j.per
+    nt = j.per if k < j.nch - 1 else j.NT - t0      # tiles of each image
+    ld = col_ld((n1 - n0) * nt, sizeof(floating))
+    vs, zs = Cg * ld + WINO_PAD, Lg * ld + WINO_PAD
+    row = <floating*> j.work + lane * j.ncol
+    V, Z, D = row, row + 16 * vs, row + j.dof + g * 16 * CL
+    cdef floating* gb = row + j.dof + j.groups * 16 * CL + g * Lg if j.bias else NULL
+    for n in range(n0, n1):      # each image's tiles nt columns after the one before
+        x = <const floating*> j.x + (n * j.C + g * Cg) * HW
+        gy = <const floating*> j.gy + (n * j.L + g * Lg) * OHW
+        if k == 0:
+            if floating is float:
+                ok = fc_wino_finite_f(x, Cg * HW) and fc_wino_finite_f(gy, Lg * OHW)
+            else:
+                ok = fc_wino_finite_d(x, Cg * HW) and fc_wino_finite_d(gy, Lg * OHW)
+            j.bad[n * j.groups + g] = not ok
+            if not ok:
+                return
+        if floating is float:
+            fc_wino_input_f(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld, V + (n - n0) * nt, vs)
+            fc_wino_gout_f(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
+        else:
+            fc_wino_input_d(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld, V + (n - n0) * nt, vs)
+            fc_wino_gout_d(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
+    nt = (n1 - n0) * nt
+    if gb != NULL:          # plane 5: each tile's sum of its outputs
+        for xi in range(Lg):
+            gb[xi] += <floating> row_sum_double(Z + 5 * zs + xi * ld, nt)
+    for xi in range(16):
+        # D[xi] (Cg, Lg) += V[xi] (Cg, nt) @ Z[xi]^T, Z[xi] (Lg, nt) read as B transposed
+        if fc_gemm_level() > 0:
+            if floating is float:
+                fc_gemma_f(Cg, 0, Lg, nt, V + xi * vs, ld, Z + xi * zs, ld, D + xi * CL, Lg,
+                           1 | GEMM_BT)
+            else:
+                fc_gemma_d(Cg, 0, Lg, nt, V + xi * vs, ld, Z + xi * zs, ld, D + xi * CL, Lg,
+                           1 | GEMM_BT)
+        else:
+            gemm_rm(False, True, Cg, Lg, nt, 1, V + xi * vs, ld, Z + xi * zs, ld, 1,
+                    D + xi * CL, Lg)
+
+
+cdef void wgrad_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
+    cdef WgradJob* j = <WgradJob*> ctx
+    if j.dbl:
+        wgrad_job_run(j, i, tid, <double*> NULL)
+    else:
+        wgrad_job_run(j, i, tid, <float*> NULL)
+
+
+def conv2d_winograd_wgrad(const floating[:, :, :, ::1] grad_out,
+                          const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw_out,
+                          floating[::1] gb_out, floating[:, ::1] scratch, Py_ssize_t pH,
+                          Py_ssize_t pW, Py_ssize_t groups, int num_threads):
+    """The weight gradient (and, when gb_out is not empty, the bias gradient) of a 3x3
+    stride-1 undilated conv2d by Winograd F(2x2, 3x3) (see _winograd.h), x (N, C, H, W) and
+    grad_out (N, L, OH, OW) with top and left paddings pH, pW (negative: cropping); gw_out
+    (L, C / groups, 3, 3), gb_out (L,) written.  Returns False, writing neither, when x or
+    grad_out holds an infinity or NaN (the caller computes them the usual way: Winograd
+    would mix them into NaN where direct sums give +-inf, and into every tap).
+
+    scratch: (threads, n) with n >= wgrad_wino_cols(...) for the same sizes and threads.
+    Runs on the caller-runs pool, like conv2d_winograd_forward."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t L = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
+    if groups < 1 or C % groups or L % groups or grad_out.shape[0] != N or \
+            gw_out.shape[0] != L or gw_out.shape[1] * groups != C or gw_out.shape[2] != 3 or \
+            gw_out.shape[3] != 3 or (gb_out.shape[0] != 0 and gb_out.shape[0] != L):
+        raise ValueError("conv2d_winograd_wgrad: shapes")
+    cdef Py_ssize_t Cg = C // groups, Lg = L // groups
+    if num_threads < 1 or scratch.shape[0] < num_threads or scratch.shape[1] < \
+            wgrad_wino_cols(N, groups, Cg, Lg, OH, OW, num_threads, sizeof(floating)):
+        raise ValueError("conv2d_winograd_wgrad: scratch too small")
+    if N == 0:
+        gw_out[...] = 0
+        if gb_out.shape[0]:
+            gb_out[...] = 0
+        return True
+    cdef WgradJob j
+    j.x, j.gy, j.gw, j.work = &x[0, 0, 0, 0], &grad_out[0, 0, 0, 0], &gw_out[0, 0, 0, 0], \
+        &scratch[0, 0]
+    j.C, j.H, j.W, j.L, j.Cg, j.Lg, j.groups = C, H, W, L, Cg, Lg, groups
+    j.pH, j.pW, j.OH, j.OW = pH, pW, OH, OW
+    j.NT = ((OH + 1) // 2) * ((OW + 1) // 2)
+    j.per = wgrad_wino_split(N, j.NT, groups, num_threads, fc_gemm_nr(floating is double),
+                             &j.nb)
+    j.nch = (j.NT + j.per - 1) // j.per
+    j.N = N
+    j.ncol = scratch.shape[1]
+    j.dof = j.ncol - 16 * groups * Cg * Lg - groups * Lg
+    j.parts, j.dbl, j.bias = num_threads, floating is double, gb_out.shape[0] > 0
+    cdef Py_ssize_t i, p
+    cdef bint ok = True
+    cdef floating s
+    cdef floating* bsum
+    j.bad = <unsigned char*> calloc(N * groups, 1)
+    if j.bad == NULL:
+        raise MemoryError("conv2d_winograd_wgrad: finiteness flags")
+    with nogil:
+        j.phase = 0
+        fc_pool_run(num_threads, wgrad_job_item, &j, num_threads)
+        j.phase = 1
+        fc_pool_run(num_threads, wgrad_job_item, &j, num_threads)
+        for i in range(N * groups):
+            if j.bad[i]:
+                ok = False
+        if ok:
+            j.phase = 2
+            fc_pool_run(num_threads, wgrad_job_item, &j, groups * Cg)
+            if j.bias:
+                for i in range(L):
+                    s = 0
+                    for p in range(num_threads):
+                        s = s + scratch[p, j.dof + groups * 16 * Cg * Lg + i]
+                    gb_out[i] = s
+    free(j.bad)
+    return ok
 
 
 cdef inline double row_sum_double(const floating* a, Py_ssize_t n) noexcept nogil:

@@ -393,6 +393,124 @@ static void fc_wino_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t 
 FC_WINO_DISPATCH(float, f)
 FC_WINO_DISPATCH(double, d)
 
+/* The weight gradient of F(2x2, 3x3), by the transposition of the forward: with
+ * M = U * V (element-wise) and Y = A^T M A for each tile, dM = A dY A^T, so
+ *     dU[xi] (L x C) = sum over tiles of Z[xi] (L x T) @ V[xi]^T (T x C),  Z = A dY A^T,
+ * 16 GEMMs over the tiles (their sum over a batch's images too), then dW = G^T dU G for each
+ * (l, c): 16 multiplies per tile and (l, c) where im2col + GEMM takes 36.  V is the forward's
+ * input transform; A = [1 0; 1 1; 1 -1; 0 -1], G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+ * Infinities and NaN mix across a tile's 16 terms (and, through G^T dU G, across the 9
+ * taps), so the caller checks both inputs with fc_wino_finite first, as the forward does.
+ *
+ * Layouts: gy (L, OH, OW); Z [16][L][nt] with the planes LT values apart, as V; D [16][C][L]
+ * (dU transposed, as the GEMM with V as its A makes it); gw (L, C, 3, 3). */
+#define FC_WINOG(T, SUF, ATTR)                                                               \
+/* Z for n consecutive tiles of one tile row whose 2x2 outputs lie inside the plane, g0 and */ \
+/* g1 at the first one's two rows: stride-2 loads, contiguous stores across tiles */          \
+ATTR static inline void fc_wino_gout_row_##SUF(const T* restrict g0, const T* restrict g1,        \
+        ptrdiff_t n, T* restrict z0, T* restrict z1, T* restrict z2, T* restrict z3,         \
+        T* restrict z4, T* restrict z5, T* restrict z6, T* restrict z7, T* restrict z8,      \
+        T* restrict z9, T* restrict z10, T* restrict z11, T* restrict z12,                   \
+        T* restrict z13, T* restrict z14, T* restrict z15) {                                 \
+    for (ptrdiff_t q = 0; q < n; q++) {                                                      \
+        T a = g0[2 * q], b = g0[2 * q + 1], c = g1[2 * q], d = g1[2 * q + 1];                \
+        T s10 = a + c, s11 = b + d, s20 = a - c, s21 = b - d;        /* s = A dy */          \
+        z0[q] = a; z1[q] = a + b; z2[q] = a - b; z3[q] = -b;         /* z = s A^T */         \
+        z4[q] = s10; z5[q] = s10 + s11; z6[q] = s10 - s11; z7[q] = -s11;                     \
+        z8[q] = s20; z9[q] = s20 + s21; z10[q] = s20 - s21; z11[q] = -s21;                   \
+        z12[q] = -c; z13[q] = -(c + d); z14[q] = d - c; z15[q] = d;                          \
+    }                                                                                        \
+}                                                                                            \
+/* Z for tiles [t0, t0 + nt) of gy (zero outside OH x OW); plane 5 holds each tile's sum */ \
+/* of its outputs (the bias gradient's terms) */                                              \
+ATTR static void fc_wino_gout_##SUF(const T* gy, ptrdiff_t L, ptrdiff_t OH, ptrdiff_t OW,       \
+                                    ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, ptrdiff_t ld,  \
+                                    T* Z, ptrdiff_t LT) {                                    \
+    for (ptrdiff_t l = 0; l < L; l++) {                                                      \
+        const T* gl = gy + l * OH * OW;                                                      \
+        T* zl = Z + l * ld - t0;                                                             \
+        for (ptrdiff_t t = t0; t < t0 + nt; t++) {                                           \
+            const ptrdiff_t th = t / TW, tw = t - th * TW;                                   \
+            if (2 * th + 1 < OH && 2 * tw + 1 < OW) {    /* a run of whole tiles */          \
+                ptrdiff_t n = OW / 2 - tw < t0 + nt - t ? OW / 2 - tw : t0 + nt - t;         \
+                T* z = zl + t;                                                               \
+                const T* g0 = gl + 2 * th * OW + 2 * tw;                                     \
+                fc_wino_gout_row_##SUF(g0, g0 + OW, n, z, z + LT, z + 2 * LT,         \
+                    z + 3 * LT, z + 4 * LT, z + 5 * LT, z + 6 * LT, z + 7 * LT, z + 8 * LT,  \
+                    z + 9 * LT, z + 10 * LT, z + 11 * LT, z + 12 * LT, z + 13 * LT,          \
+                    z + 14 * LT, z + 15 * LT);                                               \
+                t += n - 1;                                                                  \
+                continue;                                                                    \
+            }                                                                                \
+            {                                  /* a tile at the plane's bottom or right */   \
+                const ptrdiff_t oh = 2 * th, ow = 2 * tw;                                    \
+                T a = gl[oh * OW + ow];                                                      \
+                T b = ow + 1 < OW ? gl[oh * OW + ow + 1] : (T)0;                             \
+                T c = oh + 1 < OH ? gl[(oh + 1) * OW + ow] : (T)0;                           \
+                T d = oh + 1 < OH && ow + 1 < OW ? gl[(oh + 1) * OW + ow + 1] : (T)0;        \
+                T s10 = a + c, s11 = b + d, s20 = a - c, s21 = b - d;                        \
+                T* z = zl + t;                                                               \
+                z[0] = a; z[LT] = a + b; z[2 * LT] = a - b; z[3 * LT] = -b;                  \
+                z[4 * LT] = s10; z[5 * LT] = s10 + s11; z[6 * LT] = s10 - s11;               \
+                z[7 * LT] = -s11;                                                            \
+                z[8 * LT] = s20; z[9 * LT] = s20 + s21; z[10 * LT] = s20 - s21;              \
+                z[11 * LT] = -s21;                                                           \
+                z[12 * LT] = -c; z[13 * LT] = -(c + d); z[14 * LT] = d - c; z[15 * LT] = d;  \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+/* gw[l][c] = G^T (sum over the parts of D[xi][c][l]) G for input channel c and every l: */   \
+/* parts P, PS values apart; gw (L, C, 3, 3) */                                              \
+ATTR static void fc_wino_wgrad_##SUF(const T* D, ptrdiff_t P, ptrdiff_t PS, ptrdiff_t C,      \
+                                     ptrdiff_t L, ptrdiff_t c, T* gw) {                      \
+    const ptrdiff_t CL = C * L;                                                              \
+    T m[16][64];                                                                             \
+    for (ptrdiff_t l0 = 0; l0 < L; l0 += 64) {                                               \
+        const ptrdiff_t nl = L - l0 < 64 ? L - l0 : 64;                                      \
+        for (int xi = 0; xi < 16; xi++) {                                                    \
+            const T* d = D + xi * CL + c * L + l0;                                           \
+            for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] = d[l];                              \
+            for (ptrdiff_t p = 1; p < P; p++)                                                \
+                for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] += d[p * PS + l];                \
+        }                                                                                    \
+        for (ptrdiff_t l = 0; l < nl; l++) {                                                 \
+            T r[3][4], *o = gw + ((l0 + l) * C + c) * 9;                                     \
+            for (int j = 0; j < 4; j++) {                              /* r = G^T m */       \
+                T p = m[4 + j][l] + m[8 + j][l], q = m[4 + j][l] - m[8 + j][l];              \
+                r[0][j] = m[j][l] + (T)0.5 * p;                                              \
+                r[1][j] = (T)0.5 * q;                                                        \
+                r[2][j] = (T)0.5 * p + m[12 + j][l];                                         \
+            }                                                                                \
+            for (int a = 0; a < 3; a++) {                              /* dg = r G */        \
+                T p = r[a][1] + r[a][2], q = r[a][1] - r[a][2];                              \
+                o[3 * a] = r[a][0] + (T)0.5 * p;                                             \
+                o[3 * a + 1] = (T)0.5 * q;                                                   \
+                o[3 * a + 2] = (T)0.5 * p + r[a][3];                                         \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+FC_WINOG(float, f_base, )
+FC_WINOG(double, d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_WINOG(float, f_avx2, FC_AVX2)
+FC_WINOG(double, d_avx2, FC_AVX2)
+#endif
+#define FC_WINOG_DISPATCH(T, S)                                                              \
+static void fc_wino_gout_##S(const T* gy, ptrdiff_t L, ptrdiff_t OH, ptrdiff_t OW,           \
+                             ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, ptrdiff_t ld, T* Z,   \
+                             ptrdiff_t LT) {                                                 \
+    FC_PICK(fc_wino_gout_##S, gy, L, OH, OW, TW, t0, nt, ld, Z, LT);                         \
+}                                                                                            \
+static void fc_wino_wgrad_##S(const T* D, ptrdiff_t P, ptrdiff_t PS, ptrdiff_t C,            \
+                              ptrdiff_t L, ptrdiff_t c, T* gw) {                             \
+    FC_PICK(fc_wino_wgrad_##S, D, P, PS, C, L, c, gw);                                       \
+}
+FC_WINOG_DISPATCH(float, f)
+FC_WINOG_DISPATCH(double, d)
+
 /* Winograd F(2x2, 5x5) for 5x5 stride-1 convolutions: 6x6 input patches at stride 2, the
  * points 0, 1, -1, 2, -2 and infinity (the F(4, 3) input transform's), 36 multiplies per 4
  * outputs instead of 100 (2.78x fewer flops in the GEMMs):
