@@ -168,17 +168,23 @@ def test_wgrad_thresholds_pick_winograd_only_where_it_pays():
     x = np.zeros((1, 512, 32, 32), np.float32)
     for w, hw, kw in [((64, 64, 3, 3), 32, {}), ((16, 16, 3, 3), 32, {}),
                       ((16, 512, 3, 3), 7, {}), ((64, 64, 3, 3), 6, dict(padding=0)),
-                      ((64, 64, 3, 3), 32, dict(padding=(0, 3)))]:
+                      ((64, 64, 3, 3), 32, dict(padding=(0, 3))), ((64, 64, 3, 3), 32,
+                      dict(n=1)), ((64, 32, 5, 5), 14, dict(padding=2)),
+                      ((16, 32, 5, 5), 32, dict(padding=2)), ((64, 64, 5, 5), 8, {})]:
         geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), 1, kw.get("padding", 1),
                             1, 1)
-        assert F._use_winograd_wgrad(geo, np.zeros(w)), (w, hw, kw)
+        assert F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2)), (w, hw, kw)
     for w, hw, kw in [((64, 64, 3, 3), 32, dict(stride=2)), ((64, 64, 3, 3), 32,
-                      dict(dilation=2)), ((64, 64, 5, 5), 32, {}), ((64, 64, 1, 1), 32, {}),
+                      dict(dilation=2)), ((64, 64, 7, 7), 32, {}), ((64, 64, 1, 1), 32, {}),
                       ((8, 8, 3, 3), 32, {}), ((64, 3, 3, 3), 32, {}), ((3, 64, 3, 3), 32, {}),
-                      ((64, 64, 3, 3), 3, {}), ((64, 64, 3, 3), 4, dict(padding=(0, 1)))]:
+                      ((64, 64, 3, 3), 3, {}), ((64, 64, 3, 3), 4, dict(padding=(0, 1))),
+                      ((16, 16, 5, 5), 32, {}), ((64, 32, 5, 5), 14, dict(n=1)),
+                      ((64, 64, 5, 5), 32, dict(stride=2)), ((64, 8, 5, 5), 32, {}),
+                      ((64, 32, 5, 5), 14, dict(padding=2, dt=np.dtype(np.float32)))]:
         geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), kw.get("stride", 1),
                             kw.get("padding", 1), kw.get("dilation", 1), 1)
-        assert not F._use_winograd_wgrad(geo, np.zeros(w)), (w, hw, kw)
+        assert not F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2),
+                                         kw.get("dt", np.dtype(np.float64))), (w, hw, kw)
 
 
 @contextlib.contextmanager
@@ -213,23 +219,28 @@ def wgrad_calls():
        ph=st.integers(0, 4), pw=st.integers(0, 4), need_x=st.booleans(),
        need_b=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]),
        threads=st.sampled_from([1, 2, 3]), chunk=st.sampled_from([0, 1, 2, 5]),
-       most=st.sampled_from([128, 1, 3, 20]), seed=st.integers(0, 2**32 - 1))
+       most=st.sampled_from([128, 1, 3, 20]), k=st.sampled_from([3, 5]),
+       seed=st.integers(0, 2**32 - 1))
 def test_winograd_wgrad_matches_reference(n, cg, lg, groups, h, w, ph, pw, need_x, need_b,
-                                          dtype, threads, chunk, most, seed):
-    """conv2d_backward's weight and bias gradients by Winograd F(2x2, 3x3)'s transposition
-    (conv2d_winograd_wgrad): partial tiles at odd sizes, paddings past the kernel, groups,
-    the threads' partial sums, an image cut in chunks of 1, 2 or 5 tiles with a partial
-    last one, or several small images joined into one chunk (most: at most that many tiles,
-    a chunk of 1 image when fewer than 2 fit), against the reference."""
-    if h + 2 * ph < 3 or w + 2 * pw < 3:
+                                          dtype, threads, chunk, most, k, seed):
+    """conv2d_backward's weight and bias gradients by the transposition of Winograd
+    F(2x2, 3x3) and F(2x2, 5x5) (conv2d_winograd_wgrad): partial tiles at odd sizes,
+    paddings past the kernel, groups, the threads' partial sums, an image cut in chunks of
+    1, 2 or 5 tiles with a partial last one, or several small images joined into one chunk
+    (most: at most that many tiles, a chunk of 1 image when fewer than 2 fit; the 5x5 input
+    transform's stores past an image's last tile), against the reference.  5x5: float64,
+    batches of 2 and more, 2+ channels on a side (float32: test_winograd5_wgrad_float32)."""
+    if h + 2 * ph < k or w + 2 * pw < k:
         return
+    if k == 5:
+        n, lg, dtype = max(n, 2), max(lg, 2), np.float64
     r = np.random.default_rng(seed)
     x = r.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
-    wt = r.uniform(-1, 1, (lg * groups, cg, 3, 3)).astype(dtype)
+    wt = r.uniform(-1, 1, (lg * groups, cg, k, k)).astype(dtype)
     geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
     if F._is_depthwise(geo, wt):            # (the depthwise kernels' own backward)
         return
-    assert F._use_winograd_wgrad(geo, wt)
+    assert F._use_winograd_wgrad(geo, wt, n, np.dtype(dtype))
     gy = r.uniform(-1, 1, (n, lg * groups, geo["OH"], geo["OW"])).astype(dtype)
     with num_threads(threads), wgrad_split(chunk, most), wgrad_calls() as seen:
         gx, gw, gb = fc.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups,
@@ -252,7 +263,8 @@ def test_winograd_wgrad_matches_reference(n, cg, lg, groups, h, w, ph, pw, need_
 @pytest.mark.parametrize("threads,chunk,most", [(1, 0, 128), (2, 0, 128), (2, 1, 128),
                                                 (3, 4, 128), (2, 0, 200)])
 @pytest.mark.parametrize("where", ["x", "grad_out"])
-def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, monkeypatch):
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, k, monkeypatch):
     """An infinity or NaN in x or grad_out (in the last image, the last chunk's tiles, or
     the first image of a joined chunk): Winograd would mix it into NaN where the sums give
     +-inf, and into every tap; the kernel writes nothing and says so, and conv2d_backward
@@ -261,24 +273,25 @@ def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, mo
     the taps that the reference's loops skip at the padding too)."""
     r = np.random.default_rng(4)
     x = r.standard_normal((4, 3, 6, 7)).astype(dtype)
-    w = r.standard_normal((2, 3, 3, 3)).astype(dtype)
+    w = r.standard_normal((2, 3, k, k)).astype(dtype)
     gy = r.standard_normal((4, 2, 6, 7)).astype(dtype)
     bad = x if where == "x" else gy
+    p = k // 2
     bad[3, 1, 5, 6] = np.inf
     bad[0, 0, 2, 3] = -np.inf if most == 200 else 1.0
     bad[3, 0, 0, 1] = np.nan
     with num_threads(threads), wgrad_split(chunk, most), wgrad_calls() as seen:
-        _, gw, gb = fc.conv2d_backward(gy, x, w, padding=1, output_mask=(False, True, True))
-    assert seen == [False]
+        _, gw, gb = fc.conv2d_backward(gy, x, w, padding=p, output_mask=(False, True, True))
+    assert seen == ([False] if k == 3 or dtype == np.float64 else [])
     monkeypatch.setattr(F, "_WGRAD_WINO", False)
     with num_threads(threads):
-        usual = fc.conv2d_backward(gy, x, w, padding=1, output_mask=(False, True, True))
+        usual = fc.conv2d_backward(gy, x, w, padding=p, output_mask=(False, True, True))
     np.testing.assert_array_equal(gw, usual[1])
     np.testing.assert_array_equal(gb, usual[2])
     assert np.isnan(gw).any() and np.isinf(gw).any()
     if where == "x":
         with np.errstate(invalid="ignore"):
-            want = ref.conv2d_backward(gy, x, w, padding=1)
+            want = ref.conv2d_backward(gy, x, w, padding=p)
         np.testing.assert_array_equal(np.isnan(gw), np.isnan(want[1]))
         np.testing.assert_array_equal(np.isposinf(gw), np.isposinf(want[1]))
         np.testing.assert_array_equal(np.isneginf(gw), np.isneginf(want[1]))
@@ -291,7 +304,8 @@ def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, mo
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("h,w", [(16, 16), (16, 32), (32, 32), (8, 8)])
-def test_winograd_wgrad_padded_tile_rows(dtype, threads, h, w):
+@pytest.mark.parametrize("k", [3, 5])
+def test_winograd_wgrad_padded_tile_rows(dtype, threads, h, w, k):
     """Chunks whose rows of V and Z would be a multiple of 512 bytes apart (64 tiles of
     doubles, 128 or 256 of floats: one image, or several small ones joined) are laid out
     one cache line wider: the transforms and the GEMMs agree on that stride (against the
@@ -299,12 +313,14 @@ def test_winograd_wgrad_padded_tile_rows(dtype, threads, h, w):
     r = np.random.default_rng(h * w + threads)
     for n in (1, 2, 4, 8):
         x = r.uniform(-1, 1, (n, 16, h, w)).astype(dtype)
-        wt = r.uniform(-1, 1, (16, 16, 3, 3)).astype(dtype)
-        gy = r.uniform(-1, 1, (n, 16, h, w)).astype(dtype)
+        wt = r.uniform(-1, 1, (32, 16, k, k)).astype(dtype)
+        gy = r.uniform(-1, 1, (n, 32, h, w)).astype(dtype)
         with num_threads(threads), wgrad_calls() as seen:
-            _, gw, gb = fc.conv2d_backward(gy, x, wt, padding=1, output_mask=(False, True, True))
-        assert seen == [True]
-        close(gw, ref.conv2d_weight_grad_taps(gy, x, wt.shape, padding=1), np.dtype(dtype))
+            _, gw, gb = fc.conv2d_backward(gy, x, wt, padding=k // 2,
+                                           output_mask=(False, True, True))
+        assert seen == ([True] if k == 3 or (n > 1 and dtype == np.float64) else [])
+        close(gw, ref.conv2d_weight_grad_taps(gy, x, wt.shape, padding=k // 2),
+              np.dtype(dtype))
         close(gb, gy.astype(np.float64).sum((0, 2, 3)), np.dtype(dtype))
 
 
@@ -330,24 +346,46 @@ def test_winograd_wgrad_is_deterministic(n):
         np.testing.assert_array_equal(got[1], first[1])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,h,w,p", [(2, 14, 14, 2), (3, 9, 7, 0), (1, 8, 8, 3)])
+def test_winograd5_wgrad_float32(threads, n, h, w, p):
+    """conv2d_winograd_wgrad for 5x5 in float32, which conv2d_backward leaves to im2col for
+    its rounding (10-15x im2col's: see _use_winograd_wgrad), called directly: within 1e-4
+    of the largest value of the reference."""
+    r = np.random.default_rng(n * h + p)
+    x = r.standard_normal((n, 16, h, w)).astype(np.float32)
+    oh, ow = h + 2 * p - 4, w + 2 * p - 4
+    gy = r.standard_normal((n, 32, oh, ow)).astype(np.float32)
+    scratch = np.full((threads, _kernels.wgrad_wino_cols(n, 1, 16, 32, oh, ow, threads, 4, 5)),
+                      np.nan, np.float32)
+    gw = np.full((32, 16, 5, 5), np.nan, np.float32)
+    gb = np.full(32, np.nan, np.float32)
+    assert _kernels.conv2d_winograd_wgrad(gy, x, gw, gb, scratch, p, p, 1, threads)
+    close(gw, ref.conv2d_weight_grad_taps(gy, x, gw.shape, padding=p), np.float32, atol32=1e-4)
+    close(gb, gy.astype(np.float64).sum((0, 2, 3)), np.float32)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_winograd_wgrad_default_thresholds_bench_shapes(dtype, monkeypatch):
     """Shapes like the benchmark suite's and a network's (many channels on small planes:
     several images a chunk), at the default thresholds and threads, against the im2col path
     (itself checked against the reference by the property tests)."""
     r = np.random.default_rng(6)
-    for n, c, l, hw in [(2, 64, 64, 32), (1, 128, 128, 28), (9, 16, 16, 9), (8, 64, 32, 7),
-                        (3, 256, 16, 4), (1, 16, 64, 56)]:
+    for n, c, l, hw, k in [(2, 64, 64, 32, 3), (1, 128, 128, 28, 3), (9, 16, 16, 9, 3),
+                           (8, 64, 32, 7, 3), (3, 256, 16, 4, 3), (1, 16, 64, 56, 3),
+                           (16, 32, 64, 14, 5), (2, 64, 64, 28, 5), (3, 16, 32, 32, 5)]:
         x = r.standard_normal((n, c, hw, hw)).astype(dtype)
-        w = r.standard_normal((l, c, 3, 3)).astype(dtype) / 24
+        w = r.standard_normal((l, c, k, k)).astype(dtype) / (8 * k)
         gy = r.standard_normal((n, l, hw, hw)).astype(dtype)
-        assert F._use_winograd_wgrad(F._conv_setup("t", x, w, 1, 1, 1, 1), w)
+        wino = k == 3 or dtype == np.float64
+        assert F._use_winograd_wgrad(F._conv_setup("t", x, w, 1, k // 2, 1, 1), w, n,
+                                     np.dtype(dtype)) == wino
         with wgrad_calls() as seen:
-            got = fc.conv2d_backward(gy, x, w, padding=1)
-        assert seen == [True]
+            got = fc.conv2d_backward(gy, x, w, padding=k // 2)
+        assert seen == [True] * wino
         with monkeypatch.context() as m:
             m.setattr(F, "_WGRAD_WINO", False)
-            want = fc.conv2d_backward(gy, x, w, padding=1)
+            want = fc.conv2d_backward(gy, x, w, padding=k // 2)
         for a, b in zip(got, want):
             close(a, b, np.dtype(dtype))
 

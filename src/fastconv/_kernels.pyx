@@ -1626,6 +1626,16 @@ cdef extern from "_winograd.h":
                          Py_ssize_t L, Py_ssize_t c, float* gw) nogil
     void fc_wino_wgrad_d(const double* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
                          Py_ssize_t L, Py_ssize_t c, double* gw) nogil
+    void fc_wino5_gout_f(const float* gy, Py_ssize_t L, Py_ssize_t OH, Py_ssize_t OW,
+                         Py_ssize_t TW, Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t ld, float* Z,
+                         Py_ssize_t zs) nogil
+    void fc_wino5_gout_d(const double* gy, Py_ssize_t L, Py_ssize_t OH, Py_ssize_t OW,
+                         Py_ssize_t TW, Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t ld,
+                         double* Z, Py_ssize_t zs) nogil
+    void fc_wino5_wgrad_f(const float* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
+                          Py_ssize_t L, Py_ssize_t c, float* gw) nogil
+    void fc_wino5_wgrad_d(const double* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
+                          Py_ssize_t L, Py_ssize_t c, double* gw) nogil
     # F(2x2, 5x5): the same arguments, 36 planes (and the output's fused ReLU and 2x2 max-pool)
     void fc_wino5_weights_f(const float* w, Py_ssize_t L, Py_ssize_t C, Py_ssize_t l0,
                             Py_ssize_t l1, float* U) nogil
@@ -2058,15 +2068,18 @@ def set_wgrad_wino_k(Py_ssize_t k):
 
 
 def wgrad_wino_cols(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t Lg,
-                    Py_ssize_t OH, Py_ssize_t OW, int num_threads, Py_ssize_t itemsize):
-    """Values of a thread's scratch row for conv2d_winograd_wgrad: a chunk's transformed input
-    and grad_out, then the thread's partial sums (16 groups Cg Lg, and groups Lg for the
-    bias gradient)."""
+                    Py_ssize_t OH, Py_ssize_t OW, int num_threads, Py_ssize_t itemsize,
+                    Py_ssize_t r=3):
+    """Values of a thread's scratch row for conv2d_winograd_wgrad (an r x r kernel, 3 or 5):
+    a chunk's transformed input and grad_out, then the thread's partial sums ((r + 1)^2
+    groups Cg Lg, and groups Lg for the bias gradient)."""
+    cdef Py_ssize_t a = wino_planes(r)
     cdef Py_ssize_t NT = ((OH + 1) // 2) * ((OW + 1) // 2), nb
     cdef Py_ssize_t per = wgrad_wino_split(N, NT, groups, num_threads,
                                            fc_gemm_nr(itemsize == 8), &nb)
-    cdef Py_ssize_t ld = nb * min(per, NT) + 64 // itemsize     # >= any chunk's col_ld
-    return 16 * ((Cg + Lg) * ld + 2 * WINO_PAD) + 16 * groups * Cg * Lg + groups * Lg
+    # >= any chunk's col_ld (and FC_W5B more for the 5x5's spill: see wgrad_chunk)
+    cdef Py_ssize_t ld = nb * min(per, NT) + 64 // itemsize + (8 if r == 5 else 0)
+    return a * ((Cg + Lg) * ld + 2 * WINO_PAD) + a * groups * Cg * Lg + groups * Lg
 
 
 cdef struct WgradJob:
@@ -2074,7 +2087,7 @@ cdef struct WgradJob:
     # rows' partial sums zeroed.  Phase 1: `parts` lanes, lane p running its share of the
     # chunks (every (image, group) in chunks of tiles, or blocks of nb images (nch = 1) for
     # each group) in order in scratch row p: a chunk's input and grad_out transforms, then its
-    # 16 GEMMs added into the row's partial sums (chunk 0 of an (image, group) also checks
+    # a = (r + 1)^2 GEMMs added into the row's partial sums (chunk 0 of an (image, group) also checks
     # both for infinities and NaN: bad).  The rows follow the lanes, not the threads that
     # run them, so the sums' order, and the result, do not depend on which thread ran what
     # (the pool's caller takes whatever items its workers have not started).  Phase 2: each
@@ -2085,6 +2098,7 @@ cdef struct WgradJob:
     void* work
     unsigned char* bad
     Py_ssize_t ncol, dof, N, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per, nch, nb
+    Py_ssize_t r, a      # the kernel's size (3 or 5) and its planes, (r + 1)^2
     int parts, phase
     bint dbl, bias
 
@@ -2092,18 +2106,25 @@ cdef struct WgradJob:
 cdef void wgrad_job_run(WgradJob* j, Py_ssize_t i, int tid, floating* tag) noexcept nogil:
     cdef Py_ssize_t Cg = j.Cg, Lg = j.Lg, CL = j.Cg * j.Lg, g
     cdef floating* row
+    cdef floating* gw
     if j.phase == 0:
         row = <floating*> j.work + i * j.ncol
         memset(row + j.dof, 0, (j.ncol - j.dof) * sizeof(floating))
         return
     if j.phase == 2:
         g = i // Cg
-        row = <floating*> j.work + j.dof + g * 16 * CL
+        row = <floating*> j.work + j.dof + g * j.a * CL
+        gw = <floating*> j.gw + g * Lg * Cg * j.r * j.r
         if floating is float:
-            fc_wino_wgrad_f(row, j.parts, j.ncol, Cg, Lg, i % Cg, <float*> j.gw + g * Lg * Cg * 9)
+            if j.r == 5:
+                fc_wino5_wgrad_f(row, j.parts, j.ncol, Cg, Lg, i % Cg, gw)
+            else:
+                fc_wino_wgrad_f(row, j.parts, j.ncol, Cg, Lg, i % Cg, gw)
         else:
-            fc_wino_wgrad_d(row, j.parts, j.ncol, Cg, Lg, i % Cg,
-                            <double*> j.gw + g * Lg * Cg * 9)
+            if j.r == 5:
+                fc_wino5_wgrad_d(row, j.parts, j.ncol, Cg, Lg, i % Cg, gw)
+            else:
+                fc_wino_wgrad_d(row, j.parts, j.ncol, Cg, Lg, i % Cg, gw)
         return
     cdef Py_ssize_t it, total = (j.N + j.nb - 1) // j.nb * j.groups * j.nch
     for it in range(i * total // j.parts, (i + 1) * total // j.parts):
@@ -2129,11 +2150,13 @@ cdef void wgrad_chunk(WgradJob* j, Py_ssize_t i, Py_ssize_t lane,
     g = item % j.groups
     t0 = k * j.per
     nt = j.per if k < j.nch - 1 else j.NT - t0      # tiles of each image
-    ld = col_ld((n1 - n0) * nt, sizeof(floating))
+    # (5x5: the input transform may store up to FC_W5B - 1 values past an image's last tile,
+    # which the next image's tiles overwrite, or past the last one: room left for those)
+    ld = col_ld((n1 - n0) * nt + (8 if j.r == 5 else 0), sizeof(floating))
     vs, zs = Cg * ld + WINO_PAD, Lg * ld + WINO_PAD
     row = <floating*> j.work + lane * j.ncol
-    V, Z, D = row, row + 16 * vs, row + j.dof + g * 16 * CL
-    cdef floating* gb = row + j.dof + j.groups * 16 * CL + g * Lg if j.bias else NULL
+    V, Z, D = row, row + j.a * vs, row + j.dof + g * j.a * CL
+    cdef floating* gb = row + j.dof + j.groups * j.a * CL + g * Lg if j.bias else NULL
     for n in range(n0, n1):      # each image's tiles nt columns after the one before
         x = <const floating*> j.x + (n * j.C + g * Cg) * HW
         gy = <const floating*> j.gy + (n * j.L + g * Lg) * OHW
@@ -2146,16 +2169,29 @@ cdef void wgrad_chunk(WgradJob* j, Py_ssize_t i, Py_ssize_t lane,
             if not ok:
                 return
         if floating is float:
-            fc_wino_input_f(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld, V + (n - n0) * nt, vs)
-            fc_wino_gout_f(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
+            if j.r == 5:
+                fc_wino5_input_f(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld,
+                                 V + (n - n0) * nt, vs)
+                fc_wino5_gout_f(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
+            else:
+                fc_wino_input_f(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld,
+                                V + (n - n0) * nt, vs)
+                fc_wino_gout_f(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
         else:
-            fc_wino_input_d(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld, V + (n - n0) * nt, vs)
-            fc_wino_gout_d(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
+            if j.r == 5:
+                fc_wino5_input_d(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld,
+                                 V + (n - n0) * nt, vs)
+                fc_wino5_gout_d(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
+            else:
+                fc_wino_input_d(x, Cg, j.H, j.W, j.pH, j.pW, TW, t0, nt, ld,
+                                V + (n - n0) * nt, vs)
+                fc_wino_gout_d(gy, Lg, j.OH, j.OW, TW, t0, nt, ld, Z + (n - n0) * nt, zs)
     nt = (n1 - n0) * nt
-    if gb != NULL:          # plane 5: each tile's sum of its outputs
+    cdef Py_ssize_t sums = 7 if j.r == 5 else 5     # the plane of each tile's output sum
+    if gb != NULL:
         for xi in range(Lg):
-            gb[xi] += <floating> row_sum_double(Z + 5 * zs + xi * ld, nt)
-    for xi in range(16):
+            gb[xi] += <floating> row_sum_double(Z + sums * zs + xi * ld, nt)
+    for xi in range(j.a):
         # D[xi] (Cg, Lg) += V[xi] (Cg, nt) @ Z[xi]^T, Z[xi] (Lg, nt) read as B transposed
         if fc_gemm_level() > 0:
             if floating is float:
@@ -2181,10 +2217,10 @@ def conv2d_winograd_wgrad(const floating[:, :, :, ::1] grad_out,
                           const floating[:, :, :, ::1] x, floating[:, :, :, ::1] gw_out,
                           floating[::1] gb_out, floating[:, ::1] scratch, Py_ssize_t pH,
                           Py_ssize_t pW, Py_ssize_t groups, int num_threads):
-    """The weight gradient (and, when gb_out is not empty, the bias gradient) of a 3x3
-    stride-1 undilated conv2d by Winograd F(2x2, 3x3) (see _winograd.h), x (N, C, H, W) and
-    grad_out (N, L, OH, OW) with top and left paddings pH, pW (negative: cropping); gw_out
-    (L, C / groups, 3, 3), gb_out (L,) written.  Returns False, writing neither, when x or
+    """The weight gradient (and, when gb_out is not empty, the bias gradient) of a 3x3 or
+    5x5 (r x r, gw_out's) stride-1 undilated conv2d by Winograd F(2x2, r x r) (see
+    _winograd.h), x (N, C, H, W) and grad_out (N, L, OH, OW) with top and left paddings pH,
+    pW (negative: cropping); gw_out (L, C / groups, r, r), gb_out (L,) written.  Returns False, writing neither, when x or
     grad_out holds an infinity or NaN (the caller computes them the usual way: Winograd
     would mix them into NaN where direct sums give +-inf, and into every tap).
 
@@ -2193,12 +2229,13 @@ def conv2d_winograd_wgrad(const floating[:, :, :, ::1] grad_out,
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t L = grad_out.shape[1], OH = grad_out.shape[2], OW = grad_out.shape[3]
     if groups < 1 or C % groups or L % groups or grad_out.shape[0] != N or \
-            gw_out.shape[0] != L or gw_out.shape[1] * groups != C or gw_out.shape[2] != 3 or \
-            gw_out.shape[3] != 3 or (gb_out.shape[0] != 0 and gb_out.shape[0] != L):
+            gw_out.shape[0] != L or gw_out.shape[1] * groups != C or \
+            gw_out.shape[2] not in (3, 5) or gw_out.shape[3] != gw_out.shape[2] or \
+            (gb_out.shape[0] != 0 and gb_out.shape[0] != L):
         raise ValueError("conv2d_winograd_wgrad: shapes")
-    cdef Py_ssize_t Cg = C // groups, Lg = L // groups
+    cdef Py_ssize_t Cg = C // groups, Lg = L // groups, r = gw_out.shape[2]
     if num_threads < 1 or scratch.shape[0] < num_threads or scratch.shape[1] < \
-            wgrad_wino_cols(N, groups, Cg, Lg, OH, OW, num_threads, sizeof(floating)):
+            wgrad_wino_cols(N, groups, Cg, Lg, OH, OW, num_threads, sizeof(floating), r):
         raise ValueError("conv2d_winograd_wgrad: scratch too small")
     if N == 0:
         gw_out[...] = 0
@@ -2216,12 +2253,12 @@ def conv2d_winograd_wgrad(const floating[:, :, :, ::1] grad_out,
     j.nch = (j.NT + j.per - 1) // j.per
     j.N = N
     j.ncol = scratch.shape[1]
-    j.dof = j.ncol - 16 * groups * Cg * Lg - groups * Lg
+    j.r, j.a = r, wino_planes(r)
+    j.dof = j.ncol - j.a * groups * Cg * Lg - groups * Lg
     j.parts, j.dbl, j.bias = num_threads, floating is double, gb_out.shape[0] > 0
     cdef Py_ssize_t i, p
     cdef bint ok = True
     cdef floating s
-    cdef floating* bsum
     j.bad = <unsigned char*> calloc(N * groups, 1)
     if j.bad == NULL:
         raise MemoryError("conv2d_winograd_wgrad: finiteness flags")
@@ -2240,7 +2277,7 @@ def conv2d_winograd_wgrad(const floating[:, :, :, ::1] grad_out,
                 for i in range(L):
                     s = 0
                     for p in range(num_threads):
-                        s = s + scratch[p, j.dof + groups * 16 * Cg * Lg + i]
+                        s = s + scratch[p, j.dof + groups * j.a * Cg * Lg + i]
                     gb_out[i] = s
     free(j.bad)
     return ok

@@ -799,4 +799,99 @@ static void fc_wino5_output_##S(const T* M, ptrdiff_t L, ptrdiff_t TW, ptrdiff_t
 FC_WINO5_DISPATCH(float, f)
 FC_WINO5_DISPATCH(double, d)
 
+/* The weight gradient of F(2x2, 5x5), as F(2x2, 3x3)'s above: 36 planes, Z = A dY A^T with
+ * A = [1 0; 1 1; 1 -1; 1 2; 1 -2; 0 1], V the forward's input transform, dW = G^T dU G with
+ * the G of F(2x2, 5x5); plane 7 holds each tile's sum of its outputs (the bias gradient's).
+ * Layouts: Z [36][L][nt], D [36][C][L], gw (L, C, 5, 5). */
+#define FC_WINOG5(T, SUF, ATTR)                                                              \
+ATTR static void fc_wino5_gout_##SUF(const T* gy, ptrdiff_t L, ptrdiff_t OH, ptrdiff_t OW,      \
+                                     ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, ptrdiff_t ld, \
+                                     T* Z, ptrdiff_t LT) {                                   \
+    for (ptrdiff_t l = 0; l < L; l++) {                                                      \
+        const T* gl = gy + l * OH * OW;                                                      \
+        T* zl = Z + l * ld - t0;                                                             \
+        for (ptrdiff_t t = t0; t < t0 + nt; t++) {                                           \
+            const ptrdiff_t th = t / TW, tw = t - th * TW, oh = 2 * th, ow = 2 * tw;         \
+            const int right = ow + 1 < OW, below = oh + 1 < OH;                              \
+            T d[2][2] = {{gl[oh * OW + ow], right ? gl[oh * OW + ow + 1] : (T)0},            \
+                         {below ? gl[(oh + 1) * OW + ow] : (T)0,                             \
+                          below && right ? gl[(oh + 1) * OW + ow + 1] : (T)0}};               \
+            T s[6][2];                                                   /* s = A dy */     \
+            for (int b = 0; b < 2; b++) {                                                    \
+                s[0][b] = d[0][b];                                                           \
+                s[1][b] = d[0][b] + d[1][b];                                                 \
+                s[2][b] = d[0][b] - d[1][b];                                                 \
+                s[3][b] = d[0][b] + 2 * d[1][b];                                             \
+                s[4][b] = d[0][b] - 2 * d[1][b];                                             \
+                s[5][b] = d[1][b];                                                           \
+            }                                                                                \
+            T* z = zl + t;                                                                   \
+            for (int i = 0; i < 6; i++) {                                /* z = s A^T */    \
+                z[(6 * i) * LT] = s[i][0];                                                   \
+                z[(6 * i + 1) * LT] = s[i][0] + s[i][1];                                     \
+                z[(6 * i + 2) * LT] = s[i][0] - s[i][1];                                     \
+                z[(6 * i + 3) * LT] = s[i][0] + 2 * s[i][1];                                 \
+                z[(6 * i + 4) * LT] = s[i][0] - 2 * s[i][1];                                 \
+                z[(6 * i + 5) * LT] = s[i][1];                                               \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+ATTR static void fc_wino5_wgrad_##SUF(const T* D, ptrdiff_t P, ptrdiff_t PS, ptrdiff_t C,     \
+                                      ptrdiff_t L, ptrdiff_t c, T* gw) {                     \
+    const ptrdiff_t CL = C * L;                                                              \
+    T m[36][32];                                                                             \
+    for (ptrdiff_t l0 = 0; l0 < L; l0 += 32) {                                               \
+        const ptrdiff_t nl = L - l0 < 32 ? L - l0 : 32;                                      \
+        for (int xi = 0; xi < 36; xi++) {                                                    \
+            const T* d = D + xi * CL + c * L + l0;                                           \
+            for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] = d[l];                              \
+            for (ptrdiff_t p = 1; p < P; p++)                                                \
+                for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] += d[p * PS + l];                \
+        }                                                                                    \
+        for (ptrdiff_t l = 0; l < nl; l++) {                                                 \
+            T r[5][6], *o = gw + ((l0 + l) * C + c) * 25;                                    \
+            for (int j = 0; j < 6; j++) {                              /* r = G^T m */       \
+                T m0 = m[j][l], m5 = m[30 + j][l];                                           \
+                T p = m[6 + j][l] + m[12 + j][l], q = m[6 + j][l] - m[12 + j][l];            \
+                T u = m[18 + j][l] + m[24 + j][l], v = m[18 + j][l] - m[24 + j][l];          \
+                r[0][j] = (T)0.25 * m0 - p * (T)(1.0 / 6) + u * (T)(1.0 / 24);               \
+                r[1][j] = v * (T)(1.0 / 12) - q * (T)(1.0 / 6);                              \
+                r[2][j] = (u - p) * (T)(1.0 / 6);                                            \
+                r[3][j] = v * (T)(1.0 / 3) - q * (T)(1.0 / 6);                               \
+                r[4][j] = (u * (T)(2.0 / 3) - p * (T)(1.0 / 6)) + m5;                        \
+            }                                                                                \
+            for (int a = 0; a < 5; a++) {                              /* dg = r G */        \
+                T m0 = r[a][0], m5 = r[a][5];                                                \
+                T p = r[a][1] + r[a][2], q = r[a][1] - r[a][2];                              \
+                T u = r[a][3] + r[a][4], v = r[a][3] - r[a][4];                              \
+                o[5 * a] = (T)0.25 * m0 - p * (T)(1.0 / 6) + u * (T)(1.0 / 24);              \
+                o[5 * a + 1] = v * (T)(1.0 / 12) - q * (T)(1.0 / 6);                         \
+                o[5 * a + 2] = (u - p) * (T)(1.0 / 6);                                       \
+                o[5 * a + 3] = v * (T)(1.0 / 3) - q * (T)(1.0 / 6);                          \
+                o[5 * a + 4] = (u * (T)(2.0 / 3) - p * (T)(1.0 / 6)) + m5;                   \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+}
+
+FC_WINOG5(float, f_base, )
+FC_WINOG5(double, d_base, )
+#ifdef FC_HAVE_AVX2_PATH
+FC_WINOG5(float, f_avx2, FC_AVX2)
+FC_WINOG5(double, d_avx2, FC_AVX2)
+#endif
+#define FC_WINOG5_DISPATCH(T, S)                                                             \
+static void fc_wino5_gout_##S(const T* gy, ptrdiff_t L, ptrdiff_t OH, ptrdiff_t OW,          \
+                              ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, ptrdiff_t ld, T* Z,  \
+                              ptrdiff_t LT) {                                                \
+    FC_PICK(fc_wino5_gout_##S, gy, L, OH, OW, TW, t0, nt, ld, Z, LT);                        \
+}                                                                                            \
+static void fc_wino5_wgrad_##S(const T* D, ptrdiff_t P, ptrdiff_t PS, ptrdiff_t C,           \
+                               ptrdiff_t L, ptrdiff_t c, T* gw) {                            \
+    FC_PICK(fc_wino5_wgrad_##S, D, P, PS, C, L, c, gw);                                      \
+}
+FC_WINOG5_DISPATCH(float, f)
+FC_WINOG5_DISPATCH(double, d)
+
 #endif /* FASTCONV_WINOGRAD_H */
