@@ -2040,12 +2040,16 @@ cdef inline Py_ssize_t wgrad_wino_split(Py_ssize_t N, Py_ssize_t NT, Py_ssize_t 
                                         int threads, Py_ssize_t nr,
                                         Py_ssize_t* nb) noexcept nogil:
     """Tiles per chunk of conv2d_winograd_wgrad (returned) and images per chunk (nb): a
-    chunk's tiles are its 16 GEMMs' K, after which each adds its (Cg, Lg) product into the
-    thread's partial sums.  Images of at least WGRAD_WINO_K tiles: whole images when there
-    are at least two (image, group) items per thread, else about 4 chunks per thread of
-    whole GEMM panels (nr tiles); smaller images: several to a chunk, up to WGRAD_WINO_K
-    tiles or a thread's share of the batch (a 512-channel 7x7, 16 tiles an image, ran 0.59x
-    im2col + GEMM one image a chunk: the partial sums read and written every 16 tiles)."""
+    chunk's tiles are its GEMMs' K, after which each adds its (Cg, Lg) product into the
+    lane's partial sums, and its transformed input and grad_out take (r + 1)^2 (Cg + Lg)
+    values a tile.  Images of up to WGRAD_WINO_K / 2 tiles: several to a chunk, up to
+    WGRAD_WINO_K tiles or a lane's share of the batch (a 512-channel 7x7, 16 tiles an image,
+    ran 0.59x im2col + GEMM one image a chunk: the partial sums read and written every 16
+    tiles).  Larger ones: whole images when there are at least two (image, group) items per
+    thread, else about 4 chunks per thread of whole GEMM panels (nr tiles); either way
+    chunks of at most about WGRAD_WINO_K tiles, evened out, so that a chunk's transforms
+    stay under one image's im2col matrix (a 128-channel 28x28 image's whole 196 tiles took
+    4.5 MB a thread against im2col's 3.6; chunks of 128 tiles ran 0.98-1.0x whole images)."""
     cdef Py_ssize_t per
     nb[0] = 1
     if wgrad_wino_chunk > 0:
@@ -2054,8 +2058,12 @@ cdef inline Py_ssize_t wgrad_wino_split(Py_ssize_t N, Py_ssize_t NT, Py_ssize_t 
         nb[0] = max(min(WGRAD_WINO_K // NT, (N + threads - 1) // threads), 1)
         return max(NT, 1)
     if N * groups >= 2 * threads:
-        return max(NT, 1)
-    return max(block_len(NT, (4 * threads + N * groups - 1) // (N * groups), nr), nr)
+        per = max(NT, 1)
+    else:
+        per = max(block_len(NT, (4 * threads + N * groups - 1) // (N * groups), nr), nr)
+    if per > WGRAD_WINO_K:
+        per = block_len(NT, (NT + WGRAD_WINO_K - 1) // WGRAD_WINO_K, nr)
+    return per
 
 
 def set_wgrad_wino_k(Py_ssize_t k):
