@@ -267,8 +267,8 @@ def test_winograd_wgrad_matches_reference(n, cg, lg, groups, h, w, ph, pw, need_
 def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, k, monkeypatch):
     """An infinity or NaN in x or grad_out (in the last image, the last chunk's tiles, or
     the first image of a joined chunk): Winograd would mix it into NaN where the sums give
-    +-inf, and into every tap; the kernel writes nothing and says so, and conv2d_backward
-    computes both gradients the usual way, bit for bit (for x: the reference's infinities
+    +-inf, and into every tap; the kernel finds its result non-finite and says so, and
+    conv2d_backward computes both gradients the usual way, bit for bit (for x: the reference's infinities
     and NaN, and its values elsewhere; a NaN in grad_out reaches, through im2col's zeros,
     the taps that the reference's loops skip at the padding too)."""
     r = np.random.default_rng(4)
@@ -298,6 +298,30 @@ def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, k,
         ok = np.isfinite(want[1])
         close(gw[ok], want[1][ok], np.dtype(dtype))
         close(gb, want[2], np.dtype(dtype))
+
+
+@pytest.mark.usefixtures("everywhere")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_winograd_wgrad_overflow_goes_the_usual_way(threads, monkeypatch):
+    """Finite inputs whose Winograd terms overflow float32 (a 2e20 pixel meeting a 1.5e18
+    gradient: the direct sums' largest term is 3e38, the transforms' sums of several such
+    pass 3.4e38) while the direct sums do not: the kernel's result is not finite, and both
+    gradients come the usual way, bit for bit."""
+    r = np.random.default_rng(0)
+    x = r.uniform(-1, 1, (1, 2, 6, 6)).astype(np.float32)
+    gy = r.uniform(-1, 1, (1, 3, 6, 6)).astype(np.float32)
+    w = np.zeros((3, 2, 3, 3), np.float32)
+    x[0, 1, 2, 2], gy[0, 2, 2, 2] = 2e20, 1.5e18
+    with num_threads(threads), wgrad_calls() as seen:
+        got = fc.conv2d_backward(gy, x, w, padding=1)
+    assert seen == [False]
+    monkeypatch.setattr(F, "_WGRAD_WINO", False)
+    with num_threads(threads):
+        usual = fc.conv2d_backward(gy, x, w, padding=1)
+    assert np.isfinite(usual[1]).all() and np.abs(usual[1]).max() > 1e38
+    for a, b in zip(got, usual):
+        np.testing.assert_array_equal(a, b)
+    close(got[1], ref.conv2d_weight_grad_taps(gy, x, w.shape, padding=1), np.float32)
 
 
 @pytest.mark.usefixtures("tiny_grain")
