@@ -403,7 +403,7 @@ def test_conv2d_writes_nothing_outside_out(level):
 def test_winograd_gemms_match_reference(level, threads, dtype, shape, k, monkeypatch):
     """Winograd's 16 (3x3) or 36 (5x5) GEMMs per image (forward, and conv2d_backward's
     grad_x; its weight gradient's 16 or 36 GEMMs with B transposed, summed over tiles and
-    images, 5x5 in float64 on batches of 2 and more) at this level; the thresholds lowered so that every shape takes Winograd."""
+    images, 5x5 on batches of 2 and more) at this level; the thresholds lowered so that every shape takes Winograd."""
     from fastconv import functional as F
 
     monkeypatch.setattr(F, "_WINOGRAD_MIN_CHANNELS", 1)
@@ -426,8 +426,10 @@ def test_winograd_gemms_match_reference(level, threads, dtype, shape, k, monkeyp
     wf = np.ascontiguousarray(np.flip(wt, (2, 3)).transpose(1, 0, 2, 3))
     close(gx, ref.conv2d_taps(gy, wf, padding=p), dtype)
     assert F._use_winograd_wgrad(F._conv_setup("t", x, wt, 1, p, 1, 1), wt, n,
-                                 np.dtype(dtype)) == (k == 3 or (n >= 2 and dtype == np.float64))
-    close(gw, ref.conv2d_weight_grad_taps(gy, x, wt.shape, padding=p), dtype)
+                                 np.dtype(dtype)) == (k == 3 or n >= 2)
+    # (5x5 Winograd: about 3-9x im2col's rounding)
+    _close(gw, ref.conv2d_weight_grad_taps(gy, x, wt.shape, padding=p), dtype,
+           atol32=3e-5 if k == 5 else 2e-5)
     close(gb, gy.astype(np.float64).sum((0, 2, 3)), dtype)
 
 

@@ -173,14 +173,14 @@ def test_wgrad_thresholds_pick_winograd_only_where_it_pays():
                       ((16, 32, 5, 5), 32, dict(padding=2)), ((64, 64, 5, 5), 8, {})]:
         geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), 1, kw.get("padding", 1),
                             1, 1)
-        assert F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2)), (w, hw, kw)
+        for dt in (np.dtype(np.float32), np.dtype(np.float64)):
+            assert F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2), dt), (w, hw, kw)
     for w, hw, kw in [((64, 64, 3, 3), 32, dict(stride=2)), ((64, 64, 3, 3), 32,
                       dict(dilation=2)), ((64, 64, 7, 7), 32, {}), ((64, 64, 1, 1), 32, {}),
                       ((8, 8, 3, 3), 32, {}), ((64, 3, 3, 3), 32, {}), ((3, 64, 3, 3), 32, {}),
                       ((64, 64, 3, 3), 3, {}), ((64, 64, 3, 3), 4, dict(padding=(0, 1))),
                       ((16, 16, 5, 5), 32, {}), ((64, 32, 5, 5), 14, dict(n=1)),
-                      ((64, 64, 5, 5), 32, dict(stride=2)), ((64, 8, 5, 5), 32, {}),
-                      ((64, 32, 5, 5), 14, dict(padding=2, dt=np.dtype(np.float32)))]:
+                      ((64, 64, 5, 5), 32, dict(stride=2)), ((64, 8, 5, 5), 32, {})]:
         geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), kw.get("stride", 1),
                             kw.get("padding", 1), kw.get("dilation", 1), 1)
         assert not F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2),
@@ -228,12 +228,13 @@ def test_winograd_wgrad_matches_reference(n, cg, lg, groups, h, w, ph, pw, need_
     paddings past the kernel, groups, the threads' partial sums, an image cut in chunks of
     1, 2 or 5 tiles with a partial last one, or several small images joined into one chunk
     (most: at most that many tiles, a chunk of 1 image when fewer than 2 fit; the 5x5 input
-    transform's stores past an image's last tile), against the reference.  5x5: float64,
-    batches of 2 and more, 2+ channels on a side (float32: test_winograd5_wgrad_float32)."""
+    transform's stores past an image's last tile; float32 5x5: each chunk's products added
+    to double sums), against the reference.  5x5: batches of 2 and more, 2+ channels on a
+    side."""
     if h + 2 * ph < k or w + 2 * pw < k:
         return
     if k == 5:
-        n, lg, dtype = max(n, 2), max(lg, 2), np.float64
+        n, lg = max(n, 2), max(lg, 2)
     r = np.random.default_rng(seed)
     x = r.uniform(-1, 1, (n, cg * groups, h, w)).astype(dtype)
     wt = r.uniform(-1, 1, (lg * groups, cg, k, k)).astype(dtype)
@@ -282,7 +283,7 @@ def test_winograd_wgrad_non_finite_inputs(dtype, threads, chunk, most, where, k,
     bad[3, 0, 0, 1] = np.nan
     with num_threads(threads), wgrad_split(chunk, most), wgrad_calls() as seen:
         _, gw, gb = fc.conv2d_backward(gy, x, w, padding=p, output_mask=(False, True, True))
-    assert seen == ([False] if k == 3 or dtype == np.float64 else [])
+    assert seen == [False]
     monkeypatch.setattr(F, "_WGRAD_WINO", False)
     with num_threads(threads):
         usual = fc.conv2d_backward(gy, x, w, padding=p, output_mask=(False, True, True))
@@ -342,9 +343,9 @@ def test_winograd_wgrad_padded_tile_rows(dtype, threads, h, w, k):
         with num_threads(threads), wgrad_calls() as seen:
             _, gw, gb = fc.conv2d_backward(gy, x, wt, padding=k // 2,
                                            output_mask=(False, True, True))
-        assert seen == ([True] if k == 3 or (n > 1 and dtype == np.float64) else [])
+        assert seen == ([True] if k == 3 or n > 1 else [])
         close(gw, ref.conv2d_weight_grad_taps(gy, x, wt.shape, padding=k // 2),
-              np.dtype(dtype))
+              np.dtype(dtype), atol32=3e-5 if k == 5 else 1e-5)
         close(gb, gy.astype(np.float64).sum((0, 2, 3)), np.dtype(dtype))
 
 
@@ -373,9 +374,10 @@ def test_winograd_wgrad_is_deterministic(n):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n,h,w,p", [(2, 14, 14, 2), (3, 9, 7, 0), (1, 8, 8, 3)])
 def test_winograd5_wgrad_float32(threads, n, h, w, p):
-    """conv2d_winograd_wgrad for 5x5 in float32, which conv2d_backward leaves to im2col for
-    its rounding (10-15x im2col's: see _use_winograd_wgrad), called directly: within 1e-4
-    of the largest value of the reference."""
+    """conv2d_winograd_wgrad for 5x5 in float32, called directly, the kernel's scratch full
+    of NaN: each chunk's products added to double sums keep its rounding within 3e-5 of the
+    largest value of the reference (its float32 sums over every tile had reached 3e-5 on
+    LeNet's conv2 at batch 64, 1.5e-5 on 16 -> 32 channels)."""
     r = np.random.default_rng(n * h + p)
     x = r.standard_normal((n, 16, h, w)).astype(np.float32)
     oh, ow = h + 2 * p - 4, w + 2 * p - 4
@@ -385,7 +387,7 @@ def test_winograd5_wgrad_float32(threads, n, h, w, p):
     gw = np.full((32, 16, 5, 5), np.nan, np.float32)
     gb = np.full(32, np.nan, np.float32)
     assert _kernels.conv2d_winograd_wgrad(gy, x, gw, gb, scratch, p, p, 1, threads)
-    close(gw, ref.conv2d_weight_grad_taps(gy, x, gw.shape, padding=p), np.float32, atol32=1e-4)
+    close(gw, ref.conv2d_weight_grad_taps(gy, x, gw.shape, padding=p), np.float32, atol32=3e-5)
     close(gb, gy.astype(np.float64).sum((0, 2, 3)), np.float32)
 
 
@@ -401,17 +403,16 @@ def test_winograd_wgrad_default_thresholds_bench_shapes(dtype, monkeypatch):
         x = r.standard_normal((n, c, hw, hw)).astype(dtype)
         w = r.standard_normal((l, c, k, k)).astype(dtype) / (8 * k)
         gy = r.standard_normal((n, l, hw, hw)).astype(dtype)
-        wino = k == 3 or dtype == np.float64
         assert F._use_winograd_wgrad(F._conv_setup("t", x, w, 1, k // 2, 1, 1), w, n,
-                                     np.dtype(dtype)) == wino
+                                     np.dtype(dtype))
         with wgrad_calls() as seen:
             got = fc.conv2d_backward(gy, x, w, padding=k // 2)
-        assert seen == [True] * wino
+        assert seen == [True]
         with monkeypatch.context() as m:
             m.setattr(F, "_WGRAD_WINO", False)
             want = fc.conv2d_backward(gy, x, w, padding=k // 2)
         for a, b in zip(got, want):
-            close(a, b, np.dtype(dtype))
+            close(a, b, np.dtype(dtype), atol32=3e-5 if k == 5 else 1e-5)
 
 
 @pytest.mark.usefixtures("everywhere", "tiny_grain")

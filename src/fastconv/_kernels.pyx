@@ -1632,8 +1632,8 @@ cdef extern from "_winograd.h":
     void fc_wino5_gout_d(const double* gy, Py_ssize_t L, Py_ssize_t OH, Py_ssize_t OW,
                          Py_ssize_t TW, Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t ld,
                          double* Z, Py_ssize_t zs) nogil
-    void fc_wino5_wgrad_f(const float* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
-                          Py_ssize_t L, Py_ssize_t c, float* gw) nogil
+    void fc_wino5_wgrad_df(const double* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
+                           Py_ssize_t L, Py_ssize_t c, float* gw) nogil
     void fc_wino5_wgrad_d(const double* D, Py_ssize_t P, Py_ssize_t PS, Py_ssize_t C,
                           Py_ssize_t L, Py_ssize_t c, double* gw) nogil
     # F(2x2, 5x5): the same arguments, 36 planes (and the output's fused ReLU and 2x2 max-pool)
@@ -2079,15 +2079,28 @@ def wgrad_wino_cols(Py_ssize_t N, Py_ssize_t groups, Py_ssize_t Cg, Py_ssize_t L
                     Py_ssize_t OH, Py_ssize_t OW, int num_threads, Py_ssize_t itemsize,
                     Py_ssize_t r=3):
     """Values of a thread's scratch row for conv2d_winograd_wgrad (an r x r kernel, 3 or 5):
-    a chunk's transformed input and grad_out, then the thread's partial sums ((r + 1)^2
-    groups Cg Lg, and groups Lg for the bias gradient)."""
+    a chunk's transformed input and grad_out, then the lane's partial sums ((r + 1)^2
+    groups Cg Lg, and groups Lg for the bias gradient); float32 5x5 (wgrad_wide): the
+    partial sums in double, and a chunk's (r + 1)^2 Cg Lg products before they join them."""
     cdef Py_ssize_t a = wino_planes(r)
+    cdef bint wide = wgrad_wide(itemsize, r)
     cdef Py_ssize_t NT = ((OH + 1) // 2) * ((OW + 1) // 2), nb
     cdef Py_ssize_t per = wgrad_wino_split(N, NT, groups, num_threads,
                                            fc_gemm_nr(itemsize == 8), &nb)
     # >= any chunk's col_ld (and FC_W5B more for the 5x5's spill: see wgrad_chunk)
     cdef Py_ssize_t ld = nb * min(per, NT) + 64 // itemsize + (8 if r == 5 else 0)
-    return a * ((Cg + Lg) * ld + 2 * WINO_PAD) + a * groups * Cg * Lg + groups * Lg
+    cdef Py_ssize_t n = a * ((Cg + Lg) * ld + 2 * WINO_PAD) + a * groups * Cg * Lg + groups * Lg
+    if wide:
+        n += a * Cg * Lg + a * groups * Cg * Lg + 2     # (+ 2: the doubles' alignment)
+    return n + n % 2
+
+
+cdef inline bint wgrad_wide(Py_ssize_t itemsize, Py_ssize_t r) noexcept nogil:
+    """Whether conv2d_winograd_wgrad keeps its partial sums in double: float32 5x5, whose
+    float32 sums over every tile had 10-15x im2col's rounding (3e-5 of the largest value on
+    LeNet's conv2 at batch 64; each chunk's GEMMs summing at most ~128 tiles in float32,
+    then added to double sums: about 3x im2col's, in a NumPy model of it)."""
+    return itemsize == 4 and r == 5
 
 
 cdef struct WgradJob:
@@ -2104,7 +2117,11 @@ cdef struct WgradJob:
     const void* gy
     void* gw
     void* work
-    Py_ssize_t ncol, dof, N, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per, nch, nb
+    # scratch rows of ncol values: V and Z at 0, (wide) a chunk's products at tof, the lane's
+    # partial sums at dof (wide: doubles) and its bias sums at bof
+    Py_ssize_t ncol, dof, tof, bof, N, C, H, W, L, Cg, Lg, groups, pH, pW, OH, OW, NT, per
+    Py_ssize_t nch, nb
+    bint wide
     Py_ssize_t r, a      # the kernel's size (3 or 5) and its planes, (r + 1)^2
     int parts, phase
     bint dbl, bias
@@ -2123,8 +2140,9 @@ cdef void wgrad_job_run(WgradJob* j, Py_ssize_t i, int tid, floating* tag) noexc
         row = <floating*> j.work + j.dof + g * j.a * CL
         gw = <floating*> j.gw + g * Lg * Cg * j.r * j.r
         if floating is float:
-            if j.r == 5:
-                fc_wino5_wgrad_f(row, j.parts, j.ncol, Cg, Lg, i % Cg, gw)
+            if j.wide:
+                fc_wino5_wgrad_df(<double*> (<float*> j.work + j.dof) + g * j.a * CL, j.parts,
+                                  j.ncol // 2, Cg, Lg, i % Cg, gw)
             else:
                 fc_wino_wgrad_f(row, j.parts, j.ncol, Cg, Lg, i % Cg, gw)
         else:
@@ -2162,7 +2180,11 @@ cdef void wgrad_chunk(WgradJob* j, Py_ssize_t i, Py_ssize_t lane,
     vs, zs = Cg * ld + WINO_PAD, Lg * ld + WINO_PAD
     row = <floating*> j.work + lane * j.ncol
     V, Z, D = row, row + j.a * vs, row + j.dof + g * j.a * CL
-    cdef floating* gb = row + j.dof + j.groups * j.a * CL + g * Lg if j.bias else NULL
+    cdef floating* gb = row + j.bof + g * Lg if j.bias else NULL
+    cdef double* D2 = <double*> (row + j.dof) + g * j.a * CL
+    cdef int acc = 1
+    if j.wide:              # this chunk's products alone, then added to the double sums
+        D, acc = row + j.tof, 0
     for n in range(n0, n1):      # each image's tiles nt columns after the one before
         x = <const floating*> j.x + (n * j.C + g * Cg) * HW
         gy = <const floating*> j.gy + (n * j.L + g * Lg) * OHW
@@ -2194,13 +2216,16 @@ cdef void wgrad_chunk(WgradJob* j, Py_ssize_t i, Py_ssize_t lane,
         if fc_gemm_level() > 0:
             if floating is float:
                 fc_gemma_f(Cg, 0, Lg, nt, V + xi * vs, ld, Z + xi * zs, ld, D + xi * CL, Lg,
-                           1 | GEMM_BT)
+                           acc | GEMM_BT)
             else:
                 fc_gemma_d(Cg, 0, Lg, nt, V + xi * vs, ld, Z + xi * zs, ld, D + xi * CL, Lg,
-                           1 | GEMM_BT)
+                           acc | GEMM_BT)
         else:
-            gemm_rm(False, True, Cg, Lg, nt, 1, V + xi * vs, ld, Z + xi * zs, ld, 1,
+            gemm_rm(False, True, Cg, Lg, nt, 1, V + xi * vs, ld, Z + xi * zs, ld, acc,
                     D + xi * CL, Lg)
+    if j.wide:              # (wide: D was =, not +=)
+        for xi in range(j.a * CL):
+            D2[xi] += D[xi]
 
 
 cdef void wgrad_job_item(void* ctx, Py_ssize_t i, int tid) noexcept nogil:
@@ -2256,8 +2281,11 @@ def conv2d_winograd_wgrad(const floating[:, :, :, ::1] grad_out,
     j.nch = (j.NT + j.per - 1) // j.per
     j.N = N
     j.ncol = scratch.shape[1]
-    j.r, j.a = r, wino_planes(r)
-    j.dof = j.ncol - j.a * groups * Cg * Lg - groups * Lg
+    j.r, j.a, j.wide = r, wino_planes(r), wgrad_wide(sizeof(floating), r)
+    j.bof = j.ncol - groups * Lg
+    j.dof = j.bof - j.a * groups * Cg * Lg * (2 if j.wide else 1)
+    j.dof -= j.dof % 2
+    j.tof = j.dof - j.a * Cg * Lg
     j.parts, j.dbl, j.bias = num_threads, floating is double, gb_out.shape[0] > 0
     cdef Py_ssize_t i, p
     cdef bint ok
@@ -2277,7 +2305,7 @@ def conv2d_winograd_wgrad(const floating[:, :, :, ::1] grad_out,
             for i in range(L):
                 s = 0
                 for p in range(num_threads):
-                    s = s + scratch[p, j.dof + groups * j.a * Cg * Lg + i]
+                    s = s + scratch[p, j.bof + i]
                 gb_out[i] = s
             if floating is float:
                 ok = fc_wino_finite_f(&gb_out[0], L)

@@ -836,9 +836,15 @@ ATTR static void fc_wino5_gout_##SUF(const T* gy, ptrdiff_t L, ptrdiff_t OH, ptr
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
-}                                                                                            \
-ATTR static void fc_wino5_wgrad_##SUF(const T* D, ptrdiff_t P, ptrdiff_t PS, ptrdiff_t C,     \
-                                      ptrdiff_t L, ptrdiff_t c, T* gw) {                     \
+}
+
+/* The last step, from the partial sums D (double) into gw (TO): float32's sums are kept in
+ * double across chunks, each chunk's GEMMs summing in float32 (float32 sums over all tiles
+ * had 10-15x im2col's rounding, 3e-5 of the largest value for LeNet's conv2 at batch 64) */
+#define FC_WINOG5W(TO, SUF, ATTR)                                                            \
+ATTR static void fc_wino5_wgrad_##SUF(const double* D, ptrdiff_t P, ptrdiff_t PS,              \
+                                      ptrdiff_t C, ptrdiff_t L, ptrdiff_t c, TO* gw) {       \
+    typedef double T;                                                                        \
     const ptrdiff_t CL = C * L;                                                              \
     T m[36][32];                                                                             \
     for (ptrdiff_t l0 = 0; l0 < L; l0 += 32) {                                               \
@@ -850,26 +856,27 @@ ATTR static void fc_wino5_wgrad_##SUF(const T* D, ptrdiff_t P, ptrdiff_t PS, ptr
                 for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] += d[p * PS + l];                \
         }                                                                                    \
         for (ptrdiff_t l = 0; l < nl; l++) {                                                 \
-            T r[5][6], *o = gw + ((l0 + l) * C + c) * 25;                                    \
+            T r[5][6];                                                                       \
+            TO* o = gw + ((l0 + l) * C + c) * 25;                                            \
             for (int j = 0; j < 6; j++) {                              /* r = G^T m */       \
                 T m0 = m[j][l], m5 = m[30 + j][l];                                           \
                 T p = m[6 + j][l] + m[12 + j][l], q = m[6 + j][l] - m[12 + j][l];            \
                 T u = m[18 + j][l] + m[24 + j][l], v = m[18 + j][l] - m[24 + j][l];          \
-                r[0][j] = (T)0.25 * m0 - p * (T)(1.0 / 6) + u * (T)(1.0 / 24);               \
-                r[1][j] = v * (T)(1.0 / 12) - q * (T)(1.0 / 6);                              \
-                r[2][j] = (u - p) * (T)(1.0 / 6);                                            \
-                r[3][j] = v * (T)(1.0 / 3) - q * (T)(1.0 / 6);                               \
-                r[4][j] = (u * (T)(2.0 / 3) - p * (T)(1.0 / 6)) + m5;                        \
+                r[0][j] = 0.25 * m0 - p * (1.0 / 6) + u * (1.0 / 24);                        \
+                r[1][j] = v * (1.0 / 12) - q * (1.0 / 6);                                    \
+                r[2][j] = (u - p) * (1.0 / 6);                                               \
+                r[3][j] = v * (1.0 / 3) - q * (1.0 / 6);                                     \
+                r[4][j] = (u * (2.0 / 3) - p * (1.0 / 6)) + m5;                              \
             }                                                                                \
             for (int a = 0; a < 5; a++) {                              /* dg = r G */        \
                 T m0 = r[a][0], m5 = r[a][5];                                                \
                 T p = r[a][1] + r[a][2], q = r[a][1] - r[a][2];                              \
                 T u = r[a][3] + r[a][4], v = r[a][3] - r[a][4];                              \
-                o[5 * a] = (T)0.25 * m0 - p * (T)(1.0 / 6) + u * (T)(1.0 / 24);              \
-                o[5 * a + 1] = v * (T)(1.0 / 12) - q * (T)(1.0 / 6);                         \
-                o[5 * a + 2] = (u - p) * (T)(1.0 / 6);                                       \
-                o[5 * a + 3] = v * (T)(1.0 / 3) - q * (T)(1.0 / 6);                          \
-                o[5 * a + 4] = (u * (T)(2.0 / 3) - p * (T)(1.0 / 6)) + m5;                   \
+                o[5 * a] = (TO)(0.25 * m0 - p * (1.0 / 6) + u * (1.0 / 24));                 \
+                o[5 * a + 1] = (TO)(v * (1.0 / 12) - q * (1.0 / 6));                         \
+                o[5 * a + 2] = (TO)((u - p) * (1.0 / 6));                                    \
+                o[5 * a + 3] = (TO)(v * (1.0 / 3) - q * (1.0 / 6));                          \
+                o[5 * a + 4] = (TO)((u * (2.0 / 3) - p * (1.0 / 6)) + m5);                   \
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
@@ -877,21 +884,28 @@ ATTR static void fc_wino5_wgrad_##SUF(const T* D, ptrdiff_t P, ptrdiff_t PS, ptr
 
 FC_WINOG5(float, f_base, )
 FC_WINOG5(double, d_base, )
+FC_WINOG5W(double, d_base, )
+FC_WINOG5W(float, df_base, )
 #ifdef FC_HAVE_AVX2_PATH
 FC_WINOG5(float, f_avx2, FC_AVX2)
 FC_WINOG5(double, d_avx2, FC_AVX2)
+FC_WINOG5W(double, d_avx2, FC_AVX2)
+FC_WINOG5W(float, df_avx2, FC_AVX2)
 #endif
 #define FC_WINOG5_DISPATCH(T, S)                                                             \
 static void fc_wino5_gout_##S(const T* gy, ptrdiff_t L, ptrdiff_t OH, ptrdiff_t OW,          \
                               ptrdiff_t TW, ptrdiff_t t0, ptrdiff_t nt, ptrdiff_t ld, T* Z,  \
                               ptrdiff_t LT) {                                                \
     FC_PICK(fc_wino5_gout_##S, gy, L, OH, OW, TW, t0, nt, ld, Z, LT);                        \
-}                                                                                            \
-static void fc_wino5_wgrad_##S(const T* D, ptrdiff_t P, ptrdiff_t PS, ptrdiff_t C,           \
-                               ptrdiff_t L, ptrdiff_t c, T* gw) {                            \
+}
+#define FC_WINOG5W_DISPATCH(TO, S)                                                           \
+static void fc_wino5_wgrad_##S(const double* D, ptrdiff_t P, ptrdiff_t PS, ptrdiff_t C,      \
+                               ptrdiff_t L, ptrdiff_t c, TO* gw) {                           \
     FC_PICK(fc_wino5_wgrad_##S, D, P, PS, C, L, c, gw);                                      \
 }
 FC_WINOG5_DISPATCH(float, f)
 FC_WINOG5_DISPATCH(double, d)
+FC_WINOG5W_DISPATCH(float, df)
+FC_WINOG5W_DISPATCH(double, d)
 
 #endif /* FASTCONV_WINOGRAD_H */

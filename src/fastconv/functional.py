@@ -548,8 +548,8 @@ def _use_direct(geo, Cg, dt, pool, N):
 
 # conv2d_backward's weight gradient of 3x3 and 5x5 stride-1 undilated convolutions by
 # Winograd F(2x2, 3x3) and F(2x2, 5x5) (conv2d_winograd_wgrad) from _WINOGRAD_MIN_CHANNELS
-# input and output channels per group (5x5: float64 only, one side at least twice that, and
-# batches of 2 and more) and output planes of at least _WGRAD_WINO_MIN_SIZE on a side
+# input and output channels per group (5x5: one side at least twice that, and batches of 2
+# and more) and output planes of at least _WGRAD_WINO_MIN_SIZE on a side
 _WGRAD_WINO = True
 _WGRAD_WINO_MIN_SIZE = 4
 
@@ -568,11 +568,15 @@ def _use_winograd_wgrad(geo, weight, n=2, dt=np.dtype(np.float64)):
     32x32 1.19x / 1.21x; float64 1.55-2.41x / 1.58-2.04x; but 16 -> 16 on 16x16 0.89x /
     0.95x and batch 1 (32 -> 64 on 14x14) 0.94x / 1.04x.  Rounding, float32, N(0, 1) inputs,
     against float64 sums: 3x3 as im2col's (2.6e-6 / 3.5e-6 of the largest value for 64 ->
-    64 on 32x32 batch 32), 5x5 10-15x im2col's (3.0e-5 / 2.2e-6 for LeNet's conv2 at batch
-    64, 1.5e-5 / 1.0e-6 for 16 -> 32): too much for 1.2-1.37x, so 5x5 in float64 only."""
+    64 on 32x32 batch 32); 5x5 with its sums over every tile in float32 10-15x im2col's
+    (3.0e-5 / 2.2e-6 for LeNet's conv2 at batch 64), so float32 5x5 keeps its partial sums
+    in double between chunks (each chunk's GEMMs summing at most ~128 tiles): 6.2-6.6e-6
+    for LeNet's conv2 (about the forward's 7x), 9.3e-6 / 1.0e-6 for 16 -> 32 on 16x16, at
+    1.29x / 1.34x im2col on LeNet's conv2, 1.74x / 1.66x for 64 -> 64 on 28x28, 1.09-1.10x
+    for 16 -> 32 on 32x32 (the sums in float32 had been 1.36x / 1.37x on LeNet's conv2)."""
     cin, cout = weight.shape[1], geo["L"] // geo["g"]
     if geo["k"] == (5, 5):
-        if n < 2 or max(cin, cout) < 2 * _WINOGRAD_MIN_CHANNELS or dt.itemsize < 8:
+        if n < 2 or max(cin, cout) < 2 * _WINOGRAD_MIN_CHANNELS:
             return False
     elif geo["k"] != (3, 3):
         return False
