@@ -425,8 +425,8 @@ def test_winograd_gemms_match_reference(level, threads, dtype, shape, k, monkeyp
     # grad_x is the convolution of grad_out by the flipped, transposed kernel
     wf = np.ascontiguousarray(np.flip(wt, (2, 3)).transpose(1, 0, 2, 3))
     close(gx, ref.conv2d_taps(gy, wf, padding=p), dtype)
-    assert F._use_winograd_wgrad(F._conv_setup("t", x, wt, 1, p, 1, 1), wt, n,
-                                 np.dtype(dtype)) == (k == 3 or n >= 2)
+    assert F._use_winograd_wgrad(F._conv_setup("t", x, wt, 1, p, 1, 1), wt, n) == (
+        k == 3 or n >= 2)
     # (5x5 Winograd: about 3-9x im2col's rounding)
     _close(gw, ref.conv2d_weight_grad_taps(gy, x, wt.shape, padding=p), dtype,
            atol32=3e-5 if k == 5 else 2e-5)

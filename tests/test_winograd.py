@@ -173,8 +173,7 @@ def test_wgrad_thresholds_pick_winograd_only_where_it_pays():
                       ((16, 32, 5, 5), 32, dict(padding=2)), ((64, 64, 5, 5), 8, {})]:
         geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), 1, kw.get("padding", 1),
                             1, 1)
-        for dt in (np.dtype(np.float32), np.dtype(np.float64)):
-            assert F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2), dt), (w, hw, kw)
+        assert F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2)), (w, hw, kw)
     for w, hw, kw in [((64, 64, 3, 3), 32, dict(stride=2)), ((64, 64, 3, 3), 32,
                       dict(dilation=2)), ((64, 64, 7, 7), 32, {}), ((64, 64, 1, 1), 32, {}),
                       ((8, 8, 3, 3), 32, {}), ((64, 3, 3, 3), 32, {}), ((3, 64, 3, 3), 32, {}),
@@ -183,8 +182,7 @@ def test_wgrad_thresholds_pick_winograd_only_where_it_pays():
                       ((64, 64, 5, 5), 32, dict(stride=2)), ((64, 8, 5, 5), 32, {})]:
         geo = F._conv_setup("t", x[:, :w[1], :hw, :hw], np.zeros(w), kw.get("stride", 1),
                             kw.get("padding", 1), kw.get("dilation", 1), 1)
-        assert not F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2),
-                                         kw.get("dt", np.dtype(np.float64))), (w, hw, kw)
+        assert not F._use_winograd_wgrad(geo, np.zeros(w), kw.get("n", 2)), (w, hw, kw)
 
 
 @contextlib.contextmanager
@@ -241,7 +239,7 @@ def test_winograd_wgrad_matches_reference(n, cg, lg, groups, h, w, ph, pw, need_
     geo = F._conv_setup("t", x, wt, 1, (ph, pw), 1, groups)
     if F._is_depthwise(geo, wt):            # (the depthwise kernels' own backward)
         return
-    assert F._use_winograd_wgrad(geo, wt, n, np.dtype(dtype))
+    assert F._use_winograd_wgrad(geo, wt, n)
     gy = r.uniform(-1, 1, (n, lg * groups, geo["OH"], geo["OW"])).astype(dtype)
     with num_threads(threads), wgrad_split(chunk, most), wgrad_calls() as seen:
         gx, gw, gb = fc.conv2d_backward(gy, x, wt, padding=(ph, pw), groups=groups,
@@ -403,8 +401,7 @@ def test_winograd_wgrad_default_thresholds_bench_shapes(dtype, monkeypatch):
         x = r.standard_normal((n, c, hw, hw)).astype(dtype)
         w = r.standard_normal((l, c, k, k)).astype(dtype) / (8 * k)
         gy = r.standard_normal((n, l, hw, hw)).astype(dtype)
-        assert F._use_winograd_wgrad(F._conv_setup("t", x, w, 1, k // 2, 1, 1), w, n,
-                                     np.dtype(dtype))
+        assert F._use_winograd_wgrad(F._conv_setup("t", x, w, 1, k // 2, 1, 1), w, n)
         with wgrad_calls() as seen:
             got = fc.conv2d_backward(gy, x, w, padding=k // 2)
         assert seen == [True]

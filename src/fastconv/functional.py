@@ -554,26 +554,25 @@ _WGRAD_WINO = True
 _WGRAD_WINO_MIN_SIZE = 4
 
 
-def _use_winograd_wgrad(geo, weight, n=2, dt=np.dtype(np.float64)):
+def _use_winograd_wgrad(geo, weight, n=2):
     """Whether conv2d_backward's weight gradient (and then its bias gradient) on a batch of
-    n in dtype dt runs by Winograd.  Against im2col + the own GEMM (Zen 3, AVX2, 2026-12-05, single
-    calls alternated, 1 / 2 threads; the weight and bias gradients alone).  3x3, float32:
-    64 -> 64 on 32x32 batch 32 1.89x / 1.92x, 128 -> 128 on 28x28 batch 8 2.04x / 1.86x,
-    batch 1 1.81x / 1.53-1.73x, 256 -> 256 on 14x14 2.03x / 1.81-2.11x, 512 -> 512 on 7x7
-    1.57x / 1.72x (several images to a chunk: one a chunk ran 0.59x), 64 -> 64 on 4x4
-    1.48x / 1.38x, 32 -> 32 on 16x16 batch 64 1.22x / 1.18x, 16 -> 16 1.07x; float64
-    1.9-2.1x / 1.7-2.05x from 64 channels, 1.25-1.41x from 16; but 8 -> 8 0.87x and 3 -> 64
-    0.65x (the GEMMs' rows are the input channels).  5x5, float32: LeNet's conv2 32 -> 64
-    on 14x14 batch 64 1.36x / 1.37x, 64 -> 64 on 28x28 batch 8 1.87x / 1.90x, 16 -> 32 on
-    32x32 1.19x / 1.21x; float64 1.55-2.41x / 1.58-2.04x; but 16 -> 16 on 16x16 0.89x /
-    0.95x and batch 1 (32 -> 64 on 14x14) 0.94x / 1.04x.  Rounding, float32, N(0, 1) inputs,
-    against float64 sums: 3x3 as im2col's (2.6e-6 / 3.5e-6 of the largest value for 64 ->
-    64 on 32x32 batch 32); 5x5 with its sums over every tile in float32 10-15x im2col's
-    (3.0e-5 / 2.2e-6 for LeNet's conv2 at batch 64), so float32 5x5 keeps its partial sums
-    in double between chunks (each chunk's GEMMs summing at most ~128 tiles): 6.2-6.6e-6
-    for LeNet's conv2 (about the forward's 7x), 9.3e-6 / 1.0e-6 for 16 -> 32 on 16x16, at
-    1.29x / 1.34x im2col on LeNet's conv2, 1.74x / 1.66x for 64 -> 64 on 28x28, 1.09-1.10x
-    for 16 -> 32 on 32x32 (the sums in float32 had been 1.36x / 1.37x on LeNet's conv2)."""
+    n runs by Winograd.  Against im2col + the own GEMM (Zen 3, AVX2, 2026-12-05, single calls
+    alternated, 1 / 2 threads; the weight and bias gradients alone).  3x3, float32: 64 -> 64
+    on 32x32 batch 32 1.89x / 1.92x, 128 -> 128 on 28x28 batch 8 2.04x / 1.86x, batch 1
+    1.81x / 1.53-1.73x, 256 -> 256 on 14x14 2.03x / 1.81-2.11x, 512 -> 512 on 7x7 1.57x /
+    1.72x (several images to a chunk: one a chunk ran 0.59x), 64 -> 64 on 4x4 1.48x /
+    1.38x, 32 -> 32 on 16x16 batch 64 1.22x / 1.18x, 16 -> 16 1.07x; float64 1.9-2.1x /
+    1.7-2.05x from 64 channels, 1.25-1.41x from 16; but 8 -> 8 0.87x and 3 -> 64 0.65x (the
+    GEMMs' rows are the input channels).  5x5, float32: LeNet's conv2 32 -> 64 on 14x14
+    batch 64 1.29x / 1.34x, 64 -> 64 on 28x28 batch 8 1.74x / 1.66x, 16 -> 32 on 32x32
+    1.09-1.10x; float64 1.55-2.41x / 1.58-2.04x; but 16 -> 16 on 16x16 0.89x / 0.95x and
+    batch 1 (32 -> 64 on 14x14) 0.94x / 1.04x.  Rounding, float32, N(0, 1) inputs, against
+    float64 sums: 3x3 as im2col's (2.6e-6 / 3.5e-6 of the largest value for 64 -> 64 on
+    32x32 batch 32); 5x5 with its sums over every tile in float32 10-15x im2col's (3.0e-5 /
+    2.2e-6 for LeNet's conv2 at batch 64, at 1.36x / 1.37x), so float32 5x5 keeps its
+    partial sums in double between chunks (each chunk's GEMMs summing at most ~128 tiles):
+    6.2-6.6e-6 on LeNet's conv2 (about the forward's 7x), 9.3e-6 / 1.0e-6 for 16 -> 32 on
+    16x16."""
     cin, cout = weight.shape[1], geo["L"] // geo["g"]
     if geo["k"] == (5, 5):
         if n < 2 or max(cin, cout) < 2 * _WINOGRAD_MIN_CHANNELS:
@@ -588,10 +587,10 @@ def _use_winograd_wgrad(geo, weight, n=2, dt=np.dtype(np.float64)):
 
 def _winograd_wgrad(grad_out, x, shape, geo, need_b, dt, fn):
     """(grad_weight, grad_bias or None) of conv2d_backward by conv2d_winograd_wgrad, or
-    None when x or grad_out holds an infinity or NaN (nothing computed)."""
+    None when that result is not finite (an infinity or NaN in x or grad_out, or an
+    overflow of the transforms' terms: the caller computes them the usual way)."""
     N, L, OH, OW = grad_out.shape
-    g, Cg = geo["g"], shape[1]
-    r = shape[2]
+    g, Cg, r = geo["g"], shape[1], shape[2]
     team = _team(N * g * ((OH + 1) // 2) * ((OW + 1) // 2), N * L * OH * OW * Cg * r * r)
     scratch = _scratch(team, _kernels.wgrad_wino_cols(N, g, Cg, L // g, OH, OW, team,
                                                       dt.itemsize, r), dt, fn)
@@ -1106,9 +1105,9 @@ def conv2d_backward(grad_out, x, weight, stride=1, padding=0, dilation=1, groups
                                         _team(g, N * L * OH * OW * K))
         return gx, gw, gb
     gw = gb = None
-    if N > 0 and need_w and _use_winograd_wgrad(geo, weight, N, dt):
+    if N > 0 and need_w and _use_winograd_wgrad(geo, weight, N):
         done = _winograd_wgrad(grad_out, x, weight.shape, geo, need_b, dt, fn)
-        if done is not None:                    # (else an infinity or NaN: the usual way)
+        if done is not None:                    # (else not finite: the usual way)
             (gw, gb), need_w, need_b = done, False, False
             if not need_x:
                 return gx, gw, gb
