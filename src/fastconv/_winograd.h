@@ -404,6 +404,15 @@ FC_WINO_DISPATCH(double, d)
  *
  * Layouts: gy (L, OH, OW); Z [16][L][nt] with the planes LT values apart, as V; D [16][C][L]
  * (dU transposed, as the GEMM with V as its A makes it); gw (L, C, 3, 3). */
+/* m[xi][l] = the sum over the P parts (PS values apart) of D[xi][c][l0 + l], for the a planes
+ * and nl output channels from l0: the weight gradient's last step, both kernel sizes */
+#define FC_WINOG_PARTS(T, m, a, D, P, PS, CL, c, L, l0, nl)                                  \
+    for (int xi_ = 0; xi_ < (a); xi_++) {                                                    \
+        const T* d_ = (D) + xi_ * (CL) + (c) * (L) + (l0);                                   \
+        for (ptrdiff_t l_ = 0; l_ < (nl); l_++) m[xi_][l_] = d_[l_];                         \
+        for (ptrdiff_t p_ = 1; p_ < (P); p_++)                                               \
+            for (ptrdiff_t l_ = 0; l_ < (nl); l_++) m[xi_][l_] += d_[p_ * (PS) + l_];        \
+    }
 #define FC_WINOG(T, SUF, ATTR)                                                               \
 /* Z for n consecutive tiles of one tile row whose 2x2 outputs lie inside the plane, g0 and */ \
 /* g1 at the first one's two rows: stride-2 loads, contiguous stores across tiles */          \
@@ -468,12 +477,7 @@ ATTR static void fc_wino_wgrad_##SUF(const T* D, ptrdiff_t P, ptrdiff_t PS, ptrd
     T m[16][64];                                                                             \
     for (ptrdiff_t l0 = 0; l0 < L; l0 += 64) {                                               \
         const ptrdiff_t nl = L - l0 < 64 ? L - l0 : 64;                                      \
-        for (int xi = 0; xi < 16; xi++) {                                                    \
-            const T* d = D + xi * CL + c * L + l0;                                           \
-            for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] = d[l];                              \
-            for (ptrdiff_t p = 1; p < P; p++)                                                \
-                for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] += d[p * PS + l];                \
-        }                                                                                    \
+        FC_WINOG_PARTS(T, m, 16, D, P, PS, CL, c, L, l0, nl)                                 \
         for (ptrdiff_t l = 0; l < nl; l++) {                                                 \
             T r[3][4], *o = gw + ((l0 + l) * C + c) * 9;                                     \
             for (int j = 0; j < 4; j++) {                              /* r = G^T m */       \
@@ -849,12 +853,7 @@ ATTR static void fc_wino5_wgrad_##SUF(const double* D, ptrdiff_t P, ptrdiff_t PS
     T m[36][32];                                                                             \
     for (ptrdiff_t l0 = 0; l0 < L; l0 += 32) {                                               \
         const ptrdiff_t nl = L - l0 < 32 ? L - l0 : 32;                                      \
-        for (int xi = 0; xi < 36; xi++) {                                                    \
-            const T* d = D + xi * CL + c * L + l0;                                           \
-            for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] = d[l];                              \
-            for (ptrdiff_t p = 1; p < P; p++)                                                \
-                for (ptrdiff_t l = 0; l < nl; l++) m[xi][l] += d[p * PS + l];                \
-        }                                                                                    \
+        FC_WINOG_PARTS(T, m, 36, D, P, PS, CL, c, L, l0, nl)                                 \
         for (ptrdiff_t l = 0; l < nl; l++) {                                                 \
             T r[5][6];                                                                       \
             TO* o = gw + ((l0 + l) * C + c) * 25;                                            \
