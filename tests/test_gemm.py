@@ -1062,3 +1062,32 @@ def test_conv_plans(dtype, monkeypatch):
             close(F._conv2d(x, w, None, 1, 1, 1, 1, None, False), ref.conv2d(x, w, padding=1),
                   dtype)
         assert len(plans) == (2 if BEST != "blas" else 0)
+
+
+@pytest.mark.parametrize("level", OWN_LEVELS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_prefetch_of_c_same_numbers(level, dtype):
+    """C's rows of the next panel prefetched before they are written (set_gemm_cpf, from any
+    K by default) change no value: short and long K, masked last panels, a row block past a
+    multiple of MR, bias and ReLU, one and two threads; bit for bit the products without the
+    prefetch, and against the reference."""
+    rng = np.random.default_rng(11)
+    for (n, c, l, h, k, pad) in [(3, 1, 32, 28, 5, 2), (2, 3, 13, 11, 3, 1),
+                                 (2, 70, 9, 7, 1, 0), (1, 2, 40, 5, 3, 0)]:
+        x = rng.uniform(-1, 1, (n, c, h, h)).astype(dtype)
+        w = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
+        b = rng.uniform(-1, 1, l).astype(dtype)
+        got = {}
+        for kc in (1, 0):
+            old = _kernels.set_gemm_cpf(kc)
+            try:
+                with gemm_at(level), num_threads(2 if n > 1 else 1):
+                    got[kc] = (fc.conv2d(x, w, b, padding=pad),
+                               F._conv2d(x, w, b, 1, pad, 1, 1, None, True))
+            finally:
+                _kernels.set_gemm_cpf(old)
+        for a, e in zip(got[1], got[0]):
+            np.testing.assert_array_equal(a, e)
+        expect = ref.conv2d(x, w, b, padding=pad)
+        close(got[1][0], expect, dtype)
+        close(got[1][1], np.maximum(expect, 0), dtype)

@@ -53,6 +53,13 @@ static int fc_im2col_pad_on = 1; /* 0: im2col always by the masked path (tests) 
 /* B's rows at least this many bytes apart: the plain drivers copy each K block's NR-wide strip
    of B into a contiguous buffer before the micro-kernels that reuse it (0: never) */
 static ptrdiff_t fc_gemm_packb_min = 2048;
+/* C's rows of the next column panel prefetched (for writing) before each micro-kernel call
+   when C is written, not read (first K block), and the K block has at least this many rows
+   (0: never).  Once only from 64 rows (a 1x1's rows far apart: up to 1.8x on a Xeon); from
+   any K (Zen 4, 2026-12-05, batch 64, against 64, 1 / 2 threads): LeNet's conv1 (25 taps,
+   12.8 MB float64 output) 1.60x / 1.14x, float32 1.41x / 1.08x; 3 -> 32 3x3 1.20-1.28x /
+   1.14x; 16 -> 32 1x1 float32 1.36x / 1.24x; 1 -> 16 3x3 float64 1.39x; batch 1 level */
+static ptrdiff_t fc_gemm_cpf_kc = 1;
 /* 1: also rows a multiple of 512 bytes apart (>= 512), which all fall in the same few L1 sets
    (as col_ld's rule for im2col matrices): a transposed convolution's input rows of 256
    floats, re-read from L2 by every micro-kernel, ran its GEMM at ~136 GFLOP/s */
@@ -648,11 +655,10 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                 QMASK(n1 - jr, qmk);                                                            \
             }                                                                                   \
             /* C's rows in the next panel, a row block's share before each call, when C is */  \
-            /* written, not read (first K block) and a call is long enough to hide it: a */     \
-            /* 1x1 convolution's output rows, far apart in memory, missed on every store */     \
-            /* (64->128 1x1 on 28x28, batch 64: 1.07-1.8x faster on an Intel Xeon) */           \
-            const char* Cn = first && kc >= 64 && jr + NR < n1 ? (const char*)(C + jr + NR)    \
-                                                               : NULL;                          \
+            /* written, not read (first K block) and a call is long enough to hide it */       \
+            /* (fc_gemm_cpf_kc): output rows missed on every store */                           \
+            const char* Cn = first && fc_gemm_cpf_kc > 0 && kc >= fc_gemm_cpf_kc &&             \
+                             jr + NR < n1 ? (const char*)(C + jr + NR) : NULL;                  \
             for (ptrdiff_t ir = 0; ir < M; ir += MR) {                                          \
                 int mr = M - ir < MR ? (int)(M - ir) : MR;                                      \
                 if (Cn != NULL) {                                                               \

@@ -203,6 +203,7 @@ cdef extern from "_gemm.h":
     int fc_gemm_short_on
     int fc_gemm_split_on
     Py_ssize_t fc_gemm_packb_min
+    Py_ssize_t fc_gemm_cpf_kc
     Py_ssize_t fc_gemm_kc
     int FC_GEMM_KC_MAX
     int fc_gemm_packb_sets
@@ -318,6 +319,16 @@ def set_gemm_packb(Py_ssize_t nbytes):
     global fc_gemm_packb_min
     old = fc_gemm_packb_min
     fc_gemm_packb_min = nbytes if nbytes > 0 else 0
+    return old
+
+
+def set_gemm_cpf(Py_ssize_t kc):
+    """Fewest rows of a K block for which the own GEMM prefetches C's rows of the next column
+    panel before writing them (0: never); returns the previous value.  For tests and A/B
+    timing, while no kernel runs."""
+    global fc_gemm_cpf_kc
+    old = fc_gemm_cpf_kc
+    fc_gemm_cpf_kc = kc if kc > 0 else 0
     return old
 
 
@@ -1689,12 +1700,18 @@ cdef inline Py_ssize_t wino_chunk_tiles(Py_ssize_t NT, Py_ssize_t items, int thr
     stay in one core's cache (1.05x on 1 thread); but at least 2 panels, as every chunk
     reads all the transformed weights again (LeNet's conv2 at batch 1, 49 tiles, in chunks
     of 32 and 17 instead of 16, 16, 16 and 1: 1.11x on 2 threads, 1.03x on 1; wino_setup
-    also joins a last chunk of under half a panel to the one before it)."""
+    also joins a last chunk of under half a panel to the one before it).  Unless 2-panel
+    chunks leave a thread without one: then one panel at least (the same conv on AVX-512,
+    nr = 32: one chunk of 49 tiles, 2 threads no faster than 1; chunks of 32 and 17 1.6x)."""
+    cdef Py_ssize_t per
     if wino_chunk > 0:
         return wino_chunk
     if items >= 2 * threads:
         return max(NT, 1)
-    return max(block_len(NT, (4 * threads + items - 1) // items, nr), 2 * nr)
+    per = max(block_len(NT, (4 * threads + items - 1) // items, nr), 2 * nr)
+    if items * ((NT + per - 1) // per) < threads:
+        per = max(block_len(NT, (threads + items - 1) // items, nr), nr)
+    return per
 
 
 cdef void wino_tiles(const floating* x, const floating* U, const floating* Up,
