@@ -1066,28 +1066,36 @@ def test_conv_plans(dtype, monkeypatch):
 
 @pytest.mark.parametrize("level", OWN_LEVELS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gemm_prefetch_of_c_same_numbers(level, dtype):
-    """C's rows of the next panel prefetched before they are written (set_gemm_cpf, from any
-    K by default) change no value: short and long K, masked last panels, a row block past a
-    multiple of MR, bias and ReLU, one and two threads; bit for bit the products without the
-    prefetch, and against the reference."""
+def test_gemm_prefetches_same_numbers(level, dtype):
+    """The prefetches of the next panel's C rows before they are written (set_gemm_cpf, from
+    any K by default) and of B's next strip where its rows lie far apart (set_gemm_bpf) change
+    no value: short and long K, masked last panels, a row block past a multiple of MR, bias
+    and ReLU, input gradients (B: grad_out's planes), one and two threads; bit for bit the
+    products without them, and against the reference."""
     rng = np.random.default_rng(11)
     for (n, c, l, h, k, pad) in [(3, 1, 32, 28, 5, 2), (2, 3, 13, 11, 3, 1),
-                                 (2, 70, 9, 7, 1, 0), (1, 2, 40, 5, 3, 0)]:
+                                 (2, 70, 9, 7, 1, 0), (1, 2, 40, 5, 3, 0),
+                                 (2, 40, 17, 20, 1, 0)]:
         x = rng.uniform(-1, 1, (n, c, h, h)).astype(dtype)
         w = rng.uniform(-1, 1, (l, c, k, k)).astype(dtype)
         b = rng.uniform(-1, 1, l).astype(dtype)
+        oh = h + 2 * pad - k + 1
+        gy = rng.uniform(-1, 1, (n, l, oh, oh)).astype(dtype)
         got = {}
-        for kc in (1, 0):
-            old = _kernels.set_gemm_cpf(kc)
+        for on in (1, 0):
+            old = _kernels.set_gemm_cpf(on), _kernels.set_gemm_bpf(on * 256)
             try:
                 with gemm_at(level), num_threads(2 if n > 1 else 1):
-                    got[kc] = (fc.conv2d(x, w, b, padding=pad),
-                               F._conv2d(x, w, b, 1, pad, 1, 1, None, True))
+                    got[on] = (fc.conv2d(x, w, b, padding=pad),
+                               F._conv2d(x, w, b, 1, pad, 1, 1, None, True),
+                               fc.conv2d_backward(gy, x, w, padding=pad,
+                                                  output_mask=(True, False, False))[0])
             finally:
-                _kernels.set_gemm_cpf(old)
+                _kernels.set_gemm_cpf(old[0])
+                _kernels.set_gemm_bpf(old[1])
         for a, e in zip(got[1], got[0]):
             np.testing.assert_array_equal(a, e)
         expect = ref.conv2d(x, w, b, padding=pad)
         close(got[1][0], expect, dtype)
         close(got[1][1], np.maximum(expect, 0), dtype)
+        close(got[1][2], ref.conv2d_backward(gy, x, w, padding=pad)[0], dtype)

@@ -60,6 +60,12 @@ static ptrdiff_t fc_gemm_packb_min = 2048;
    12.8 MB float64 output) 1.60x / 1.14x, float32 1.41x / 1.08x; 3 -> 32 3x3 1.20-1.28x /
    1.14x; 16 -> 32 1x1 float32 1.36x / 1.24x; 1 -> 16 3x3 float64 1.39x; batch 1 level */
 static ptrdiff_t fc_gemm_cpf_kc = 1;
+/* B read in place with rows at least this many bytes apart (0: never): the next column
+   panel's strip of B prefetched, a row block's share of its rows before each micro-kernel call
+   (rows far apart are separate streams, more than the hardware prefetcher follows).  Zen 4,
+   2026-12-05, 1 / 2 threads: LeNet conv1's input gradient (B: grad_out's 32 planes of 784
+   doubles) 1.21x / 1.07x; 64 -> 32 1x1 float64 1.11x / 1.14x; others level (+-2 %) */
+static ptrdiff_t fc_gemm_bpf_min = 1024;
 /* 1: also rows a multiple of 512 bytes apart (>= 512), which all fall in the same few L1 sets
    (as col_ld's rule for im2col matrices): a transposed convolution's input rows of 256
    floats, re-read from L2 by every micro-kernel, ran its GEMM at ~136 GFLOP/s */
@@ -659,6 +665,9 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
             /* (fc_gemm_cpf_kc): output rows missed on every store */                           \
             const char* Cn = first && fc_gemm_cpf_kc > 0 && kc >= fc_gemm_cpf_kc &&             \
                              jr + NR < n1 ? (const char*)(C + jr + NR) : NULL;                  \
+            const char* bn = TABLE == 0 && !bt && !pack && fc_gemm_bpf_min > 0 &&              \
+                             ldbb >= fc_gemm_bpf_min && jr + NR < n1                           \
+                             ? (const char*)(B + pc * ldb + jr + NR) : NULL;                    \
             for (ptrdiff_t ir = 0; ir < M; ir += MR) {                                          \
                 int mr = M - ir < MR ? (int)(M - ir) : MR;                                      \
                 if (Cn != NULL) {                                                               \
@@ -693,6 +702,15 @@ static void NAME(ptrdiff_t M, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t K, const T* 
                                           jr + 2 * NR <= n1 ? bp + NR : NULL);                  \
                     bp = bpk;                                                                   \
                     bld = NR;                                                                   \
+                }                                                                               \
+                if (bn != NULL) {           /* this row block's share of the next strip */   \
+                    ptrdiff_t k0 = kc * ir / M, k1 = kc * (ir + mr) / M;                        \
+                    for (ptrdiff_t k = k0; k < k1; k++) {                                       \
+                        const char* q = bn + k * ldbb;                                          \
+                        __builtin_prefetch(q, 0, 3);                                            \
+                        __builtin_prefetch(q + 64, 0, 3);                                       \
+                        __builtin_prefetch(q + NR * sizeof(T) - 1, 0, 3);                       \
+                    }                                                                           \
                 }                                                                               \
                 const ptrdiff_t* bop = TABLE == 1 ? bo + pc : TABLE == 2 ? bo + ir : NULL;      \
                 if (split && ir == M - MR - 2 && !half && !quarter) {                           \

@@ -204,6 +204,7 @@ cdef extern from "_gemm.h":
     int fc_gemm_split_on
     Py_ssize_t fc_gemm_packb_min
     Py_ssize_t fc_gemm_cpf_kc
+    Py_ssize_t fc_gemm_bpf_min
     Py_ssize_t fc_gemm_kc
     int FC_GEMM_KC_MAX
     int fc_gemm_packb_sets
@@ -329,6 +330,16 @@ def set_gemm_cpf(Py_ssize_t kc):
     global fc_gemm_cpf_kc
     old = fc_gemm_cpf_kc
     fc_gemm_cpf_kc = kc if kc > 0 else 0
+    return old
+
+
+def set_gemm_bpf(Py_ssize_t nbytes):
+    """Row distance (bytes) of a B read in place from which the own GEMM prefetches the next
+    column panel's strip of B (0: never); returns the previous value.  For tests and A/B
+    timing, while no kernel runs."""
+    global fc_gemm_bpf_min
+    old = fc_gemm_bpf_min
+    fc_gemm_bpf_min = nbytes if nbytes > 0 else 0
     return old
 
 
