@@ -36,6 +36,8 @@ def _check_common(doc):
         assert r["env"]["versions"]["fastconv"] == m["versions"]["fastconv"]
         for lib, v in r["libs"].items():
             assert v.get("check") != "MISMATCH", (r["case"], r["mode"], lib, v)
+            if "median_ms" in v:
+                assert v["faults_per_call"] >= 0
 
 
 def test_quick_lenet(bench, tmp_path, capsys):
@@ -89,3 +91,33 @@ def test_fastconv_bench_command(capsys):
 
     assert main(["bench", "--list"]) == 0
     assert "conv.lenet" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="POSIX page faults")
+def test_interleaved_counts_page_faults_per_call():
+    """timing.interleaved's faults: a runner that touches a fresh anonymous mapping every call
+    shows about one minor fault a page; one that touches nothing new shows (almost) none."""
+    import mmap
+
+    from fastconv.bench import timing
+
+    pages, size = 64, 64 * mmap.PAGESIZE
+
+    def fresh():
+        m = mmap.mmap(-1, size)
+        for i in range(0, size, mmap.PAGESIZE):
+            m[i] = 1
+        m.close()
+
+    buf = bytearray(size)
+
+    def same():
+        for i in range(0, size, mmap.PAGESIZE):
+            buf[i] = 1
+
+    faults = {}
+    times = timing.interleaved({"fresh": fresh, "same": same}, warmup=1, min_repeats=20,
+                               min_time=0.0, faults=faults)
+    assert len(times["fresh"]) >= 20 and len(times["same"]) >= 20
+    assert 0.9 * pages <= faults["fresh"] <= 2 * pages + 8, faults
+    assert faults["same"] < 0.2 * pages, faults

@@ -247,9 +247,10 @@ class _Runner:
 
     def measure(self, case, mode, dtype, threads, roof, runners, missing, info):
         a = self.args
+        faults = {}
         times = self.timing.interleaved(runners, warmup=a.warmup, min_repeats=a.repeats,
                                         min_time=a.min_time, max_repeats=a.max_repeats,
-                                        max_seconds=a.max_case_seconds)
+                                        max_seconds=a.max_case_seconds, faults=faults)
         flops = self.cases.flops(case, mode)
         nb = self.cases.nbytes(case, mode, 4 if dtype == "float32" else 8)
         libs = {}
@@ -260,6 +261,7 @@ class _Runner:
             s["roofline_frac"] = (s["gflops"] / roof
                                   if s["gflops"] is not None and roof else None)
             s["gbps"] = nb / sec / 1e9 if nb else None
+            s["faults_per_call"] = faults.get(lib)
             s.update(info.get(lib, {}))
             libs[lib] = s
         for lib, why in missing.items():
