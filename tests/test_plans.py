@@ -149,10 +149,12 @@ def test_steps_call_the_kernels_themselves(dtype, direct, monkeypatch):
         for threads in (1, 2):
             fc.set_num_threads(threads)
             for n in (1, 3):
+                # 32 channels: whole blocks of the direct kernels at every level (AVX-512
+                # float32: 2 vectors of 16; 16 channels ran the GEMM there, "always" or not)
                 model = nn.Sequential(
-                    nn.Conv2d(2, 16, 5, padding=2, dtype=dtype, rng=1), nn.ReLU(),
-                    nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1, dtype=dtype, rng=2),
-                    nn.Flatten(), nn.Linear(16 * 6 * 6, 7, dtype=dtype, rng=3), nn.ReLU())
+                    nn.Conv2d(2, 32, 5, padding=2, dtype=dtype, rng=1), nn.ReLU(),
+                    nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1, dtype=dtype, rng=2),
+                    nn.Flatten(), nn.Linear(32 * 6 * 6, 7, dtype=dtype, rng=3), nn.ReLU())
                 x = np.random.default_rng(n).uniform(-1, 1, (n, 2, 12, 12)).astype(dtype)
                 check(model, x)
                 steps = next(iter(model._plans.values()))

@@ -516,7 +516,12 @@ def _use_direct(geo, Cg, dt, pool, N):
     (each after a call of its own kind), 1 / 2 threads: float32 64->128 on 56x56 batch 8
     1.033x / 1.047x, batch 1 1.051x / 1.072x, 32->64 1.107x / 1.127x, 128->256 on 28x28
     1.071x / 1.068x; float64 64->128 1.119x / 1.168x, 128->256 1.016x / 1.039x (the same
-    direct kernels in one pass over the taps: 0.976x / 0.986x on the first)."""
+    direct kernels in one pass over the taps: 0.976x / 0.986x on the first).  Batch 1 at
+    AVX-512 float32, stride 1, 5x5 and up, measured again (Zen 4, 2026-12-05, single calls
+    alternated, 1 / 2 threads): input gradients (the direct convolution of grad_out: the GEMM
+    + col2im path runs one image on one thread) of 32->64 5x5 on 14x14 1.07x / 1.13x, on
+    28x28 1.11x / 1.74x, 64->64 on 28x28 1.12x / 2.03x; forwards 8->32 5x5 1.01x / 1.05x,
+    32->32 7x7 1.04x / 0.95x: direct too now."""
     if _DIRECT == "never" or not _kernels.direct_ok():
         return False
     (kH, kW), (sH, sW) = geo["k"], geo["s"]
@@ -543,7 +548,7 @@ def _use_direct(geo, Cg, dt, pool, N):
         return batch or kH * kW >= 25
     if sH * sW > 1:                     # 3x3 s2 64->128 1.04-1.06x, 128->256 0.99-1.00x
         return batch and Cg <= 64
-    return (batch or avx2) and kH * kW >= 25
+    return kH * kW >= 25
 
 
 # conv2d_backward's weight gradient of 3x3 and 5x5 stride-1 undilated convolutions by
