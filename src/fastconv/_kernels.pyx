@@ -1713,7 +1713,7 @@ cdef inline Py_ssize_t wino_chunk_tiles(Py_ssize_t NT, Py_ssize_t items, int thr
     of 32 and 17 instead of 16, 16, 16 and 1: 1.11x on 2 threads, 1.03x on 1; wino_setup
     also joins a last chunk of under half a panel to the one before it).  Unless 2-panel
     chunks leave a thread without one: then one panel at least (the same conv on AVX-512,
-    nr = 32: one chunk of 49 tiles, 2 threads no faster than 1; chunks of 32 and 17 1.6x)."""
+    nr = 32: one chunk of 49 tiles, 2 threads no faster than 1; chunks of 32 and 17 1.5x)."""
     cdef Py_ssize_t per
     if wino_chunk > 0:
         return wino_chunk
