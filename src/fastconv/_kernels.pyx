@@ -313,34 +313,32 @@ def set_gemm_tail(bint on):
     return old
 
 
+cdef Py_ssize_t swap_threshold(Py_ssize_t* knob, Py_ssize_t value) noexcept:
+    """*knob = max(value, 0) (0: never); returns the previous value (the GEMM's thresholds)."""
+    cdef Py_ssize_t old = knob[0]
+    knob[0] = value if value > 0 else 0
+    return old
+
+
 def set_gemm_packb(Py_ssize_t nbytes):
     """Row distance (bytes) of B from which the own GEMM copies each strip of B into a
     contiguous buffer before using it (0: never); returns the previous value.  For tests and
     A/B timing, while no kernel runs."""
-    global fc_gemm_packb_min
-    old = fc_gemm_packb_min
-    fc_gemm_packb_min = nbytes if nbytes > 0 else 0
-    return old
+    return swap_threshold(&fc_gemm_packb_min, nbytes)
 
 
 def set_gemm_cpf(Py_ssize_t kc):
     """Fewest rows of a K block for which the own GEMM prefetches C's rows of the next column
     panel before writing them (0: never); returns the previous value.  For tests and A/B
     timing, while no kernel runs."""
-    global fc_gemm_cpf_kc
-    old = fc_gemm_cpf_kc
-    fc_gemm_cpf_kc = kc if kc > 0 else 0
-    return old
+    return swap_threshold(&fc_gemm_cpf_kc, kc)
 
 
 def set_gemm_bpf(Py_ssize_t nbytes):
     """Row distance (bytes) of a B read in place from which the own GEMM prefetches the next
     column panel's strip of B (0: never); returns the previous value.  For tests and A/B
     timing, while no kernel runs."""
-    global fc_gemm_bpf_min
-    old = fc_gemm_bpf_min
-    fc_gemm_bpf_min = nbytes if nbytes > 0 else 0
-    return old
+    return swap_threshold(&fc_gemm_bpf_min, nbytes)
 
 
 def set_gemm_split(bint on):
